@@ -1,0 +1,165 @@
+"""The engine interface: what the scheduler needs from a model runtime.
+
+Threads: every method here is called by the scheduler thread only (the one thread that owns
+the engine). An engine may run work on threads of its own (RKLLM's `rkllm_run` runs on a worker
+thread and its callback on a runtime thread); such threads only copy data and push events onto
+a queue that `poll()` drains. No engine ever does I/O on the network or calls paho.
+
+Life of a request inside an engine:
+
+    prepare(req)            -> prompt tokens (or None); raises RequestRejected(too_long)
+    submit([req, ...])      the requests take slots (continuous: any free slots; static: one batch)
+    poll(timeout)           -> events: TokenEvent*, then exactly one FinishEvent or ErrorEvent per key
+    cancel(key)             the request leaves at once; no more events for it are required
+
+Two batching styles (`Capabilities.continuous`):
+
+* continuous (numpy): `submit` may be called whenever `free_slots() > 0`; a joining request
+  enters at the next step. `poll()` runs one engine step (prefill chunk and/or decode) and
+  returns the events it produced.
+* static (RKLLM): `submit` is called only when the engine is idle (`free_slots() == max_batch`)
+  with up to `max_batch` requests that share one `batch_key`; they start together and the batch
+  ends when all of them end. `poll(timeout)` waits up to `timeout` seconds for events.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rkmqtt.protocol import ErrorCode
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved sampling parameters (request fields over settings defaults)."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What an engine sees of a request. `messages` is already normalised: the `system`
+    field (if any) first, then the conversation, or the single user prompt."""
+
+    key: str  # unique inside the bridge while the request lives
+    messages: tuple[ChatMessage, ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+    # True when the device set any sampling field itself; an engine that cannot honour
+    # per-request sampling says so in FinishEvent.warnings only then.
+    sampling_requested: bool = False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    name: str  # engine name as in the `engine` setting: "numpy", "rkllm", ...
+    continuous: bool  # True: continuous batching; False: static micro-batches
+    max_batch: int  # number of slots (n_batch)
+    per_request_sampling: bool  # False: every request in a batch shares the init-time sampling
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text for one request. `text` is always whole UTF-8 characters (an engine holds back
+    a partial character until it is complete); `tokens` counts the tokens the text came from."""
+
+    key: str
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The request ended normally. Exactly one FinishEvent or ErrorEvent per submitted key
+    (none is needed after `cancel`)."""
+
+    key: str
+    reason: Literal["stop", "length"]
+    prompt_tokens: int | None
+    completion_tokens: int
+    slot: int = 0
+    perf: dict[str, float] = field(default_factory=dict)  # engine figures (RKLLM FINISH perf...)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed inside the engine; it is answered with `code` and `message`."""
+
+    key: str
+    code: ErrorCode
+    message: str
+
+
+EngineEvent = TokenEvent | FinishEvent | ErrorEvent
+
+
+class Engine(abc.ABC):
+    """A loaded model serving many requests. Subclasses document their own threads."""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """A short name of the loaded model for replies and `info` (e.g. the file's stem)."""
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Load the model (slow). Called once, on the scheduler thread, before any other call.
+        Raises EngineError or ConfigError with a one-line, actionable message."""
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Engine facts for the retained `info` message: runtime/driver versions, memory, KV cache size."""
+
+    def prepare(self, req: GenerationRequest) -> int | None:
+        """Check a request before it takes a slot; return its prompt token count if known.
+        Raise `RequestRejected(ErrorCode.TOO_LONG, ...)` when it cannot fit the context."""
+        return None
+
+    def batch_key(self, req: GenerationRequest) -> Hashable:
+        """Requests with equal keys may share a static batch. Continuous engines need not care."""
+        return None
+
+    @abc.abstractmethod
+    def free_slots(self) -> int:
+        """Slots a new request could take now (static engines: max_batch when idle, else 0)."""
+
+    @abc.abstractmethod
+    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
+        """Start the requests (len(reqs) <= free_slots())."""
+
+    @abc.abstractmethod
+    def poll(self, timeout: float) -> list[EngineEvent]:
+        """Advance and return what happened. Continuous engines run one step (and may return
+        at once); static engines wait up to `timeout` for their worker's events."""
+
+    @abc.abstractmethod
+    def cancel(self, key: str) -> None:
+        """End one request now and drop the rest of its tokens; its slot-mates go on."""
+
+    def active(self) -> int:
+        """Requests currently holding a slot."""
+        return self.capabilities.max_batch - self.free_slots()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop everything that runs and release the model. Called once, at shutdown."""

@@ -1,0 +1,350 @@
+"""Settings (main thread, at start-up): pydantic-settings, layered.
+
+Precedence, highest first: command-line flags > `RKMQTT_*` environment > the YAML file given
+with `--config` (or `RKMQTT_CONFIG`) > Home Assistant's `/data/options.json` (add-on only) > defaults.
+
+The field names are part of the product: each is `RKMQTT_<NAME>` in the environment and
+`--<name-with-dashes>` on the command line. `config.yaml` at the top of the repository lists
+every one with its default; `tests/test_settings.py` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rkmqtt.errors import ConfigError
+
+ENV_PREFIX = "RKMQTT_"
+DEFAULT_BROKER_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, case_sensitive=False
+    )
+
+    # -- MQTT -----------------------------------------------------------------------------
+    broker: Annotated[
+        str | None,
+        Field(
+            description="Broker URL: mqtt://[user:pass@]host[:port], mqtts:// for TLS. Empty: localhost:1883, "
+            "or a private Mosquitto started by `rkmqtt run` when nothing answers there."
+        ),
+    ] = None
+    username: Annotated[str | None, Field(description="Broker user name (overrides the URL's).")] = None
+    password: Annotated[SecretStr | None, Field(description="Broker password (overrides the URL's).")] = None
+    mqtt_version: Annotated[Literal["5", "3.1.1"], Field(description="MQTT protocol version.")] = "5"
+    client_id: Annotated[
+        str | None, Field(description="MQTT client id. Empty: rkmqtt-<hostname>-<random>.", max_length=128)
+    ] = None
+    tls_ca: Annotated[Path | None, Field(description="CA certificate file for mqtts:// (empty: system CAs).")] = None
+    tls_cert: Annotated[Path | None, Field(description="Client certificate file for mqtts://.")] = None
+    tls_key: Annotated[Path | None, Field(description="Client key file for mqtts://.")] = None
+    tls_insecure: Annotated[bool, Field(description="Skip the broker's host name check (testing only).")] = False
+    keepalive: Annotated[int, Field(ge=5, le=3600, description="MQTT keep-alive, seconds.")] = 30
+    topic_prefix: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+            max_length=200,
+            description="Prefix P of every topic (P/request/<client>, P/reply/..., P/status).",
+        ),
+    ] = "rkmqtt"
+    shared_group: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="Subscribe $share/<group>/P/request/+ so several bridges share one broker's requests.",
+        ),
+    ] = None
+    outgoing_queue: Annotated[
+        int, Field(ge=100, le=10_000_000, description="Bound on messages waiting to be published.")
+    ] = 20_000
+
+    # -- engine ---------------------------------------------------------------------------
+    engine: Annotated[
+        str,
+        Field(
+            description="auto (rkllm on an RK3588/RK3576 with the runtime installed, else numpy), numpy, rkllm, "
+            "or module:Class of a custom engine."
+        ),
+    ] = "auto"
+    model: Annotated[
+        str | None,
+        Field(description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."),
+    ] = None
+    n_batch: Annotated[int, Field(ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8.")] = 4
+    batch_window_ms: Annotated[
+        float,
+        Field(ge=0, le=10_000, description="Static batching: wait this long for batch-mates after the first request."),
+    ] = 30.0
+    max_context: Annotated[int, Field(ge=64, le=131_072, description="Context length per slot, tokens.")] = 2048
+    default_new_tokens: Annotated[
+        int, Field(ge=1, le=1_000_000, description="max_new_tokens of a request that gives none.")
+    ] = 256
+    temperature: Annotated[float, Field(ge=0, le=5, description="Default temperature (0 is greedy).")] = 0.7
+    top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
+    top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
+    repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
+
+    # -- limits (each answered with its own error code) ------------------------------------
+    max_payload_bytes: Annotated[
+        int, Field(ge=64, le=16 * 1024 * 1024, description="Largest request payload (payload_too_large).")
+    ] = 65_536
+    max_prompt_chars: Annotated[
+        int, Field(ge=1, le=10_000_000, description="Longest prompt, system and messages together (too_long).")
+    ] = 16_000
+    max_new_tokens: Annotated[
+        int, Field(ge=1, le=1_000_000, description="Largest max_new_tokens a request may ask for (too_many_tokens).")
+    ] = 1024
+    max_queue: Annotated[int, Field(ge=1, le=1_000_000, description="Requests waiting for a slot (busy).")] = 64
+    rate_limit: Annotated[
+        float, Field(ge=0, le=1_000_000, description="Requests per minute per client, sustained; 0 is off (rate_limited).")
+    ] = 120.0
+    rate_burst: Annotated[int, Field(ge=1, le=1_000_000, description="Requests a client may send at once.")] = 20
+
+    # -- life cycle -----------------------------------------------------------------------
+    grace_period: Annotated[
+        float, Field(ge=0, le=3600, description="On SIGTERM, seconds running requests get to finish.")
+    ] = 30.0
+    stats_interval: Annotated[float, Field(ge=0.5, le=3600, description="Seconds between P/stats messages.")] = 5.0
+    dedup_window: Annotated[
+        float, Field(ge=0, le=86_400, description="Seconds a finished reply is kept to answer a retried id.")
+    ] = 300.0
+    embedded_broker: Annotated[
+        bool, Field(description="Start a private Mosquitto when no broker is set and none answers on localhost:1883.")
+    ] = True
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], Field(description="Log level.")] = "INFO"
+
+    # -- rkllm engine -----------------------------------------------------------------------
+    rkllm_library: Annotated[
+        str | None, Field(description="Path of librkllmrt.so (empty: the usual places and the loader's path).")
+    ] = None
+    rkllm_abi: Annotated[
+        Literal["auto", "1.2", "1.3"],
+        Field(description="Runtime ABI; auto reads the version string inside the library."),
+    ] = "auto"
+    rkllm_cpus: Annotated[
+        str, Field(pattern=r"^[0-7](,[0-7])*$", description="CPU cores for the runtime (RK3588 big cores: 4,5,6,7).")
+    ] = "4,5,6,7"
+    rkllm_n_keep: Annotated[int, Field(ge=-1, le=131_072, description="Tokens kept when the context shifts.")] = -1
+    rkllm_skip_special_token: Annotated[bool, Field(description="Drop special tokens from the output.")] = True
+    rkllm_base_domain_id: Annotated[int, Field(ge=0, le=255, description="NPU memory domain of the model.")] = 0
+    rkllm_embed_flash: Annotated[bool, Field(description="Keep the embedding table in flash, not RAM.")] = False
+    rkllm_pad_batch: Annotated[
+        bool,
+        Field(description="Fill unused slots of a batch with a dummy prompt (the runtime may need all n_batch inputs)."),
+    ] = True
+    rkllm_chat_template: Annotated[
+        str | None,
+        Field(
+            description="system|prefix|postfix for rkllm_set_chat_template, separated by '|' "
+            "(empty: the model's built-in template)."
+        ),
+    ] = None
+
+    # -- Home Assistant -------------------------------------------------------------------
+    discovery: Annotated[bool, Field(description="Publish Home Assistant MQTT discovery.")] = True
+    discovery_prefix: Annotated[
+        str, Field(pattern=r"^[A-Za-z0-9_-]+$", description="Home Assistant's discovery prefix.")
+    ] = "homeassistant"
+    node_name: Annotated[
+        str | None, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>).")
+    ] = None
+
+    # -- validators ---------------------------------------------------------------------------
+    @field_validator("broker", "model", "rkllm_library", "rkllm_chat_template", "client_id", "shared_group",
+                     "node_name", "username", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip() == "" else v
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v if "://" in v else f"mqtt://{v}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("must be mqtt://[user:pass@]host[:port] or mqtts://...")
+        if not parts.hostname:
+            raise ValueError("has no host: use mqtt://[user:pass@]host[:port]")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise ValueError("has a port that is not a number from 1 to 65535") from e
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("has a port that is not a number from 1 to 65535")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, v: str) -> str:
+        if v in ("auto", "numpy", "rkllm") or (":" in v and all(v.split(":", 1))):
+            return v
+        raise ValueError("must be auto, numpy, rkllm or module:Class")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_new_tokens ({self.default_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        if self.engine == "rkllm" and self.n_batch > 8:
+            raise ValueError(f"n_batch={self.n_batch} is not allowed with engine rkllm: use 1 to 8")
+        return self
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def broker_url(self) -> BrokerAddress:
+        return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, self.password)
+
+    def effective_client_id(self) -> str:
+        if self.client_id:
+            return self.client_id
+        return f"rkmqtt-{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
+
+    def effective_node_name(self) -> str:
+        if self.node_name:
+            return self.node_name
+        host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())[:50]
+        return f"rkmqtt_{host}"
+
+    def limits(self) -> dict[str, Any]:
+        return {
+            "max_payload_bytes": self.max_payload_bytes,
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_new_tokens": self.max_new_tokens,
+            "max_queue": self.max_queue,
+            "rate_limit": self.rate_limit,
+            "rate_burst": self.rate_burst,
+        }
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init_settings carries the command-line flags; the file layers are added by `load_settings`.
+        extra: list[PydanticBaseSettingsSource] = list(_EXTRA_SOURCES.get(settings_cls, ()))
+        return (init_settings, env_settings, *extra)
+
+
+class BrokerAddress:
+    """A parsed `broker` URL with credentials resolved (settings win over the URL's)."""
+
+    def __init__(self, host: str, port: int, tls: bool, username: str | None, password: str | None) -> None:
+        self.host, self.port, self.tls, self.username, self.password = host, port, tls, username, password
+
+    @classmethod
+    def parse(cls, url: str, username: str | None = None, password: SecretStr | None = None) -> BrokerAddress:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        tls = parts.scheme in ("mqtts", "ssl")
+        port = parts.port or (DEFAULT_TLS_PORT if tls else DEFAULT_BROKER_PORT)
+        user = username if username is not None else (unquote(parts.username) if parts.username else None)
+        pw = password.get_secret_value() if password is not None else (unquote(parts.password) if parts.password else None)
+        return cls(parts.hostname or "localhost", port, tls, user, pw)
+
+    def __str__(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"
+
+
+class DictSource(PydanticBaseSettingsSource):
+    """A settings layer from a plain mapping (the YAML file, the add-on's options.json)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any], origin: str) -> None:
+        super().__init__(settings_cls)
+        self.data = data
+        self.origin = origin
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if v is not None}
+
+
+_EXTRA_SOURCES: dict[type[BaseSettings], tuple[PydanticBaseSettingsSource, ...]] = {}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror}); fix the path given with --config") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}; fix its syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must be a mapping of setting: value")
+    unknown = sorted(set(map(str, data)) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}; see config.yaml for the names")
+    return {str(k): v for k, v in data.items()}
+
+
+def load_settings(
+    flags: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+    file_layers: list[tuple[dict[str, Any], str]] | None = None,
+) -> Settings:
+    """Build the settings from every layer. Raises ConfigError with one line on a bad value.
+
+    `file_layers` are extra lower layers (highest first), such as the add-on's options.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if config_file is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        config_file = Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    layers: list[tuple[dict[str, Any], str]] = []
+    if config_file is not None:
+        layers.append((read_yaml(config_file), f"config file {config_file}"))
+    layers.extend(file_layers or [])
+
+    sources = tuple(DictSource(Settings, data, origin) for data, origin in layers)
+    _EXTRA_SOURCES[Settings] = sources
+    try:
+        return Settings(**flags)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, flags, layers)) from e
+    finally:
+        _EXTRA_SOURCES.pop(Settings, None)
+
+
+def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[dict[str, Any], str]]) -> str:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not name:
+        return f"settings: {msg}"
+    value = err.get("input")
+    if name in flags:
+        origin = f"--{name.replace('_', '-')}"
+    elif f"{ENV_PREFIX}{name.upper()}" in os.environ:
+        origin = f"{ENV_PREFIX}{name.upper()}"
+    else:
+        origin = next((o for data, o in layers if name in data), "default")
+    if err["type"] == "extra_forbidden":
+        return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
+    shown = "***" if name == "password" else repr(value)
+    return f"setting {name}={shown} ({origin}) is not allowed: {msg}"

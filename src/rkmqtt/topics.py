@@ -1,0 +1,84 @@
+"""The topic scheme of wire contract version 1 (any thread; pure functions).
+
+`P` is the topic prefix (setting `topic_prefix`). Devices publish on `P/request/<client>`
+and `P/cancel/<client>`; the bridge answers on `P/reply/<client>/<id>` (final, QoS 1) and
+`P/reply/<client>/<id>/stream` (chunks, QoS 0), and keeps `P/status` and `P/info` retained.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from rkmqtt.protocol import CLIENT_PATTERN
+
+_CLIENT_RE = re.compile(CLIENT_PATTERN)
+
+
+def is_valid_client(name: str) -> bool:
+    return bool(_CLIENT_RE.match(name))
+
+
+def has_wildcards(topic: str) -> bool:
+    return "+" in topic or "#" in topic
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+
+    # -- device -> bridge -------------------------------------------------------------
+    def request(self, client: str) -> str:
+        return f"{self.prefix}/request/{client}"
+
+    def cancel(self, client: str) -> str:
+        return f"{self.prefix}/cancel/{client}"
+
+    def request_subscription(self, shared_group: str | None = None) -> str:
+        sub = f"{self.prefix}/request/+"
+        return f"$share/{shared_group}/{sub}" if shared_group else sub
+
+    def cancel_subscription(self) -> str:
+        # Cancels are never shared: every bridge hears them and acts on its own requests.
+        return f"{self.prefix}/cancel/+"
+
+    # -- bridge -> device -------------------------------------------------------------
+    def reply_root(self) -> str:
+        return f"{self.prefix}/reply/"
+
+    def reply(self, client: str, request_id: str) -> str:
+        return f"{self.prefix}/reply/{client}/{request_id}"
+
+    @staticmethod
+    def stream_of(reply_topic: str) -> str:
+        return f"{reply_topic}/stream"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def info(self) -> str:
+        return f"{self.prefix}/info"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}/stats"
+
+    # -- parsing ----------------------------------------------------------------------
+    def client_of(self, topic: str, kind: str) -> str | None:
+        """The `<client>` level of `P/<kind>/<client>`, or None when the topic is not of that shape."""
+        head = f"{self.prefix}/{kind}/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head) :]
+        return None if "/" in rest else rest
+
+    def is_allowed_reply_topic(self, topic: str) -> bool:
+        """A reply topic must lie strictly under `P/reply/`, with no wildcards and no empty levels."""
+        root = self.reply_root()
+        if has_wildcards(topic) or not topic.startswith(root) or len(topic) <= len(root):
+            return False
+        if "\x00" in topic or len(topic.encode()) > 65535:
+            return False
+        return "" not in topic[len(root) :].split("/")
