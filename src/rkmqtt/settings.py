@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     embedded_broker: Annotated[
         bool, Field(description="Start a private Mosquitto when no broker is set and none answers on localhost:1883.")
     ] = True
+    health_file: Annotated[
+        Path | None,
+        Field(description="File the service rewrites every second for `rkmqtt health` (container HEALTHCHECK)."),
+    ] = None
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], Field(description="Log level.")] = "INFO"
 
     # -- rkllm engine -----------------------------------------------------------------------
