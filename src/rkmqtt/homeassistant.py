@@ -1,0 +1,189 @@
+"""Home Assistant MQTT discovery (any thread; pure functions, no I/O).
+
+One retained, device-based discovery message (`<discovery_prefix>/device/<node>/config`, with
+`dev`, `o` and `cmps`) makes a bridge appear in Home Assistant as one device with these entities:
+
+| entity            | platform      | reads / writes                 | notes                              |
+|-------------------|---------------|--------------------------------|------------------------------------|
+| Connectivity      | binary_sensor | `P/status` (retained)          | online / offline (the Last Will)   |
+| Queue depth       | sensor        | `P/stats`                      | expires when stats stop            |
+| Active requests   | sensor        | `P/stats`                      | expires when stats stop            |
+| Tokens per second | sensor        | `P/stats`                      | expires when stats stop            |
+| Requests answered | sensor        | `P/stats`                      | total_increasing                   |
+| Errors            | sensor        | `P/stats`                      | total_increasing, counts by code   |
+| Last reply        | sensor        | `P/stats`                      | state cut to 255, text attribute   |
+| Model, Engine,    | sensor        | `P/info` (retained)            | diagnostic                         |
+| Batch size        |               |                                |                                    |
+| Prompt            | text          | `P/request/homeassistant`      | plain text is a valid request      |
+
+Every entity is available while `P/status` is `online`. Unique ids and default entity ids are
+derived from the node name only, so they survive restarts. The bridge publishes these messages
+(retain, QoS 1) on every connect and again when Home Assistant announces `online` on
+`ha_status_topic(settings)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rkmqtt import __version__
+from rkmqtt.protocol import Info
+from rkmqtt.settings import Settings
+from rkmqtt.topics import Topics
+
+#: The `<client>` name the dashboard's text entity sends prompts as: replies to those prompts go
+#: to `P/reply/homeassistant/<id>`.
+HA_CLIENT = "homeassistant"
+
+#: Home Assistant's state strings are limited to 255 characters.
+HA_STATE_MAX = 255
+
+#: The longest prompt the dashboard's text entity accepts (Home Assistant's own limit for text).
+TEXT_MAX = 255
+
+PAYLOAD_ONLINE = "online"
+PAYLOAD_OFFLINE = "offline"
+
+
+def ha_status_topic(settings: Settings) -> str:
+    """The topic where Home Assistant announces `online` / `offline` (its birth and will)."""
+    return f"{settings.discovery_prefix}/status"
+
+
+def is_ha_online(payload: bytes) -> bool:
+    """True when a message on `ha_status_topic` means Home Assistant (re)started."""
+    return payload.strip() == PAYLOAD_ONLINE.encode()
+
+
+def discovery_topic(settings: Settings) -> str:
+    return f"{settings.discovery_prefix}/device/{settings.effective_node_name()}/config"
+
+
+def stats_expire_after(settings: Settings) -> int:
+    """Seconds after which a live stats sensor (queue, active, tokens/s) shows `unavailable`
+    when no stats arrive: three missed intervals, and never less than 15 s."""
+    return max(15, math.ceil(3 * settings.stats_interval))
+
+
+def discovery_messages(settings: Settings, info: Info) -> list[tuple[str, bytes]]:
+    """Topic and payload of each retained discovery message; empty when discovery is off."""
+    if not settings.discovery:
+        return []
+    payload = discovery_payload(settings, info)
+    return [(discovery_topic(settings), json.dumps(payload, separators=(",", ":")).encode())]
+
+
+def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
+    """The device-based discovery document (see the module's docstring for the entities)."""
+    node = settings.effective_node_name()
+    topics = Topics(settings.topic_prefix)
+    availability = [
+        {
+            "topic": topics.status,
+            "payload_available": PAYLOAD_ONLINE,
+            "payload_not_available": PAYLOAD_OFFLINE,
+        }
+    ]
+    expire = stats_expire_after(settings)
+
+    def entity(platform: str, key: str, name: str, **options: Any) -> tuple[str, dict[str, Any]]:
+        return key, {
+            "p": platform,
+            "name": name,
+            "unique_id": f"{node}_{key}",
+            "default_entity_id": f"{platform}.{node}_{key}",
+            "availability": availability,
+            **options,
+        }
+
+    def stat(key: str, name: str, field: str, live: bool, **options: Any) -> tuple[str, dict[str, Any]]:
+        config: dict[str, Any] = {
+            "state_topic": topics.stats,
+            "value_template": f"{{{{ value_json.{field} }}}}",
+        }
+        if live:
+            config["expire_after"] = expire
+        config.update(options)
+        return entity("sensor", key, name, **config)
+
+    def diagnostic(key: str, name: str, field: str, icon: str) -> tuple[str, dict[str, Any]]:
+        return entity(
+            "sensor",
+            key,
+            name,
+            state_topic=topics.info,
+            value_template=f"{{{{ value_json.{field} }}}}",
+            entity_category="diagnostic",
+            icon=icon,
+        )
+
+    components = dict(
+        [
+            entity(
+                "binary_sensor",
+                "connectivity",
+                "Connectivity",
+                state_topic=topics.status,
+                payload_on=PAYLOAD_ONLINE,
+                payload_off=PAYLOAD_OFFLINE,
+                device_class="connectivity",
+                entity_category="diagnostic",
+            ),
+            stat("queue_depth", "Queue depth", "queue_depth", True,
+                 state_class="measurement", unit_of_measurement="requests", icon="mdi:tray-full"),
+            stat("active", "Active requests", "active", True,
+                 state_class="measurement", unit_of_measurement="requests", icon="mdi:cog-play"),
+            stat("tokens_per_s", "Tokens per second", "tokens_per_s", True,
+                 value_template="{{ value_json.tokens_per_s | round(1) }}",
+                 state_class="measurement", unit_of_measurement="tok/s",
+                 suggested_display_precision=1, icon="mdi:speedometer"),
+            stat("requests_answered", "Requests answered", "completed", False,
+                 state_class="total_increasing", unit_of_measurement="requests",
+                 icon="mdi:message-reply-text",
+                 json_attributes_topic=topics.stats,
+                 json_attributes_template="{{ {'requests_total': value_json.requests_total} | tojson }}"),
+            stat("errors", "Errors", "errors", False,
+                 state_class="total_increasing", unit_of_measurement="errors",
+                 icon="mdi:alert-circle-outline",
+                 json_attributes_topic=topics.stats,
+                 json_attributes_template="{{ value_json.errors_by_code | tojson }}"),
+            stat("last_reply", "Last reply", "last_reply", False,
+                 value_template=f"{{{{ (value_json.last_reply or '')[:{HA_STATE_MAX}] }}}}",
+                 json_attributes_topic=topics.stats,
+                 json_attributes_template="{{ {'text': value_json.last_reply} | tojson }}",
+                 icon="mdi:message-text"),
+            diagnostic("model", "Model", "model", "mdi:brain"),
+            diagnostic("engine", "Engine", "engine", "mdi:chip"),
+            diagnostic("n_batch", "Batch size", "n_batch", "mdi:view-parallel"),
+            entity(
+                "text",
+                "prompt",
+                "Prompt",
+                command_topic=topics.request(HA_CLIENT),
+                qos=1,
+                retain=False,
+                mode="text",
+                min=1,
+                max=TEXT_MAX,
+                icon="mdi:chat-question",
+            ),
+        ]
+    )
+
+    device: dict[str, Any] = {
+        "ids": [node],
+        "name": node,
+        "mf": "rkmqtt",
+        "mdl": f"rkmqtt ({info.engine})",
+        "sw": info.version,
+    }
+    if info.driver_version:
+        device["hw"] = f"NPU driver {info.driver_version}"
+    return {
+        "dev": device,
+        "o": {"name": "rkmqtt", "sw": __version__},
+        "cmps": components,
+        "qos": 1,
+    }
