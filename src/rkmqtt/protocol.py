@@ -53,9 +53,7 @@ class Message(_Strict):
 class Request(_Strict):
     """A request published on `P/request/<client>` as JSON (plain text is `{"prompt": text}`)."""
 
-    id: Annotated[str | None, Field(pattern=ID_PATTERN, description="echoed on every reply; made when absent")] = (
-        None
-    )
+    id: Annotated[str | None, Field(pattern=ID_PATTERN, description="echoed on every reply; made when absent")] = None
     prompt: Annotated[str | None, Field(min_length=1, description="the user's prompt")] = None
     messages: Annotated[
         list[Message] | None, Field(min_length=1, max_length=256, description="a multi-turn chat instead of prompt")
@@ -69,7 +67,8 @@ class Request(_Strict):
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same text")] = None
     stream: Annotated[bool, Field(description="publish token chunks on .../stream")] = True
     reply_to: Annotated[
-        str | None, Field(min_length=1, max_length=1024, description="a topic under P/reply/ (MQTT 3.1.1, Home Assistant)")
+        str | None,
+        Field(min_length=1, max_length=1024, description="a topic under P/reply/ (MQTT 3.1.1, Home Assistant)"),
     ] = None
     expires_in: Annotated[
         float | None, Field(gt=0, le=86_400, description="seconds; answered `expired` if not started by then")
@@ -122,7 +121,7 @@ class ErrorBody(_Strict):
 class OkReply(_Strict):
     """The final reply of a request that ran: on `P/reply/<client>/<id>`, QoS 1."""
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     id: str
     status: Literal["ok"] = "ok"
     text: str
@@ -137,7 +136,7 @@ class OkReply(_Strict):
 class ErrorReply(_Strict):
     """The final reply of a request that did not run to the end: on `P/reply/<client>/<id>`, QoS 1."""
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     id: str
     status: Literal["error"] = "error"
     error: ErrorBody
@@ -168,7 +167,7 @@ class Info(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     version: str
     engine: str
     model: str
@@ -183,7 +182,7 @@ class Info(BaseModel):
 class Stats(_Strict):
     """Published on `P/stats` every `stats_interval` seconds, QoS 0."""
 
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     uptime_s: float
     queue_depth: int
     active: int

@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     ] = "auto"
     model: Annotated[
         str | None,
-        Field(description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."),
+        Field(
+            description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."
+        ),
     ] = None
     n_batch: Annotated[int, Field(ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8.")] = 4
     batch_window_ms: Annotated[
@@ -109,7 +111,8 @@ class Settings(BaseSettings):
     ] = 1024
     max_queue: Annotated[int, Field(ge=1, le=1_000_000, description="Requests waiting for a slot (busy).")] = 64
     rate_limit: Annotated[
-        float, Field(ge=0, le=1_000_000, description="Requests per minute per client, sustained; 0 is off (rate_limited).")
+        float,
+        Field(ge=0, le=1_000_000, description="Requests per minute per client, sustained; 0 is off (rate_limited)."),
     ] = 120.0
     rate_burst: Annotated[int, Field(ge=1, le=1_000_000, description="Requests a client may send at once.")] = 20
 
@@ -147,7 +150,9 @@ class Settings(BaseSettings):
     rkllm_embed_flash: Annotated[bool, Field(description="Keep the embedding table in flash, not RAM.")] = False
     rkllm_pad_batch: Annotated[
         bool,
-        Field(description="Fill unused slots of a batch with a dummy prompt (the runtime may need all n_batch inputs)."),
+        Field(
+            description="Fill unused slots of a batch with a dummy prompt (the runtime may need all n_batch inputs)."
+        ),
     ] = True
     rkllm_chat_template: Annotated[
         str | None,
@@ -163,12 +168,22 @@ class Settings(BaseSettings):
         str, Field(pattern=r"^[A-Za-z0-9_-]+$", description="Home Assistant's discovery prefix.")
     ] = "homeassistant"
     node_name: Annotated[
-        str | None, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>).")
+        str | None,
+        Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>)."),
     ] = None
 
     # -- validators ---------------------------------------------------------------------------
-    @field_validator("broker", "model", "rkllm_library", "rkllm_chat_template", "client_id", "shared_group",
-                     "node_name", "username", mode="before")
+    @field_validator(
+        "broker",
+        "model",
+        "rkllm_library",
+        "rkllm_chat_template",
+        "client_id",
+        "shared_group",
+        "node_name",
+        "username",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and v.strip() == "" else v
@@ -260,7 +275,11 @@ class BrokerAddress:
         tls = parts.scheme in ("mqtts", "ssl")
         port = parts.port or (DEFAULT_TLS_PORT if tls else DEFAULT_BROKER_PORT)
         user = username if username is not None else (unquote(parts.username) if parts.username else None)
-        pw = password.get_secret_value() if password is not None else (unquote(parts.password) if parts.password else None)
+        pw = (
+            password.get_secret_value()
+            if password is not None
+            else (unquote(parts.password) if parts.password else None)
+        )
         return cls(parts.hostname or "localhost", port, tls, user, pw)
 
     def __str__(self) -> str:

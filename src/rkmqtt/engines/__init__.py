@@ -31,11 +31,13 @@ def create_engine(settings: Settings) -> Engine:
     if name == "numpy":
         from rkmqtt.engines.numpy.engine import NumpyEngine
 
-        return NumpyEngine.from_settings(settings)
+        numpy_engine: Engine = NumpyEngine.from_settings(settings)
+        return numpy_engine
     if name == "rkllm":
         from rkmqtt.engines.rkllm.engine import RkllmEngine
 
-        return RkllmEngine.from_settings(settings)
+        rkllm_engine: Engine = RkllmEngine.from_settings(settings)
+        return rkllm_engine
     module_name, _, class_name = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,154 @@
+"""`rkmqtt ask` (main thread, plus paho's network thread for the callbacks): one request, its
+stream printed as it comes, timing at the end. Exit 0 on an ok reply, 1 on an error reply or
+no reply, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import time
+import uuid
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from rkmqtt.protocol import ErrorReply, OkReply, StreamChunk
+from rkmqtt.settings import Settings
+from rkmqtt.topics import Topics
+
+
+def build_request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    req: dict[str, Any] = {"id": request_id, "prompt": prompt, "stream": not args.json}
+    if args.system:
+        req["system"] = args.system
+    if args.max_new_tokens_req is not None:
+        req["max_new_tokens"] = args.max_new_tokens_req
+    if args.temperature_req is not None:
+        req["temperature"] = args.temperature_req
+    if args.seed is not None:
+        req["seed"] = args.seed
+    return req
+
+
+def ask(settings: Settings, args: argparse.Namespace) -> int:
+    topics = Topics(settings.topic_prefix)
+    request_id = args.request_id or uuid.uuid4().hex[:12]
+    reply_topic = topics.reply(args.client, request_id)
+    stream_topic = Topics.stream_of(reply_topic)
+    events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    addr = settings.broker_url
+    mqtt5 = settings.mqtt_version == "5"
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"rkmqtt-ask-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+    )
+    if addr.username is not None:
+        client.username_pw_set(addr.username, addr.password)
+    if addr.tls:
+        client.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_insecure:
+            client.tls_insecure_set(True)
+
+    def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:
+            events.put(("connect-failed", str(reason).encode()))
+            return
+        c.subscribe([(reply_topic, 1), (stream_topic, 0), (topics.status, 1)])
+
+    def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: Any, p: Any) -> None:
+        events.put(("subscribed", b""))
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        events.put((msg.topic, bytes(msg.payload)))
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    try:
+        client.connect(addr.host, addr.port, keepalive=30)
+    except OSError as e:
+        print(f"rkmqtt: cannot reach the broker at {addr}: {e}; start one or set --broker", file=sys.stderr)
+        return 1
+    client.loop_start()
+    try:
+        return _converse(client, args, events, topics, reply_topic, stream_topic, request_id)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _converse(
+    client: mqtt.Client,
+    args: argparse.Namespace,
+    events: queue.Queue[tuple[str, bytes]],
+    topics: Topics,
+    reply_topic: str,
+    stream_topic: str,
+    request_id: str,
+) -> int:
+    status = None
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    sent = False
+    next_seq = 0
+    pending: dict[int, str] = {}
+    while True:
+        try:
+            topic, payload = events.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            hint = " (the bridge's status is offline)" if status == "offline" else ""
+            print(
+                f"\nrkmqtt: no reply within {args.timeout:.0f} s{hint}: is `rkmqtt run` running on this broker "
+                f"with topic_prefix {topics.prefix!r}?",
+                file=sys.stderr,
+            )
+            return 1
+        if topic == "connect-failed":
+            print(f"rkmqtt: the broker refused the connection: {payload.decode()}", file=sys.stderr)
+            return 1
+        if topic == "subscribed" and not sent:
+            client.publish(topics.request(args.client), json.dumps(build_request(args, request_id)), qos=1)
+            t0 = time.monotonic()
+            sent = True
+        elif topic == topics.status:
+            status = payload.decode(errors="replace")
+        elif topic == stream_topic and not args.json:
+            chunk = StreamChunk.model_validate_json(payload)
+            pending[chunk.seq] = chunk.text
+            while next_seq in pending:  # print in order; a chunk lost on QoS 0 shows in the final text
+                sys.stdout.write(pending.pop(next_seq))
+                next_seq += 1
+            sys.stdout.flush()
+        elif topic == reply_topic:
+            return _final(payload, args, next_seq, t0)
+
+
+def _final(payload: bytes, args: argparse.Namespace, printed: int, t0: float) -> int:
+    data = json.loads(payload)
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0 if data.get("status") == "ok" else 1
+    if data.get("status") != "ok":
+        err = ErrorReply.model_validate(data).error
+        print(f"rkmqtt: {err.code.value}: {err.message}", file=sys.stderr)
+        return 1
+    reply = OkReply.model_validate(data)
+    if printed == 0:
+        sys.stdout.write(reply.text)  # streaming was off or every chunk was lost
+    sys.stdout.write("\n")
+    t = reply.timing
+    ttft = f"{t.ttft_ms:.0f} ms" if t.ttft_ms is not None else "-"
+    print(
+        f"[{reply.finish_reason}; {reply.usage.completion_tokens} tokens; queued {t.queued_ms:.0f} ms; "
+        f"first token {ttft}; total {t.total_ms:.0f} ms; {t.tokens_per_s:.1f} tok/s; batch of {reply.batch.size}; "
+        f"round trip {(time.monotonic() - t0) * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
+    for w in reply.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0

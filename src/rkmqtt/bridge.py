@@ -1,0 +1,260 @@
+"""The MQTT side: one paho-mqtt 2.x client (callback API version 2).
+
+Threads: every `_on_*` method runs on paho's network thread ("paho-mqtt-client-…"). It only
+parses, validates (`Intake`) and enqueues — onto the scheduler's inbox or the outbox — and never
+waits on the engine. Outgoing replies are published by the publisher thread (`outbox.py`).
+On every (re)connect the bridge subscribes again and republishes `status`, `info` and the
+Home Assistant discovery; the Last Will turns `status` to `offline` when it vanishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from rkmqtt.intake import Intake, Refusal
+from rkmqtt.outbox import Outbox, Outgoing, Publisher
+from rkmqtt.protocol import ErrorBody, ErrorCode, ErrorReply, parse_cancel_payload
+from rkmqtt.scheduler import Scheduler
+from rkmqtt.settings import BrokerAddress, Settings
+from rkmqtt.topics import Topics
+
+_LOGGER = logging.getLogger(__name__)
+
+# Reason codes that mean "your credentials are wrong": MQTT 5 (134, 135) and 3.1.1 (4, 5).
+_BAD_CREDENTIALS = {134, 135, 4, 5}
+
+CredentialsProvider = Callable[[], "tuple[str | None, str | None] | None"]
+RetainedProvider = Callable[[], "list[tuple[str, bytes]]"]
+
+
+class Bridge:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        outbox: Outbox,
+        info_payload: bytes,
+        retained_extra: RetainedProvider | None = None,
+        extra_subscriptions: dict[str, Callable[[bytes], None]] | None = None,
+        credentials_provider: CredentialsProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.scheduler = scheduler
+        self.outbox = outbox
+        self.intake = Intake(settings, self.topics)
+        self.info_payload = info_payload
+        self._retained_extra = retained_extra
+        self._extra_subs = extra_subscriptions or {}
+        self._credentials_provider = credentials_provider
+        self.address: BrokerAddress = settings.broker_url
+        self.mqtt5 = settings.mqtt_version == "5"
+        self._accepting = True
+        self._connected = threading.Event()
+        self.connects = 0
+        self.client = self._make_client()
+        self.publisher = Publisher(outbox, self.client, self.mqtt5, self._connected.is_set)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.effective_client_id(),
+            protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
+            reconnect_on_failure=True,
+        )
+        client.enable_logger(logging.getLogger("paho"))
+        if self.address.username is not None:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            client.tls_set(
+                ca_certs=str(s.tls_ca) if s.tls_ca else None,
+                certfile=str(s.tls_cert) if s.tls_cert else None,
+                keyfile=str(s.tls_key) if s.tls_key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            if s.tls_insecure:
+                client.tls_insecure_set(True)
+        client.will_set(self.topics.status, b"offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_socket_open = self._on_socket_open
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        self.publisher.start()
+        props = None
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self.client.connect_async(
+            self.address.host, self.address.port, keepalive=self.settings.keepalive, clean_start=True, properties=props
+        )
+        self.client.loop_start()
+        _LOGGER.info("connecting to %s", self.address)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop_accepting(self) -> None:
+        """New requests are answered `shutting_down` from now on."""
+        self._accepting = False
+
+    def stop(self, flush_timeout: float = 10.0) -> None:
+        """Flush replies, publish `offline`, disconnect."""
+        self.outbox.wait_empty(flush_timeout)
+        self.publisher.stop()
+        if self.connected:
+            info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
+            with contextlib.suppress(RuntimeError):  # raised when the connection is gone meanwhile
+                info.wait_for_publish(timeout=3)
+            self._wait_acked(flush_timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _wait_acked(self, timeout: float) -> None:
+        """Wait until paho has no QoS>0 message left unacknowledged (final replies)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.connected:
+            if not getattr(self.client, "_out_messages", None):
+                return
+            time.sleep(0.02)
+
+    # -- paho callbacks (network thread) ----------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Without TCP_NODELAY a request->reply round trip pays ~40-90 ms of Nagle/delayed-ACK timers.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            _LOGGER.debug("TCP_NODELAY not set on %r", sock)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        if reason.is_failure:
+            _LOGGER.warning("broker %s refused the connection: %s", self.address, reason)
+            if int(reason.value) in _BAD_CREDENTIALS and self._credentials_provider is not None:
+                self._refresh_credentials()
+            return
+        self.connects += 1
+        _LOGGER.info("connected to %s (connection %d)", self.address, self.connects)
+        subs = [
+            (self.topics.request_subscription(self.settings.shared_group), 1),
+            (self.topics.cancel_subscription(), 1),
+            *((topic, 1) for topic in self._extra_subs),
+        ]
+        client.subscribe(subs)
+        client.publish(self.topics.status, b"online", qos=1, retain=True)
+        client.publish(self.topics.info, self.info_payload, qos=1, retain=True)
+        self.publish_retained_extra()
+        self._connected.set()
+
+    def publish_retained_extra(self) -> None:
+        if self._retained_extra is None:
+            return
+        for topic, payload in self._retained_extra():
+            self.client.publish(topic, payload, qos=1, retain=True)
+
+    def _refresh_credentials(self) -> None:
+        assert self._credentials_provider is not None
+        try:
+            creds = self._credentials_provider()
+        except Exception as e:  # the next attempt tries again
+            _LOGGER.warning("could not refresh broker credentials: %s", e)
+            return
+        if creds is not None:
+            username, password = creds
+            self.client.username_pw_set(username, password)
+            self.address.username, self.address.password = username, password
+            _LOGGER.info("broker credentials refreshed; the next connect uses them")
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            _LOGGER.warning("disconnected from %s (%s); reconnecting", self.address, reason)
+        if int(getattr(reason, "value", 0)) in _BAD_CREDENTIALS and self._credentials_provider is not None:
+            self._refresh_credentials()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._dispatch(msg)
+        except Exception:  # never let one message kill the network thread
+            _LOGGER.exception("message on %s could not be handled", msg.topic)
+
+    def _dispatch(self, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        handler = self._extra_subs.get(topic)
+        if handler is not None:
+            handler(bytes(msg.payload))
+            return
+        client = self.topics.client_of(topic, "request")
+        if client is not None:
+            self._on_request(client, msg)
+            return
+        client = self.topics.client_of(topic, "cancel")
+        if client is not None:
+            self._on_cancel(client, bytes(msg.payload))
+            return
+        _LOGGER.debug("ignoring message on %s", topic)
+
+    def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        result = self.intake.accept(
+            client, bytes(msg.payload), response_topic, correlation, float(expiry) if expiry is not None else None
+        )
+        if isinstance(result, Refusal):
+            self._send_refusal(result)
+            return
+        if not self._accepting:
+            self._send_refusal(
+                Refusal(
+                    result.id,
+                    result.reply_topic,
+                    ErrorCode.SHUTTING_DOWN,
+                    "the bridge is shutting down",
+                    result.correlation,
+                )
+            )
+            return
+        self.scheduler.submit(result)
+
+    def _send_refusal(self, r: Refusal) -> None:
+        reply = ErrorReply(id=r.id, error=ErrorBody(code=r.code, message=r.message))
+        self.outbox.put(Outgoing(r.reply_topic, reply.model_dump_json().encode(), 1, False, r.correlation))
+        self.scheduler.note_rejection(r.code)
+        _LOGGER.warning("request %s (%s): %s: %s", r.id, r.reply_topic, r.code.value, r.message)
+
+    def _on_cancel(self, client: str, payload: bytes) -> None:
+        try:
+            req = parse_cancel_payload(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            # A cancel has no reply topic of its own; say so in the log rather than drop it silently.
+            _LOGGER.warning('cancel from %s: not an id or {"id": ...}: %s', client, str(e).splitlines()[0])
+            return
+        self.scheduler.cancel(client, req.id)

@@ -1,0 +1,133 @@
+"""A private Mosquitto child process (main thread): the embedded default of `rkmqtt run`, and the
+broker that the tests and `rkmqtt bench` start on free ports.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from rkmqtt.errors import ConfigError
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def port_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mosquitto:
+    """Start, kill and restart a Mosquitto on 127.0.0.1:<port> with its own config and files."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        extra_config: str = "",
+        persistence: bool = False,
+        binary: str | None = None,
+    ) -> None:
+        self.binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
+        if self.binary is None:
+            raise ConfigError(
+                "the mosquitto binary is not installed: install it (Debian/Ubuntu: apt-get install mosquitto) "
+                "or set broker to mqtt://host:port"
+            )
+        self.port = port or free_port()
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="rkmqtt-mosquitto-")
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.extra_config = extra_config
+        self.persistence = persistence
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _write_config(self) -> Path:
+        conf = self.workdir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true" if "password_file" not in self.extra_config else "allow_anonymous false",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            "autosave_interval 1",
+            "autosave_on_changes true",
+            "max_queued_messages 100000",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            self.extra_config,
+        ]
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        conf = self._write_config()
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(self.binary), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+        )
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                tail = (self.workdir / "mosquitto.log").read_text(errors="replace")[-500:]
+                raise ConfigError(f"mosquitto on port {self.port} exited at start: {tail.strip()}")
+            if port_answers("127.0.0.1", self.port, 0.2):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"mosquitto did not start listening on 127.0.0.1:{self.port} within {timeout:.0f} s")
+
+    def kill(self) -> None:
+        """SIGKILL: the broker vanishes without a goodbye, as in a crash or a power cut."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sbin(name: str) -> str | None:
+    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    return None

@@ -1,0 +1,165 @@
+"""The `rkmqtt` command (main thread): argument parsing and wiring only.
+
+    rkmqtt run     the service
+    rkmqtt ask     send one request, stream the reply to the terminal
+    rkmqtt check   self-check of settings, broker, engine (and the NPU on a board)
+    rkmqtt health  exit 0 when the running service is healthy (container HEALTHCHECK)
+    rkmqtt bench   the load generator and benchmark report
+
+Every setting is also a flag, `--<name-with-dashes>`; flags win over the environment and files.
+A wrong setting ends the command with exit status 2 and one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rkmqtt import __version__
+from rkmqtt.errors import ConfigError, EngineError, RkmqttError
+from rkmqtt.settings import Settings, load_settings
+
+_LOGGER = logging.getLogger("rkmqtt")
+
+# Settings that `ask` needs: how to reach the broker and where the bridge listens.
+CONNECTION_SETTINGS = (
+    "broker",
+    "username",
+    "password",
+    "mqtt_version",
+    "client_id",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_insecure",
+    "keepalive",
+    "topic_prefix",
+)
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    args = typing.get_args(annotation)
+    return isinstance(annotation, types.UnionType) and bool in args
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """One flag per setting, `--<name-with-dashes>`; values stay strings and pydantic checks them."""
+    group = parser.add_argument_group("settings (also RKMQTT_<NAME> or the --config file)")
+    group.add_argument("--config", type=Path, default=None, help="YAML file of settings (see config.yaml)")
+    for name, field in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "").replace("%", "%%")
+        if _is_bool(field.annotation):
+            group.add_argument(
+                flag, dest=f"setting_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            group.add_argument(flag, dest=f"setting_{name}", default=None, metavar="VALUE", help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
+    try:
+        from rkmqtt.addon import addon_layers
+    except ImportError:  # until the add-on module lands
+        return load_settings(flags, config_file=args.config)
+    return load_settings(flags, config_file=args.config, file_layers=addon_layers())
+
+
+def setup_logging(level: str, debug: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rkmqtt", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"rkmqtt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the bridge service")
+    run.add_argument("--debug", action="store_true", help="log everything, prompts and completions included")
+    add_settings_flags(run)
+
+    ask = sub.add_parser("ask", help="send one prompt and stream the reply")
+    ask.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    ask.add_argument("--system", help="a system prompt")
+    ask.add_argument("--client", default="cli", help="client name in the request topic (default: cli)")
+    ask.add_argument("--id", dest="request_id", help="request id (default: made up)")
+    ask.add_argument("--tokens", type=int, dest="max_new_tokens_req", help="max_new_tokens of this request")
+    ask.add_argument("--temp", type=float, dest="temperature_req", help="temperature of this request (0: greedy)")
+    ask.add_argument("--seed", type=int, help="sampling seed")
+    ask.add_argument("--json", action="store_true", help="print the raw final reply as JSON instead of streaming")
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the final reply")
+    ask.add_argument("--debug", action="store_true")
+    add_settings_flags(ask, CONNECTION_SETTINGS)
+
+    check = sub.add_parser("check", help="check settings, broker, engine and NPU, in plain words")
+    check.add_argument("--debug", action="store_true")
+    add_settings_flags(check)
+
+    health = sub.add_parser("health", help="exit 0 if the running service is healthy (reads health_file)")
+    health.add_argument("--max-age", type=float, default=30.0, help="seconds after which the file is stale")
+    health.add_argument("--max-stall", type=float, default=120.0, help="seconds the engine may go without output")
+    add_settings_flags(health, ("health_file",))
+
+    try:
+        from rkmqtt.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "bench":
+            from rkmqtt.bench.cli import run_bench
+
+            status: int = run_bench(args)
+            return status
+        settings = settings_from_args(args)
+        setup_logging(settings.log_level, getattr(args, "debug", False))
+        if args.command == "run":
+            from rkmqtt.service import Service
+
+            return Service(settings).run_forever()
+        if args.command == "ask":
+            from rkmqtt.ask import ask
+
+            return ask(settings, args)
+        if args.command == "check":
+            from rkmqtt.check import run_checks
+
+            return run_checks(settings)
+        if args.command == "health":
+            from rkmqtt.health import check_health
+
+            return check_health(settings, args.max_age, args.max_stall)
+    except (ConfigError, EngineError) as e:
+        print(f"rkmqtt: {e}", file=sys.stderr)
+        return 2
+    except RkmqttError as e:
+        print(f"rkmqtt: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

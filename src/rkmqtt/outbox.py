@@ -1,0 +1,144 @@
+"""The outgoing queue and the publisher thread ("rkmqtt-publisher").
+
+The scheduler and the paho callbacks put `Outgoing` messages here and never wait; the
+publisher thread is the one that hands them to paho. The queue is bounded: when it is full,
+stream chunks (QoS 0) are dropped — their sequence numbers show the gap — while final replies
+are always kept, because every accepted request is owed exactly one. Our lock is never held
+while paho is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    correlation: bytes | None = None  # MQTT 5 Correlation Data to echo
+    droppable: bool = False  # stream chunks may be dropped when the queue is full
+
+
+class Outbox:
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._queue: deque[Outgoing] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy = False
+        self.dropped = 0
+
+    def put(self, msg: Outgoing) -> bool:
+        """Queue a message without waiting. Returns False when a droppable one was dropped."""
+        with self._cond:
+            if msg.droppable and len(self._queue) >= self._maxsize:
+                self.dropped += 1
+                return False
+            self._queue.append(msg)
+            self._cond.notify()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def get(self, timeout: float) -> Outgoing | None:
+        with self._cond:
+            if not self._queue and not self._closed:
+                self._cond.wait(timeout)
+            if not self._queue:
+                self._busy = False
+                return None
+            self._busy = True
+            return self._queue.popleft()
+
+    def done(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def wait_empty(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Publisher:
+    """Drains an Outbox into a paho client on its own thread."""
+
+    def __init__(self, outbox: Outbox, client: mqtt.Client, mqtt5: bool, is_connected: Callable[[], bool]) -> None:
+        self._outbox = outbox
+        self._client = client
+        self._mqtt5 = mqtt5
+        self._is_connected = is_connected
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rkmqtt-publisher", daemon=True)
+        self.published = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._outbox.close()
+        self._thread.join(timeout)
+
+    def _properties(self, msg: Outgoing) -> Properties | None:
+        if not self._mqtt5 or msg.correlation is None:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = msg.correlation
+        return props
+
+    def _run(self) -> None:
+        while True:
+            msg = self._outbox.get(timeout=0.2)
+            if msg is None:
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                self._publish(msg)
+            except Exception:  # a bad message must not stop the publisher
+                _LOGGER.exception("publishing to %s failed", msg.topic)
+            finally:
+                self._outbox.done()
+
+    def _publish(self, msg: Outgoing) -> None:
+        if msg.qos == 0 and not self._is_connected():
+            return  # QoS 0 is fire-and-forget: a chunk during an outage is lost, its seq gap shows it
+        while True:
+            info = self._client.publish(
+                msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=self._properties(msg)
+            )
+            # paho keeps QoS>0 messages published while disconnected and sends them on
+            # reconnect (rc NO_CONN); only a full paho queue needs us to wait and retry.
+            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
+                self.published += 1
+                return
+            if self._stop.is_set() and msg.qos == 0:
+                return
+            time.sleep(0.01)

@@ -1,0 +1,223 @@
+"""The service behind `rkmqtt run` (main thread): wires the engine, scheduler, bridge, the
+embedded broker and the health file together, and shuts them down in order.
+
+Threads it starts: "rkmqtt-scheduler" (owns the engine), paho's network thread, "rkmqtt-publisher",
+and "rkmqtt-health" (rewrites the health file once a second when `health_file` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from rkmqtt import __version__
+from rkmqtt.bridge import Bridge, CredentialsProvider
+from rkmqtt.broker import Mosquitto, port_answers
+from rkmqtt.engines import create_engine
+from rkmqtt.engines.base import Engine
+from rkmqtt.errors import ConfigError
+from rkmqtt.outbox import Outbox
+from rkmqtt.protocol import Info, Limits
+from rkmqtt.scheduler import Scheduler, SchedulerConfig
+from rkmqtt.settings import Settings
+from rkmqtt.topics import Topics
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        credentials_provider: CredentialsProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.credentials_provider = credentials_provider
+        self.embedded: Mosquitto | None = None
+        self.scheduler: Scheduler | None = None
+        self.bridge: Bridge | None = None
+        self.info: Info | None = None
+        self._stop_requested = threading.Event()
+        self._health_thread: threading.Thread | None = None
+        self._stopped = False
+
+    # -- start ------------------------------------------------------------------------------
+    def _ensure_broker(self) -> None:
+        s = self.settings
+        if s.broker is not None:
+            return
+        if port_answers("127.0.0.1", 1883):
+            _LOGGER.info("no broker set: using the one on localhost:1883")
+            self.settings = s.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
+            return
+        if not s.embedded_broker:
+            raise ConfigError("no broker set and none answers on localhost:1883: set broker=mqtt://host:port")
+        self.embedded = Mosquitto(port=1883).start()
+        assert self.embedded.proc is not None
+        _LOGGER.warning(
+            "no broker set and none on localhost:1883: started a private Mosquitto (pid %d) on "
+            "127.0.0.1:1883; it stops when rkmqtt stops",
+            self.embedded.proc.pid,
+        )
+        self.settings = s.model_copy(update={"broker": self.embedded.url})
+
+    def _build_info(self, engine: Engine) -> Info:
+        caps = engine.capabilities
+        einfo = engine.info()
+        return Info(
+            version=__version__,
+            engine=caps.name,
+            model=engine.model_name,
+            n_batch=caps.max_batch,
+            batching="continuous" if caps.continuous else "static",
+            runtime_version=einfo.get("runtime_version"),
+            driver_version=einfo.get("driver_version"),
+            limits=Limits(**self.settings.limits()),
+            engine_info=einfo,
+        )
+
+    def start(self) -> None:
+        s = self.settings
+        self._ensure_broker()
+        s = self.settings
+        if self.engine is None:
+            self.engine = create_engine(s)
+        t0 = time.monotonic()
+        self.engine.load()
+        _LOGGER.info(
+            "engine %s ready with model %s in %.1f s (n_batch %d)",
+            self.engine.capabilities.name,
+            self.engine.model_name,
+            time.monotonic() - t0,
+            self.engine.capabilities.max_batch,
+        )
+        self.info = self._build_info(self.engine)
+        topics = Topics(s.topic_prefix)
+        outbox = Outbox(s.outgoing_queue)
+        self.scheduler = Scheduler(
+            self.engine,
+            SchedulerConfig(
+                n_batch=self.engine.capabilities.max_batch,
+                max_queue=s.max_queue,
+                batch_window_s=s.batch_window_ms / 1000.0,
+                dedup_window_s=s.dedup_window,
+                stats_interval_s=s.stats_interval,
+                stats_topic=topics.stats,
+                model_name=self.engine.model_name,
+            ),
+            outbox,
+        )
+        retained, extra_subs = self._homeassistant()
+        self.bridge = Bridge(
+            s,
+            self.scheduler,
+            outbox,
+            self.info.model_dump_json().encode(),
+            retained_extra=retained,
+            extra_subscriptions=extra_subs,
+            credentials_provider=self.credentials_provider,
+        )
+        self.scheduler.start()
+        self.bridge.start()
+        if s.health_file is not None:
+            self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
+            self._health_thread.start()
+
+    def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
+        s = self.settings
+        if not s.discovery or self.info is None:
+            return None, {}
+        from rkmqtt import homeassistant
+
+        info = self.info
+
+        def retained() -> list[tuple[str, bytes]]:
+            return homeassistant.discovery_messages(s, info)
+
+        def on_ha_status(payload: bytes) -> None:
+            if payload.strip() == b"online" and self.bridge is not None:
+                _LOGGER.info("Home Assistant came online: discovery published again")
+                self.bridge.publish_retained_extra()
+
+        return retained, {homeassistant.ha_status_topic(s): on_ha_status}
+
+    # -- health -----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        sched, bridge = self.scheduler, self.bridge
+        return {
+            "pid": os.getpid(),
+            "connected": bool(bridge and bridge.connected),
+            "heartbeat": sched.heartbeat if sched else 0.0,
+            "engine_stalled_s": round(sched.engine_stalled_s(), 1) if sched else 0.0,
+            "queue_depth": sched.queue_depth if sched else 0,
+            "active": sched.active if sched else 0,
+            "updated": time.time(),
+        }
+
+    def _health_loop(self) -> None:
+        path = self.settings.health_file
+        assert path is not None
+        while not self._stop_requested.wait(1.0):
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            try:
+                tmp.write_text(json.dumps(self.health()))
+                os.replace(tmp, path)
+            except OSError as e:
+                _LOGGER.warning("cannot write health file %s: %s", path, e)
+
+    # -- stop -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking requests, let running ones finish within the grace period, answer the
+        rest `shutting_down`, publish `offline`, release everything."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_requested.set()
+        grace = self.settings.grace_period if grace_s is None else grace_s
+        if self.bridge is not None:
+            self.bridge.stop_accepting()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(grace)
+            self.scheduler.join(grace + 10)
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.engine is not None:
+            try:
+                self.engine.close()
+            except Exception:
+                _LOGGER.exception("engine close failed")
+        if self.embedded is not None:
+            self.embedded.close()
+            _LOGGER.info("private Mosquitto stopped")
+        _LOGGER.info("stopped")
+
+    def run_forever(self) -> int:
+        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0)."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            _LOGGER.info("%s received: stopping", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self._stop_requested.wait(0.5):
+                if self.scheduler is not None and self.scheduler.stopped:
+                    _LOGGER.error("the scheduler stopped unexpectedly")
+                    break
+        finally:
+            self.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return 0

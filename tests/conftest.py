@@ -1,0 +1,74 @@
+"""Shared fixtures: private Mosquitto brokers on free ports and in-process bridges."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from rkmqtt.broker import Mosquitto
+from rkmqtt.engines.base import Engine
+from rkmqtt.service import Service
+from rkmqtt.settings import Settings, load_settings
+from tests.mqtt_probe import Probe
+
+
+@pytest.fixture
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """A private broker for one test; the test may kill() and start() it again."""
+    broker = Mosquitto(workdir=tmp_path_factory.mktemp("mosquitto"), persistence=True)
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def bridge_settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    flags: dict[str, Any] = {
+        "broker": url,
+        "topic_prefix": prefix,
+        "stats_interval": 1.0,
+        "batch_window_ms": 10,
+        "discovery": False,
+        "temperature": 0.0,
+        "grace_period": 5,
+    }
+    flags.update(overrides)
+    return load_settings(flags)
+
+
+@pytest.fixture
+def start_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
+    """start_bridge(engine, **settings) -> a running in-process Service on the test's broker."""
+    services: list[Service] = []
+
+    def start(engine: Engine | None = None, **overrides: Any) -> Service:
+        svc = Service(bridge_settings(mosquitto.url, prefix, **overrides), engine=engine)
+        svc.start()
+        assert svc.bridge is not None and svc.bridge.wait_connected(15), "bridge did not connect"
+        services.append(svc)
+        return svc
+
+    yield start
+    for svc in services:
+        svc.stop(grace_s=1)
+
+
+@pytest.fixture
+def probe_factory(mosquitto: Mosquitto) -> Iterator[Callable[..., Probe]]:
+    probes: list[Probe] = []
+
+    def make(subscriptions: list[str], **kw: Any) -> Probe:
+        p = Probe(mosquitto.url, subscriptions, **kw)
+        probes.append(p)
+        return p
+
+    yield make
+    for p in probes:
+        p.close()
