@@ -8,8 +8,9 @@ called by the bridge's connect loop before it reconnects after the broker reject
 * With no broker configured anywhere, the broker and its credentials come from the Supervisor:
   `GET http://supervisor/services/mqtt` with `Authorization: Bearer $SUPERVISOR_TOKEN`, whose
   reply is `{"result": "ok", "data": {"host", "port", "username", "password", "ssl", ...}}`
-  (`port` may be a string). `credentials_provider()` asks again each time it is called, so a
-  password the Mosquitto add-on rotated is picked up on the next connect.
+  (`port` may be a string). `with_supervisor_broker()` puts them into the settings at start-up;
+  `credentials_provider()` asks again each time the bridge calls it, so a password the
+  Mosquitto add-on changed is picked up on the next connect.
 
 Only the standard library talks HTTP here (urllib); tenacity retries the Supervisor while it
 is starting.
@@ -64,8 +65,8 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "log_level",
 )
 
-#: (broker URL, user name, password) for the bridge's next connect.
-Credentials = tuple[str, str | None, str | None]
+#: (user name, password) for the bridge's next connect (`rkmqtt.bridge.CredentialsProvider`).
+Credentials = tuple[str | None, str | None]
 
 
 class SupervisorError(ConfigError):
@@ -201,8 +202,11 @@ def credentials_provider(
     timeout: float = 5,
     attempts: int = 2,
 ) -> Callable[[], Credentials | None]:
-    """A callable returning (broker URL, user, password) fresh from the Supervisor on each call,
-    or None when the Supervisor cannot tell (the caller then keeps what it had)."""
+    """A callable returning (user, password) fresh from the Supervisor on each call, or None
+    when the Supervisor cannot tell (the caller then keeps what it had). The bridge calls it
+    after the broker refused its credentials; it reconnects to the same host and port."""
+
+    last_broker: dict[str, str] = {}
 
     def provide() -> Credentials | None:
         try:
@@ -212,7 +216,12 @@ def credentials_provider(
             return None
         if values is None:
             return None
-        return values["broker"], values.get("username"), values.get("password")
+        if values["broker"] != last_broker.get("url", values["broker"]):
+            _LOGGER.warning(
+                "the Supervisor now offers the broker %s; restart the add-on to connect there", values["broker"]
+            )
+        last_broker["url"] = values["broker"]
+        return values.get("username"), values.get("password")
 
     return provide
 
