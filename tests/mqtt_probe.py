@@ -54,7 +54,10 @@ class Probe:
         if mqtt5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 3600 if persistent else 0
-        self.client.connect(host, int(port), keepalive=10, clean_start=not persistent, properties=props)
+        if mqtt5:
+            self.client.connect(host, int(port), keepalive=10, clean_start=not persistent, properties=props)
+        else:
+            self.client.connect(host, int(port), keepalive=10)
         self.client.loop_start()
         assert self._connected.wait(10), "probe could not connect"
 

@@ -103,13 +103,13 @@ class Bridge:
 
     def start(self) -> None:
         self.publisher.start()
-        props = None
+        host, port, keepalive = self.address.host, self.address.port, self.settings.keepalive
         if self.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-        self.client.connect_async(
-            self.address.host, self.address.port, keepalive=self.settings.keepalive, clean_start=True, properties=props
-        )
+            self.client.connect_async(host, port, keepalive=keepalive, clean_start=True, properties=props)
+        else:
+            self.client.connect_async(host, port, keepalive=keepalive)
         self.client.loop_start()
         _LOGGER.info("connecting to %s", self.address)
 
