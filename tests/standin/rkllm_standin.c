@@ -1,0 +1,948 @@
+/*
+ * rkllm_standin.c - a stand-in for Rockchip's librkllmrt.so, for tests and simulation.
+ *
+ * Written from the project's facts document (docs/rkllm-runtime.md), not from Rockchip's
+ * header. It exports the runtime's symbols with the struct layouts of one ABI, chosen at
+ * compile time:
+ *
+ *     cc -shared -fPIC -pthread -O2 -DRKLLM_ABI_13 rkllm_standin.c -o librkllmrt.so   (1.3.0)
+ *     cc -shared -fPIC -pthread -O2 rkllm_standin.c -o librkllmrt.so                  (1.2.x)
+ *     -DRKLLM_STANDIN_VERSION='"1.2.1"'   the version embedded in rodata (default 1.2.3 / 1.3.0)
+ *     -DRKLLM_STANDIN_NO_VERSION          embed no version string at all
+ *
+ * (tests/standin/build.py does this: `python tests/standin/build.py --abi 1.3 -o build/librkllmrt.so`.)
+ *
+ * Behaviour
+ * ---------
+ * rkllm_run() blocks while a thread of its own generates and calls the result callback once per
+ * step with an array of n_batch RKLLMResult. Slot i's reply is the bytes of its prompt followed
+ * by one space, repeated, cut into tokens of RKLLM_STANDIN_TOKEN_BYTES bytes (default 3), so
+ * multibyte characters are split across tokens; a step in which any slot's token ends inside a
+ * character is reported as RKLLM_RUN_WAITING. A slot ends at its natural length (default
+ * 8 + hash(prompt) % 25 tokens, or `@len=N` in the prompt): the step after its last token samples
+ * "EOS" and reports token_id -1 with text NULL (that step costs decode time); a slot that reaches
+ * max_new_tokens ends without an EOS step. Ended slots report -1/NULL until every slot has ended;
+ * then one RKLLM_RUN_FINISH callback carries each slot's perf figures and rkllm_run returns 0.
+ * An empty prompt is a slot that has ended from the start. rkllm_abort() (from any thread) stops
+ * the run at the next step; FINISH is still delivered and rkllm_run returns 0.
+ *
+ * Prompt words that inject failures (per slot, anywhere in the prompt):
+ *     @len=N        natural length N tokens
+ *     @error=K      when this slot has produced K tokens, one RKLLM_RUN_ERROR callback (text NULL,
+ *                   token_id -1 in every slot); no FINISH; rkllm_run then returns 0
+ *     @fail=K       at step K, rkllm_run returns -1 without any further callback (K=0: at once)
+ *     @initfail=N   the next N calls of rkllm_init fail with -1 (combine with @error/@fail)
+ *
+ * Environment (read at every rkllm_init / rkllm_run):
+ *     RKLLM_STANDIN_INIT_FAIL=1            every rkllm_init fails with -1
+ *     RKLLM_STANDIN_ZERO_DELAY=1           no sleeping at all
+ *     RKLLM_STANDIN_PREFILL_MS_PER_TOKEN   prefill cost per prompt token (default 378/128 = 2.953)
+ *     RKLLM_STANDIN_DECODE_MS              decode step cost with one active slot (default 1000/16.7)
+ *     RKLLM_STANDIN_BATCH_ALPHA            step_ms(b) = DECODE_MS * (1 + ALPHA * (b - 1)), b = slots
+ *                                          still active in that step (default 0.10; an assumption:
+ *                                          nobody has published multi-batch figures for RK3588)
+ *     RKLLM_STANDIN_TOKEN_BYTES            bytes per output token (default 3)
+ * Defaults are shaped on Rockchip's RK3588 figures for Qwen2.5-1.5B w8a8: 378 ms to the first
+ * token for a 128-token prompt, 16.7 tokens/s at batch 1. Prefill is compute-bound, so a batch's
+ * prefill costs the sum of its slots' prompt tokens (no batching gain). A prompt counts
+ * ceil(bytes/4) tokens (template text included when rkllm_set_chat_template set one), the first
+ * token comes out of the prefill, and every later step costs step_ms(b).
+ *
+ * Layout checks: rkllm_init and rkllm_run verify that the structs they receive look sane (n_batch
+ * 1..8, a readable model path, sampling figures in range, reserved bytes zero, input types, ...)
+ * and fail with -1 and a line on stderr otherwise, so a binding with a wrong layout is caught.
+ *
+ * Extra symbols (not in the real runtime): rkllm_standin_layout() writes "name size align" and
+ * "struct.field offset size" lines measured with sizeof/offsetof; rkllm_standin_describe() writes
+ * "key=value" lines about the last init/run (for tests).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifdef RKLLM_ABI_13
+#define STANDIN_ABI "1.3"
+#ifndef RKLLM_STANDIN_VERSION
+#define RKLLM_STANDIN_VERSION "1.3.0"
+#endif
+#else
+#define STANDIN_ABI "1.2"
+#ifndef RKLLM_STANDIN_VERSION
+#define RKLLM_STANDIN_VERSION "1.2.3"
+#endif
+#endif
+
+#ifdef RKLLM_STANDIN_NO_VERSION
+static const char standin_banner[] __attribute__((used)) = "rkllm stand-in runtime (no version)";
+#else
+static const char standin_banner[] __attribute__((used)) = "rkllm-runtime version: " RKLLM_STANDIN_VERSION;
+#endif
+
+/* ---- the interface, from the layout tables -------------------------------------------- */
+
+typedef void *LLMHandle;
+
+typedef enum { RKLLM_RUN_NORMAL = 0, RKLLM_RUN_WAITING = 1, RKLLM_RUN_FINISH = 2, RKLLM_RUN_ERROR = 3 } LLMCallState;
+typedef enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_TOKEN = 1, RKLLM_INPUT_EMBED = 2, RKLLM_INPUT_MULTIMODAL = 3 } RKLLMInputType;
+typedef enum { RKLLM_INFER_GENERATE = 0, RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1, RKLLM_INFER_GET_LOGITS = 2 } RKLLMInferMode;
+
+typedef struct {
+    int32_t base_domain_id;
+    int8_t embed_flash;
+    int8_t enabled_cpus_num;
+    uint32_t enabled_cpus_mask;
+    uint8_t n_batch;
+    int8_t use_cross_attn;
+    uint8_t reserved[104];
+} RKLLMExtendParam;
+
+typedef struct {
+    const char *model_path;
+    int32_t max_context_len;
+    int32_t max_new_tokens;
+    int32_t top_k;
+    int32_t n_keep;
+    float top_p;
+    float temperature;
+    float repeat_penalty;
+    float frequency_penalty;
+    float presence_penalty;
+    int32_t mirostat;
+    float mirostat_tau;
+    float mirostat_eta;
+    bool skip_special_token;
+#ifdef RKLLM_ABI_13
+    bool ignore_eos_token;
+    bool is_async;
+#else
+    bool is_async;
+    const char *img_start;
+    const char *img_end;
+    const char *img_content;
+#endif
+    RKLLMExtendParam extend_param;
+} RKLLMParam;
+
+typedef struct {
+    const char *lora_adapter_path;
+    const char *lora_adapter_name;
+    float scale;
+} RKLLMLoraAdapter;
+
+typedef struct {
+    float *embed;
+    size_t n_tokens;
+} RKLLMEmbedInput;
+
+typedef struct {
+    int32_t *input_ids;
+    size_t n_tokens;
+} RKLLMTokenInput;
+
+#ifdef RKLLM_ABI_13
+typedef struct {
+    char *prompt;
+    struct {
+        float *image_embed;
+        size_t n_image_tokens;
+        size_t n_image;
+        const char *image_start;
+        const char *image_end;
+        const char *image_content;
+        size_t image_width;
+        size_t image_height;
+    } image;
+    struct {
+        float *video_embed;
+        size_t n_frame_tokens;
+        size_t n_frame_per_video;
+        size_t n_video;
+        const char *video_start;
+        const char *video_end;
+        const char *video_content;
+        size_t frame_width;
+        size_t frame_height;
+    } video;
+} RKLLMMultiModalInput;
+#else
+typedef struct {
+    char *prompt;
+    float *image_embed;
+    size_t n_image_tokens;
+    size_t n_image;
+    size_t image_width;
+    size_t image_height;
+} RKLLMMultiModalInput;
+#endif
+
+typedef struct {
+    const char *role;
+    bool enable_thinking;
+    RKLLMInputType input_type;
+    union {
+        const char *prompt_input;
+        RKLLMEmbedInput embed_input;
+        RKLLMTokenInput token_input;
+        RKLLMMultiModalInput multimodal_input;
+    };
+} RKLLMInput;
+
+typedef struct {
+    const char *lora_adapter_name;
+} RKLLMLoraParam;
+
+typedef struct {
+    int save_prompt_cache;
+    const char *prompt_cache_path;
+} RKLLMPromptCacheParam;
+
+typedef struct {
+    float *encoder_k_cache;
+    float *encoder_v_cache;
+    float *encoder_mask;
+    int32_t *encoder_pos;
+    int num_tokens;
+} RKLLMCrossAttnParam;
+
+#ifdef RKLLM_ABI_13
+typedef struct {
+    int32_t top_k;
+    float top_p;
+    float temperature;
+    float repeat_penalty;
+    float frequency_penalty;
+    float presence_penalty;
+    int32_t mirostat;
+    float mirostat_tau;
+    float mirostat_eta;
+} RKLLMSamplingParam;
+#endif
+
+typedef struct {
+    RKLLMInferMode mode;
+    RKLLMLoraParam *lora_params;
+    RKLLMPromptCacheParam *prompt_cache_params;
+#ifdef RKLLM_ABI_13
+    RKLLMSamplingParam *sampling_params;
+#endif
+    int keep_history;
+#ifdef RKLLM_ABI_13
+    int32_t max_new_tokens;
+#endif
+} RKLLMInferParam;
+
+typedef struct {
+    const float *hidden_states;
+    int embd_size;
+    int num_tokens;
+} RKLLMResultLastHiddenLayer;
+
+typedef struct {
+    const float *logits;
+    int vocab_size;
+    int num_tokens;
+} RKLLMResultLogits;
+
+typedef struct {
+    float prefill_time_ms;
+    int prefill_tokens;
+    float generate_time_ms;
+    int generate_tokens;
+    float memory_usage_mb;
+} RKLLMPerfStat;
+
+typedef struct {
+    const char *text;
+    int32_t token_id;
+    RKLLMResultLastHiddenLayer last_hidden_layer;
+    RKLLMResultLogits logits;
+    RKLLMPerfStat perf;
+} RKLLMResult;
+
+typedef int (*LLMResultCallback)(RKLLMResult *result, void *userdata, LLMCallState state);
+
+#ifdef RKLLM_ABI_13
+typedef struct {
+    LLMResultCallback result_callback;
+    void *result_userdata;
+    void *tokenizer_callback; /* optional; the stand-in never calls it */
+    void *tokenizer_userdata;
+    void *embed_callback; /* optional; the stand-in never calls it */
+    void *embed_userdata;
+} RKLLMCallback;
+#endif
+
+/* ---- state ------------------------------------------------------------------------------ */
+
+#define MAX_BATCH 8
+#define HANDLE_MAGIC 0x524b4c4cu /* "RKLL" */
+
+typedef struct {
+    char *prompt;
+    size_t len; /* bytes of the reply stream's period: prompt + ' ' */
+    int prompt_tokens;
+    int natural_len;
+    int target; /* tokens it will produce */
+    bool eos_due; /* ends by sampling EOS (a step) rather than by max_new_tokens */
+    int error_at, fail_at;
+    int produced;
+    bool ended;
+    char buf[64];
+} Slot;
+
+typedef struct Runtime Runtime;
+
+typedef struct {
+    Runtime *rt;
+    Slot slots[MAX_BATCH];
+    int n;
+    int limit;
+    void *userdata;
+    int rc;
+} Run;
+
+struct Runtime {
+    uint32_t magic;
+    RKLLMParam param;
+    char *model_path;
+    LLMResultCallback callback;
+    void *callback_userdata;
+    char *tmpl[3];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool running;
+    bool abort_requested;
+    int runs, aborts;
+    /* what the last run received, for rkllm_standin_describe */
+    int last_infer_max_new_tokens;
+    bool last_sampling_given;
+    int last_top_k;
+    float last_top_p, last_temperature, last_repeat_penalty;
+    int last_keep_history;
+    char last_roles[MAX_BATCH * 8 + 8];
+};
+
+static pthread_mutex_t global_mu = PTHREAD_MUTEX_INITIALIZER;
+static int pending_init_failures;
+static int init_calls, destroy_calls, total_aborts;
+static Runtime *last_runtime;
+
+static void logf_(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("rkllm-standin: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static double env_double(const char *name, double def) {
+    const char *v = getenv(name);
+    if (!v || !*v) return def;
+    char *end;
+    double d = strtod(v, &end);
+    return end == v ? def : d;
+}
+
+static bool env_true(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
+static int directive(const char *prompt, const char *word) {
+    const char *p = strstr(prompt, word);
+    if (!p) return -1;
+    return atoi(p + strlen(word));
+}
+
+static uint32_t fnv1a(const char *s) {
+    uint32_t h = 2166136261u;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+static bool str_ok(const char *s, size_t max) {
+    return s != NULL && strnlen(s, max) < max;
+}
+
+/* ---- layout report (extra symbol) ------------------------------------------------------- */
+
+#define LAY_S(T) n += snprintf(buf + n, n < len ? len - n : 0, "%s %zu %zu\n", #T, sizeof(T), _Alignof(T))
+#define LAY_F(T, f) n += snprintf(buf + n, n < len ? len - n : 0, "%s.%s %zu %zu\n", #T, #f, offsetof(T, f), sizeof(((T *)0)->f))
+
+size_t rkllm_standin_layout(char *buf, size_t len) {
+    size_t n = 0;
+    LAY_S(RKLLMExtendParam);
+    LAY_F(RKLLMExtendParam, base_domain_id); LAY_F(RKLLMExtendParam, embed_flash);
+    LAY_F(RKLLMExtendParam, enabled_cpus_num); LAY_F(RKLLMExtendParam, enabled_cpus_mask);
+    LAY_F(RKLLMExtendParam, n_batch); LAY_F(RKLLMExtendParam, use_cross_attn); LAY_F(RKLLMExtendParam, reserved);
+    LAY_S(RKLLMParam);
+    LAY_F(RKLLMParam, model_path); LAY_F(RKLLMParam, max_context_len); LAY_F(RKLLMParam, max_new_tokens);
+    LAY_F(RKLLMParam, top_k); LAY_F(RKLLMParam, n_keep); LAY_F(RKLLMParam, top_p); LAY_F(RKLLMParam, temperature);
+    LAY_F(RKLLMParam, repeat_penalty); LAY_F(RKLLMParam, frequency_penalty); LAY_F(RKLLMParam, presence_penalty);
+    LAY_F(RKLLMParam, mirostat); LAY_F(RKLLMParam, mirostat_tau); LAY_F(RKLLMParam, mirostat_eta);
+    LAY_F(RKLLMParam, skip_special_token);
+#ifdef RKLLM_ABI_13
+    LAY_F(RKLLMParam, ignore_eos_token);
+#endif
+    LAY_F(RKLLMParam, is_async);
+#ifndef RKLLM_ABI_13
+    LAY_F(RKLLMParam, img_start); LAY_F(RKLLMParam, img_end); LAY_F(RKLLMParam, img_content);
+#endif
+    LAY_F(RKLLMParam, extend_param);
+    LAY_S(RKLLMLoraAdapter);
+    LAY_F(RKLLMLoraAdapter, lora_adapter_path); LAY_F(RKLLMLoraAdapter, lora_adapter_name); LAY_F(RKLLMLoraAdapter, scale);
+    LAY_S(RKLLMEmbedInput);
+    LAY_F(RKLLMEmbedInput, embed); LAY_F(RKLLMEmbedInput, n_tokens);
+    LAY_S(RKLLMTokenInput);
+    LAY_F(RKLLMTokenInput, input_ids); LAY_F(RKLLMTokenInput, n_tokens);
+    LAY_S(RKLLMMultiModalInput);
+    LAY_F(RKLLMMultiModalInput, prompt);
+#ifdef RKLLM_ABI_13
+    LAY_F(RKLLMMultiModalInput, image); LAY_F(RKLLMMultiModalInput, video);
+#else
+    LAY_F(RKLLMMultiModalInput, image_embed); LAY_F(RKLLMMultiModalInput, n_image_tokens);
+    LAY_F(RKLLMMultiModalInput, n_image); LAY_F(RKLLMMultiModalInput, image_width);
+    LAY_F(RKLLMMultiModalInput, image_height);
+#endif
+    LAY_S(RKLLMInput);
+    LAY_F(RKLLMInput, role); LAY_F(RKLLMInput, enable_thinking); LAY_F(RKLLMInput, input_type);
+    LAY_F(RKLLMInput, prompt_input); LAY_F(RKLLMInput, embed_input); LAY_F(RKLLMInput, token_input);
+    LAY_F(RKLLMInput, multimodal_input);
+    LAY_S(RKLLMLoraParam);
+    LAY_F(RKLLMLoraParam, lora_adapter_name);
+    LAY_S(RKLLMPromptCacheParam);
+    LAY_F(RKLLMPromptCacheParam, save_prompt_cache); LAY_F(RKLLMPromptCacheParam, prompt_cache_path);
+    LAY_S(RKLLMCrossAttnParam);
+    LAY_F(RKLLMCrossAttnParam, encoder_k_cache); LAY_F(RKLLMCrossAttnParam, encoder_v_cache);
+    LAY_F(RKLLMCrossAttnParam, encoder_mask); LAY_F(RKLLMCrossAttnParam, encoder_pos);
+    LAY_F(RKLLMCrossAttnParam, num_tokens);
+#ifdef RKLLM_ABI_13
+    LAY_S(RKLLMSamplingParam);
+    LAY_F(RKLLMSamplingParam, top_k); LAY_F(RKLLMSamplingParam, top_p); LAY_F(RKLLMSamplingParam, temperature);
+    LAY_F(RKLLMSamplingParam, repeat_penalty); LAY_F(RKLLMSamplingParam, frequency_penalty);
+    LAY_F(RKLLMSamplingParam, presence_penalty); LAY_F(RKLLMSamplingParam, mirostat);
+    LAY_F(RKLLMSamplingParam, mirostat_tau); LAY_F(RKLLMSamplingParam, mirostat_eta);
+#endif
+    LAY_S(RKLLMInferParam);
+    LAY_F(RKLLMInferParam, mode); LAY_F(RKLLMInferParam, lora_params); LAY_F(RKLLMInferParam, prompt_cache_params);
+#ifdef RKLLM_ABI_13
+    LAY_F(RKLLMInferParam, sampling_params);
+#endif
+    LAY_F(RKLLMInferParam, keep_history);
+#ifdef RKLLM_ABI_13
+    LAY_F(RKLLMInferParam, max_new_tokens);
+#endif
+    LAY_S(RKLLMResultLastHiddenLayer);
+    LAY_F(RKLLMResultLastHiddenLayer, hidden_states); LAY_F(RKLLMResultLastHiddenLayer, embd_size);
+    LAY_F(RKLLMResultLastHiddenLayer, num_tokens);
+    LAY_S(RKLLMResultLogits);
+    LAY_F(RKLLMResultLogits, logits); LAY_F(RKLLMResultLogits, vocab_size); LAY_F(RKLLMResultLogits, num_tokens);
+    LAY_S(RKLLMPerfStat);
+    LAY_F(RKLLMPerfStat, prefill_time_ms); LAY_F(RKLLMPerfStat, prefill_tokens); LAY_F(RKLLMPerfStat, generate_time_ms);
+    LAY_F(RKLLMPerfStat, generate_tokens); LAY_F(RKLLMPerfStat, memory_usage_mb);
+    LAY_S(RKLLMResult);
+    LAY_F(RKLLMResult, text); LAY_F(RKLLMResult, token_id); LAY_F(RKLLMResult, last_hidden_layer);
+    LAY_F(RKLLMResult, logits); LAY_F(RKLLMResult, perf);
+#ifdef RKLLM_ABI_13
+    LAY_S(RKLLMCallback);
+    LAY_F(RKLLMCallback, result_callback); LAY_F(RKLLMCallback, result_userdata);
+    LAY_F(RKLLMCallback, tokenizer_callback); LAY_F(RKLLMCallback, tokenizer_userdata);
+    LAY_F(RKLLMCallback, embed_callback); LAY_F(RKLLMCallback, embed_userdata);
+#endif
+    return n;
+}
+
+/* ---- default parameters ----------------------------------------------------------------- */
+
+RKLLMParam rkllm_createDefaultParam(void) {
+    RKLLMParam p;
+    memset(&p, 0, sizeof p);
+    p.model_path = NULL;
+    p.max_context_len = 512;
+    p.max_new_tokens = -1;
+    p.top_k = 40;
+    p.n_keep = -1;
+    p.top_p = 0.9f;
+    p.temperature = 0.8f;
+    p.repeat_penalty = 1.1f;
+    p.frequency_penalty = 0.0f;
+    p.presence_penalty = 0.0f;
+    p.mirostat = 0;
+    p.mirostat_tau = 5.0f;
+    p.mirostat_eta = 0.1f;
+    p.skip_special_token = true;
+    p.is_async = false;
+#ifndef RKLLM_ABI_13
+    p.img_start = "";
+    p.img_end = "";
+    p.img_content = "";
+#endif
+    p.extend_param.base_domain_id = 0;
+    p.extend_param.embed_flash = 0;
+    p.extend_param.enabled_cpus_num = 4;
+    p.extend_param.enabled_cpus_mask = 0xF0u;
+    p.extend_param.n_batch = 1;
+    p.extend_param.use_cross_attn = 0;
+    return p;
+}
+
+/* ---- init / destroy ------------------------------------------------------------------------ */
+
+static int check_param(const RKLLMParam *p) {
+    const RKLLMExtendParam *e = &p->extend_param;
+    if (!str_ok(p->model_path, 4096)) { logf_("init: model_path is NULL or not a string"); return -1; }
+    if (p->max_context_len < 16 || p->max_context_len > 131072) {
+        logf_("init: max_context_len %d out of range (layout mismatch?)", p->max_context_len); return -1; }
+    if (p->max_new_tokens == 0 || p->max_new_tokens < -1 || p->max_new_tokens > (1 << 20)) {
+        logf_("init: max_new_tokens %d out of range (layout mismatch?)", p->max_new_tokens); return -1; }
+    if (p->top_k < 0 || p->top_k > 1000000) { logf_("init: top_k %d out of range", p->top_k); return -1; }
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) { logf_("init: top_p %f out of range", p->top_p); return -1; }
+    if (!(p->temperature >= 0.0f && p->temperature <= 10.0f)) { logf_("init: temperature %f out of range", p->temperature); return -1; }
+    if (!(p->repeat_penalty >= 0.1f && p->repeat_penalty <= 10.0f)) { logf_("init: repeat_penalty out of range"); return -1; }
+    if (p->is_async) { logf_("init: is_async is set (the stand-in runs synchronously; layout mismatch?)"); return -1; }
+    if (e->n_batch < 1 || e->n_batch > MAX_BATCH) {
+        logf_("init: extend_param.n_batch %u out of range 1..8 (layout mismatch?)", e->n_batch); return -1; }
+    if (e->enabled_cpus_mask == 0 || e->enabled_cpus_mask > 0xFFu ||
+        e->enabled_cpus_num != __builtin_popcount(e->enabled_cpus_mask)) {
+        logf_("init: enabled_cpus_mask 0x%x / enabled_cpus_num %d do not agree", e->enabled_cpus_mask, e->enabled_cpus_num);
+        return -1; }
+    if (e->embed_flash != 0 && e->embed_flash != 1) { logf_("init: embed_flash %d is not 0/1", e->embed_flash); return -1; }
+    if (e->use_cross_attn != 0) { logf_("init: use_cross_attn is set (layout mismatch?)"); return -1; }
+    if (e->base_domain_id < 0 || e->base_domain_id > 255) { logf_("init: base_domain_id out of range"); return -1; }
+    for (size_t i = 0; i < sizeof e->reserved; i++)
+        if (e->reserved[i]) { logf_("init: extend_param.reserved[%zu] is not zero (layout mismatch?)", i); return -1; }
+    FILE *f = fopen(p->model_path, "rb");
+    if (!f) { logf_("init: cannot open model %s: %s", p->model_path, strerror(errno)); return -1; }
+    fclose(f);
+    return 0;
+}
+
+#ifdef RKLLM_ABI_13
+int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callback)
+#else
+int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
+#endif
+{
+    pthread_mutex_lock(&global_mu);
+    init_calls++;
+    bool fail = env_true("RKLLM_STANDIN_INIT_FAIL");
+    if (pending_init_failures > 0) { pending_init_failures--; fail = true; }
+    pthread_mutex_unlock(&global_mu);
+    fprintf(stderr, "I rkllm: %s, rknpu driver version: 0.9.8, platform: RK3588 (stand-in)\n", standin_banner);
+    if (!handle || !param || !callback) { logf_("init: NULL argument"); return -1; }
+    *handle = NULL;
+    if (fail) { logf_("init: failing on demand"); return -1; }
+    if (check_param(param) != 0) return -1;
+#ifdef RKLLM_ABI_13
+    if (!callback->result_callback) { logf_("init: RKLLMCallback.result_callback is NULL"); return -1; }
+#endif
+    Runtime *rt = calloc(1, sizeof *rt);
+    if (!rt) return -1;
+    rt->magic = HANDLE_MAGIC;
+    rt->param = *param;
+    rt->model_path = strdup(param->model_path);
+    rt->param.model_path = rt->model_path;
+#ifdef RKLLM_ABI_13
+    rt->callback = callback->result_callback;
+    rt->callback_userdata = callback->result_userdata;
+#else
+    rt->callback = callback;
+    rt->callback_userdata = NULL;
+#endif
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&rt->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&rt->mu, NULL);
+    rt->last_infer_max_new_tokens = -2;
+    pthread_mutex_lock(&global_mu);
+    last_runtime = rt;
+    pthread_mutex_unlock(&global_mu);
+    *handle = rt;
+    return 0;
+}
+
+static Runtime *runtime_of(LLMHandle h) {
+    Runtime *rt = (Runtime *)h;
+    if (!rt || rt->magic != HANDLE_MAGIC) { logf_("invalid handle"); return NULL; }
+    return rt;
+}
+
+int rkllm_destroy(LLMHandle handle) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt) return -1;
+    pthread_mutex_lock(&rt->mu);
+    bool busy = rt->running;
+    pthread_mutex_unlock(&rt->mu);
+    if (busy) { logf_("destroy: a run is in progress"); return -1; }
+    pthread_mutex_lock(&global_mu);
+    destroy_calls++;
+    if (last_runtime == rt) last_runtime = NULL;
+    pthread_mutex_unlock(&global_mu);
+    rt->magic = 0;
+    for (int i = 0; i < 3; i++) free(rt->tmpl[i]);
+    free(rt->model_path);
+    pthread_cond_destroy(&rt->cv);
+    pthread_mutex_destroy(&rt->mu);
+    free(rt);
+    return 0;
+}
+
+/* ---- the run -------------------------------------------------------------------------------- */
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* Sleep `ms` unless aborted first; returns true when aborted. */
+static bool sleep_abortable(Runtime *rt, double ms) {
+    pthread_mutex_lock(&rt->mu);
+    if (ms > 0 && !env_true("RKLLM_STANDIN_ZERO_DELAY")) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        long long ns = ts.tv_nsec + (long long)(ms * 1e6);
+        ts.tv_sec += ns / 1000000000LL;
+        ts.tv_nsec = ns % 1000000000LL;
+        while (!rt->abort_requested) {
+            int r = pthread_cond_timedwait(&rt->cv, &rt->mu, &ts);
+            if (r == ETIMEDOUT) break;
+        }
+    }
+    bool aborted = rt->abort_requested;
+    pthread_mutex_unlock(&rt->mu);
+    return aborted;
+}
+
+static int prompt_tokens_of(const Runtime *rt, const char *prompt) {
+    size_t bytes = strlen(prompt);
+    if (bytes == 0) return 0;
+    for (int i = 0; i < 3; i++)
+        if (rt->tmpl[i]) bytes += strlen(rt->tmpl[i]);
+    return (int)((bytes + 3) / 4);
+}
+
+/* Token k of a slot: bytes [k*tb, (k+1)*tb) of the endless stream prompt+' '. */
+static bool make_token(Slot *s, int k, int tb) {
+    size_t start = (size_t)k * tb;
+    for (int j = 0; j < tb; j++) {
+        size_t pos = (start + j) % s->len;
+        s->buf[j] = pos < s->len - 1 ? s->prompt[pos] : ' ';
+    }
+    s->buf[tb] = '\0';
+    size_t next = (start + tb) % s->len;
+    unsigned char c = next < s->len - 1 ? (unsigned char)s->prompt[next] : ' ';
+    return (c & 0xC0) == 0x80; /* the next byte continues a character: this token ends inside one */
+}
+
+static void *generate(void *arg) {
+    Run *run = arg;
+    Runtime *rt = run->rt;
+    RKLLMResult res[MAX_BATCH];
+    int tb = (int)env_double("RKLLM_STANDIN_TOKEN_BYTES", 3);
+    if (tb < 1) tb = 1;
+    if (tb > 32) tb = 32;
+    double prefill_ms = env_double("RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", 378.0 / 128.0);
+    double decode_ms = env_double("RKLLM_STANDIN_DECODE_MS", 1000.0 / 16.7);
+    double alpha = env_double("RKLLM_STANDIN_BATCH_ALPHA", 0.10);
+
+    double t0 = now_ms();
+    int total_prompt = 0;
+    for (int i = 0; i < run->n; i++) total_prompt += run->slots[i].prompt_tokens;
+    bool aborted = false;
+    for (int i = 0; i < run->n; i++)
+        if (run->slots[i].fail_at == 0) { run->rc = -1; return NULL; }
+    aborted = sleep_abortable(rt, total_prompt * prefill_ms);
+    double t_prefill = now_ms() - t0;
+    double t1 = now_ms();
+
+    for (int step = 0; !aborted; step++) {
+        int active = 0;
+        for (int i = 0; i < run->n; i++) active += !run->slots[i].ended;
+        if (active == 0) break;
+        for (int i = 0; i < run->n; i++)
+            if (run->slots[i].fail_at >= 0 && step >= run->slots[i].fail_at) { run->rc = -1; return NULL; }
+        if (step > 0 && sleep_abortable(rt, decode_ms * (1.0 + alpha * (active - 1)))) { aborted = true; break; }
+        bool waiting = false, error = false;
+        memset(res, 0, sizeof res);
+        for (int i = 0; i < run->n; i++) {
+            Slot *s = &run->slots[i];
+            res[i].text = NULL;
+            res[i].token_id = -1;
+            if (s->ended) continue;
+            if (s->produced < s->target) {
+                waiting |= make_token(s, s->produced, tb);
+                res[i].text = s->buf;
+                res[i].token_id = 1000 + (int32_t)(fnv1a(s->buf) % 30000u);
+                s->produced++;
+                if (s->produced == s->target && !s->eos_due) s->ended = true;
+            } else {
+                s->ended = true; /* this step sampled EOS */
+            }
+            if (s->error_at >= 0 && s->produced >= s->error_at) error = true;
+        }
+        if (error) {
+            for (int i = 0; i < run->n; i++) { res[i].text = NULL; res[i].token_id = -1; }
+            rt->callback(res, run->userdata, RKLLM_RUN_ERROR);
+            run->rc = 0;
+            return NULL;
+        }
+        rt->callback(res, run->userdata, waiting ? RKLLM_RUN_WAITING : RKLLM_RUN_NORMAL);
+    }
+    double t_gen = now_ms() - t1;
+    memset(res, 0, sizeof res);
+    for (int i = 0; i < run->n; i++) {
+        res[i].text = NULL;
+        res[i].token_id = -1;
+        res[i].perf.prefill_time_ms = (float)t_prefill;
+        res[i].perf.prefill_tokens = run->slots[i].prompt_tokens;
+        res[i].perf.generate_time_ms = (float)t_gen;
+        res[i].perf.generate_tokens = run->slots[i].produced;
+        res[i].perf.memory_usage_mb = 1689.0f + 64.0f * (run->n - 1);
+    }
+    rt->callback(res, run->userdata, RKLLM_RUN_FINISH);
+    run->rc = 0;
+    return NULL;
+}
+
+static int check_run_args(Runtime *rt, RKLLMInput *input, RKLLMInferParam *infer) {
+    if (!input || !infer) { logf_("run: NULL input or infer param"); return -1; }
+    if (infer->mode != RKLLM_INFER_GENERATE) {
+        if (rt->param.extend_param.n_batch > 1 && infer->mode == RKLLM_INFER_GET_LOGITS)
+            logf_("run: Getting the logits is not supported for multiple batches");
+        else
+            logf_("run: infer mode %d not supported by the stand-in (layout mismatch?)", (int)infer->mode);
+        return -1;
+    }
+    if (infer->keep_history != 0 && infer->keep_history != 1) {
+        logf_("run: keep_history %d is not 0/1 (layout mismatch?)", infer->keep_history); return -1; }
+#ifdef RKLLM_ABI_13
+    if (infer->max_new_tokens < -1 || infer->max_new_tokens > (1 << 20)) {
+        logf_("run: max_new_tokens %d out of range (layout mismatch?)", infer->max_new_tokens); return -1; }
+    const RKLLMSamplingParam *sp = infer->sampling_params;
+    if (sp && (sp->top_k < 0 || sp->top_k > 1000000 || !(sp->top_p > 0 && sp->top_p <= 1) ||
+               !(sp->temperature >= 0 && sp->temperature <= 10) || !(sp->repeat_penalty >= 0.1f && sp->repeat_penalty <= 10))) {
+        logf_("run: sampling_params out of range (layout mismatch?)"); return -1; }
+#endif
+    for (int i = 0; i < rt->param.extend_param.n_batch; i++) {
+        const RKLLMInput *in = &input[i];
+        if (in->input_type != RKLLM_INPUT_PROMPT) {
+            logf_("run: input[%d].input_type %d: the stand-in takes prompts only (layout mismatch?)", i, (int)in->input_type);
+            return -1; }
+        if (in->role && !(strcmp(in->role, "user") == 0 || strcmp(in->role, "tool") == 0)) {
+            logf_("run: input[%d].role is not \"user\" or \"tool\"", i); return -1; }
+        if (!str_ok(in->prompt_input, 1 << 22)) { logf_("run: input[%d].prompt_input is NULL", i); return -1; }
+    }
+    return 0;
+}
+
+static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, bool async);
+
+int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
+    return start_run(handle, input, infer, userdata, false);
+}
+
+int rkllm_run_async(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
+    return start_run(handle, input, infer, userdata, true);
+}
+
+static void finish_run(Run *run) {
+    Runtime *rt = run->rt;
+    for (int i = 0; i < run->n; i++) free(run->slots[i].prompt);
+    pthread_mutex_lock(&rt->mu);
+    rt->running = false;
+    rt->abort_requested = false;
+    pthread_mutex_unlock(&rt->mu);
+}
+
+static void *async_main(void *arg) {
+    generate(arg);
+    finish_run(arg);
+    free(arg);
+    return NULL;
+}
+
+static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, bool async) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt) return -1;
+    if (check_run_args(rt, input, infer) != 0) return -1;
+    pthread_mutex_lock(&rt->mu);
+    if (rt->running) { pthread_mutex_unlock(&rt->mu); logf_("run: the handle is already running"); return -1; }
+    rt->running = true;
+    rt->abort_requested = false;
+    rt->runs++;
+    pthread_mutex_unlock(&rt->mu);
+
+    Run *run = calloc(1, sizeof *run);
+    run->rt = rt;
+    run->n = rt->param.extend_param.n_batch;
+    run->userdata = userdata ? userdata : rt->callback_userdata;
+    int limit = rt->param.max_new_tokens;
+#ifdef RKLLM_ABI_13
+    if (infer->max_new_tokens > 0) limit = infer->max_new_tokens;
+    rt->last_infer_max_new_tokens = infer->max_new_tokens;
+    rt->last_sampling_given = infer->sampling_params != NULL;
+    if (infer->sampling_params) {
+        rt->last_top_k = infer->sampling_params->top_k;
+        rt->last_top_p = infer->sampling_params->top_p;
+        rt->last_temperature = infer->sampling_params->temperature;
+        rt->last_repeat_penalty = infer->sampling_params->repeat_penalty;
+    }
+#endif
+    if (limit <= 0) limit = 1 << 30;
+    run->limit = limit;
+    rt->last_keep_history = infer->keep_history;
+    rt->last_roles[0] = '\0';
+    int pending_fail = 0;
+    for (int i = 0; i < run->n; i++) {
+        Slot *s = &run->slots[i];
+        const char *p = input[i].prompt_input;
+        strncat(rt->last_roles, input[i].role ? input[i].role : "NULL", 5);
+        if (i + 1 < run->n) strcat(rt->last_roles, ",");
+        s->prompt = strdup(p);
+        s->len = strlen(p) + 1;
+        s->prompt_tokens = prompt_tokens_of(rt, p);
+        int len = directive(p, "@len=");
+        s->natural_len = len >= 0 ? len : 8 + (int)(fnv1a(p) % 25u);
+        s->error_at = directive(p, "@error=");
+        s->fail_at = directive(p, "@fail=");
+        int f = directive(p, "@initfail=");
+        if (f > 0) pending_fail += f;
+        if (*p == '\0' || s->natural_len == 0) {
+            s->ended = true;
+            s->target = 0;
+        } else {
+            s->target = s->natural_len < limit ? s->natural_len : limit;
+            s->eos_due = s->natural_len <= limit;
+        }
+    }
+    if (pending_fail) {
+        pthread_mutex_lock(&global_mu);
+        pending_init_failures += pending_fail;
+        pthread_mutex_unlock(&global_mu);
+    }
+    pthread_t th;
+    if (async) {
+        if (pthread_create(&th, NULL, async_main, run) != 0) { finish_run(run); free(run); return -1; }
+        pthread_detach(th);
+        return 0;
+    }
+    if (pthread_create(&th, NULL, generate, run) != 0) { finish_run(run); free(run); return -1; }
+    pthread_join(th, NULL);
+    int rc = run->rc;
+    finish_run(run);
+    free(run);
+    return rc;
+}
+
+int rkllm_abort(LLMHandle handle) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt) return -1;
+    pthread_mutex_lock(&rt->mu);
+    if (rt->running) {
+        rt->abort_requested = true;
+        rt->aborts++;
+        pthread_cond_broadcast(&rt->cv);
+    }
+    pthread_mutex_unlock(&rt->mu);
+    pthread_mutex_lock(&global_mu);
+    total_aborts++;
+    pthread_mutex_unlock(&global_mu);
+    return 0;
+}
+
+int rkllm_is_running(LLMHandle handle) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt) return -1;
+    pthread_mutex_lock(&rt->mu);
+    int r = rt->running ? 1 : 0;
+    pthread_mutex_unlock(&rt->mu);
+    return r;
+}
+
+/* ---- the rest of the interface ------------------------------------------------------------ */
+
+int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_pos, int *end_pos) {
+    (void)keep_system_prompt; (void)start_pos; (void)end_pos;
+    return runtime_of(handle) ? 0 : -1;
+}
+
+int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt || !cache_sizes) return -1;
+    for (int i = 0; i < rt->param.extend_param.n_batch; i++) cache_sizes[i] = 0; /* keep_history is 0 */
+    return 0;
+}
+
+int rkllm_set_chat_template(LLMHandle handle, const char *system, const char *prefix, const char *postfix) {
+    Runtime *rt = runtime_of(handle);
+    if (!rt || !system || !prefix || !postfix) return -1;
+    const char *v[3] = {system, prefix, postfix};
+    for (int i = 0; i < 3; i++) {
+        free(rt->tmpl[i]);
+        rt->tmpl[i] = strdup(v[i]);
+    }
+    return 0;
+}
+
+int rkllm_set_function_tools(LLMHandle handle, const char *system, const char *tools, const char *tool_response) {
+    (void)system; (void)tools; (void)tool_response;
+    return runtime_of(handle) ? 0 : -1;
+}
+
+int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter *adapter) {
+    return runtime_of(handle) && adapter ? 0 : -1;
+}
+
+int rkllm_load_prompt_cache(LLMHandle handle, const char *path) {
+    return runtime_of(handle) && path ? 0 : -1;
+}
+
+int rkllm_release_prompt_cache(LLMHandle handle) {
+    return runtime_of(handle) ? 0 : -1;
+}
+
+int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam *params) {
+    return runtime_of(handle) && params ? 0 : -1;
+}
+
+/* ---- description for tests (extra symbol) --------------------------------------------------- */
+
+size_t rkllm_standin_describe(char *buf, size_t len) {
+    pthread_mutex_lock(&global_mu);
+    Runtime *rt = last_runtime;
+    size_t n = 0;
+#define D(...) n += snprintf(buf + n, n < len ? len - n : 0, __VA_ARGS__)
+    D("abi=%s\nbanner=%s\ninit_calls=%d\ndestroy_calls=%d\naborts=%d\npending_init_failures=%d\n",
+      STANDIN_ABI, standin_banner, init_calls, destroy_calls, total_aborts, pending_init_failures);
+    if (rt) {
+        const RKLLMParam *p = &rt->param;
+        const RKLLMExtendParam *e = &p->extend_param;
+        D("model_path=%s\nmax_context_len=%d\nmax_new_tokens=%d\ntop_k=%d\nn_keep=%d\ntop_p=%g\ntemperature=%g\n"
+          "repeat_penalty=%g\nskip_special_token=%d\nbase_domain_id=%d\nembed_flash=%d\nenabled_cpus_num=%d\n"
+          "enabled_cpus_mask=%u\nn_batch=%u\nruns=%d\n",
+          p->model_path, p->max_context_len, p->max_new_tokens, p->top_k, p->n_keep, p->top_p, p->temperature,
+          p->repeat_penalty, p->skip_special_token, e->base_domain_id, e->embed_flash, e->enabled_cpus_num,
+          e->enabled_cpus_mask, e->n_batch, rt->runs);
+        D("template_system=%s\ntemplate_prefix=%s\ntemplate_postfix=%s\n", rt->tmpl[0] ? rt->tmpl[0] : "(none)",
+          rt->tmpl[1] ? rt->tmpl[1] : "(none)", rt->tmpl[2] ? rt->tmpl[2] : "(none)");
+        D("last_infer_max_new_tokens=%d\nlast_sampling_given=%d\nlast_top_k=%d\nlast_top_p=%g\nlast_temperature=%g\n"
+          "last_repeat_penalty=%g\nlast_keep_history=%d\nlast_roles=%s\n",
+          rt->last_infer_max_new_tokens, rt->last_sampling_given, rt->last_top_k, rt->last_top_p, rt->last_temperature,
+          rt->last_repeat_penalty, rt->last_keep_history, rt->last_roles);
+    }
+#undef D
+    pthread_mutex_unlock(&global_mu);
+    return n;
+}
