@@ -1,0 +1,328 @@
+"""Home Assistant discovery: the payload's structure, its templates rendered with Jinja (as Home
+Assistant does) against real stats and info payloads, and, against a real Mosquitto, that the
+bridge publishes it retained, republishes it when Home Assistant comes online, publishes every
+state topic it names, and keeps the same ids across a restart."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jinja2
+import pytest
+
+from rkmqtt import homeassistant as ha
+from rkmqtt.broker import Mosquitto
+from rkmqtt.protocol import Info, Limits, Stats, parse_request_payload
+from rkmqtt.service import Service
+from rkmqtt.settings import Settings, load_settings
+from rkmqtt.topics import Topics
+from tests.conftest import bridge_settings
+from tests.fake_engine import FakeEngine
+from tests.mqtt_probe import Probe
+
+# -- helpers ---------------------------------------------------------------------------------
+
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined)
+
+
+def render(template: str, value_json: Any) -> str:
+    """Render a discovery template the way Home Assistant does for an MQTT message."""
+    return _JINJA.from_string(template).render(value_json=value_json, value=json.dumps(value_json)).strip()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    flags: dict[str, Any] = {"node_name": "board_1", "topic_prefix": "rk/test"}
+    flags.update(overrides)
+    return load_settings(flags)
+
+
+def make_info(**overrides: Any) -> Info:
+    values: dict[str, Any] = {
+        "version": "0.1.0",
+        "engine": "rkllm",
+        "model": "Qwen2.5-1.5B-Instruct_W8A8_RK3588",
+        "n_batch": 4,
+        "batching": "static",
+        "runtime_version": "1.2.3",
+        "driver_version": "0.9.8",
+        "limits": Limits(**load_settings({}).limits()),
+    }
+    values.update(overrides)
+    return Info(**values)
+
+
+def make_stats(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "uptime_s": 12.5,
+        "queue_depth": 3,
+        "active": 2,
+        "n_batch": 4,
+        "tokens_per_s": 31.4159,
+        "requests_total": 10,
+        "completed": 8,
+        "errors": 2,
+        "errors_by_code": {"busy": 1, "too_long": 1},
+        "last_reply": "hello",
+    }
+    values.update(overrides)
+    return json.loads(Stats(**values).model_dump_json())  # type: ignore[no-any-return]
+
+
+def payload_of(settings: Settings, info: Info) -> dict[str, Any]:
+    messages = ha.discovery_messages(settings, info)
+    assert len(messages) == 1
+    return json.loads(messages[0][1])  # type: ignore[no-any-return]
+
+
+def walk_keys(obj: Any) -> Iterator[str]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from walk_keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from walk_keys(v)
+
+
+# -- the payload -------------------------------------------------------------------------------
+
+
+def test_one_device_message_on_the_device_topic() -> None:
+    s = make_settings(discovery_prefix="hass")
+    [(topic, raw)] = ha.discovery_messages(s, make_info())
+    assert topic == "hass/device/board_1/config"
+    doc = json.loads(raw)
+    assert set(doc) >= {"dev", "o", "cmps"}
+    assert doc["dev"]["ids"] == ["board_1"]
+    assert doc["dev"]["sw"] == "0.1.0"
+    assert doc["o"]["name"] == "rkmqtt"
+    assert "object_id" not in set(walk_keys(doc)), "object_id is retired: default_entity_id replaces it"
+
+
+def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
+    s = make_settings()
+    doc = payload_of(s, make_info())
+    topics = Topics(s.topic_prefix)
+    published_by_bridge = {topics.status, topics.info, topics.stats}
+    unique_ids = [c["unique_id"] for c in doc["cmps"].values()]
+    assert len(unique_ids) == len(set(unique_ids))
+    for key, c in doc["cmps"].items():
+        assert c["p"] in {"sensor", "binary_sensor", "text"}, key
+        assert c["unique_id"] == f"board_1_{key}"
+        assert c["default_entity_id"] == f"{c['p']}.board_1_{key}"
+        assert re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", c["default_entity_id"]), c["default_entity_id"]
+        assert c["availability"] == [
+            {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
+        ]
+        if c["p"] == "text":
+            assert c["command_topic"] == topics.request(ha.HA_CLIENT)
+        else:
+            assert c["state_topic"] in published_by_bridge, key
+        for t in ("json_attributes_topic",):
+            if t in c:
+                assert c[t] in published_by_bridge
+
+
+def test_the_entities_the_issue_asks_for() -> None:
+    doc = payload_of(make_settings(), make_info())
+    cmps = doc["cmps"]
+    assert cmps["connectivity"]["p"] == "binary_sensor"
+    assert cmps["connectivity"]["device_class"] == "connectivity"
+    assert (cmps["connectivity"]["payload_on"], cmps["connectivity"]["payload_off"]) == ("online", "offline")
+    for key in ("queue_depth", "active", "tokens_per_s", "requests_answered", "errors", "last_reply"):
+        assert cmps[key]["p"] == "sensor"
+        assert cmps[key]["state_topic"] == "rk/test/stats"
+    for key in ("model", "engine", "n_batch"):
+        assert cmps[key]["entity_category"] == "diagnostic"
+        assert cmps[key]["state_topic"] == "rk/test/info"
+    assert cmps["requests_answered"]["state_class"] == "total_increasing"
+    assert cmps["errors"]["state_class"] == "total_increasing"
+    assert cmps["prompt"]["p"] == "text"
+    assert cmps["prompt"]["max"] <= 255
+
+
+def test_templates_read_real_stats_and_info() -> None:
+    doc = payload_of(make_settings(), make_info())
+    cmps = doc["cmps"]
+    stats = make_stats()
+    info = json.loads(make_info().model_dump_json())
+    assert render(cmps["queue_depth"]["value_template"], stats) == "3"
+    assert render(cmps["active"]["value_template"], stats) == "2"
+    assert render(cmps["tokens_per_s"]["value_template"], stats) == "31.4"
+    assert render(cmps["requests_answered"]["value_template"], stats) == "8"
+    assert json.loads(render(cmps["requests_answered"]["json_attributes_template"], stats)) == {
+        "requests_total": 10
+    }
+    assert render(cmps["errors"]["value_template"], stats) == "2"
+    assert json.loads(render(cmps["errors"]["json_attributes_template"], stats)) == {"busy": 1, "too_long": 1}
+    assert render(cmps["model"]["value_template"], info) == "Qwen2.5-1.5B-Instruct_W8A8_RK3588"
+    assert render(cmps["engine"]["value_template"], info) == "rkllm"
+    assert render(cmps["n_batch"]["value_template"], info) == "4"
+
+
+def test_every_template_field_exists_in_the_wire_models() -> None:
+    doc = payload_of(make_settings(), make_info())
+    fields = {"rk/test/stats": set(Stats.model_fields), "rk/test/info": set(Info.model_fields)}
+    for key, c in doc["cmps"].items():
+        for name in ("value_template", "json_attributes_template"):
+            if name not in c:
+                continue
+            topic = c["state_topic"] if name == "value_template" else c["json_attributes_topic"]
+            used = set(re.findall(r"value_json\.(\w+)", c[name]))
+            assert used, (key, name)
+            assert used <= fields[topic], (key, name, used - fields[topic])
+
+
+@pytest.mark.parametrize("length", [0, 10, 255, 256, 5000])
+def test_last_reply_state_is_cut_to_255_and_the_attribute_has_it_all(length: int) -> None:
+    cmp = payload_of(make_settings(), make_info())["cmps"]["last_reply"]
+    text = "".join(chr(ord("a") + i % 26) for i in range(length))
+    stats = make_stats(last_reply=text)
+    state = render(cmp["value_template"], stats)
+    assert state == text[:255]
+    assert len(state) <= ha.HA_STATE_MAX
+    assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": text}
+
+
+def test_last_reply_before_any_reply() -> None:
+    cmp = payload_of(make_settings(), make_info())["cmps"]["last_reply"]
+    stats = make_stats(last_reply=None)
+    assert render(cmp["value_template"], stats) == ""
+    assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": None}
+
+
+def test_live_stats_expire_after_missed_intervals_and_counters_do_not() -> None:
+    for interval, expected in ((5.0, 15), (0.5, 15), (20.0, 60)):
+        cmps = payload_of(make_settings(stats_interval=interval), make_info())["cmps"]
+        for key in ("queue_depth", "active", "tokens_per_s"):
+            assert cmps[key]["expire_after"] == expected
+            assert cmps[key]["expire_after"] >= 2 * interval
+        for key in ("requests_answered", "errors", "last_reply", "model", "engine", "n_batch"):
+            assert "expire_after" not in cmps[key]
+
+
+def test_ids_are_stable_and_follow_the_node_name() -> None:
+    a = payload_of(make_settings(), make_info())
+    b = payload_of(make_settings(), make_info(model="other", engine="numpy", n_batch=2))
+    assert [c["unique_id"] for c in a["cmps"].values()] == [c["unique_id"] for c in b["cmps"].values()]
+    c = payload_of(make_settings(node_name="board_2"), make_info())
+    assert not {x["unique_id"] for x in a["cmps"].values()} & {x["unique_id"] for x in c["cmps"].values()}
+    # Without a node name, the host name makes it: the same in every run on this host.
+    plain = load_settings({})
+    assert ha.discovery_messages(plain, make_info()) == ha.discovery_messages(load_settings({}), make_info())
+
+
+def test_discovery_off_publishes_nothing() -> None:
+    assert ha.discovery_messages(make_settings(discovery=False), make_info()) == []
+
+
+def test_ha_status_topic_follows_the_prefix() -> None:
+    assert ha.ha_status_topic(load_settings({})) == "homeassistant/status"
+    assert ha.ha_status_topic(make_settings(discovery_prefix="hass")) == "hass/status"
+    assert ha.is_ha_online(b"online") and ha.is_ha_online(b"online\n")
+    assert not ha.is_ha_online(b"offline")
+
+
+def test_the_text_entity_sends_a_valid_request() -> None:
+    s = make_settings()
+    cmp = payload_of(s, make_info())["cmps"]["prompt"]
+    topics = Topics(s.topic_prefix)
+    assert topics.client_of(cmp["command_topic"], "request") == ha.HA_CLIENT
+    req = parse_request_payload(b"What is the capital of France?")
+    assert req.prompt == "What is the capital of France?"
+    assert topics.is_allowed_reply_topic(topics.reply(ha.HA_CLIENT, "abc123"))
+
+
+# -- against a real broker and bridge --------------------------------------------------------
+
+
+@pytest.fixture
+def ha_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[[], Service]]:
+    services: list[Service] = []
+
+    def start() -> Service:
+        settings = bridge_settings(
+            mosquitto.url, prefix, discovery=True, discovery_prefix=f"ha{prefix}", node_name=f"node_{prefix}"
+        )
+        svc = Service(settings, engine=FakeEngine(step_s=0.005))
+        svc.start()
+        services.append(svc)
+        assert svc.bridge is not None and svc.bridge.wait_connected(15), "bridge did not connect"
+        return svc
+
+    yield start
+    for svc in services:
+        svc.stop(grace_s=1)
+
+
+def discovery_of(probe: Probe, topic: str, count: int = 1) -> list[dict[str, Any]]:
+    return [m.json() for m in probe.wait_for(lambda m: m.topic == topic and m.payload != b"", 20, count)]
+
+
+def test_bridge_publishes_discovery_and_every_state_topic(
+    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    ha_bridge()
+    topic = f"ha{prefix}/device/node_{prefix}/config"
+    # A client connecting afterwards gets it: it is retained.
+    late = probe_factory([f"ha{prefix}/#", f"{prefix}/#"])
+    [doc] = discovery_of(late, topic)
+    assert late.wait_for(lambda m: m.topic == topic)[0].retain
+
+    # Every topic an entity reads is really published, and its templates render on it.
+    cmps = doc["cmps"]
+    state_topics = {c["state_topic"] for c in cmps.values() if "state_topic" in c}
+    assert state_topics == {f"{prefix}/status", f"{prefix}/info", f"{prefix}/stats"}
+    seen = {t: late.wait_for(lambda m, t=t: m.topic == t, 20)[0] for t in state_topics}
+    assert seen[f"{prefix}/status"].payload == b"online"
+    for c in cmps.values():
+        if c.get("state_topic") in (f"{prefix}/info", f"{prefix}/stats"):
+            render(c["value_template"], seen[c["state_topic"]].json())
+        if "json_attributes_template" in c:
+            json.loads(render(c["json_attributes_template"], seen[c["json_attributes_topic"]].json()))
+    assert render(cmps["engine"]["value_template"], seen[f"{prefix}/info"].json()) == "fake"
+
+    # The dashboard's text entity: its plain-text command is answered on P/reply/homeassistant/<id>,
+    # and the answer reaches the Last reply sensor.
+    late.publish(cmps["prompt"]["command_topic"], "ping pong", qos=1)
+    reply = late.wait_for(lambda m: m.topic.startswith(f"{prefix}/reply/{ha.HA_CLIENT}/")
+                          and not m.topic.endswith("/stream"))[0].json()
+    assert reply["status"] == "ok" and reply["text"].strip() == "ping pong"
+    stats = late.wait_for(
+        lambda m: m.topic == f"{prefix}/stats" and m.json().get("last_reply") is not None, 20
+    )[0].json()
+    # (Home Assistant strips a rendered state, as render() does.)
+    assert render(cmps["last_reply"]["value_template"], stats) == reply["text"][:255].strip()
+
+
+def test_discovery_is_republished_when_home_assistant_comes_online(
+    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    ha_bridge()
+    topic = f"ha{prefix}/device/node_{prefix}/config"
+    probe = probe_factory([topic])
+    first = discovery_of(probe, topic)
+    probe.publish(f"ha{prefix}/status", "offline")
+    probe.publish(f"ha{prefix}/status", "online")
+    again = discovery_of(probe, topic, count=2)
+    assert again[1] == first[0]
+    assert len(probe.on(topic)) == 2, "offline must not republish"
+
+
+def test_same_ids_after_a_restart(
+    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    svc = ha_bridge()
+    topic = f"ha{prefix}/device/node_{prefix}/config"
+    probe = probe_factory([topic, f"{prefix}/status"])
+    [before] = discovery_of(probe, topic)
+    svc.stop(grace_s=1)
+    assert probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"offline")
+    ha_bridge()
+    after = discovery_of(probe, topic, count=2)[1]
+    ids = lambda doc: {k: (c["unique_id"], c["default_entity_id"]) for k, c in doc["cmps"].items()}  # noqa: E731
+    assert ids(after) == ids(before)
+    assert after["dev"]["ids"] == before["dev"]["ids"]
