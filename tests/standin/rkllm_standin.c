@@ -19,7 +19,8 @@
  * by one space, repeated, cut into tokens of RKLLM_STANDIN_TOKEN_BYTES bytes (default 3), so
  * multibyte characters are split across tokens; a step in which any slot's token ends inside a
  * character is reported as RKLLM_RUN_WAITING. A slot ends at its natural length (default
- * 8 + hash(prompt) % 25 tokens, or `@len=N` in the prompt): the step after its last token samples
+ * 8 + fnv1a32(prompt) % 25 tokens, or `@len=N` in the prompt; either is extended to the next
+ * character boundary, so that a natural end never splits a character): the step after its last token samples
  * "EOS" and reports token_id -1 with text NULL (that step costs decode time); a slot that reaches
  * max_new_tokens ends without an EOS step. Ended slots report -1/NULL until every slot has ended;
  * then one RKLLM_RUN_FINISH callback carries each slot's perf figures and rkllm_run returns 0.
@@ -305,6 +306,7 @@ typedef struct {
     Slot slots[MAX_BATCH];
     int n;
     int limit;
+    int tb; /* bytes per token */
     void *userdata;
     int rc;
 } Run;
@@ -633,26 +635,26 @@ static int prompt_tokens_of(const Runtime *rt, const char *prompt) {
     return (int)((bytes + 3) / 4);
 }
 
-/* Token k of a slot: bytes [k*tb, (k+1)*tb) of the endless stream prompt+' '. */
+/* Byte `pos` of the endless reply stream prompt+' '+prompt+' '... */
+static unsigned char stream_byte(const Slot *s, size_t pos) {
+    size_t q = pos % s->len;
+    return q < s->len - 1 ? (unsigned char)s->prompt[q] : ' ';
+}
+
+/* Token k of a slot: bytes [k*tb, (k+1)*tb) of the stream. Returns true when the token ends
+ * inside a character (the next byte is a UTF-8 continuation byte). */
 static bool make_token(Slot *s, int k, int tb) {
     size_t start = (size_t)k * tb;
-    for (int j = 0; j < tb; j++) {
-        size_t pos = (start + j) % s->len;
-        s->buf[j] = pos < s->len - 1 ? s->prompt[pos] : ' ';
-    }
+    for (int j = 0; j < tb; j++) s->buf[j] = (char)stream_byte(s, start + j);
     s->buf[tb] = '\0';
-    size_t next = (start + tb) % s->len;
-    unsigned char c = next < s->len - 1 ? (unsigned char)s->prompt[next] : ' ';
-    return (c & 0xC0) == 0x80; /* the next byte continues a character: this token ends inside one */
+    return (stream_byte(s, start + tb) & 0xC0) == 0x80;
 }
 
 static void *generate(void *arg) {
     Run *run = arg;
     Runtime *rt = run->rt;
     RKLLMResult res[MAX_BATCH];
-    int tb = (int)env_double("RKLLM_STANDIN_TOKEN_BYTES", 3);
-    if (tb < 1) tb = 1;
-    if (tb > 32) tb = 32;
+    int tb = run->tb;
     double prefill_ms = env_double("RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", 378.0 / 128.0);
     double decode_ms = env_double("RKLLM_STANDIN_DECODE_MS", 1000.0 / 16.7);
     double alpha = env_double("RKLLM_STANDIN_BATCH_ALPHA", 0.10);
@@ -802,6 +804,9 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
 #endif
     if (limit <= 0) limit = 1 << 30;
     run->limit = limit;
+    run->tb = (int)env_double("RKLLM_STANDIN_TOKEN_BYTES", 3);
+    if (run->tb < 1) run->tb = 1;
+    if (run->tb > 32) run->tb = 32;
     rt->last_keep_history = infer->keep_history;
     rt->last_roles[0] = '\0';
     int pending_fail = 0;
@@ -815,6 +820,9 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         s->prompt_tokens = prompt_tokens_of(rt, p);
         int len = directive(p, "@len=");
         s->natural_len = len >= 0 ? len : 8 + (int)(fnv1a(p) % 25u);
+        /* a natural end never splits a character (a max_new_tokens cut may) */
+        while (s->natural_len > 0 && (stream_byte(s, (size_t)s->natural_len * run->tb) & 0xC0) == 0x80)
+            s->natural_len++;
         s->error_at = directive(p, "@error=");
         s->fail_at = directive(p, "@fail=");
         int f = directive(p, "@initfail=");

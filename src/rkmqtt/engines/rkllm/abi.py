@@ -162,7 +162,7 @@ LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, c_int)
 LLMTokenizerCallback = c_void_p
 LLMGetEmbedCallback = c_void_p
 
-_PARAM_HEAD = [
+_PARAM_HEAD: list[Any] = [
     ("model_path", c_char_p),
     ("max_context_len", c_int32),
     ("max_new_tokens", c_int32),
@@ -429,10 +429,12 @@ def field_layout(struct: type[Structure]) -> list[tuple[str, int, int]]:
     """(field, offset, size) of every field, with the anonymous union's members in its place."""
     out: list[tuple[str, int, int]] = []
     anonymous = set(getattr(struct, "_anonymous_", ()))
-    for name, ctype, *_ in struct._fields_:
+    fields: list[Any] = list(struct._fields_)
+    for name, ctype, *_ in fields:
         desc = getattr(struct, name)
         if name in anonymous:
-            for member, _mtype, *_ in ctype._fields_:
+            members: list[Any] = list(ctype._fields_)
+            for member, _mtype, *_ in members:
                 mdesc = getattr(ctype, member)
                 out.append((member, desc.offset + mdesc.offset, mdesc.size))
         else:

@@ -1,0 +1,364 @@
+"""RkllmEngine: requests batched into one `rkllm_run` on the Rockchip NPU (static micro-batches).
+
+Threads:
+* every public method runs on the scheduler thread (the one thread that owns the engine);
+* each batch runs `rkllm_run` on a worker thread of its own, `rkllm-run-<n>`, which after the
+  call answers what is still open and, when the run failed, destroys and re-initialises the
+  runtime (tenacity backoff) before the engine is idle again;
+* the runtime calls the result callback on a thread of its own during `rkllm_run`; the
+  callback (`Batch.on_result`) only copies and enqueues (see batch.py).
+The threads meet in one `queue.Queue` that `poll()` drains.
+
+Life of a batch: `submit()` (engine idle, 1..n_batch requests with one `batch_key`) builds the
+`RKLLMInput[n_batch]` array (unused slots padded with a short dummy prompt, or left empty when
+`rkllm_pad_batch` is false) and one `RKLLMInferParam` and starts the worker. `cancel(key)` drops a
+request at once (its later events are filtered out) and calls `rkllm_abort` only when no real
+slot of the batch is left running; when all real slots have ended by themselves while padding
+slots still generate, the callback asks `poll()` to abort for the same reason.
+
+Sampling: runtime 1.3.0 takes sampling parameters and `max_new_tokens` per run, so `batch_key`
+groups requests by their sampling, and the run's `max_new_tokens` is the batch's largest (each
+slot is cut at its own). Runtime 1.2.x fixes both at `rkllm_init` (from the settings; its
+`max_new_tokens` is the `max_new_tokens` limit): every request shares a batch, each slot is cut at
+its own limit, and a request that set sampling fields is told in `FinishEvent.warnings`. Greedy
+(temperature 0) is sent as top_k=1, temperature=1.0, top_p=1.0. The runtime has no seed.
+
+Failures: `rkllm_init` failing at load raises EngineError naming what to check. An `ERROR` state
+or `rkllm_run` returning non-zero answers the batch's running requests `engine_error`; then the
+handle is destroyed and `rkllm_init` retried with exponential backoff until it works or the
+engine closes (the scheduler keeps queueing meanwhile: `free_slots()` is 0). Beware: runtime
+1.3.0 has been reported to segfault, not return -1, when a second init runs out of NPU memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+
+from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, GenerationRequest, SamplingParams
+from rkmqtt.engines.rkllm.abi import LLMHandle, LLMResultCallback, cpu_mask
+from rkmqtt.engines.rkllm.batch import AbortWanted, Batch, BatchEnded, QueueItem
+from rkmqtt.engines.rkllm.library import RuntimeLibrary, locate_runtime
+from rkmqtt.engines.rkllm.prompt import parse_chat_template
+from rkmqtt.errors import ConfigError, EngineError
+
+if TYPE_CHECKING:
+    from rkmqtt.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+SamplingTuple = tuple[int, float, float, float]  # top_k, top_p, temperature, repeat_penalty
+
+
+def runtime_sampling(s: SamplingParams) -> SamplingTuple:
+    """The runtime's (top_k, top_p, temperature, repeat_penalty) for resolved sampling params."""
+    if s.greedy:
+        return 1, 1.0, 1.0, float(s.repeat_penalty)
+    return int(s.top_k), float(s.top_p), float(s.temperature), float(s.repeat_penalty)
+
+
+class RkllmEngine(Engine):
+    """The RKLLM runtime behind the engine interface (see the module docstring)."""
+
+    def __init__(self, settings: Settings, *, backoff_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
+        if not 1 <= settings.n_batch <= 8:
+            raise ConfigError(f"setting n_batch={settings.n_batch} is not allowed with engine rkllm: use 1 to 8")
+        if not settings.model:
+            raise ConfigError("engine rkllm needs setting model: the path of a .rkllm model file")
+        self._settings = settings
+        self._model = Path(settings.model)
+        self._n_batch = settings.n_batch
+        self._cpus = sorted({int(c) for c in settings.rkllm_cpus.split(",")})
+        self._template = parse_chat_template(settings.rkllm_chat_template) if settings.rkllm_chat_template else None
+        self._backoff_s = backoff_s
+        self._backoff_max_s = backoff_max_s
+        self._runtime: RuntimeLibrary | None = None
+        self._lib: Any = None
+        self._handle: Any = None  # LLMHandle while initialised
+        self._init_keep: tuple[Any, ...] = ()  # the param and callback structs of the live handle
+        self._events: queue.Queue[QueueItem] = queue.Queue()
+        self._running: Batch | None = None
+        self._worker: threading.Thread | None = None
+        self._cancelled: set[str] = set()
+        self._ids = itertools.count(1)
+        self._closing = threading.Event()
+        self._recoveries = 0
+        self._batches = 0
+        # One C function pointer for the engine's lifetime: the runtime keeps it from init on.
+        self._c_callback = LLMResultCallback(self._on_result)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RkllmEngine:
+        return cls(settings)
+
+    # ---- Engine interface ----------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        per_run = self._runtime is not None and self._runtime.abi.per_run_sampling
+        return Capabilities(name="rkllm", continuous=False, max_batch=self._n_batch, per_request_sampling=per_run)
+
+    @property
+    def model_name(self) -> str:
+        return self._model.stem
+
+    def load(self) -> None:
+        s = self._settings
+        self._runtime = locate_runtime(s.rkllm_library, s.rkllm_abi)
+        if not self._model.is_file():
+            raise ConfigError(f"setting model={str(self._model)!r}: no such file; give the path of a .rkllm model")
+        self._lib = self._runtime.load()
+        self._handle = self._init_handle()
+        _LOGGER.info(
+            "RKLLM runtime %s (ABI %s) from %s: model %s, n_batch %d",
+            self._runtime.version or "(unknown version)",
+            self._runtime.abi.name,
+            self._runtime.path,
+            self._model.name,
+            self._n_batch,
+        )
+
+    def info(self) -> dict[str, Any]:
+        rt = self._runtime
+        return {
+            "runtime_version": rt.version if rt else None,
+            "abi": rt.abi.name if rt else None,
+            "library": str(rt.path) if rt else None,
+            "model_file": str(self._model),
+            "n_batch": self._n_batch,
+            "cpus": self._cpus,
+            "pad_batch": self._settings.rkllm_pad_batch,
+            "chat_template": "custom" if self._template else "built-in",
+            "batches": self._batches,
+            "recoveries": self._recoveries,
+        }
+
+    def batch_key(self, req: GenerationRequest) -> Hashable:
+        if self._runtime is not None and self._runtime.abi.per_run_sampling:
+            return runtime_sampling(req.sampling)
+        return "init-time-sampling"
+
+    def free_slots(self) -> int:
+        return self._n_batch if self._running is None and self._handle is not None else 0
+
+    def active(self) -> int:
+        batch = self._running
+        return batch.live_count() if batch is not None else 0
+
+    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
+        if self._running is not None or self._handle is None:
+            raise EngineError("submit while the RKLLM engine is busy or not initialised")
+        if not 1 <= len(reqs) <= self._n_batch:
+            raise ValueError(f"submit takes 1 to {self._n_batch} requests, not {len(reqs)}")
+        keys = {self.batch_key(r) for r in reqs}
+        if len(keys) != 1:
+            raise ValueError("submit: the requests of one batch must share one batch_key")
+        assert self._runtime is not None
+        per_run = self._runtime.abi.per_run_sampling
+        if per_run:
+            limit = max(r.max_new_tokens for r in reqs)
+            sampling: SamplingTuple | None = runtime_sampling(reqs[0].sampling)
+        else:
+            limit = self._settings.max_new_tokens
+            sampling = None
+        batch = Batch(
+            next(self._ids),
+            reqs,
+            abi=self._runtime.abi,
+            n_batch=self._n_batch,
+            pad=self._settings.rkllm_pad_batch,
+            runtime_limit=limit,
+            sampling=sampling,
+            warnings={r.key: self._warnings(r, per_run) for r in reqs},
+            out=self._events,
+        )
+        self._running = batch
+        self._batches += 1
+        self._worker = threading.Thread(
+            target=self._run_batch, args=(batch,), name=f"rkllm-run-{batch.id}", daemon=True
+        )
+        self._worker.start()
+
+    def poll(self, timeout: float) -> list[EngineEvent]:
+        try:
+            item = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return []
+        out: list[EngineEvent] = []
+        while True:
+            if isinstance(item, AbortWanted):
+                batch = self._running
+                if batch is not None and batch.id == item.batch_id:
+                    self._abort(batch)
+            elif isinstance(item, BatchEnded):
+                pass  # wakes the scheduler: the engine is idle again
+            elif item.key not in self._cancelled:
+                out.append(item)
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return out
+
+    def cancel(self, key: str) -> None:
+        batch = self._running
+        if batch is None or key not in batch.by_key:
+            return
+        self._cancelled.add(key)
+        if batch.cancel(key):
+            self._abort(batch)
+
+    def close(self) -> None:
+        self._closing.set()
+        batch, worker = self._running, self._worker
+        if batch is not None:
+            self._abort(batch)
+        if worker is not None:
+            worker.join(timeout=60)
+        if self._running is None:
+            self._destroy_handle()
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _warnings(self, req: GenerationRequest, per_run: bool) -> tuple[str, ...]:
+        out: list[str] = []
+        if req.sampling_requested and not per_run:
+            version = self._runtime.version if self._runtime and self._runtime.version else "1.2.x"
+            s = self._settings
+            out.append(
+                f"RKLLM runtime {version} fixes sampling at start-up: this request's sampling fields were not "
+                f"applied (temperature={s.temperature}, top_k={s.top_k}, top_p={s.top_p}, "
+                f"repeat_penalty={s.repeat_penalty} were used)"
+            )
+        if req.sampling.seed is not None and not req.sampling.greedy:
+            out.append("the RKLLM runtime has no seed: this reply is not reproducible")
+        return tuple(out)
+
+    def _init_handle(self) -> Any:
+        """rkllm_init from the settings. Raises EngineError naming what to check."""
+        assert self._runtime is not None
+        abi, lib, s = self._runtime.abi, self._lib, self._settings
+        param: Any = lib.rkllm_createDefaultParam()  # by value: restype is this ABI's RKLLMParam
+        model_path = str(self._model).encode()
+        param.model_path = model_path
+        param.max_context_len = s.max_context
+        param.max_new_tokens = s.max_new_tokens
+        top_k, top_p, temperature, repeat_penalty = runtime_sampling(
+            SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repeat_penalty=s.repeat_penalty)
+        )
+        param.top_k, param.top_p, param.temperature, param.repeat_penalty = top_k, top_p, temperature, repeat_penalty
+        param.n_keep = s.rkllm_n_keep
+        param.skip_special_token = s.rkllm_skip_special_token
+        param.is_async = False
+        if abi.name == "1.3":
+            param.ignore_eos_token = False
+        ext = param.extend_param
+        ext.base_domain_id = s.rkllm_base_domain_id
+        ext.embed_flash = 1 if s.rkllm_embed_flash else 0
+        ext.enabled_cpus_mask = cpu_mask(self._cpus)
+        ext.enabled_cpus_num = len(self._cpus)
+        ext.n_batch = self._n_batch
+        ext.use_cross_attn = 0
+        handle = LLMHandle()
+        callback: Any
+        if abi.Callback is not None:
+            callback = abi.Callback()
+            callback.result_callback = self._c_callback
+            callback.result_userdata = None
+            rc = lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), ctypes.byref(callback))
+        else:
+            callback = self._c_callback
+            rc = lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), callback)
+        if rc != 0 or not handle.value:
+            version = self._runtime.version or abi.name
+            raise EngineError(
+                f"rkllm_init failed ({rc}) for model {self._model} with runtime {version}: check that the RKNPU "
+                f"driver is 0.9.8 or newer (`rkmqtt check`), that the model was converted by rkllm-toolkit "
+                f"{version} for this SoC (model and runtime versions must match), and that there is memory for "
+                f"max_context={s.max_context} x n_batch={self._n_batch} (try smaller values)",
+                rc,
+            )
+        self._init_keep = (param, callback, model_path)
+        if self._template is not None:
+            system, prefix, postfix = (t.encode() for t in self._template)
+            rc = lib.rkllm_set_chat_template(handle, system, prefix, postfix)
+            if rc != 0:
+                lib.rkllm_destroy(handle)
+                raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting rkllm_chat_template", rc)
+        return handle
+
+    def _destroy_handle(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            rc = self._lib.rkllm_destroy(handle)
+            if rc != 0:
+                _LOGGER.warning("rkllm_destroy returned %d", rc)
+        self._init_keep = ()
+
+    def _abort(self, batch: Batch) -> None:
+        if batch.aborted or batch.returned or self._handle is None:
+            return
+        batch.aborted = True
+        rc = self._lib.rkllm_abort(self._handle)
+        _LOGGER.debug("rkllm_abort for batch %d returned %d", batch.id, rc)
+
+    def _on_result(self, result: Any, userdata: int | None, state: int) -> int:
+        """The C result callback (runtime thread): hand the results to the running batch."""
+        try:
+            batch = self._running
+            if batch is None or (userdata is not None and userdata != batch.id):
+                return 0
+            return batch.on_result(result, state)
+        except BaseException:  # never into C
+            return 0
+
+    def _run_batch(self, batch: Batch) -> None:
+        """Worker thread: one rkllm_run, then answer what is open and recover from a failure."""
+        rc = -1
+        try:
+            rc = self._lib.rkllm_run(self._handle, batch.inputs, ctypes.byref(batch.infer), ctypes.c_void_p(batch.id))
+        except Exception as e:  # ctypes argument errors: a bug, but the requests still get answers
+            batch.callback_error = f"{type(e).__name__}: {e}"
+        failure = batch.run_returned(rc)
+        if failure is not None:
+            _LOGGER.error("RKLLM batch %d failed: %s; re-initialising the runtime", batch.id, failure)
+            self._recover()
+        self._running = None
+        self._events.put(BatchEnded(batch.id))
+
+    def _recover(self) -> None:
+        """Worker thread: destroy the handle and rkllm_init again with backoff until it works."""
+        self._destroy_handle()
+
+        def stop(state: RetryCallState) -> bool:
+            return self._closing.is_set()
+
+        def sleep(seconds: float) -> None:
+            self._closing.wait(seconds)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            _LOGGER.warning("RKLLM re-init attempt %d failed: %s", state.attempt_number, exc)
+
+        retrying = Retrying(
+            stop=stop,
+            wait=wait_exponential(multiplier=self._backoff_s, max=self._backoff_max_s),
+            retry=retry_if_exception_type(EngineError),
+            sleep=sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            self._handle = retrying(self._init_handle)
+        except EngineError as e:
+            _LOGGER.error("RKLLM runtime not re-initialised (shutting down): %s", e)
+            return
+        self._recoveries += 1
+        _LOGGER.info("RKLLM runtime re-initialised")

@@ -1,0 +1,92 @@
+"""Turning a request's messages into the prompt string RKLLM expects.
+
+Threads: pure functions, called on the scheduler thread (RkllmEngine.submit / load).
+
+The RKLLM runtime tokenizes and applies the model's chat template itself: each batch slot takes
+one prompt string (`RKLLMInput.prompt_input`, `role = "user"`), which the runtime wraps as one
+user turn, either with the model's built-in template or with the system/prefix/postfix set by
+`rkllm_set_chat_template` (one template per handle, shared by every slot of a batch). There is
+no per-slot system prompt and no way to pass earlier turns as separate messages while
+`keep_history` is 0 (every request is independent). So:
+
+* a single user message without a system prompt is passed verbatim (the common case, and what
+  the runtime's own demos do);
+* otherwise the request is flattened into that one user turn, as plain text the model reads:
+
+      <system text>                     (each system message, blank-line separated)
+
+      Conversation so far:
+      User: <earlier user turn>
+      Assistant: <earlier assistant turn>
+      ...
+
+      <the last user message>
+
+  When the conversation ends with an assistant message (a continuation), the transcript ends
+  with it and nothing follows. The template's own system prompt (built-in or configured) stays in
+  place; a request's system text is read by the model as part of the user turn, not as a system
+  turn. This is a limitation of the runtime's interface, not a choice: a faithful multi-turn
+  rendering would need the template off (`rkllm_set_chat_template(h, "", "", "")`) and the model's
+  template re-implemented here, which the `.rkllm` file does not expose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rkmqtt.engines.base import ChatMessage
+from rkmqtt.errors import ConfigError
+
+# What an unused slot of a padded batch reads (its output is discarded).
+DUMMY_PROMPT = "Hi"
+
+
+def render_prompt(messages: Sequence[ChatMessage]) -> str:
+    """The one user-turn prompt string for a request's messages (see the module docstring)."""
+    system = [m.content for m in messages if m.role == "system"]
+    turns = [m for m in messages if m.role != "system"]
+    if not system and len(turns) == 1 and turns[0].role == "user":
+        return turns[0].content
+    last: ChatMessage | None = turns[-1] if turns and turns[-1].role == "user" else None
+    history = turns[:-1] if last is not None else turns
+    parts: list[str] = []
+    if system:
+        parts.append("\n\n".join(system))
+    if history:
+        lines = ["Conversation so far:"]
+        lines += [f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in history]
+        parts.append("\n".join(lines))
+    if last is not None:
+        parts.append(last.content)
+    return "\n\n".join(parts)
+
+
+def parse_chat_template(value: str) -> tuple[str, str, str]:
+    """The `rkllm_chat_template` setting, `system|prefix|postfix`, as three strings.
+
+    `\\n` and `\\t` in the setting stand for a newline and a tab (an environment variable or a
+    flag cannot easily carry a real newline); `\\|` is a literal `|`.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            nxt = value[i + 1]
+            current.append({"n": "\n", "t": "\t", "|": "|", "\\": "\\"}.get(nxt, "\\" + nxt))
+            i += 2
+            continue
+        if c == "|":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    parts.append("".join(current))
+    if len(parts) != 3:
+        raise ConfigError(
+            f"setting rkllm_chat_template has {len(parts)} part(s): give system|prefix|postfix "
+            "(three parts separated by '|'; \\n is a newline)"
+        )
+    return parts[0], parts[1], parts[2]
