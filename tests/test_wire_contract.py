@@ -236,7 +236,8 @@ def test_cancel_mid_generation_leaves_batch_mates_intact(
         tag = "c" if continuous else "s"
         for name in ("a", "b", "c"):
             probe.publish(f"{prefix}/request/{name}", {"id": f"{tag}1", "prompt": "tokens:40"})
-        probe.wait_for(lambda m: m.topic == f"{prefix}/reply/b/{tag}1/stream", count=3)
+        stream_b = f"{prefix}/reply/b/{tag}1/stream"
+        probe.wait_for(lambda m, t=stream_b: m.topic == t, count=3)
         probe.publish(f"{prefix}/cancel/b", f"{tag}1")
         b = probe.final(f"{prefix}/reply/b/{tag}1")
         a = probe.final(f"{prefix}/reply/a/{tag}1")

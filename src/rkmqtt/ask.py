@@ -134,10 +134,10 @@ def _final(payload: bytes, args: argparse.Namespace, printed: int, t0: float) ->
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0 if data.get("status") == "ok" else 1
     if data.get("status") != "ok":
-        err = ErrorReply.model_validate(data).error
+        err = ErrorReply.model_validate_json(payload).error
         print(f"rkmqtt: {err.code.value}: {err.message}", file=sys.stderr)
         return 1
-    reply = OkReply.model_validate(data)
+    reply = OkReply.model_validate_json(payload)
     if printed == 0:
         sys.stdout.write(reply.text)  # streaming was off or every chunk was lost
     sys.stdout.write("\n")

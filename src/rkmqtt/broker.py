@@ -4,6 +4,7 @@ broker that the tests and `rkmqtt bench` start on free ports.
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -71,6 +72,9 @@ class Mosquitto:
             "autosave_interval 1",
             "autosave_on_changes true",
             "max_queued_messages 100000",
+            # Run as whoever started us: as root, mosquitto would otherwise switch to the
+            # `mosquitto` user, which cannot read our files (and cannot in a user namespace).
+            f"user {getpass.getuser()}",
             "log_dest stderr",
             "log_type error",
             "log_type warning",

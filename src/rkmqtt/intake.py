@@ -55,7 +55,7 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         with self._lock:
             tokens, last = self._buckets.pop(client, (self._burst, now))
-            tokens = min(self._burst, tokens + (now - last) * self._rate)
+            tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
             ok = tokens >= 1.0
             self._buckets[client] = (tokens - 1.0 if ok else tokens, now)
             while len(self._buckets) > self._max:  # forget the longest-idle clients

@@ -1,0 +1,95 @@
+"""The `rkmqtt` command as a user runs it: ask, check, health, and wrong settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rkmqtt.broker import Mosquitto
+from rkmqtt.service import Service
+from tests.fake_engine import FakeEngine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rkmqtt(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    full_env["PYTHONPATH"] = str(REPO)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "rkmqtt", *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)  # fmt: skip
+
+
+def test_ask_streams_and_prints_timing(mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]) -> None:
+    start_bridge(FakeEngine())
+    out = rkmqtt("ask", "what time is it", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "what time is it \n"
+    assert "[stop; 4 tokens;" in out.stderr and "first token" in out.stderr
+
+
+def test_ask_json_and_error_exit(mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]) -> None:
+    start_bridge(FakeEngine(), max_new_tokens=50, default_new_tokens=10)
+    out = rkmqtt("ask", "one two three", "--json", "--id", "j1", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["id"] == "j1" and reply["text"] == "one two three "
+    bad = rkmqtt("ask", "hi", "--tokens", "500", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("rkmqtt: too_many_tokens: max_new_tokens is 500")
+
+
+def test_ask_without_a_bridge_says_so(mosquitto: Mosquitto, prefix: str) -> None:
+    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix, "--timeout", "1")
+    assert out.returncode == 1
+    assert "no reply within 1 s" in out.stderr
+
+
+def test_wrong_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = rkmqtt("run", "--n-batch", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "rkmqtt: setting n_batch='0' (--n-batch) is not allowed: Input should be greater than or equal to 1"
+    )
+    out = rkmqtt("run", env={"RKMQTT_BROKER": "http://example"})
+    assert out.returncode == 2 and "RKMQTT_BROKER" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_batch: 4\nmax_qeue: 3\n")
+    out = rkmqtt("run", "--config", str(cfg))
+    assert out.returncode == 2 and "unknown setting 'max_qeue'" in out.stderr
+    cfg.write_text("engine: rkllm\nn_batch: 12\n")
+    out = rkmqtt("check", "--config", str(cfg))
+    assert out.returncode == 2 and "n_batch=12 is not allowed with engine rkllm: use 1 to 8" in out.stderr
+
+
+def test_check_reports_broker_and_engine(mosquitto: Mosquitto) -> None:
+    out = rkmqtt("check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[ok  ] broker: mqtt://127.0.0.1:" in out.stdout
+    assert "[ok  ] engine:" in out.stdout and "all good" in out.stdout
+    mosquitto.kill()
+    out = rkmqtt("check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine")
+    assert out.returncode == 1 and "[FAIL] broker: cannot reach" in out.stdout
+
+
+def test_health_follows_the_service(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], tmp_path: Path
+) -> None:
+    health = tmp_path / "health.json"
+    assert rkmqtt("health", "--health-file", str(health)).returncode == 1  # no file yet
+    svc = start_bridge(FakeEngine(), health_file=str(health))
+    deadline = time.monotonic() + 10
+    while not health.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    out = rkmqtt("health", "--health-file", str(health))
+    assert out.returncode == 0, out.stderr
+    mosquitto.kill()
+    time.sleep(2.5)
+    out = rkmqtt("health", "--health-file", str(health))
+    assert out.returncode == 1 and "not connected" in out.stderr
+    svc.stop(grace_s=0)

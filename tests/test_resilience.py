@@ -1,0 +1,179 @@
+"""Broker outages, scale-out with shared subscriptions, and shutdown on SIGTERM — with real
+Mosquitto processes and, for shutdown, `rkmqtt run` as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from rkmqtt.broker import Mosquitto
+from rkmqtt.service import Service
+from tests.conftest import bridge_settings
+from tests.fake_engine import FakeEngine
+from tests.mqtt_probe import Probe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_broker_killed_mid_generation_and_restarted(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    engine = FakeEngine(n_batch=4, step_s=0.05)
+    svc = start_bridge(engine, rate_limit=0)
+    # The device keeps a persistent session, as a real device that must not miss its reply does.
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+"], client_id="device-1", persistent=True)
+    try:
+        for i in range(3):
+            probe.publish(f"{prefix}/request/dev", {"id": f"r{i}", "prompt": "tokens:60", "stream": False})
+        deadline = time.monotonic() + 10
+        while engine.active() < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.active() == 3
+        time.sleep(0.3)
+        mosquitto.kill()
+        assert svc.bridge is not None
+        deadline = time.monotonic() + 5
+        while svc.bridge.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not svc.bridge.connected
+        time.sleep(1.5)  # generation goes on without a broker
+        mosquitto.start()
+        assert svc.bridge.wait_connected(30), "the bridge did not reconnect by itself"
+        assert probe.wait_connected(30)
+        for i in range(3):
+            reply = probe.final(f"{prefix}/reply/dev/r{i}", timeout=30)
+            assert reply["status"] == "ok" and reply["text"] == "".join(f"t{k} " for k in range(60))
+        # Status and info were republished on reconnect, and new requests are served.
+        probe2 = Probe(mosquitto.url, [f"{prefix}/status", f"{prefix}/reply/#"])
+        try:
+            assert probe2.wait_for(lambda m: m.topic == f"{prefix}/status")[0].payload == b"online"
+            probe2.publish(f"{prefix}/request/dev", {"id": "after", "prompt": "back again"})
+            assert probe2.final(f"{prefix}/reply/dev/after")["text"] == "back again "
+        finally:
+            probe2.close()
+        assert svc.bridge.connects >= 2
+    finally:
+        probe.close()
+
+
+def test_two_bridges_share_one_broker(mosquitto: Mosquitto, prefix: str) -> None:
+    engines = [FakeEngine(n_batch=2, step_s=0.01), FakeEngine(n_batch=2, step_s=0.01)]
+    services = []
+    for i, eng in enumerate(engines):
+        svc = Service(bridge_settings(mosquitto.url, prefix, shared_group="llm", rate_limit=0, client_id=f"b{i}"),
+                      engine=eng)  # fmt: skip
+        svc.start()
+        assert svc.bridge is not None and svc.bridge.wait_connected(10)
+        services.append(svc)
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+"])
+    try:
+        time.sleep(0.3)
+        for n in range(50):
+            probe.publish(f"{prefix}/request/dev{n % 5}", {"id": f"q{n}", "prompt": f"tokens:{3 + n % 4}"})
+        finals = probe.wait_for(lambda m: True, count=50, timeout=60)
+        time.sleep(0.5)  # any duplicate would arrive by now
+        topics = Counter(m.topic for m in probe.messages)
+        assert len(topics) == 50 and set(topics.values()) == {1}, topics.most_common(3)
+        assert all(m.json()["status"] == "ok" for m in finals)
+        served = [sum(len(b) for b in e.batches) for e in engines]
+        assert sum(served) == 50 and min(served) > 0, served
+    finally:
+        probe.close()
+        for svc in services:
+            svc.stop(grace_s=1)
+
+
+def _run_bridge_process(url: str, prefix: str, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RKMQTT_LOG_LEVEL": "INFO"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rkmqtt", "run", "--broker", url, "--topic-prefix", prefix,
+         "--engine", "tests.fake_engine:FakeEngine", "--no-discovery", "--rate-limit", "0", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mosquitto, prefix: str) -> None:
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/status"])
+    proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20")
+    try:
+        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", timeout=30)
+        # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), four wait.
+        for n in range(8):
+            probe.publish(f"{prefix}/request/dev{n}", {"id": "x", "prompt": "tokens:150", "stream": False})
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        finals = {m.topic.split("/")[2]: m.json() for m in probe.wait_for(lambda m: "/reply/" in m.topic, count=8)}
+        ok = sorted(k for k, v in finals.items() if v["status"] == "ok")
+        down = sorted(k for k, v in finals.items() if v["status"] == "error")
+        assert len(ok) == 4 and all(finals[k]["finish_reason"] == "stop" for k in ok), finals
+        assert len(down) == 4 and all(finals[k]["error"]["code"] == "shutting_down" for k in down)
+        assert probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"offline", timeout=10)
+        assert "SIGTERM received" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        probe.close()
+
+
+def test_sigterm_grace_period_cuts_long_requests(mosquitto: Mosquitto, prefix: str) -> None:
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/status"])
+    proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "0.5")
+    try:
+        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", timeout=30)
+        probe.publish(f"{prefix}/request/dev", {"id": "long", "prompt": "tokens:100000", "max_new_tokens": 1000})
+        probe.wait_for(lambda m: m.topic.endswith("/stream"), timeout=10)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert time.monotonic() - t0 < 10
+        assert probe.final(f"{prefix}/reply/dev/long")["error"]["code"] == "shutting_down"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        probe.close()
+
+
+def test_embedded_broker_when_none_is_configured(tmp_path: Path) -> None:
+    """`rkmqtt run` with no broker starts a private Mosquitto. Port 1883 is taken on this machine
+    by the system broker, so the test runs the bridge in a network namespace of its own where
+    localhost:1883 is free — or, without the rights for that, checks the decision logic directly."""
+    from rkmqtt.settings import load_settings
+
+    svc = Service(load_settings({"topic_prefix": "emb", "discovery": False}), engine=FakeEngine())
+    svc._ensure_broker()
+    if svc.embedded is None:
+        # Something answers on localhost:1883 (the machine's own broker): it is used, not replaced.
+        assert svc.settings.broker == "mqtt://127.0.0.1:1883"
+    else:
+        assert svc.embedded.port == 1883
+        svc.embedded.close()
+    ns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--net", "--map-root-user"]
+    unshare = subprocess.run([*ns, "true"], capture_output=True)
+    assert unshare.returncode == 0, "network namespaces are needed for this test: " + unshare.stderr.decode()
+    script = (
+        "ip link set lo up; "
+        f"{sys.executable} -m rkmqtt run --engine tests.fake_engine:FakeEngine --no-discovery "
+        "--topic-prefix emb > log.txt 2>&1 & pid=$!; "
+        "for i in $(seq 1 100); do "
+        "mosquitto_sub -p 1883 -t emb/status -C 1 -W 1 2>/dev/null | grep -q online && break; "
+        "sleep 0.1; done; "
+        'mosquitto_rr -p 1883 -t emb/request/cli -e emb/reply/cli/one -m \'{"id":"one","prompt":"hi there"}\' -W 10; '
+        "kill -TERM $pid; wait $pid; echo exit=$?; "
+        "sleep 0.2; (echo > /dev/tcp/127.0.0.1/1883) 2>/dev/null && echo broker-still-up || echo broker-gone"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([*ns, "bash", "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=90)  # fmt: skip
+    log = (tmp_path / "log.txt").read_text()
+    assert '"text":"hi there "' in out.stdout, out.stdout + out.stderr + log
+    assert "exit=0" in out.stdout and "broker-gone" in out.stdout, out.stdout + log
+    assert "started a private Mosquitto" in log
