@@ -46,7 +46,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 rkmqtt \
     && useradd --system --uid 10001 --gid rkmqtt --home-dir /var/lib/rkmqtt --create-home \
        --shell /usr/sbin/nologin rkmqtt \
-    && mkdir -p /run/rkmqtt /models \
+    && mkdir -p /run/rkmqtt \
     && chown rkmqtt:rkmqtt /run/rkmqtt
 
 COPY --from=build /wheels /wheels
