@@ -330,6 +330,7 @@ struct Runtime {
     float last_top_p, last_temperature, last_repeat_penalty;
     int last_keep_history;
     char last_roles[MAX_BATCH * 8 + 8];
+    char last_prompt_bytes[MAX_BATCH * 12 + 8];
 };
 
 static pthread_mutex_t global_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -809,12 +810,15 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     if (run->tb > 32) run->tb = 32;
     rt->last_keep_history = infer->keep_history;
     rt->last_roles[0] = '\0';
+    rt->last_prompt_bytes[0] = '\0';
     int pending_fail = 0;
     for (int i = 0; i < run->n; i++) {
         Slot *s = &run->slots[i];
         const char *p = input[i].prompt_input;
         strncat(rt->last_roles, input[i].role ? input[i].role : "NULL", 5);
         if (i + 1 < run->n) strcat(rt->last_roles, ",");
+        snprintf(rt->last_prompt_bytes + strlen(rt->last_prompt_bytes), 12, i + 1 < run->n ? "%zu," : "%zu",
+                 strlen(p));
         s->prompt = strdup(p);
         s->len = strlen(p) + 1;
         s->prompt_tokens = prompt_tokens_of(rt, p);
@@ -946,9 +950,9 @@ size_t rkllm_standin_describe(char *buf, size_t len) {
         D("template_system=%s\ntemplate_prefix=%s\ntemplate_postfix=%s\n", rt->tmpl[0] ? rt->tmpl[0] : "(none)",
           rt->tmpl[1] ? rt->tmpl[1] : "(none)", rt->tmpl[2] ? rt->tmpl[2] : "(none)");
         D("last_infer_max_new_tokens=%d\nlast_sampling_given=%d\nlast_top_k=%d\nlast_top_p=%g\nlast_temperature=%g\n"
-          "last_repeat_penalty=%g\nlast_keep_history=%d\nlast_roles=%s\n",
+          "last_repeat_penalty=%g\nlast_keep_history=%d\nlast_roles=%s\nlast_prompt_bytes=%s\n",
           rt->last_infer_max_new_tokens, rt->last_sampling_given, rt->last_top_k, rt->last_top_p, rt->last_temperature,
-          rt->last_repeat_penalty, rt->last_keep_history, rt->last_roles);
+          rt->last_repeat_penalty, rt->last_keep_history, rt->last_roles, rt->last_prompt_bytes);
     }
 #undef D
     pthread_mutex_unlock(&global_mu);

@@ -1,0 +1,192 @@
+"""Helpers for the RKLLM engine tests: the stand-in runtime compiled once per session, settings,
+requests, a loop that drives an engine to the end of its requests, and a Python reference of
+the stand-in's deterministic output (see tests/standin/rkllm_standin.c).
+
+Import the fixtures into a test module: `from tests.rkllm_fixtures import standin_fixture, standin_env_fixture`
+(they are registered under the names `standin` and `standin_env`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rkmqtt.engines.base import (
+    ChatMessage,
+    Engine,
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from rkmqtt.engines.rkllm.engine import RkllmEngine
+from rkmqtt.settings import Settings
+from tests.standin.build import build_standin
+
+ABIS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class Standin:
+    """Stand-in libraries built for this session, and a model file for them to open."""
+
+    libs: dict[str, Path]  # "1.2" -> 1.2.3, "1.3" -> 1.3.0
+    model: Path
+    build_dir: Path
+
+    def lib(self, abi: str) -> Path:
+        return self.libs[abi]
+
+
+@pytest.fixture(scope="session", name="standin")
+def standin_fixture(tmp_path_factory: pytest.TempPathFactory) -> Standin:
+    d = tmp_path_factory.mktemp("rkllm-standin")
+    libs = {abi: build_standin(abi, d / f"abi{abi}" / "librkllmrt.so") for abi in ABIS}
+    model = d / "qwen2.5-1.5b-w8a8.rkllm"
+    model.write_bytes(b"stand-in model file\n")
+    return Standin(libs=libs, model=model, build_dir=d)
+
+
+@pytest.fixture(name="standin_env")
+def standin_env_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No sleeping in the stand-in, default token size, no injected init failure."""
+    monkeypatch.setenv("RKLLM_STANDIN_ZERO_DELAY", "1")
+    for name in ("RKLLM_STANDIN_INIT_FAIL", "RKLLM_STANDIN_TOKEN_BYTES", "RKLLM_STANDIN_DECODE_MS",
+                 "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", "RKLLM_STANDIN_BATCH_ALPHA"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+
+
+def make_settings(standin: Standin, abi: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "engine": "rkllm",
+        "model": str(standin.model),
+        "rkllm_library": str(standin.lib(abi)),
+        "n_batch": 4,
+        "max_new_tokens": 1024,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def make_engine(standin: Standin, abi: str, **overrides: Any) -> RkllmEngine:
+    engine = RkllmEngine(make_settings(standin, abi, **overrides), backoff_s=0.01, backoff_max_s=0.05)
+    engine.load()
+    return engine
+
+
+def request(
+    key: str,
+    prompt: str | None = None,
+    *,
+    max_new_tokens: int = 256,
+    messages: tuple[ChatMessage, ...] | None = None,
+    sampling: SamplingParams | None = None,
+    sampling_requested: bool = False,
+) -> GenerationRequest:
+    return GenerationRequest(
+        key=key,
+        messages=messages if messages is not None else (ChatMessage("user", prompt or key),),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or SamplingParams(),
+        sampling_requested=sampling_requested,
+    )
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    token_events: int = 0
+    tokens: int = 0
+    final: FinishEvent | ErrorEvent | None = None
+    after_final: list[Any] = field(default_factory=list)  # events after the final one (must stay empty)
+
+
+def drive(
+    engine: Engine, keys: list[str], timeout: float = 10.0, cancel: dict[str, int] | None = None
+) -> dict[str, Outcome]:
+    """Poll until every key has its final event, then until the engine is idle again.
+
+    `cancel` maps a key to the number of TokenEvents after which it is cancelled.
+    """
+    out = {k: Outcome() for k in keys}
+    cancel = dict(cancel or {})
+    cancelled: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in engine.poll(0.05):
+            o = out[ev.key]
+            if o.final is not None or ev.key in cancelled:
+                o.after_final.append(ev)
+                continue
+            if isinstance(ev, TokenEvent):
+                o.text += ev.text
+                o.tokens += ev.tokens
+                o.token_events += 1
+                if ev.key in cancel and o.token_events >= cancel[ev.key]:
+                    engine.cancel(ev.key)
+                    cancelled.add(ev.key)
+            else:
+                o.final = ev
+        if all(out[k].final is not None or k in cancelled for k in keys) and engine.free_slots() > 0:
+            return out
+    raise AssertionError(f"engine did not finish in {timeout} s: {out}")
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> list[Any]:
+    events: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while engine.free_slots() == 0:
+        assert time.monotonic() < deadline, "engine did not become idle"
+        events += engine.poll(0.05)
+    return events
+
+
+def describe(lib: Path) -> dict[str, str]:
+    """The stand-in's own account of its last init and run (extra symbol rkllm_standin_describe)."""
+    cdll = ctypes.CDLL(str(lib))
+    fn = cdll.rkllm_standin_describe
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    buf = ctypes.create_string_buffer(1 << 16)
+    fn(buf, len(buf))
+    lines = buf.value.decode().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+# ---- a Python reference of the stand-in's output -------------------------------------------------
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def _stream(prompt: bytes, n: int) -> bytes:
+    period = prompt + b" "
+    return (period * (n // len(period) + 2))[:n]
+
+
+def natural_length(prompt: str, token_bytes: int = 3) -> int:
+    """Tokens the stand-in produces for `prompt` before its EOS (no max_new_tokens cut)."""
+    data = prompt.encode()
+    m = re.search(rb"@len=(-?\d+)", data)
+    n = int(m.group(1)) if m else 8 + _fnv1a(data) % 25
+    while n > 0 and (_stream(data, n * token_bytes + 1)[-1] & 0xC0) == 0x80:
+        n += 1
+    return n
+
+
+def expected_text(prompt: str, tokens: int, token_bytes: int = 3) -> str:
+    """The text of the stand-in's first `tokens` tokens for `prompt` (a cut may end in U+FFFD)."""
+    return _stream(prompt.encode(), tokens * token_bytes).decode("utf-8", errors="replace")
