@@ -5,13 +5,18 @@ state topic it names, and keeps the same ids across a restart."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
+import paho.mqtt.client as mqtt
 import pytest
+import yaml
 
 from rkmqtt import homeassistant as ha
 from rkmqtt.broker import Mosquitto
@@ -153,9 +158,7 @@ def test_templates_read_real_stats_and_info() -> None:
     assert render(cmps["active"]["value_template"], stats) == "2"
     assert render(cmps["tokens_per_s"]["value_template"], stats) == "31.4"
     assert render(cmps["requests_answered"]["value_template"], stats) == "8"
-    assert json.loads(render(cmps["requests_answered"]["json_attributes_template"], stats)) == {
-        "requests_total": 10
-    }
+    assert json.loads(render(cmps["requests_answered"]["json_attributes_template"], stats)) == {"requests_total": 10}
     assert render(cmps["errors"]["value_template"], stats) == "2"
     assert json.loads(render(cmps["errors"]["json_attributes_template"], stats)) == {"busy": 1, "too_long": 1}
     assert render(cmps["model"]["value_template"], info) == "Qwen2.5-1.5B-Instruct_W8A8_RK3588"
@@ -288,12 +291,13 @@ def test_bridge_publishes_discovery_and_every_state_topic(
     # The dashboard's text entity: its plain-text command is answered on P/reply/homeassistant/<id>,
     # and the answer reaches the Last reply sensor.
     late.publish(cmps["prompt"]["command_topic"], "ping pong", qos=1)
-    reply = late.wait_for(lambda m: m.topic.startswith(f"{prefix}/reply/{ha.HA_CLIENT}/")
-                          and not m.topic.endswith("/stream"))[0].json()
-    assert reply["status"] == "ok" and reply["text"].strip() == "ping pong"
-    stats = late.wait_for(
-        lambda m: m.topic == f"{prefix}/stats" and m.json().get("last_reply") is not None, 20
+    reply = late.wait_for(
+        lambda m: m.topic.startswith(f"{prefix}/reply/{ha.HA_CLIENT}/") and not m.topic.endswith("/stream")
     )[0].json()
+    assert reply["status"] == "ok" and reply["text"].strip() == "ping pong"
+    stats = late.wait_for(lambda m: m.topic == f"{prefix}/stats" and m.json().get("last_reply") is not None, 20)[
+        0
+    ].json()
     # (Home Assistant strips a rendered state, as render() does.)
     assert render(cmps["last_reply"]["value_template"], stats) == reply["text"][:255].strip()
 
@@ -326,3 +330,157 @@ def test_same_ids_after_a_restart(
     ids = lambda doc: {k: (c["unique_id"], c["default_entity_id"]) for k, c in doc["cmps"].items()}  # noqa: E731
     assert ids(after) == ids(before)
     assert after["dev"]["ids"] == before["dev"]["ids"]
+
+
+# -- the automation examples in docs/homeassistant/ ------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "homeassistant"
+_HA_JINJA = jinja2.Environment(undefined=jinja2.ChainableUndefined)
+
+
+def ha_render(template: Any, variables: dict[str, Any]) -> Any:
+    """Render like Home Assistant: templates in strings, nested in lists and mappings, and a
+    result that reads as a Python literal becomes that value (its "native types")."""
+    if isinstance(template, dict):
+        return {k: ha_render(v, variables) for k, v in template.items()}
+    if isinstance(template, list):
+        return [ha_render(v, variables) for v in template]
+    if not isinstance(template, str):
+        return template
+    text = _HA_JINJA.from_string(template).render(now=datetime.now, **variables).strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def render_variables(block: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+    out = dict(variables)
+    for name, template in block.items():  # in order: later ones see earlier ones
+        out[name] = ha_render(template, out)
+    return out
+
+
+def load_example(name: str) -> Any:
+    return yaml.safe_load((EXAMPLES / name).read_text())
+
+
+def step_of(sequence: list[dict[str, Any]], key: str, value: Any = None) -> int:
+    return next(i for i, s in enumerate(sequence) if key in s and (value is None or s[key] == value))
+
+
+def script_request(prompt: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Run rkmqtt_ask's steps up to the wait: (variables, request topic, request payload)."""
+    scripts = load_example("scripts.yaml")
+    ask, send = scripts["rkmqtt_ask"], scripts["rkmqtt_send"]
+    seq = ask["sequence"]
+    variables = render_variables(seq[0]["variables"], {"prompt": prompt})
+    turn_on = seq[step_of(seq, "action", "script.turn_on")]
+    assert turn_on["target"]["entity_id"] == "script.rkmqtt_send"
+    sent = ha_render(turn_on["data"]["variables"], variables)
+    publish = send["sequence"][step_of(send["sequence"], "action", "mqtt.publish")]
+    topic = ha_render(publish["data"]["topic"], sent)
+    payload = publish["data"]["payload"]
+    raw = _HA_JINJA.from_string(payload).render(**sent)  # mqtt.publish sends the text as it renders
+    return variables, topic, json.loads(raw)
+
+
+def test_script_publishes_a_valid_request_with_id_and_reply_to() -> None:
+    variables, topic, payload = script_request('Say "hi" & <go>\nnow')
+    topics = Topics("rkmqtt")
+    client = topics.client_of(topic, "request")
+    assert client is not None and ha.HA_CLIENT != client
+    req = parse_request_payload(json.dumps(payload).encode())
+    assert req.prompt == 'Say "hi" & <go>\nnow'
+    assert req.id is not None and req.reply_to is not None, "Home Assistant cannot set MQTT 5 properties"
+    assert req.stream is False
+    # The bridge accepts that reply topic, and it is where it would answer anyway.
+    assert topics.is_allowed_reply_topic(req.reply_to)
+    assert req.reply_to == topics.reply(client, req.id) == variables["reply_topic"]
+    # Two runs do not share an id.
+    assert script_request("x")[2]["id"] != script_request("x")[2]["id"]
+
+
+def test_script_waits_before_it_publishes() -> None:
+    scripts = load_example("scripts.yaml")
+    seq = scripts["rkmqtt_ask"]["sequence"]
+    assert scripts["rkmqtt_ask"]["mode"] == "parallel" and scripts["rkmqtt_send"]["mode"] == "parallel"
+    # No mqtt.publish in the asking script itself: it starts the sender (which does not block) and
+    # only then waits; the sender publishes after a delay, once the reply topic is subscribed.
+    assert all(s.get("action") != "mqtt.publish" for s in seq)
+    i_send, i_wait = step_of(seq, "action", "script.turn_on"), step_of(seq, "wait_for_trigger")
+    assert i_send == i_wait - 1
+    send = scripts["rkmqtt_send"]["sequence"]
+    assert step_of(send, "delay") < step_of(send, "action", "mqtt.publish")
+    assert send[step_of(send, "delay")]["delay"]["seconds"] >= 1
+    variables, _, payload = script_request("hello")
+    [trigger] = seq[i_wait]["wait_for_trigger"]
+    assert trigger["trigger"] == "mqtt"
+    assert ha_render(trigger["topic"], variables) == payload["reply_to"]
+    assert seq[i_wait]["timeout"] and seq[i_wait]["continue_on_timeout"] is True
+    assert seq[-1]["stop"] and seq[-1]["response_variable"] == "answer"
+
+
+def ask_answer(wait: dict[str, Any]) -> Any:
+    seq = load_example("scripts.yaml")["rkmqtt_ask"]["sequence"]
+    block = next(s["variables"] for s in seq if "variables" in s and "answer" in s["variables"])
+    return render_variables(block, {"wait": wait})["answer"]
+
+
+def test_script_answer_from_ok_error_and_timeout() -> None:
+    ok = {"id": "a", "status": "ok", "text": "Paris.", "finish_reason": "stop"}
+    assert ask_answer({"trigger": {"payload_json": ok}}) == {"status": "ok", "text": "Paris.", "error": None}
+    err = {"id": "a", "status": "error", "error": {"code": "busy", "message": "queue full"}}
+    assert ask_answer({"trigger": {"payload_json": err}}) == {
+        "status": "error", "text": "", "error": {"code": "busy", "message": "queue full"}
+    }
+    timed_out = ask_answer({"trigger": None})
+    assert timed_out["status"] == "error" and timed_out["error"]["code"] == "timeout"
+
+
+def test_assist_automation_answers_with_the_reply() -> None:
+    automations = load_example("automations.yaml")
+    assist = next(a for a in automations if a["triggers"][0]["trigger"] == "conversation")
+    assert all("{question}" in c for c in assist["triggers"][0]["command"])
+    call = assist["actions"][0]
+    assert call["action"] == "script.rkmqtt_ask" and call["response_variable"] == "answer"
+    assert ha_render(call["data"]["prompt"], {"trigger": {"slots": {"question": "why is the sky blue"}}}) == (
+        "why is the sky blue"
+    )
+    respond = assist["actions"][1]["set_conversation_response"]
+    ok = {"answer": {"status": "ok", "text": "Rayleigh scattering.", "error": None}}
+    assert ha_render(respond, ok) == "Rayleigh scattering."
+    err = {"answer": {"status": "error", "text": "", "error": {"code": "busy", "message": "queue full"}}}
+    assert "queue full" in ha_render(respond, err)
+
+
+def test_dashboard_reply_automation_is_always_subscribed_to_the_text_entitys_replies() -> None:
+    automations = load_example("automations.yaml")
+    auto = next(a for a in automations if a["triggers"][0]["trigger"] == "mqtt")
+    sub = auto["triggers"][0]["topic"]
+    topics = Topics("rkmqtt")
+    cmd = payload_of(load_settings({}), make_info())["cmps"]["prompt"]["command_topic"]
+    client = topics.client_of(cmd, "request")
+    assert client == ha.HA_CLIENT
+    reply = topics.reply(client, "d41d8cd98f00b204")
+    assert mqtt.topic_matches_sub(sub, reply)
+    assert not mqtt.topic_matches_sub(sub, Topics.stream_of(reply))
+    assert not mqtt.topic_matches_sub(sub, topics.reply("ha_script", "x")), "the script's replies are its own"
+    message = auto["actions"][0]["data"]["message"]
+    assert ha_render(message, {"trigger": {"payload_json": {"status": "ok", "text": "42"}}}) == 42
+    err = {"status": "error", "error": {"code": "too_long", "message": "prompt too long"}}
+    assert ha_render(message, {"trigger": {"payload_json": err}}) == "too_long: prompt too long"
+
+
+def test_script_against_a_real_bridge(
+    start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """What Home Assistant would do with the script, step by step, on a real broker and bridge."""
+    start_bridge(FakeEngine(step_s=0.005), topic_prefix="rkmqtt")
+    variables, topic, payload = script_request("the quick brown fox")
+    waiter = probe_factory([variables["reply_topic"]])  # wait_for_trigger subscribes first
+    waiter.publish(topic, json.dumps(payload), qos=1)  # then rkmqtt_send publishes
+    [msg] = waiter.wait_for(lambda m: m.topic == variables["reply_topic"], 20)
+    answer = ask_answer({"trigger": {"payload_json": msg.json()}})
+    assert answer["status"] == "ok" and answer["text"].strip() == "the quick brown fox"
+    assert waiter.on(Topics.stream_of(variables["reply_topic"])) == [], "stream: false"
