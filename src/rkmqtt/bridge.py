@@ -63,6 +63,7 @@ class Bridge:
         self.address: BrokerAddress = settings.broker_url
         self.mqtt5 = settings.mqtt_version == "5"
         self._accepting = True
+        self._stopping = False
         self._connected = threading.Event()
         self.connects = 0
         self.client = self._make_client()
@@ -123,6 +124,7 @@ class Bridge:
     def stop(self, flush_timeout: float = 10.0) -> None:
         """Flush replies, publish `offline`, disconnect."""
         self.outbox.wait_empty(flush_timeout)
+        self._stopping = True
         self.publisher.stop()
         if self.connected:
             info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
@@ -193,7 +195,7 @@ class Bridge:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and not self._stopping:
             _LOGGER.warning("disconnected from %s (%s); reconnecting", self.address, reason)
         if int(getattr(reason, "value", 0)) in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()

@@ -69,10 +69,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | N
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     flags = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
-    try:
-        from rkmqtt.addon import addon_layers
-    except ImportError:  # until the add-on module lands
-        return load_settings(flags, config_file=args.config)
+    from rkmqtt.addon import addon_layers
+
     return load_settings(flags, config_file=args.config, file_layers=addon_layers())
 
 
@@ -138,9 +136,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         setup_logging(settings.log_level, getattr(args, "debug", False))
         if args.command == "run":
+            from rkmqtt.addon import credentials_provider, is_addon, with_supervisor_broker
             from rkmqtt.service import Service
 
-            return Service(settings).run_forever()
+            provider = None
+            if is_addon() and settings.broker is None:
+                # As a Home Assistant add-on with no broker set: the Supervisor's, refreshed on rejection.
+                settings = with_supervisor_broker(settings)
+                provider = credentials_provider()
+            return Service(settings, credentials_provider=provider).run_forever()
         if args.command == "ask":
             from rkmqtt.ask import ask
 
