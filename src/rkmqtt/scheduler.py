@@ -203,6 +203,8 @@ class Scheduler:
         if self._running:
             return 0.0
         if len(self._waiting):
+            if self.engine.free_slots() == 0:
+                return 0.005  # a static engine still winding down its batch: don't spin
             oldest = self._waiting.oldest_arrival() or now
             return max(0.0, min(_IDLE_WAIT_S, oldest + self.config.batch_window_s - now))
         return min(_IDLE_WAIT_S, max(0.01, self._last_stats + self.config.stats_interval_s - now))
