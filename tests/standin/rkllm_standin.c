@@ -52,6 +52,9 @@
  * Layout checks: rkllm_init and rkllm_run verify that the structs they receive look sane (n_batch
  * 1..8, a readable model path, sampling figures in range, reserved bytes zero, input types, ...)
  * and fail with -1 and a line on stderr otherwise, so a binding with a wrong layout is caught.
+ * rkllm_init also checks, through /proc/self/maps, that the callback argument is code (1.2) or an
+ * RKLLMCallback whose result_callback is code (1.3): the clearest tell of a binding of the other
+ * ABI, whose by-value RKLLMParam is also the wrong size (the facts document's warning).
  *
  * Extra symbols (not in the real runtime): rkllm_standin_layout() writes "name size align" and
  * "struct.field offset size" lines measured with sizeof/offsetof; rkllm_standin_describe() writes
@@ -376,6 +379,28 @@ static bool str_ok(const char *s, size_t max) {
     return s != NULL && strnlen(s, max) < max;
 }
 
+/* Whether `p` lies in an executable mapping of this process (a function, or a libffi closure). A
+ * binding of the other ABI passes an RKLLMCallback* (data) where 1.2 takes a function pointer, or
+ * the reverse; this tells them apart. */
+static bool is_executable(const void *p) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return true; /* cannot tell: do not fail */
+    char line[512];
+    bool found = false, exec = false;
+    uintptr_t a = (uintptr_t)p;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3 && a >= lo && a < hi) {
+            found = true;
+            exec = perms[2] == 'x';
+            break;
+        }
+    }
+    fclose(f);
+    return found && exec;
+}
+
 /* ---- layout report (extra symbol) ------------------------------------------------------- */
 
 #define LAY_S(T) n += snprintf(buf + n, n < len ? len - n : 0, "%s %zu %zu\n", #T, sizeof(T), _Alignof(T))
@@ -544,10 +569,16 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
     if (!handle || !param || !callback) { logf_("init: NULL argument"); return -1; }
     *handle = NULL;
     if (fail) { logf_("init: failing on demand"); return -1; }
-    if (check_param(param) != 0) return -1;
 #ifdef RKLLM_ABI_13
-    if (!callback->result_callback) { logf_("init: RKLLMCallback.result_callback is NULL"); return -1; }
+    if (is_executable(callback)) {
+        logf_("init: the third argument points to code, not to an RKLLMCallback (a 1.2.x binding?)"); return -1; }
+    if (!callback->result_callback || !is_executable((const void *)callback->result_callback)) {
+        logf_("init: RKLLMCallback.result_callback is NULL or not code"); return -1; }
+#else
+    if (!is_executable((const void *)callback)) {
+        logf_("init: the result callback is not code (an RKLLMCallback* from a 1.3.0 binding?)"); return -1; }
 #endif
+    if (check_param(param) != 0) return -1;
     Runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return -1;
     rt->magic = HANDLE_MAGIC;

@@ -199,7 +199,11 @@ class RkllmEngine(Engine):
                 if batch is not None and batch.id == item.batch_id:
                     self._abort(batch)
             elif isinstance(item, BatchEnded):
-                pass  # wakes the scheduler: the engine is idle again
+                # Every event of the batch came before this marker: the engine is idle from here.
+                batch = self._running
+                if batch is not None and batch.id == item.batch_id:
+                    self._running = None
+                    self._cancelled.difference_update(batch.by_key)
             elif item.key not in self._cancelled:
                 out.append(item)
             try:
@@ -222,8 +226,11 @@ class RkllmEngine(Engine):
             self._abort(batch)
         if worker is not None:
             worker.join(timeout=60)
-        if self._running is None:
-            self._destroy_handle()
+            if worker.is_alive():
+                _LOGGER.error("rkllm_run did not return within 60 s of rkllm_abort; not destroying the handle")
+                return
+        self._running = None
+        self._destroy_handle()
 
     # ---- internals -----------------------------------------------------------------------------
 
@@ -313,7 +320,7 @@ class RkllmEngine(Engine):
         """The C result callback (runtime thread): hand the results to the running batch."""
         try:
             batch = self._running
-            if batch is None or (userdata is not None and userdata != batch.id):
+            if batch is None or batch.returned or (userdata is not None and userdata != batch.id):
                 return 0
             return batch.on_result(result, state)
         except BaseException:  # never into C
@@ -330,8 +337,7 @@ class RkllmEngine(Engine):
         if failure is not None:
             _LOGGER.error("RKLLM batch %d failed: %s; re-initialising the runtime", batch.id, failure)
             self._recover()
-        self._running = None
-        self._events.put(BatchEnded(batch.id))
+        self._events.put(BatchEnded(batch.id))  # poll() makes the engine idle when it drains this
 
     def _recover(self) -> None:
         """Worker thread: destroy the handle and rkllm_init again with backoff until it works."""
