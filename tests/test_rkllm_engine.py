@@ -41,7 +41,6 @@ def test_every_slot_gets_its_own_text(standin: Standin, abi: str, n_batch: int) 
         try:
             reqs = [request(f"r{i}", slot_prompt(i)) for i in range(n_batch)]
             engine.submit(reqs)
-            assert engine.free_slots() == 0
             out = drive(engine, [r.key for r in reqs])
             for i, r in enumerate(reqs):
                 o = out[r.key]

@@ -62,6 +62,7 @@ class BatchEnded:
     """Internal marker: batch `batch_id`'s worker is done (the engine is idle again)."""
 
     batch_id: int
+    keys: tuple[str, ...]
 
 
 QueueItem = EngineEvent | AbortWanted | BatchEnded

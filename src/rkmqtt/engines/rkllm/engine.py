@@ -199,11 +199,8 @@ class RkllmEngine(Engine):
                 if batch is not None and batch.id == item.batch_id:
                     self._abort(batch)
             elif isinstance(item, BatchEnded):
-                # Every event of the batch came before this marker: the engine is idle from here.
-                batch = self._running
-                if batch is not None and batch.id == item.batch_id:
-                    self._running = None
-                    self._cancelled.difference_update(batch.by_key)
+                # Every event of that batch came before this marker: forget its cancelled keys.
+                self._cancelled.difference_update(item.keys)
             elif item.key not in self._cancelled:
                 out.append(item)
             try:
@@ -337,7 +334,11 @@ class RkllmEngine(Engine):
         if failure is not None:
             _LOGGER.error("RKLLM batch %d failed: %s; re-initialising the runtime", batch.id, failure)
             self._recover()
-        self._events.put(BatchEnded(batch.id))  # poll() makes the engine idle when it drains this
+        # Idle from here: every event of the batch is already queued, so a scheduler that submits the
+        # next batch before draining them still sees them first. (The bridge's scheduler stops polling
+        # once its jobs are answered, so the engine must become free without a poll.)
+        self._running = None
+        self._events.put(BatchEnded(batch.id, tuple(batch.by_key)))
 
     def _recover(self) -> None:
         """Worker thread: destroy the handle and rkllm_init again with backoff until it works."""
