@@ -117,7 +117,9 @@ class GGUFFile:
         head_dim = int(self.get(f"{arch}.attention.key_length", dim // n_heads))
         rope_dim = int(self.get(f"{arch}.rope.dimension_count", head_dim))
         if rope_dim != head_dim:
-            raise EngineError(f"model {self.path}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
+            raise EngineError(
+                f"model {self.path}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"
+            )
         if n_heads % n_kv:
             raise EngineError(f"model {self.path}: {n_heads} attention heads do not divide into {n_kv} KV heads")
         scaling = str(self.get(f"{arch}.rope.scaling.type", "none"))

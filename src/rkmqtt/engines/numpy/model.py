@@ -67,7 +67,7 @@ def linear(x: F32, w: F32) -> F32:
 def rms_norm(x: F32, weight: F32, eps: float) -> F32:
     ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
     scale = (1.0 / np.sqrt(ms + np.float32(eps))).astype(np.float32)
-    out = x * scale[:, None]
+    out: F32 = x * scale[:, None]
     out *= weight
     return out
 
@@ -165,8 +165,9 @@ class Transformer:
         scores *= np.float32(1.0 / np.sqrt(cfg.head_dim))
         scores += dec.mask
         _softmax_inplace(scores)
-        out = scores @ vals  # (nb, kv, group, hd)
-        return out[dec.slots - lo].reshape(-1, cfg.n_heads, cfg.head_dim)
+        out: F32 = scores @ vals  # (nb, kv, group, hd)
+        picked: F32 = out[dec.slots - lo].reshape(-1, cfg.n_heads, cfg.head_dim)
+        return picked
 
     def _prefill_attention(self, li: int, seg: Segment, q: F32, k: F32, v: F32) -> F32:
         cfg = self.cfg
@@ -178,8 +179,9 @@ class Transformer:
         vc[:, seg.start : end] = v.transpose(1, 0, 2)
         group = cfg.n_heads // cfg.n_kv_heads
         # (t, kv, group, hd) -> (kv, group * t, hd): rows ordered by head in group, then token
-        qs = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3)
-        qs = qs.reshape(cfg.n_kv_heads, group * t, cfg.head_dim)
+        qs = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3).reshape(
+            cfg.n_kv_heads, group * t, cfg.head_dim
+        )
         scores = qs @ kc[:, :end].transpose(0, 2, 1)  # (kv, group * t, end)
         scores *= np.float32(1.0 / np.sqrt(cfg.head_dim))
         key_pos = np.arange(end)
@@ -187,9 +189,9 @@ class Transformer:
         mask = np.where(key_pos[None, :] <= query_pos[:, None], np.float32(0.0), np.float32(-np.inf))
         scores += np.tile(mask, (group, 1)).astype(np.float32)
         _softmax_inplace(scores)
-        out = scores @ vc[:, :end]  # (kv, group * t, hd)
-        out = out.reshape(cfg.n_kv_heads, group, t, cfg.head_dim).transpose(2, 0, 1, 3)
-        return out.reshape(t, cfg.n_heads, cfg.head_dim)
+        out: F32 = scores @ vc[:, :end]  # (kv, group * t, hd)
+        heads: F32 = out.reshape(cfg.n_kv_heads, group, t, cfg.head_dim).transpose(2, 0, 1, 3)
+        return heads.reshape(t, cfg.n_heads, cfg.head_dim)
 
 
 class _DecodeBatch:

@@ -71,14 +71,14 @@ def load_weights(file: GGUFFile, cfg: ModelConfig) -> ModelWeights:
     layers: list[LayerWeights] = []
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        wq, wk, wv = file.tensor(p + "attn_q.weight"), file.tensor(p + "attn_k.weight"), file.tensor(p + "attn_v.weight")
+        wq, wk, wv = (file.tensor(p + f"attn_{n}.weight") for n in "qkv")
         if reorder:
             wq, wk = unpermute_rows(wq, cfg.n_heads), unpermute_rows(wk, cfg.n_kv_heads)
         wqkv = np.ascontiguousarray(np.concatenate([wq, wk, wv], axis=0).T)
         del wq, wk, wv
         bqkv: F32 | None = None
         if file.has(p + "attn_q.bias"):
-            bq, bk, bv = file.tensor(p + "attn_q.bias"), file.tensor(p + "attn_k.bias"), file.tensor(p + "attn_v.bias")
+            bq, bk, bv = (file.tensor(p + f"attn_{n}.bias") for n in "qkv")
             if reorder:
                 bq, bk = unpermute_rows(bq, cfg.n_heads), unpermute_rows(bk, cfg.n_kv_heads)
             bqkv = np.concatenate([bq, bk, bv]).astype(np.float32)

@@ -1,0 +1,370 @@
+"""`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
+
+The scheduler thread owns the engine and makes every call; the engine starts no threads (numpy's
+BLAS may use its own inside a matrix product).
+
+One `poll()` is one step: every generating slot decodes one token, and a joining request's
+prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
+decoding, so a long prompt does not stall them; `idle_prefill_chunk` when nobody is). A request
+takes the lowest free slot at `submit`, joins at the next step and frees its slot the moment it
+ends or is cancelled.
+
+Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
+max_context // 4) <= max_context, that is when the whole answer fits or at least a quarter of the
+context is left for it; otherwise it is refused with `too_long` before it takes a slot. A
+generation that reaches max_context tokens in all (prompt + answer) ends with `length`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rkmqtt.engines.base import (
+    Capabilities,
+    Engine,
+    EngineEvent,
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    TokenEvent,
+)
+from rkmqtt.engines.numpy.chat import ChatTemplate
+from rkmqtt.engines.numpy.gguf_file import GGUFFile, ModelConfig, resolve_model_path
+from rkmqtt.engines.numpy.model import Segment, StepPlan, Transformer
+from rkmqtt.engines.numpy.sampling import REPEAT_WINDOW, Sampler
+from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
+from rkmqtt.engines.numpy.weights import load_weights
+from rkmqtt.errors import EngineError, RequestRejected
+from rkmqtt.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from rkmqtt.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 32
+IDLE_PREFILL_CHUNK = 256
+
+
+@dataclass
+class _Running:
+    key: str
+    slot: int
+    prompt: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    pending: int = -1  # the last sampled token, fed at the next step
+    held: int = 0  # tokens whose bytes are not yet whole characters
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    t_start: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+
+class NumpyEngine(Engine):
+    def __init__(
+        self,
+        model: str | None = None,
+        n_batch: int = 4,
+        max_context: int = 2048,
+        prefill_chunk: int = PREFILL_CHUNK,
+        idle_prefill_chunk: int = IDLE_PREFILL_CHUNK,
+    ) -> None:
+        if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
+            raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
+        self._model_setting = model
+        self._n_batch = n_batch
+        self._max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.idle_prefill_chunk = idle_prefill_chunk
+        self._path: Path | None = None
+        self._cfg: ModelConfig | None = None
+        self._tok: GGUFTokenizer | None = None
+        self._chat: ChatTemplate | None = None
+        self._model: Transformer | None = None
+        self._facts: dict[str, Any] = {}
+        self._prepared: dict[str, list[int]] = {}
+        self._running: dict[str, _Running] = {}
+        self._slots: list[str | None] = [None] * n_batch
+        self._join_order: list[str] = []
+        self.steps = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NumpyEngine:
+        return cls(model=settings.model, n_batch=settings.n_batch, max_context=settings.max_context)
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(name="numpy", continuous=True, max_batch=self._n_batch, per_request_sampling=True)
+
+    @property
+    def model_name(self) -> str:
+        if self._path is not None:
+            return self._path.stem
+        return Path(self._model_setting).stem if self._model_setting else "SmolLM2-135M-Instruct.Q4_1"
+
+    @property
+    def tokenizer(self) -> GGUFTokenizer:
+        if self._tok is None:
+            raise EngineError("numpy engine: load() has not been called")
+        return self._tok
+
+    @property
+    def transformer(self) -> Transformer:
+        if self._model is None:
+            raise EngineError("numpy engine: load() has not been called")
+        return self._model
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "engine": "numpy",
+            "model": self.model_name,
+            "n_batch": self._n_batch,
+            "max_context": self._max_context,
+            "numpy": np.__version__,
+        }
+        out.update(self._facts)
+        if self._model is not None:
+            out["kv_cache_bytes"] = self._model.kv_cache_bytes
+        try:
+            psutil = importlib.import_module("psutil")  # untyped: imported by name for strict mypy
+            out["rss_bytes"] = int(psutil.Process(os.getpid()).memory_info().rss)
+        except Exception:  # psutil missing or the platform refuses: leave the figure out
+            pass
+        return out
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        path = resolve_model_path(self._model_setting)
+        gguf = GGUFFile(path)
+        try:
+            cfg = gguf.config()
+            tok = GGUFTokenizer(gguf.metadata, str(path))
+            if tok.vocab_size != cfg.vocab_size:
+                raise EngineError(
+                    f"model {path}: the tokenizer has {tok.vocab_size} tokens but the model {cfg.vocab_size}"
+                )
+            bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+            chat = ChatTemplate(gguf.get("tokenizer.chat_template"), bos, eos)
+            weights = load_weights(gguf, cfg)
+            n_params = gguf.n_parameters()
+            types = sorted(set(gguf.tensor_types.values()))
+        finally:
+            gguf.close()
+        if self._max_context > cfg.context_length:
+            _LOGGER.warning(
+                "max_context %d is more than %s was trained for (%d); using %d",
+                self._max_context, path.name, cfg.context_length, cfg.context_length,
+            )
+            self._max_context = cfg.context_length
+        self._model = Transformer(cfg, weights, self._n_batch, self._max_context)
+        self._path, self._cfg, self._tok, self._chat = path, cfg, tok, chat
+        self._facts = {
+            "model_path": str(path),
+            "model_title": cfg.name,
+            "architecture": cfg.architecture,
+            "parameters": n_params,
+            "file_type": cfg.file_type,
+            "tensor_types": types,
+            "layers": cfg.n_layers,
+            "embedding_length": cfg.dim,
+            "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads,
+            "vocab_size": cfg.vocab_size,
+            "weights_bytes": weights.nbytes,
+            "kv_cache_dtype": "float32",
+            "chat_template": "builtin ChatML" if chat.builtin else "from the model file",
+            "load_seconds": round(time.perf_counter() - t0, 2),
+        }
+        _LOGGER.info(
+            "numpy engine: %s (%s, %d parameters) loaded in %.1f s; %d slots of %d tokens",
+            path.name, cfg.architecture, n_params, time.perf_counter() - t0, self._n_batch, self._max_context,
+        )
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode_chat(self, req: GenerationRequest) -> list[int]:
+        """The prompt tokens of a request: its messages through the chat template."""
+        tok = self.tokenizer
+        if self._chat is None:
+            raise EngineError("numpy engine: load() has not been called")
+        try:
+            text = self._chat.render(req.messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, str(e)) from e
+        ids = tok.encode(text)
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)
+        return ids
+
+    def answer_room(self, max_new_tokens: int) -> int:
+        return max(1, min(max_new_tokens, self._max_context // 4))
+
+    def prepare(self, req: GenerationRequest) -> int | None:
+        ids = self.encode_chat(req)
+        room = self.answer_room(req.max_new_tokens)
+        if len(ids) + room > self._max_context:
+            raise RequestRejected(
+                ErrorCode.TOO_LONG,
+                f"the prompt is {len(ids)} tokens; with room for {room} answer tokens it needs "
+                f"{len(ids) + room}, more than the context of {self._max_context}",
+            )
+        self._prepared[req.key] = ids
+        return len(ids)
+
+    def free_slots(self) -> int:
+        return sum(1 for s in self._slots if s is None)
+
+    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
+        if len(reqs) > self.free_slots():
+            raise EngineError(f"numpy engine: {len(reqs)} requests submitted but {self.free_slots()} slots free")
+        for req in reqs:
+            if req.key in self._running:
+                raise EngineError(f"numpy engine: request {req.key!r} is already running")
+            ids = self._prepared.pop(req.key, None)
+            if ids is None:
+                self.prepare(req)
+                ids = self._prepared.pop(req.key)
+            slot = self._slots.index(None)
+            self._slots[slot] = req.key
+            self._running[req.key] = _Running(
+                key=req.key, slot=slot, prompt=ids, max_new_tokens=req.max_new_tokens, sampler=Sampler(req.sampling)
+            )
+            self._join_order.append(req.key)
+
+    def cancel(self, key: str) -> None:
+        self._prepared.pop(key, None)
+        self._release(key)
+
+    def close(self) -> None:
+        for key in list(self._running):
+            self._release(key)
+        self._prepared.clear()
+        self._model = None
+
+    def _release(self, key: str) -> None:
+        run = self._running.pop(key, None)
+        if run is not None:
+            self._slots[run.slot] = None
+            self._join_order.remove(key)
+
+    # -- the step -------------------------------------------------------------------------------
+    def poll(self, timeout: float) -> list[EngineEvent]:
+        if not self._running:
+            return []
+        try:
+            return self._step()
+        except Exception as e:  # a failed step fails the requests in it, not the bridge
+            _LOGGER.exception("numpy engine: step failed")
+            events: list[EngineEvent] = []
+            for key in list(self._running):
+                events.append(ErrorEvent(key, ErrorCode.ENGINE_ERROR, f"numpy engine step failed: {e}"))
+                self._release(key)
+            return events
+
+    def _plan(self) -> tuple[list[int], StepPlan, list[_Running]]:
+        decoding = sorted((r for r in self._running.values() if not r.prefilling), key=lambda r: r.slot)
+        tokens = [r.pending for r in decoding]
+        owners: list[_Running] = list(decoding)
+        logit_rows = list(range(len(decoding)))
+        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
+        segments: list[Segment] = []
+        row = len(decoding)
+        for key in self._join_order:
+            run = self._running[key]
+            if not run.prefilling or budget <= 0:
+                continue
+            take = min(budget, len(run.prompt) - run.prefilled)
+            segments.append(Segment(run.slot, run.prefilled, take))
+            tokens.extend(run.prompt[run.prefilled : run.prefilled + take])
+            budget -= take
+            row += take
+            if run.prefilled + take == len(run.prompt):
+                logit_rows.append(row - 1)
+                owners.append(run)
+        plan = StepPlan(
+            decode_slots=[r.slot for r in decoding],
+            decode_positions=[len(r.prompt) + len(r.generated) - 1 for r in decoding],
+            segments=segments,
+            logit_rows=logit_rows,
+        )
+        return tokens, plan, owners
+
+    def _step(self) -> list[EngineEvent]:
+        tokens, plan, owners = self._plan()
+        logits = self.transformer.step(np.asarray(tokens, dtype=np.int64), plan)
+        self.steps += 1
+        for seg in plan.segments:
+            self._running[self._slots[seg.slot] or ""].prefilled += seg.length
+        events: list[EngineEvent] = []
+        now = time.perf_counter()
+        for i, run in enumerate(owners):
+            history = (run.prompt[-REPEAT_WINDOW:] + run.generated[-REPEAT_WINDOW:])[-REPEAT_WINDOW:]
+            token = run.sampler.sample(logits[i], history)
+            if not run.generated:
+                run.t_first = now
+            events.extend(self._accept(run, token, now))
+        return events
+
+    def _accept(self, run: _Running, token: int, now: float) -> list[EngineEvent]:
+        tok = self.tokenizer
+        events: list[EngineEvent] = []
+        if token in tok.stop_ids:
+            return self._finish(run, "stop", now)
+        run.generated.append(token)
+        run.held += 1
+        text = run.decoder.decode(tok.token_bytes(token))
+        if text:
+            events.append(TokenEvent(run.key, text, run.held))
+            run.held = 0
+        if len(run.generated) >= run.max_new_tokens or len(run.prompt) + len(run.generated) >= self._max_context:
+            events.extend(self._finish(run, "length", now))
+        else:
+            run.pending = token
+        return events
+
+    def _finish(self, run: _Running, reason: str, now: float) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        tail = run.decoder.decode(b"", final=True)
+        if tail:
+            events.append(TokenEvent(run.key, tail, run.held))
+        n = len(run.generated)
+        decode_s = max(now - run.t_first, 1e-9)
+        perf = {
+            "prefill_ms": round((run.t_first - run.t_start) * 1000.0, 2),
+            "decode_ms": round(decode_s * 1000.0, 2),
+            "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 else 0.0,
+        }
+        events.append(
+            FinishEvent(
+                key=run.key,
+                reason="stop" if reason == "stop" else "length",
+                prompt_tokens=len(run.prompt),
+                completion_tokens=n,
+                slot=run.slot,
+                perf=perf,
+            )
+        )
+        self._release(run.key)
+        return events
