@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
+from tests.standin.build import build_standin  # noqa: E402
+
 from rkmqtt.engines.base import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
 from rkmqtt.engines.rkllm.engine import RkllmEngine  # noqa: E402
 from rkmqtt.outbox import Outbox  # noqa: E402
@@ -53,7 +55,6 @@ from rkmqtt.protocol import OkReply  # noqa: E402
 from rkmqtt.request import Job, job_key  # noqa: E402
 from rkmqtt.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from rkmqtt.settings import Settings  # noqa: E402
-from tests.standin.build import build_standin  # noqa: E402
 
 USERS = 4
 PROMPT_TOKENS = 100
