@@ -1,0 +1,96 @@
+"""A paho-mqtt 2.x client set up like a device's (callers' threads; paho's network thread runs
+the callbacks): the broker address and credentials, TLS, MQTT 5 or 3.1.1, and TCP_NODELAY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from rkmqtt.errors import RkmqttError
+from rkmqtt.settings import Settings
+
+MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+
+class BenchClient:
+    """One connection; `subscriptions` are (re)made on connect and `ready` is set after SUBACK."""
+
+    def __init__(
+        self, settings: Settings, client_id: str, subscriptions: list[str], on_message: MessageHandler
+    ) -> None:
+        self.settings = settings
+        self.mqtt5 = settings.mqtt_version == "5"
+        self.subscriptions = subscriptions
+        self.ready = threading.Event()
+        self._on_message_cb = on_message
+        self._pending_mid: int | None = None
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
+        )
+        addr = settings.broker_url
+        if addr.username is not None:
+            c.username_pw_set(addr.username, addr.password)
+        if addr.tls:
+            c.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
+            if settings.tls_insecure:
+                c.tls_insecure_set(True)
+        c.max_inflight_messages_set(1000)
+        c.on_socket_open = self._on_socket_open
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        self.client = c
+
+    def start(self, timeout: float = 15.0) -> BenchClient:
+        addr = self.settings.broker_url
+        if self.mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+            self.client.connect_async(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
+        else:
+            self.client.connect_async(addr.host, addr.port, keepalive=30)
+        self.client.loop_start()
+        if not self.ready.wait(timeout):
+            self.stop()
+            raise RkmqttError(f"bench: could not connect and subscribe to {addr} within {timeout:.0f} s")
+        return self
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho network thread ---------------------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return
+        if not self.subscriptions:
+            self.ready.set()
+            return
+        _, mid = client.subscribe([(t, 1) for t in self.subscriptions])
+        self._pending_mid = mid
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        if mid == self._pending_mid:
+            self.ready.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._on_message_cb(msg)

@@ -1,0 +1,269 @@
+"""The benchmark's outputs (main thread): a table on the terminal (rich), a JSON file for
+machines, a PNG plot (matplotlib: throughput and latency against n_batch, one line per engine),
+and the issue's targets checked against the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rkmqtt import __version__
+from rkmqtt.bench.metrics import RunMetrics
+from rkmqtt.bench.sweep import Point
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "host": platform.node(),
+        "system": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "rkmqtt": __version__,
+        "loadavg": [round(x, 2) for x in load] if load else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _find(points: Sequence[Point], scenario: str, n_batch: int, mode: str = "mqtt") -> RunMetrics | None:
+    for p in points:
+        if p.scenario == scenario and p.n_batch == n_batch and p.mode == mode:
+            return p.metrics
+    return None
+
+
+@dataclass
+class Target:
+    name: str
+    wanted: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+    def mark(self) -> str:
+        return {True: "met", False: "NOT met", None: "not measured"}[self.met]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def bridge_cost(points: Sequence[Point]) -> list[dict[str, Any]]:
+    """tokens/s through MQTT over tokens/s of the engine alone, wherever both were measured."""
+    out = []
+    for p in points:
+        if p.mode != "direct" or p.metrics is None:
+            continue
+        mq = _find(points, p.scenario, p.n_batch, "mqtt")
+        if mq is None:
+            continue
+        r = _ratio(mq.tokens_per_s, p.metrics.tokens_per_s)
+        out.append(
+            {
+                "scenario": p.scenario,
+                "engine": p.engine,
+                "n_batch": p.n_batch,
+                "mqtt_tokens_per_s": mq.tokens_per_s,
+                "direct_tokens_per_s": p.metrics.tokens_per_s,
+                "ratio": None if r is None else round(r, 4),
+            }
+        )
+    return out
+
+
+def targets(points: Sequence[Point]) -> list[Target]:
+    """The issue's four targets (only the scenario names of the `targets` suite count)."""
+    out: list[Target] = []
+    a, b = _find(points, "cpu-8-devices", 1), _find(points, "cpu-8-devices", 8)
+    if a and b:
+        speedup = _ratio(b.tokens_per_s, a.tokens_per_s)
+        ok = speedup is not None and speedup >= 2.5 and (b.latency_ms_p50 or 0) < (a.latency_ms_p50 or 0)
+        measured = (
+            f"{b.tokens_per_s:.1f} vs {a.tokens_per_s:.1f} tok/s = {speedup or 0:.2f}x; "
+            f"median latency {b.latency_ms_p50:.0f} vs {a.latency_ms_p50:.0f} ms"
+        )
+    else:
+        ok, measured = None, "-"
+    out.append(Target("CPU engine, 8 devices: n_batch 8 vs 1", ">= 2.5x tokens/s, lower median latency", measured, ok))
+    for nb in (1, 8):
+        mq, di = _find(points, "cpu-8-devices", nb), _find(points, "cpu-8-devices", nb, "direct")
+        r = _ratio(mq.tokens_per_s, di.tokens_per_s) if mq and di else None
+        out.append(
+            Target(
+                f"bridge cost, CPU engine, n_batch {nb}",
+                ">= 95 % of the engine alone",
+                "-"
+                if r is None or not mq or not di
+                else f"{mq.tokens_per_s:.1f} / {di.tokens_per_s:.1f} = {100 * r:.1f} %",
+                None if r is None else r >= 0.95,
+            )
+        )
+    for sc, what in (("rk3588-4-users", "closed loop"), ("rk3588-4-at-once", "4 at once")):
+        a, b = _find(points, sc, 1), _find(points, sc, 4)
+        r = _ratio(b.latency_ms_mean, a.latency_ms_mean) if a and b else None
+        out.append(
+            Target(
+                f"RK3588 model, 4 users ({what}): n_batch 4 vs 1",
+                "mean latency <= 50 %",
+                "-"
+                if r is None or not a or not b
+                else f"{b.latency_ms_mean:.0f} / {a.latency_ms_mean:.0f} ms = {100 * r:.0f} %",
+                None if r is None else r <= 0.5,
+            )
+        )
+    relay = [p.metrics for p in points if p.scenario == "relay-zero-cost" and p.mode == "mqtt" and p.metrics]
+    best = max((m.stream_messages_per_s for m in relay), default=None)
+    out.append(
+        Target(
+            "zero-cost engine: stream messages relayed",
+            ">= 5000 per second",
+            "-" if best is None else f"{best:.0f} per second (best n_batch)",
+            None if best is None else best >= 5000,
+        )
+    )
+    return out
+
+
+def _f(x: float | None, nd: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def print_table(points: Sequence[Point], console: Console) -> None:
+    t = Table(title="rkmqtt bench (medians over repeats)", show_lines=False)
+    for col in ("scenario", "engine", "n_batch", "mode", "req/s", "tok/s", "lat p50", "p95", "p99", "mean"):
+        t.add_column(col, justify="left" if col in ("scenario", "engine", "mode") else "right")
+    for col in ("TTFT p50", "queue p50", "batch", "errors", "stream msg/s"):
+        t.add_column(col, justify="right")
+    for p in points:
+        m = p.metrics
+        if m is None:
+            t.add_row(p.scenario, p.label, str(p.n_batch), p.mode, *(["-"] * 10), "; ".join(p.failures)[:40], "-")
+            continue
+        errs = f"{100 * m.error_share:.1f}%"
+        if m.errors_by_code:
+            errs += " " + ",".join(f"{k}:{v}" for k, v in sorted(m.errors_by_code.items()))
+        t.add_row(
+            p.scenario,
+            p.label,
+            str(p.n_batch),
+            p.mode,
+            _f(m.requests_per_s, 2),
+            _f(m.tokens_per_s, 1),
+            _f(m.latency_ms_p50),
+            _f(m.latency_ms_p95),
+            _f(m.latency_ms_p99),
+            _f(m.latency_ms_mean),
+            _f(m.ttft_ms_p50),
+            _f(m.queued_ms_p50),
+            _f(m.mean_batch_size, 1),
+            errs,
+            _f(m.stream_messages_per_s),
+        )
+    console.print(t)
+    console.print("latencies in ms; lat = publish to final reply, TTFT = publish to first stream chunk")
+    costs = bridge_cost(points)
+    if costs:
+        c = Table(title="bridge cost: tokens/s through MQTT / engine alone")
+        for col in ("scenario", "n_batch", "MQTT tok/s", "direct tok/s", "ratio"):
+            c.add_column(col, justify="right")
+        for row in costs:
+            ratio = row["ratio"]
+            c.add_row(
+                row["scenario"],
+                str(row["n_batch"]),
+                _f(row["mqtt_tokens_per_s"], 1),
+                _f(row["direct_tokens_per_s"], 1),
+                "-" if ratio is None else f"{100 * ratio:.1f} %",
+            )
+        console.print(c)
+    ts = [x for x in targets(points) if x.met is not None]
+    if ts:
+        tt = Table(title="targets (issue 6)")
+        for col in ("target", "wanted", "measured", ""):
+            tt.add_column(col)
+        for x in ts:
+            tt.add_row(x.name, x.wanted, x.measured, ("[green]" if x.met else "[red]") + x.mark())
+        console.print(tt)
+
+
+def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "v": 1,
+        **meta,
+        "points": [p.as_dict() for p in points],
+        "bridge_cost": bridge_cost(points),
+        "targets": [asdict(t) for t in targets(points)],
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") -> Path:
+    """Throughput and median latency against n_batch; one line per scenario (engine and load),
+    solid through MQTT, dashed for the engine called directly. Log scales: the engines differ
+    by orders of magnitude."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=90)
+    series: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        if p.metrics is not None:
+            series.setdefault((p.scenario, p.mode), []).append(p)
+    colours: dict[str, Any] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (scenario, mode), pts in series.items():
+        pts = sorted(pts, key=lambda p: p.n_batch)
+        colour = colours.setdefault(scenario, cycle[len(colours) % len(cycle)])
+        xs = [p.n_batch for p in pts]
+        ms = [p.metrics for p in pts]
+        name = f"{scenario}: {pts[0].label}" + (" — engine alone" if mode == "direct" else "")
+        style = dict(color=colour, marker="o" if mode == "mqtt" else "x", linestyle="-" if mode == "mqtt" else "--")
+        ax_t.plot(xs, [m.tokens_per_s if m else 0 for m in ms], label=name, **style)
+        if mode == "mqtt":
+            ax_l.plot(xs, [m.latency_ms_p50 if m else None for m in ms], label=name, **style)
+    for ax, ylabel in ((ax_t, "aggregate tokens/s"), (ax_l, "median latency, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n_batch")
+        ax.set_ylabel(ylabel)
+        nbs = sorted({p.n_batch for p in points})
+        if nbs:
+            ax.set_xticks(nbs, [str(n) for n in nbs])
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_title("throughput")
+    ax_l.set_title("latency (through MQTT)")
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,330 @@
+"""The sweep (main thread): scenarios × n_batch values × (through MQTT | engine called directly),
+repeated, against one broker (a private Mosquitto, or the given one).
+
+For every point through MQTT the bench starts a fresh bridge as a child process (see
+`bridgeproc`) with the point's engine and `n_batch` under a topic prefix of its own, runs the
+workload with simulated devices (`load`), and stops it. Direct points load the same engine in
+this process and drive it with the same workload (`direct`). Repeats are the outer loop, so a
+noisy minute on a shared machine spreads over every point instead of spoiling one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from rkmqtt.bench import standin
+from rkmqtt.bench.bridgeproc import BridgeProcess, SettingValue, read_info
+from rkmqtt.bench.direct import DirectDriver
+from rkmqtt.bench.load import LoadGenerator
+from rkmqtt.bench.metrics import RunMetrics, median_of_runs, summarize
+from rkmqtt.bench.workload import Workload
+from rkmqtt.broker import Mosquitto
+from rkmqtt.engines import create_engine
+from rkmqtt.engines.base import SamplingParams
+from rkmqtt.errors import ConfigError
+from rkmqtt.settings import Settings, load_settings
+
+_LOGGER = logging.getLogger(__name__)
+
+ENGINES = ("numpy", "rkllm", "rkllm-zero")
+Mode = Literal["mqtt", "direct"]
+
+# What the bench sets on the bridges it starts, unless its command line gives the setting:
+# no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
+# the same tokens through MQTT and directly), no discovery, a deep queue, quiet logs.
+BRIDGE_DEFAULTS: dict[str, SettingValue] = {
+    "rate_limit": "0",
+    "temperature": "0",
+    "discovery": False,
+    "max_queue": "4096",
+    "log_level": "WARNING",
+    "grace_period": "5",
+    "embedded_broker": False,
+}
+
+
+class ProgressSink(Protocol):
+    def begin(self, description: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class NoProgress:
+    def begin(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    engine: str  # one of ENGINES
+    workload: Workload
+    n_batch: tuple[int, ...]
+    direct_n_batch: tuple[int, ...] = ()
+    description: str = ""
+
+
+@dataclass
+class Point:
+    scenario: str
+    engine: str
+    label: str
+    n_batch: int
+    mode: Mode
+    workload: dict[str, Any]
+    runs: list[RunMetrics] = field(default_factory=list)
+    bridge_info: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> RunMetrics | None:
+        return median_of_runs(self.runs) if self.runs else None
+
+    def as_dict(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "scenario": self.scenario,
+            "engine": self.engine,
+            "label": self.label,
+            "n_batch": self.n_batch,
+            "mode": self.mode,
+            "workload": self.workload,
+            "median": m.as_dict() if m else None,
+            "runs": [r.as_dict() for r in self.runs],
+            "bridge_info": self.bridge_info,
+            "failures": self.failures,
+        }
+
+
+def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
+    """The issue's four targets, measured side by side in one run."""
+    rk = "rkllm"
+    return [
+        Scenario(
+            "cpu-8-devices",
+            "numpy",
+            Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
+            (1, 2, 4, 8),
+            (1, 8),
+            "CPU engine, 8 devices in a closed loop",
+        ),
+        Scenario(
+            "rk3588-4-users",
+            rk,
+            Workload("closed", devices=4, requests=12, max_new_tokens=64, prompts=prompts),
+            (1, 2, 4),
+            (),
+            "RKLLM " + ("runtime" if rkllm_real else "stand-in RK3588 timing model") + ", 4 users, closed loop",
+        ),
+        Scenario(
+            "rk3588-4-at-once",
+            rk,
+            Workload("burst", devices=4, requests=12, max_new_tokens=64, prompts=prompts),
+            (1, 4),
+            (),
+            "RKLLM " + ("runtime" if rkllm_real else "stand-in RK3588 timing model") + ", 4 requests at once, 3 rounds",
+        ),
+        Scenario(
+            "relay-zero-cost",
+            "rkllm-zero",
+            Workload("closed", devices=16, requests=640, max_new_tokens=64, prompts=prompts),
+            (1, 4, 8),
+            (8,),
+            "stand-in with zero delays: what the bridge itself relays",
+        ),
+    ]
+
+
+class Sweep:
+    def __init__(
+        self,
+        scenarios: list[Scenario],
+        user_flags: Mapping[str, SettingValue],
+        config_file: Path | None,
+        repeat: int = 1,
+        rkllm_library: Path | None = None,
+        rkllm_model: Path | None = None,
+        attach: bool = False,
+        workdir: Path | None = None,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.scenarios = scenarios
+        self.user_flags = dict(user_flags)
+        self.config_file = config_file
+        self.repeat = max(1, repeat)
+        self.rkllm_library = rkllm_library
+        self.rkllm_model = rkllm_model
+        self.attach = attach
+        self.progress: ProgressSink = progress or NoProgress()
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="rkmqtt-bench-")
+        self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._standin_lib: Path | None = None
+        self._standin_model: Path | None = None
+        self.broker_url: str | None = None
+        self.broker_note = ""
+        if rkllm_library is not None and rkllm_model is None and any(s.engine == "rkllm" for s in scenarios):
+            raise ConfigError("--rkllm-library needs --rkllm-model: the .rkllm model file the runtime loads")
+
+    # -- engines ----------------------------------------------------------------------------
+    def _standin(self) -> tuple[Path, Path]:
+        if self._standin_lib is None or self._standin_model is None:
+            self._standin_lib = standin.build_library(self.workdir / "standin")
+            self._standin_model = standin.model_file(self.workdir / "standin")
+        return self._standin_lib, self._standin_model
+
+    def engine_setup(self, engine: str) -> tuple[dict[str, SettingValue], dict[str, str]]:
+        """(settings, environment) of an engine name of the sweep."""
+        if engine == "numpy":
+            return {"engine": "numpy"}, standin.environment(False)
+        if engine == "rkllm" and self.rkllm_library is not None:
+            assert self.rkllm_model is not None
+            flags: dict[str, SettingValue] = {
+                "engine": "rkllm",
+                "rkllm_library": str(self.rkllm_library),
+                "model": str(self.rkllm_model),
+            }
+            return flags, dict(os.environ)
+        if engine in ("rkllm", "rkllm-zero"):
+            lib, model = self._standin()
+            env = standin.environment(engine == "rkllm-zero")
+            return {"engine": "rkllm", "rkllm_library": str(lib), "model": str(model)}, env
+        raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+
+    def point_flags(self, engine_flags: Mapping[str, SettingValue], n_batch: int, prefix: str) -> dict[str, Any]:
+        assert self.broker_url is not None
+        flags: dict[str, Any] = dict(BRIDGE_DEFAULTS)
+        flags.update(self.user_flags)
+        flags.update(engine_flags)
+        flags.update({"broker": self.broker_url, "topic_prefix": prefix, "n_batch": str(n_batch)})
+        return flags
+
+    def _settings(self, flags: Mapping[str, Any]) -> Settings:
+        return load_settings(dict(flags), config_file=self.config_file)
+
+    # -- broker -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def broker(self) -> Iterator[str]:
+        given = self.user_flags.get("broker")
+        if given:
+            self.broker_url = str(given)
+            self.broker_note = f"given broker {given}"
+            yield self.broker_url
+            return
+        if self.attach:
+            self.broker_url = "mqtt://127.0.0.1:1883"
+            self.broker_note = "broker on localhost:1883"
+            yield self.broker_url
+            return
+        m = Mosquitto(workdir=self.workdir / "mosquitto").start()
+        self.broker_url = m.url
+        self.broker_note = f"private Mosquitto on {m.url}"
+        try:
+            yield m.url
+        finally:
+            m.close()
+
+    # -- running ----------------------------------------------------------------------------
+    def plan(self) -> list[Point]:
+        points: list[Point] = []
+        for sc in self.scenarios:
+            label = sc.engine if self.attach else self._label(sc.engine)
+            for nb in sc.n_batch:
+                points.append(Point(sc.name, sc.engine, label, nb, "mqtt", sc.workload.describe()))
+                if nb in sc.direct_n_batch:
+                    points.append(Point(sc.name, sc.engine, label, nb, "direct", sc.workload.describe()))
+        return points
+
+    def _label(self, engine: str) -> str:
+        if engine == "numpy":
+            return "numpy (CPU)"
+        if engine == "rkllm" and self.rkllm_library is not None:
+            return "rkllm (librkllmrt.so)"
+        return "rkllm stand-in, zero delay" if engine == "rkllm-zero" else "rkllm stand-in (RK3588 model)"
+
+    def run(self) -> list[Point]:
+        points = self.plan()
+        by_name = {s.name: s for s in self.scenarios}
+        with self.broker():
+            for rep in range(self.repeat):
+                for p in points:
+                    sc = by_name[p.scenario]
+                    what = f"{p.label} n_batch {p.n_batch} {p.mode} ({sc.workload.label()})"
+                    if self.repeat > 1:
+                        what += f" [{rep + 1}/{self.repeat}]"
+                    self.progress.begin(what, sc.workload.total)
+                    try:
+                        m = self._run_point(p, sc)
+                    except Exception as e:  # one failed point must not lose the others
+                        _LOGGER.exception("bench point failed: %s", what)
+                        p.failures.append(f"{type(e).__name__}: {e}")
+                        continue
+                    p.runs.append(m)
+        return points
+
+    def _run_point(self, p: Point, sc: Scenario) -> RunMetrics:
+        if self.attach:
+            settings = self._settings(self.user_flags | {"broker": self.broker_url})
+            p.bridge_info = read_info(settings)
+            p.n_batch = int(p.bridge_info.get("n_batch", 0))
+            p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
+            records = LoadGenerator(settings, sc.workload, self.progress.advance).run()
+            return summarize(records)
+        engine_flags, env = self.engine_setup(sc.engine)
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        flags = self.point_flags(engine_flags, p.n_batch, prefix)
+        settings = self._settings(flags)
+        if p.mode == "direct":
+            return self._run_direct(settings, env, sc.workload)
+        log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}.log"
+        bridge = BridgeProcess(settings, flags, env, log).start()
+        try:
+            p.bridge_info = bridge.info
+            t0 = time.monotonic()
+            records = LoadGenerator(settings, sc.workload, self.progress.advance).run()
+            _LOGGER.debug("point took %.1f s", time.monotonic() - t0)
+        finally:
+            rc = bridge.stop()
+            if rc not in (0, None):
+                p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
+        return summarize(records)
+
+    def _run_direct(self, settings: Settings, env: dict[str, str], workload: Workload) -> RunMetrics:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)  # the stand-in reads its timing model at every init and run
+        try:
+            engine = create_engine(settings)
+            engine.load()
+            try:
+                sampling = SamplingParams(
+                    temperature=settings.temperature,
+                    top_k=settings.top_k,
+                    top_p=settings.top_p,
+                    repeat_penalty=settings.repeat_penalty,
+                )
+                driver = DirectDriver(
+                    engine, workload, sampling, settings.batch_window_ms / 1000.0, self.progress.advance
+                )
+                return summarize(driver.run())
+            finally:
+                engine.close()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()

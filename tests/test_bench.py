@@ -1,0 +1,188 @@
+"""`rkmqtt bench`: pure figures, then real short sweeps — the stand-in RKLLM runtime with zero
+delays behind bridges the bench starts as child processes on a private Mosquitto, and a bridge
+that is already running."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rkmqtt.bench.metrics import RequestRecord, percentile, summarize
+from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
+from rkmqtt.bench.workload import Workload
+from rkmqtt.broker import Mosquitto
+from rkmqtt.cli import main
+from rkmqtt.errors import ConfigError
+from rkmqtt.service import Service
+from tests.fake_engine import FakeEngine
+
+# -- pure logic -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [([], 50, None), ([3.0], 99, 3.0), ([1.0, 2.0, 3.0, 4.0], 50, 2.5), ([1.0, 2.0, 3.0, 4.0, 5.0], 95, 4.8)],
+)
+def test_percentile(values: list[float], q: float, expected: float | None) -> None:
+    assert percentile(values, q) == expected
+
+
+def test_summarize_rates_and_errors() -> None:
+    recs = [
+        RequestRecord(
+            0, 0, "a", 0, sent=10.0, first_token=10.1, done=11.0, status="ok", completion_tokens=20, chunks=5
+        ),
+        RequestRecord(
+            1, 0, "b", 1, sent=10.5, first_token=10.7, done=12.0, status="ok", completion_tokens=30, chunks=9, max_seq=9
+        ),
+        RequestRecord(2, 0, "c", 2, sent=10.5, done=10.6, status="error", error_code="busy"),
+        RequestRecord(3, 0, "d", 3, sent=10.6, status="timeout", error_code="timeout"),
+    ]
+    m = summarize(recs)
+    assert (m.requests, m.ok, m.errors) == (4, 2, 2)
+    assert m.errors_by_code == {"busy": 1, "timeout": 1}
+    assert m.error_share == 0.5
+    assert m.span_s == 2.0  # first sent 10.0 to last final 12.0
+    assert m.tokens_per_s == 25.0 and m.requests_per_s == 1.0
+    assert m.latency_ms_p50 == pytest.approx(1250.0)
+    assert m.ttft_ms_p50 == pytest.approx(150.0)
+    assert m.stream_messages == 14 and m.stream_gaps == 1  # b saw seq 0..9 but only 9 chunks
+
+
+def test_workload_prompts_and_open_arrivals() -> None:
+    w = Workload("open", devices=3, requests=2000, max_new_tokens=8, prompts=BUILTIN_PROMPTS, rate=50.0, seed=1)
+    arrivals = w.open_arrivals()
+    assert [d for _, d in arrivals[:4]] == [0, 1, 2, 0]
+    assert arrivals[-1][0] / len(arrivals) == pytest.approx(1 / 50.0, rel=0.1)  # Poisson at 50/s
+    assert w.prompt_index(1, 0) == 1 and w.prompt_index(1, 1) == 4
+    burst = Workload("burst", devices=4, requests=10, max_new_tokens=8, prompts=("x",))
+    assert (burst.rounds, burst.total) == (3, 12)
+
+
+def test_prompts_file(tmp_path: Path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("# home\nTurn on the fan.\n\n  Open the blinds.  \n")
+    assert load_prompts(f) == ["Turn on the fan.", "Open the blinds."]
+    assert load_prompts(None) == list(BUILTIN_PROMPTS)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ConfigError):
+        load_prompts(tmp_path / "empty.txt")
+
+
+# -- real sweeps --------------------------------------------------------------------------------
+
+
+def _points(data: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]]:
+    return {(p["scenario"], p["n_batch"], p["mode"]): p for p in data["points"]}
+
+
+def _check_consistent(m: dict[str, Any]) -> None:
+    assert m["ok"] == m["requests"] and m["error_share"] == 0 and m["errors_by_code"] == {}
+    assert m["span_s"] > 0
+    assert m["tokens_per_s"] == pytest.approx(m["completion_tokens"] / m["span_s"], rel=0.01)
+    assert m["requests_per_s"] == pytest.approx(m["ok"] / m["span_s"], rel=0.01)
+    assert m["latency_ms_p50"] <= m["latency_ms_p95"] <= m["latency_ms_p99"]
+    assert 0 < m["ttft_ms_p50"] <= m["latency_ms_p95"]
+    assert 0 < m["stream_messages"] <= m["completion_tokens"] and m["stream_gaps"] == 0
+
+
+def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    status = main(
+        [
+            *[
+                "bench",
+                "--engines",
+                "rkllm-zero",
+                "--n-batch",
+                "1,3",
+                "--devices",
+                "3",
+                "--requests",
+                "18",
+                "--tokens",
+                "16",
+                "--direct",
+                "3",
+            ],
+            *["--out", str(out), "--workdir", str(tmp_path / "work"), "--no-progress"],
+        ]
+    )
+    assert status == 0
+    data = json.loads((out / "bench.json").read_text())
+    png = (out / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    points = _points(data)
+    assert set(points) == {("rkllm-zero", 1, "mqtt"), ("rkllm-zero", 3, "mqtt"), ("rkllm-zero", 3, "direct")}
+    for (_, nb, _), p in points.items():
+        m = p["median"]
+        _check_consistent(m)
+        assert m["requests"] == 18
+        assert 1 <= m["mean_batch_size"] <= nb
+    assert points[("rkllm-zero", 1, "mqtt")]["median"]["mean_batch_size"] == 1
+    assert points[("rkllm-zero", 3, "mqtt")]["bridge_info"]["n_batch"] == 3
+    # The stand-in's text depends only on the prompt, and every mode sends the same prompts.
+    tokens = {k: p["median"]["completion_tokens"] for k, p in points.items()}
+    assert len(set(tokens.values())) == 1, tokens
+    (cost,) = data["bridge_cost"]
+    assert cost["n_batch"] == 3
+    assert cost["ratio"] == pytest.approx(cost["mqtt_tokens_per_s"] / cost["direct_tokens_per_s"], rel=0.01)
+    assert data["standin_timing_model"]["decode_ms"] == pytest.approx(59.88, abs=0.01)
+    assert data["machine"]["cpus"] and data["bridge_settings"]["rate_limit"] == "0"
+    table = capsys.readouterr().out
+    assert "rkllm stand-in, zero delay" in table and "bridge cost" in table
+
+
+def test_open_loop_and_bursts(tmp_path: Path) -> None:
+    for shape, extra in (("open", ["--rate", "40"]), ("burst", [])):
+        out = tmp_path / shape
+        status = main(
+            [
+                *[
+                    "bench",
+                    "--engines",
+                    "rkllm-zero",
+                    "--n-batch",
+                    "2",
+                    "--devices",
+                    "4",
+                    "--requests",
+                    "8",
+                    "--tokens",
+                    "8",
+                ],
+                *["--shape", shape, *extra, "--out", str(out), "--no-plot", "--no-progress"],
+            ]
+        )
+        assert status == 0
+        (point,) = json.loads((out / "bench.json").read_text())["points"]
+        _check_consistent(point["median"])
+        assert point["workload"]["shape"] == shape and point["median"]["requests"] == 8
+        assert not (out / "bench.png").exists()
+
+
+def test_running_bridge_and_errors(
+    tmp_path: Path, mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    """Against a bridge that is already running: its own engine and n_batch, and its refusals
+    (a queue of 1 answers `busy`) counted by code."""
+    start_bridge(FakeEngine(n_batch=2, step_s=0.002), rate_limit=0, max_queue=1)
+    out = tmp_path / "out"
+    status = main(
+        [
+            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["--devices", "6", "--requests", "12", "--warmup", "0", "--no-progress", "--out"],
+            str(out),
+        ]
+    )
+    assert status == 0
+    (point,) = json.loads((out / "bench.json").read_text())["points"]
+    m = point["median"]
+    assert point["n_batch"] == 2 and point["bridge_info"]["engine"] == "fake"
+    assert m["requests"] == 12 and m["ok"] + m["errors"] == 12
+    assert m["errors"] > 0 and set(m["errors_by_code"]) == {"busy"}
+    assert m["error_share"] == pytest.approx(m["errors"] / 12)
