@@ -1,0 +1,201 @@
+"""NumpyEngine as the scheduler drives it: answers, continuous batching, seeds, UTF-8 streaming,
+context limits, cancel. SmolLM2 is loaded once for the module; small GGUF models written by the
+tests cover what SmolLM2 cannot be made to do on demand."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rkmqtt.engines.base import FinishEvent, TokenEvent
+from rkmqtt.engines.numpy.engine import NumpyEngine
+from rkmqtt.errors import RequestRejected
+from rkmqtt.protocol import ErrorCode
+from tests.numpy_fixtures import Result, TinySpec, byte_token, drive, req, write_tiny_gguf
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three colors.",
+    "What is 2+2?",
+    "Name a famous scientist.",
+]
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[NumpyEngine]:
+    engine = NumpyEngine(n_batch=3, max_context=512)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+def test_paris(smol: NumpyEngine) -> None:
+    res = drive(smol, [req("paris", "What is the capital of France?", 32)])["paris"]
+    assert "Paris" in res.text
+    assert res.finish is not None and res.finish.reason == "stop"  # ended on <|im_end|>
+    assert res.finish.completion_tokens == sum(c.tokens for c in res.chunks)
+    assert "<|im_end|>" not in res.text
+    assert smol.free_slots() == 3
+
+
+def test_batched_greedy_equals_one_at_a_time(smol: NumpyEngine) -> None:
+    lengths = [14, 6, 18, 9, 12]  # requests leave at different steps and others take their slots
+    reqs = [req(f"r{i}", p, n) for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))]
+    alone = {r.key: drive(smol, [r])[r.key] for r in reqs}
+    concurrency: list[int] = []
+    together = drive(smol, reqs, one_per_step=True, on_step=lambda s, _: concurrency.append(smol.active()))
+    assert max(concurrency) == 3  # the slots were shared
+    slots_used = {together[r.key].finish.slot for r in reqs}  # type: ignore[union-attr]
+    assert slots_used == {0, 1, 2}
+    for r in reqs:
+        a, t = alone[r.key], together[r.key]
+        assert t.text == a.text, r.key
+        assert t.finish is not None and a.finish is not None
+        assert (t.finish.reason, t.finish.completion_tokens) == (a.finish.reason, a.finish.completion_tokens)
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(smol: NumpyEngine) -> None:
+    sampled = req("s", "Tell me a short story about a robot.", 20, temperature=1.0, top_k=50, top_p=0.95, seed=1234)
+    alone = drive(smol, [sampled])["s"].text
+    mates = [
+        req("m1", "What is Python?", 12, temperature=0.8, seed=7),
+        req("m2", "Describe a cat.", 25),
+    ]
+    together = drive(smol, [mates[0], sampled, mates[1]], one_per_step=True)["s"].text
+    assert together == alone
+    again = drive(smol, [sampled])["s"].text
+    assert again == alone
+    other_seeds = {drive(smol, [req("o", sampled.messages[0].content, 20, temperature=1.0, seed=s)])["o"].text
+                   for s in (1, 2, 3)}
+    assert len(other_seeds | {alone}) > 1  # the seed matters
+
+
+def test_repeat_penalty_and_top_k_1(smol: NumpyEngine) -> None:
+    greedy = drive(smol, [req("g", "Count from one to ten in words.", 20)])["g"].text
+    top1 = drive(smol, [req("k", "Count from one to ten in words.", 20, temperature=1.5, top_k=1, seed=3)])["k"].text
+    assert top1 == greedy  # top-k 1 is greedy whatever the temperature
+    penal = drive(smol, [req("p", "Count from one to ten in words.", 20, repeat_penalty=3.0)])["p"].text
+    assert penal != greedy
+
+
+def test_too_long_is_refused_before_taking_a_slot(smol: NumpyEngine) -> None:
+    long = req("long", "word " * 600, 16)
+    with pytest.raises(RequestRejected) as info:
+        smol.prepare(long)
+    assert info.value.code is ErrorCode.TOO_LONG and "512" in info.value.message
+    assert smol.free_slots() == 3
+    # the rule: the prompt plus min(max_new_tokens, max_context // 4) must fit
+    fits = req("fits", "word " * 300, 100)
+    n = smol.prepare(fits)
+    assert n is not None and n + 100 <= 512
+    smol.cancel("fits")
+    # a long answer is not refused while a quarter of the context (128) is left for it
+    assert smol.prepare(req("big", "word " * 300, 10_000)) == n
+    smol.cancel("big")
+    with pytest.raises(RequestRejected):
+        smol.prepare(req("bigger", "word " * 400, 10_000))
+    assert smol.prepare(req("short", "word " * 400, 50)) is not None
+    smol.cancel("short")
+
+
+def test_cancel_frees_the_slot_at_once(smol: NumpyEngine) -> None:
+    a, b = req("a", "Write a long poem about autumn.", 200), req("b", "What is 2+2?", 8)
+    smol.prepare(a)
+    smol.prepare(b)
+    smol.submit([a, b])
+    assert smol.free_slots() == 1
+    for _ in range(3):
+        smol.poll(0.0)
+    smol.cancel("a")
+    assert smol.free_slots() == 2 and smol.active() == 1
+    keys = set()
+    while smol.active():
+        keys |= {ev.key for ev in smol.poll(0.0)}
+    assert keys == {"b"}
+
+
+def test_idle_poll_returns_at_once_and_info(smol: NumpyEngine) -> None:
+    t = time.perf_counter()
+    assert smol.poll(1.0) == []
+    assert time.perf_counter() - t < 0.05
+    info = smol.info()
+    assert info["architecture"] == "llama" and info["parameters"] > 130_000_000
+    assert info["kv_cache_bytes"] == 2 * 30 * 3 * 3 * 512 * 64 * 4
+    assert info["rss_bytes"] > info["weights_bytes"] > 500_000_000
+    assert info["model"] == "SmolLM2-135M-Instruct.Q4_1" and info["n_batch"] == 3
+
+
+def test_long_prompt_prefill_is_chunked_while_others_decode(smol: NumpyEngine) -> None:
+    """A joining request with a long prompt does not stall the slot that is decoding: the
+    decoding slot gets a token on every step while the prompt goes in by chunks."""
+    first = req("first", "Write a long poem about autumn.", 30)
+    smol.prepare(first)
+    smol.submit([first])
+    while not any(isinstance(e, TokenEvent) for e in smol.poll(0.0)):
+        pass
+    joiner = req("join", "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 20, 4)
+    n = smol.prepare(joiner)
+    assert n is not None and n > 3 * smol.prefill_chunk
+    smol.submit([joiner])
+    steps_with_first_token = 0
+    for _ in range(n // smol.prefill_chunk):
+        events = smol.poll(0.0)
+        steps_with_first_token += any(e.key == "first" for e in events)
+    assert steps_with_first_token == n // smol.prefill_chunk
+    smol.cancel("first")
+    smol.cancel("join")
+
+
+# -- a small model that walks a chain of byte tokens ---------------------------------------------------
+
+E_ACUTE = [0xC3, 0xA9]  # é
+GRIN = [0xF0, 0x9F, 0x98, 0x80]  # 😀
+NEWLINE = 0x0A  # the last token of every ChatML prompt
+
+
+@pytest.fixture(scope="module")
+def chain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chain = tuple(byte_token(b) for b in [NEWLINE, *E_ACUTE, *GRIN])
+    return write_tiny_gguf(tmp_path_factory.mktemp("chain") / "chain.gguf", TinySpec(chain=chain, context=128))
+
+
+def chain_engine(path: Path, n_batch: int = 2, max_context: int = 128) -> NumpyEngine:
+    engine = NumpyEngine(model=str(path), n_batch=n_batch, max_context=max_context)
+    engine.load()
+    return engine
+
+
+def test_utf8_is_held_back_until_whole(chain_model: Path) -> None:
+    engine = chain_engine(chain_model)
+    res = drive(engine, [req("u", "hi", 12)])["u"]
+    # greedy walks: é (2 byte tokens), 😀 (4), newline (1), é, 😀 ... cut at 12 tokens
+    texts = [(c.text, c.tokens) for c in res.chunks]
+    assert texts[:4] == [("é", 2), ("😀", 4), ("\n", 1), ("é", 2)]
+    assert res.text == "é😀\né\ufffd"  # the last 3 tokens are 3 bytes of 😀: flushed as U+FFFD at the end
+    assert res.finish is not None and (res.finish.reason, res.finish.completion_tokens) == ("length", 12)
+    for c in res.chunks:
+        c.text.encode("utf-8")  # every chunk is valid UTF-8 (no lone surrogates)
+
+
+def test_generation_stops_at_the_context_end(chain_model: Path) -> None:
+    engine = chain_engine(chain_model, n_batch=1, max_context=64)
+    n = engine.prepare(req("c", "hi", 10_000))
+    assert n is not None
+    res = drive(engine, [req("c", "hi", 10_000)])["c"]
+    assert res.finish is not None and res.finish.reason == "length"
+    assert res.finish.prompt_tokens == n
+    assert res.finish.prompt_tokens + res.finish.completion_tokens == 64
+
+
+def test_parallel_chain_requests_in_a_small_context(chain_model: Path) -> None:
+    engine = chain_engine(chain_model, n_batch=2, max_context=64)
+    results: dict[str, Result] = drive(engine, [req(f"p{i}", "hi" * (i + 1), 5 + i) for i in range(5)],
+                                       one_per_step=True)
+    for i in range(5):
+        fin = results[f"p{i}"].finish
+        assert isinstance(fin, FinishEvent) and fin.completion_tokens == 5 + i
+        assert results[f"p{i}"].text.startswith("é😀" if i else "é\ufffd")
