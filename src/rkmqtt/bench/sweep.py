@@ -74,6 +74,9 @@ class Scenario:
     n_batch: tuple[int, ...]
     direct_n_batch: tuple[int, ...] = ()
     description: str = ""
+    # The private Mosquitto with `set_tcp_nodelay true` (its default is false: Nagle's algorithm
+    # then holds small packets back for the peer's delayed ACK, ~40 ms). Ignored with --broker.
+    broker_nodelay: bool = True
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Point:
     runs: list[RunMetrics] = field(default_factory=list)
     bridge_info: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    broker: str = ""
 
     @property
     def metrics(self) -> RunMetrics | None:
@@ -103,6 +107,7 @@ class Point:
             "workload": self.workload,
             "median": m.as_dict() if m else None,
             "runs": [r.as_dict() for r in self.runs],
+            "broker": self.broker,
             "bridge_info": self.bridge_info,
             "failures": self.failures,
         }
@@ -139,10 +144,19 @@ def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
         Scenario(
             "relay-zero-cost",
             "rkllm-zero",
-            Workload("closed", devices=16, requests=640, max_new_tokens=64, prompts=prompts),
+            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
             (1, 4, 8),
             (8,),
             "stand-in with zero delays: what the bridge itself relays",
+        ),
+        Scenario(
+            "relay-zero-cost-nagle",
+            "rkllm-zero",
+            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
+            (8,),
+            (),
+            "the same, Mosquitto's default set_tcp_nodelay false",
+            broker_nodelay=False,
         ),
     ]
 
@@ -174,7 +188,8 @@ class Sweep:
         self._standin_lib: Path | None = None
         self._standin_model: Path | None = None
         self.broker_url: str | None = None
-        self.broker_note = ""
+        self.broker_notes: set[str] = set()
+        self._brokers: dict[bool, Mosquitto] = {}
         if rkllm_library is not None and rkllm_model is None and any(s.engine == "rkllm" for s in scenarios):
             raise ConfigError("--rkllm-library needs --rkllm-model: the .rkllm model file the runtime loads")
 
@@ -216,25 +231,34 @@ class Sweep:
 
     # -- broker -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def broker(self) -> Iterator[str]:
+    def brokers(self) -> Iterator[None]:
+        """The given broker, or private ones started on first use (one per `broker_nodelay`)."""
+        try:
+            yield
+        finally:
+            for m in self._brokers.values():
+                m.close()
+            self._brokers.clear()
+
+    def _broker_for(self, nodelay: bool) -> str:
         given = self.user_flags.get("broker")
         if given:
-            self.broker_url = str(given)
-            self.broker_note = f"given broker {given}"
-            yield self.broker_url
-            return
+            self.broker_notes.add(f"given broker {given}")
+            return str(given)
         if self.attach:
-            self.broker_url = "mqtt://127.0.0.1:1883"
-            self.broker_note = "broker on localhost:1883"
-            yield self.broker_url
-            return
-        m = Mosquitto(workdir=self.workdir / "mosquitto").start()
-        self.broker_url = m.url
-        self.broker_note = f"private Mosquitto on {m.url}"
-        try:
-            yield m.url
-        finally:
-            m.close()
+            self.broker_notes.add("broker on localhost:1883")
+            return "mqtt://127.0.0.1:1883"
+        m = self._brokers.get(nodelay)
+        if m is None:
+            conf = "set_tcp_nodelay true" if nodelay else ""
+            m = Mosquitto(workdir=self.workdir / f"mosquitto-{int(nodelay)}", extra_config=conf).start()
+            self._brokers[nodelay] = m
+            self.broker_notes.add(f"private Mosquitto ({'set_tcp_nodelay true' if nodelay else 'default config'})")
+        return m.url
+
+    @property
+    def broker_note(self) -> str:
+        return "; ".join(sorted(self.broker_notes))
 
     # -- running ----------------------------------------------------------------------------
     def plan(self) -> list[Point]:
@@ -257,10 +281,16 @@ class Sweep:
     def run(self) -> list[Point]:
         points = self.plan()
         by_name = {s.name: s for s in self.scenarios}
-        with self.broker():
+        with self.brokers():
             for rep in range(self.repeat):
                 for p in points:
                     sc = by_name[p.scenario]
+                    self.broker_url = self._broker_for(sc.broker_nodelay)
+                    p.broker = (
+                        ("set_tcp_nodelay true" if sc.broker_nodelay else "Mosquitto default config")
+                        if not self.attach and not self.user_flags.get("broker")
+                        else self.broker_url
+                    )
                     what = f"{p.label} n_batch {p.n_batch} {p.mode} ({sc.workload.label()})"
                     if self.repeat > 1:
                         what += f" [{rep + 1}/{self.repeat}]"
