@@ -69,8 +69,9 @@ def test_seeded_sampling_is_independent_of_batch_mates(smol: NumpyEngine) -> Non
     assert together == alone
     again = drive(smol, [sampled])["s"].text
     assert again == alone
-    other_seeds = {drive(smol, [req("o", sampled.messages[0].content, 20, temperature=1.0, seed=s)])["o"].text
-                   for s in (1, 2, 3)}
+    other_seeds = {
+        drive(smol, [req("o", sampled.messages[0].content, 20, temperature=1.0, seed=s)])["o"].text for s in (1, 2, 3)
+    }
     assert len(other_seeds | {alone}) > 1  # the seed matters
 
 
@@ -193,8 +194,9 @@ def test_generation_stops_at_the_context_end(chain_model: Path) -> None:
 
 def test_parallel_chain_requests_in_a_small_context(chain_model: Path) -> None:
     engine = chain_engine(chain_model, n_batch=2, max_context=64)
-    results: dict[str, Result] = drive(engine, [req(f"p{i}", "hi" * (i + 1), 5 + i) for i in range(5)],
-                                       one_per_step=True)
+    results: dict[str, Result] = drive(
+        engine, [req(f"p{i}", "hi" * (i + 1), 5 + i) for i in range(5)], one_per_step=True
+    )
     for i in range(5):
         fin = results[f"p{i}"].finish
         assert isinstance(fin, FinishEvent) and fin.completion_tokens == 5 + i

@@ -94,8 +94,14 @@ def test_dequantized_tensors_match_gguf(tmp_path: Path) -> None:
     """Every supported type comes out as float32 in (out, in) order with gguf's own values."""
     from gguf.quants import dequantize
 
-    types = (("attn_q.weight", "Q4_K"), ("attn_k.weight", "Q6_K"), ("attn_v.weight", "Q4_0"),
-             ("attn_output.weight", "Q4_1"), ("ffn_gate.weight", "F16"), ("ffn_up.weight", "Q8_0"))
+    types = (
+        ("attn_q.weight", "Q4_K"),
+        ("attn_k.weight", "Q6_K"),
+        ("attn_v.weight", "Q4_0"),
+        ("attn_output.weight", "Q4_1"),
+        ("ffn_gate.weight", "F16"),
+        ("ffn_up.weight", "Q8_0"),
+    )
     path = write_tiny_gguf(tmp_path / "t.gguf", TinySpec(types=types, seed=11))
     f = GGUFFile(path)
     import gguf
@@ -171,9 +177,7 @@ def test_chat_template_renders_prompt_system_and_turns(tmp_path: Path) -> None:
     assert "You are a helpful AI assistant named SmolLM" in one  # the template's default system prompt
     sys = chat.render([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")])
     assert sys.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and "SmolLM" not in sys
-    turns = chat.render(
-        [ChatMessage("user", "A"), ChatMessage("assistant", "B"), ChatMessage("user", "C")]
-    )
+    turns = chat.render([ChatMessage("user", "A"), ChatMessage("assistant", "B"), ChatMessage("user", "C")])
     assert "<|im_start|>assistant\nB<|im_end|>\n<|im_start|>user\nC<|im_end|>\n<|im_start|>assistant\n" in turns
     # a file without a template gets ChatML
     assert ChatTemplate(None).render([ChatMessage("user", "x")]) == (

@@ -176,7 +176,10 @@ class NumpyEngine(Engine):
         if self._max_context > cfg.context_length:
             _LOGGER.warning(
                 "max_context %d is more than %s was trained for (%d); using %d",
-                self._max_context, path.name, cfg.context_length, cfg.context_length,
+                self._max_context,
+                path.name,
+                cfg.context_length,
+                cfg.context_length,
             )
             self._max_context = cfg.context_length
         self._model = Transformer(cfg, weights, self._n_batch, self._max_context)
@@ -200,7 +203,12 @@ class NumpyEngine(Engine):
         }
         _LOGGER.info(
             "numpy engine: %s (%s, %d parameters) loaded in %.1f s; %d slots of %d tokens",
-            path.name, cfg.architecture, n_params, time.perf_counter() - t0, self._n_batch, self._max_context,
+            path.name,
+            cfg.architecture,
+            n_params,
+            time.perf_counter() - t0,
+            self._n_batch,
+            self._max_context,
         )
 
     # -- requests -----------------------------------------------------------------------------

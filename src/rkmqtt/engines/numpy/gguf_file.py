@@ -236,4 +236,3 @@ def _file_type_name(ftype: Any) -> str:
         return str(LlamaFileType(int(ftype)).name).removeprefix("MOSTLY_")
     except (ValueError, ImportError):
         return str(ftype)
-

@@ -179,8 +179,10 @@ class Transformer:
         vc[:, seg.start : end] = v.transpose(1, 0, 2)
         group = cfg.n_heads // cfg.n_kv_heads
         # (t, kv, group, hd) -> (kv, group * t, hd): rows ordered by head in group, then token
-        qs = q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim).transpose(1, 2, 0, 3).reshape(
-            cfg.n_kv_heads, group * t, cfg.head_dim
+        qs = (
+            q.reshape(t, cfg.n_kv_heads, group, cfg.head_dim)
+            .transpose(1, 2, 0, 3)
+            .reshape(cfg.n_kv_heads, group * t, cfg.head_dim)
         )
         scores = qs @ kc[:, :end].transpose(0, 2, 1)  # (kv, group * t, end)
         scores *= np.float32(1.0 / np.sqrt(cfg.head_dim))
@@ -206,9 +208,7 @@ class _DecodeBatch:
         lengths[self.slots - self.lo] = self.positions + 1
         self.span = int(lengths.max())
         allowed = np.arange(self.span)[None, :] < lengths[:, None]
-        self.mask: F32 = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None, :].astype(
-            np.float32
-        )
+        self.mask: F32 = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None, :].astype(np.float32)
 
 
 def _rope(x: F32, cos: F32, sin: F32) -> None:
