@@ -116,6 +116,7 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
     data = json.loads((out / "bench.json").read_text())
     png = (out / "bench.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert "| rkllm-zero | rkllm stand-in, zero delay | 3 | direct |" in (out / "bench.md").read_text()
     points = _points(data)
     assert set(points) == {("rkllm-zero", 1, "mqtt"), ("rkllm-zero", 3, "mqtt"), ("rkllm-zero", 3, "direct")}
     for (_, nb, _), p in points.items():
@@ -135,6 +136,10 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
     assert data["machine"]["cpus"] and data["bridge_settings"]["rate_limit"] == "0"
     table = capsys.readouterr().out
     assert "rkllm stand-in, zero delay" in table and "bridge cost" in table
+    # A saved report renders again without running anything.
+    assert main(["bench", "--render", str(out / "bench.json"), "--png", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+    assert capsys.readouterr().out == table
 
 
 def test_open_loop_and_bursts(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Outputs: a table on the terminal, `<out>/bench.json` and `<out>/bench.png`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +21,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from rkmqtt.bench import standin
 from rkmqtt.bench.prompts import load_prompts
-from rkmqtt.bench.report import machine, print_table, report_dict, write_json, write_png
+from rkmqtt.bench.report import (
+    machine,
+    markdown,
+    points_from_json,
+    print_table,
+    report_dict,
+    write_json,
+    write_png,
+)
 from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Scenario, Sweep, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
@@ -118,6 +127,9 @@ def add_bench_parser(sub: Any) -> None:
     out.add_argument("--json", type=Path, default=None, help="JSON file (default <out>/bench.json)")
     out.add_argument("--png", type=Path, default=None, help="PNG plot (default <out>/bench.png)")
     out.add_argument("--no-plot", action="store_true", help="write no PNG")
+    out.add_argument(
+        "--render", type=Path, default=None, metavar="JSON", help="run nothing: print and plot a saved bench.json again"
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--debug", action="store_true")
     add_settings_flags(p, [n for n in Settings.model_fields if n not in _SWEPT])
@@ -186,7 +198,29 @@ def _scenarios(args: argparse.Namespace, prompts: tuple[str, ...]) -> list[Scena
     ]
 
 
+def _out_console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=200)  # a file or a pipe: one row per line
+
+
+def _render(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.render.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--render {args.render}: cannot read it ({e})") from e
+    points = points_from_json(data)
+    print_table(points, _out_console())
+    md = (args.json or args.render).with_suffix(".md")
+    md.write_text(markdown(points))
+    if not args.no_plot:
+        cpu = (data.get("machine") or {}).get("cpu", "")
+        write_png(args.png or args.render.with_suffix(".png"), points, f"rkmqtt bench on {cpu}")
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if args.render is not None:
+        return _render(args)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -234,12 +268,11 @@ def run_bench(args: argparse.Namespace) -> int:
         "standin_timing_model": standin.timing_model(standin.environment(False)) if uses_standin else None,
     }
     data = report_dict(points, meta)
-    out_console = Console()
-    if not out_console.is_terminal:
-        out_console = Console(width=200)  # a file or a pipe: one row per line
-    print_table(points, out_console)
+    print_table(points, _out_console())
     json_path = write_json(args.json or args.out / "bench.json", data)
-    console.print(f"JSON: {json_path}")
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(points))
+    console.print(f"JSON: {json_path}; Markdown: {md_path}")
     if not args.no_plot:
         png = write_png(args.png or args.out / "bench.png", points, f"rkmqtt bench on {meta['machine']['cpu']}")
         console.print(f"plot: {png}")

@@ -267,3 +267,57 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def markdown(points: Sequence[Point]) -> str:
+    """The figures as Markdown tables (for docs/benchmarks.md)."""
+    lines = [
+        "| scenario | engine | n_batch | mode | req/s | tok/s | latency p50 / p95 / p99 / mean, ms | TTFT p50, ms "
+        "| queue p50, ms | batch | errors | stream msg/s |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        m = p.metrics
+        if m is None:
+            lines.append(f"| {p.scenario} | {p.label} | {p.n_batch} | {p.mode} | failed: {'; '.join(p.failures)} |")
+            continue
+        errs = f"{100 * m.error_share:.1f} %"
+        if m.errors_by_code:
+            errs += " (" + ", ".join(f"{k} {v}" for k, v in sorted(m.errors_by_code.items())) + ")"
+        lat = " / ".join(_f(x) for x in (m.latency_ms_p50, m.latency_ms_p95, m.latency_ms_p99, m.latency_ms_mean))
+        lines.append(
+            f"| {p.scenario} | {p.label} | {p.n_batch} | {p.mode} | {_f(m.requests_per_s, 2)} | "
+            f"{_f(m.tokens_per_s, 1)} | {lat} | {_f(m.ttft_ms_p50)} | {_f(m.queued_ms_p50)} | "
+            f"{_f(m.mean_batch_size, 1)} | {errs} | {_f(m.stream_messages_per_s)} |"
+        )
+    costs = bridge_cost(points)
+    if costs:
+        lines += [
+            "",
+            "| bridge cost | n_batch | through MQTT, tok/s | engine alone, tok/s | ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in costs:
+            r = c["ratio"]
+            lines.append(
+                f"| {c['scenario']} | {c['n_batch']} | {_f(c['mqtt_tokens_per_s'], 1)} | "
+                f"{_f(c['direct_tokens_per_s'], 1)} | {'-' if r is None else f'{100 * r:.1f} %'} |"
+            )
+    ts = targets(points)
+    if any(t.met is not None for t in ts):
+        lines += ["", "| target | wanted | measured | |", "|---|---|---|---|"]
+        lines += [f"| {t.name} | {t.wanted} | {t.measured} | {t.mark()} |" for t in ts if t.met is not None]
+    return "\n".join(lines) + "\n"
+
+
+def points_from_json(data: dict[str, Any]) -> list[Point]:
+    """The points of a JSON report written by `write_json`, to render it again."""
+    points = []
+    for d in data.get("points", []):
+        p = Point(d["scenario"], d["engine"], d["label"], d["n_batch"], d["mode"], d["workload"])
+        p.runs = [RunMetrics(**r) for r in d.get("runs", [])]
+        p.bridge_info = d.get("bridge_info", {})
+        p.failures = d.get("failures", [])
+        p.broker = d.get("broker", "")
+        points.append(p)
+    return points
