@@ -85,6 +85,7 @@ class Probe:
         response_topic: str | None = None,
         correlation: bytes | None = None,
         expiry: int | None = None,
+        wait: bool = True,
     ) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
@@ -98,7 +99,8 @@ class Probe:
             if expiry is not None:
                 props.MessageExpiryInterval = expiry
         info = self.client.publish(topic, payload, qos=qos, properties=props)
-        info.wait_for_publish(5)
+        if wait:
+            info.wait_for_publish(5)
 
     def wait_for(self, pred: Callable[[Received], bool], timeout: float = 20.0, count: int = 1) -> list[Received]:
         end = time.monotonic() + timeout

@@ -179,7 +179,7 @@ def test_flood_beyond_queue_is_busy_at_once_and_every_accepted_completes(
     start_bridge(engine, max_queue=6, rate_limit=0)
     probe = probe_factory([f"{prefix}/reply/#"])
     for i in range(20):
-        probe.publish(f"{prefix}/request/flood", {"id": f"f{i}", "prompt": "tokens:8", "stream": False})
+        probe.publish(f"{prefix}/request/flood", {"id": f"f{i}", "prompt": "tokens:8", "stream": False}, wait=False)
     finals = {m.topic.rsplit("/", 1)[1]: m for m in probe.wait_for(_is_final(prefix), count=20, timeout=30)}
     busy = [k for k, m in finals.items() if m.json()["status"] == "error"]
     ok = [k for k, m in finals.items() if m.json()["status"] == "ok"]

@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import re
 import sys
 import time
 import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from rkmqtt.protocol import ErrorReply, OkReply, StreamChunk
+from rkmqtt.connection import make_client
+from rkmqtt.errors import ConfigError
+from rkmqtt.protocol import ID_PATTERN, ErrorReply, OkReply, StreamChunk
 from rkmqtt.settings import Settings
-from rkmqtt.topics import Topics
+from rkmqtt.topics import Topics, is_valid_client
 
 
 def build_request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
@@ -37,24 +39,17 @@ def build_request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
 
 def ask(settings: Settings, args: argparse.Namespace) -> int:
     topics = Topics(settings.topic_prefix)
+    if not is_valid_client(args.client):
+        raise ConfigError(f"--client {args.client!r}: use 1-64 characters of A-Z a-z 0-9 _ -")
     request_id = args.request_id or uuid.uuid4().hex[:12]
+    if not re.fullmatch(ID_PATTERN, request_id):
+        raise ConfigError(f"--id {request_id!r}: use 1-64 characters of A-Z a-z 0-9 _ . : -")
     reply_topic = topics.reply(args.client, request_id)
     stream_topic = Topics.stream_of(reply_topic)
     events: queue.Queue[tuple[str, bytes]] = queue.Queue()
     addr = settings.broker_url
-    mqtt5 = settings.mqtt_version == "5"
 
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"rkmqtt-ask-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
-    )
-    if addr.username is not None:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None)
-        if settings.tls_insecure:
-            client.tls_insecure_set(True)
+    client = make_client(settings, f"rkmqtt-ask-{uuid.uuid4().hex[:8]}")
 
     def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
         if reason.is_failure:
@@ -96,6 +91,7 @@ def _converse(
     deadline = t0 + args.timeout
     sent = False
     next_seq = 0
+    printed: list[str] = []
     pending: dict[int, str] = {}
     while True:
         try:
@@ -118,28 +114,42 @@ def _converse(
         elif topic == topics.status:
             status = payload.decode(errors="replace")
         elif topic == stream_topic and not args.json:
-            chunk = StreamChunk.model_validate_json(payload)
+            try:
+                chunk = StreamChunk.model_validate_json(payload)
+            except ValueError:
+                continue  # not ours to judge: the final reply carries the whole text anyway
             pending[chunk.seq] = chunk.text
-            while next_seq in pending:  # print in order; a chunk lost on QoS 0 shows in the final text
-                sys.stdout.write(pending.pop(next_seq))
+            while next_seq in pending:  # print in order; after a lost chunk the final reply fills in
+                printed.append(pending.pop(next_seq))
+                sys.stdout.write(printed[-1])
                 next_seq += 1
             sys.stdout.flush()
         elif topic == reply_topic:
-            return _final(payload, args, next_seq, t0)
+            return _final(payload, args, "".join(printed), t0)
 
 
-def _final(payload: bytes, args: argparse.Namespace, printed: int, t0: float) -> int:
-    data = json.loads(payload)
+def _final(payload: bytes, args: argparse.Namespace, printed: str, t0: float) -> int:
+    try:
+        data = json.loads(payload)
+        final: OkReply | ErrorReply = (
+            OkReply.model_validate_json(payload)
+            if data.get("status") == "ok"
+            else ErrorReply.model_validate_json(payload)
+        )
+    except ValueError as e:
+        print(f"rkmqtt: the final reply is not a valid rkmqtt reply: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0 if data.get("status") == "ok" else 1
-    if data.get("status") != "ok":
-        err = ErrorReply.model_validate_json(payload).error
-        print(f"rkmqtt: {err.code.value}: {err.message}", file=sys.stderr)
+    if isinstance(final, ErrorReply):
+        print(f"rkmqtt: {final.error.code.value}: {final.error.message}", file=sys.stderr)
         return 1
-    reply = OkReply.model_validate_json(payload)
-    if printed == 0:
-        sys.stdout.write(reply.text)  # streaming was off or every chunk was lost
+    reply = final
+    if reply.text.startswith(printed):
+        sys.stdout.write(reply.text[len(printed) :])  # what lost or unstreamed chunks left out
+    else:
+        sys.stdout.write("\n" + reply.text)
     sys.stdout.write("\n")
     t = reply.timing
     ttft = f"{t.ttft_ms:.0f} ms" if t.ttft_ms is not None else "-"

@@ -12,18 +12,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from rkmqtt.connection import make_client
 from rkmqtt.intake import Intake, Refusal
 from rkmqtt.outbox import Outbox, Outgoing, Publisher
 from rkmqtt.protocol import ErrorBody, ErrorCode, ErrorReply, parse_cancel_payload
@@ -71,25 +71,8 @@ class Bridge:
 
     # -- set-up -----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=s.effective_client_id(),
-            protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
-            reconnect_on_failure=True,
-        )
+        client = make_client(self.settings, self.settings.effective_client_id(), self.address)
         client.enable_logger(logging.getLogger("paho"))
-        if self.address.username is not None:
-            client.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            client.tls_set(
-                ca_certs=str(s.tls_ca) if s.tls_ca else None,
-                certfile=str(s.tls_cert) if s.tls_cert else None,
-                keyfile=str(s.tls_key) if s.tls_key else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            if s.tls_insecure:
-                client.tls_insecure_set(True)
         client.will_set(self.topics.status, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_socket_open = self._on_socket_open
@@ -117,30 +100,41 @@ class Bridge:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
-    def stop_accepting(self) -> None:
-        """New requests are answered `shutting_down` from now on."""
+    def stop_accepting(self, timeout: float = 3.0) -> None:
+        """Stop taking requests: unsubscribe (so the broker stops sending them, and with a shared
+        group hands them to the other bridges) and answer any still in flight `shutting_down`."""
         self._accepting = False
+        if not self.connected:
+            return
+        done = threading.Event()
+        self.client.on_unsubscribe = lambda *args: done.set()
+        self.client.unsubscribe(self.topics.request_subscription(self.settings.shared_group))
+        done.wait(timeout)
 
     def stop(self, flush_timeout: float = 10.0) -> None:
-        """Flush replies, publish `offline`, disconnect."""
+        """Flush replies, publish `offline`, disconnect. Replies still held by paho (published
+        during an outage) get up to `flush_timeout` for the broker to come back."""
         self.outbox.wait_empty(flush_timeout)
         self._stopping = True
         self.publisher.stop()
+        end = time.monotonic() + flush_timeout
+        if self._unacked() and not self.connected:
+            _LOGGER.warning("waiting up to %.0f s for the broker to deliver the last replies", flush_timeout)
+            self._connected.wait(flush_timeout)
         if self.connected:
             info = self.client.publish(self.topics.status, b"offline", qos=1, retain=True)
             with contextlib.suppress(RuntimeError):  # raised when the connection is gone meanwhile
                 info.wait_for_publish(timeout=3)
-            self._wait_acked(flush_timeout)
+            while self._unacked() and self.connected and time.monotonic() < end:
+                time.sleep(0.02)
+        if self._unacked():
+            _LOGGER.error("%d replies could not be delivered before exit", self._unacked())
         self.client.disconnect()
         self.client.loop_stop()
 
-    def _wait_acked(self, timeout: float) -> None:
-        """Wait until paho has no QoS>0 message left unacknowledged (final replies)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and self.connected:
-            if not getattr(self.client, "_out_messages", None):
-                return
-            time.sleep(0.02)
+    def _unacked(self) -> int:
+        """QoS>0 messages paho holds until the broker acknowledges them (final replies)."""
+        return len(getattr(self.client, "_out_messages", ()))
 
     # -- paho callbacks (network thread) ----------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -160,12 +154,16 @@ class Bridge:
             return
         self.connects += 1
         _LOGGER.info("connected to %s (connection %d)", self.address, self.connects)
-        subs = [
-            (self.topics.request_subscription(self.settings.shared_group), 1),
-            (self.topics.cancel_subscription(), 1),
-            *((topic, 1) for topic in self._extra_subs),
-        ]
-        client.subscribe(subs)
+        if self._accepting:
+            # A retained request is old news: it was answered when it was published (or it would be
+            # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
+            topic = self.topics.request_subscription(self.settings.shared_group)
+            if self.mqtt5:
+                opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+                client.subscribe([(topic, opts)])
+            else:
+                client.subscribe(topic, 1)
+        client.subscribe([(self.topics.cancel_subscription(), 1), *((topic, 1) for topic in self._extra_subs)])
         client.publish(self.topics.status, b"online", qos=1, retain=True)
         client.publish(self.topics.info, self.info_payload, qos=1, retain=True)
         self.publish_retained_extra()
@@ -223,6 +221,9 @@ class Bridge:
         _LOGGER.debug("ignoring message on %s", topic)
 
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain:
+            _LOGGER.warning("ignoring a retained request on %s: publish requests without the retain flag", msg.topic)
+            return
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None

@@ -11,9 +11,9 @@ import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from rkmqtt.broker import port_answers
+from rkmqtt.connection import make_client
 from rkmqtt.engines import create_engine, resolve_engine_name
 from rkmqtt.errors import RkmqttError
 from rkmqtt.settings import Settings
@@ -35,17 +35,7 @@ def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None,
     addr = settings.broker_url
     result: dict[str, Any] = {}
     done = threading.Event()
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"rkmqtt-check-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv5 if settings.mqtt_version == "5" else mqtt.MQTTv311,
-    )
-    if addr.username is not None:
-        client.username_pw_set(addr.username, addr.password)
-    if addr.tls:
-        client.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None)
-        if settings.tls_insecure:
-            client.tls_insecure_set(True)
+    client = make_client(settings, f"rkmqtt-check-{uuid.uuid4().hex[:8]}")
 
     def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
         result["reason"] = reason

@@ -34,6 +34,24 @@ class FairQueue:
         q.append(job)
         self._size += 1
 
+    def count(self, client: str) -> int:
+        q = self._queues.get(client)
+        return len(q) if q else 0
+
+    def pop_newest_of_largest(self, more_than: int) -> Job | None:
+        """Remove and return the newest job of the client with the most waiting jobs, if it has
+        more than `more_than`; None otherwise."""
+        if not self._queues:
+            return None
+        client, q = max(self._queues.items(), key=lambda kv: len(kv[1]))
+        if len(q) <= more_than:
+            return None
+        job = q.pop()
+        self._size -= 1
+        if not q:
+            del self._queues[client]
+        return job
+
     def oldest_arrival(self) -> float | None:
         return min((q[0].arrival for q in self._queues.values()), default=None)
 

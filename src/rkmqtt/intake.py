@@ -85,9 +85,31 @@ class Intake:
         """Validate one request published on `P/request/<client>`.
 
         `response_topic`, `correlation` and `expiry_s` are the MQTT 5 properties, when present;
-        they win over the payload's `reply_to` and `expires_in`.
+        they win over the payload's `reply_to` and `expires_in`. Never raises: whatever cannot be
+        read is refused with `invalid_request`.
         """
         now = time.monotonic() if now is None else now
+        try:
+            return self._accept(client, payload, response_topic, correlation, expiry_s, now)
+        except Exception as e:  # e.g. RecursionError on absurd nesting: refuse, never drop
+            rid = new_request_id()
+            return Refusal(
+                rid,
+                self.topics.reply(client, rid),
+                ErrorCode.INVALID_REQUEST,
+                f"the request could not be read ({type(e).__name__})",
+                correlation,
+            )
+
+    def _accept(
+        self,
+        client: str,
+        payload: bytes,
+        response_topic: str | None,
+        correlation: bytes | None,
+        expiry_s: float | None,
+        now: float,
+    ) -> Job | Refusal:
         s = self.settings
         routing_id, routing_reply = (None, None)
         if len(payload) <= s.max_payload_bytes:
@@ -100,7 +122,7 @@ class Intake:
 
         # Where a refusal goes: the requested reply topic if it is allowed, else the default.
         wanted = response_topic or routing_reply
-        ok_topic = wanted if wanted and self.topics.is_allowed_reply_topic(wanted) else None
+        ok_topic = wanted if wanted and self.topics.is_allowed_reply_topic(wanted, client) else None
 
         if len(payload) > s.max_payload_bytes:
             return refuse(
@@ -123,7 +145,7 @@ class Intake:
         if wanted is not None and ok_topic is None:
             return refuse(
                 ErrorCode.INVALID_REPLY_TO,
-                f"reply topic {wanted!r} must lie under {self.topics.reply_root()} without + or #",
+                f"reply topic {wanted!r} must lie under {self.topics.reply_root()}{client}/ without + or #",
             )
         reply_topic = ok_topic or default_topic
         if req.prompt_chars() > s.max_prompt_chars:

@@ -35,7 +35,7 @@ class Outgoing:
 
 class Outbox:
     def __init__(self, maxsize: int) -> None:
-        self._maxsize = maxsize
+        self.maxsize = maxsize
         self._queue: deque[Outgoing] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -45,7 +45,7 @@ class Outbox:
     def put(self, msg: Outgoing) -> bool:
         """Queue a message without waiting. Returns False when a droppable one was dropped."""
         with self._cond:
-            if msg.droppable and len(self._queue) >= self._maxsize:
+            if msg.droppable and len(self._queue) >= self.maxsize:
                 self.dropped += 1
                 return False
             self._queue.append(msg)
@@ -106,6 +106,10 @@ class Publisher:
         self._outbox.close()
         self._thread.join(timeout)
 
+    def _paho_backlog(self) -> int:
+        """Packets paho has queued for the socket but not yet written."""
+        return len(getattr(self._client, "_out_packet", ()))
+
     def _properties(self, msg: Outgoing) -> Properties | None:
         if not self._mqtt5 or msg.correlation is None:
             return None
@@ -130,6 +134,10 @@ class Publisher:
     def _publish(self, msg: Outgoing) -> None:
         if msg.qos == 0 and not self._is_connected():
             return  # QoS 0 is fire-and-forget: a chunk during an outage is lost, its seq gap shows it
+        if msg.droppable and self._paho_backlog() > self._outbox.maxsize:
+            # The socket is not keeping up (slow link): paho's own queue would grow without bound.
+            self._outbox.dropped += 1
+            return
         while True:
             info = self._client.publish(
                 msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=self._properties(msg)

@@ -105,12 +105,12 @@ class Timing(_Strict):
     queued_ms: float = Field(description="from arrival to the start of its batch")
     ttft_ms: float | None = Field(description="from arrival to the first token; null when none came")
     total_ms: float = Field(description="from arrival to this reply")
-    tokens_per_s: float = Field(description="completion tokens over generation time (first token to last)")
+    tokens_per_s: float = Field(description="completion tokens per second of generation (prefill excluded)")
 
 
 class BatchInfo(_Strict):
     size: int = Field(description="requests that shared the engine with it when it started")
-    slot: int = Field(description="its slot in the engine")
+    slot: int | None = Field(description="its slot in the engine; null when it was cancelled before it ended")
 
 
 class ErrorBody(_Strict):
@@ -192,7 +192,9 @@ class Stats(_Strict):
     completed: int
     errors: int
     errors_by_code: dict[str, int]
-    last_reply: str | None = None
+    last_reply: str | None = Field(
+        default=None, description="the text of the last reply to the Home Assistant dashboard's prompts"
+    )
 
 
 def new_request_id() -> str:
@@ -236,9 +238,11 @@ def dumps(model: BaseModel) -> bytes:
 def extract_routing(payload: bytes) -> tuple[str | None, str | None]:
     """Best effort: the `id` and `reply_to` of a request that failed validation, so that its
     error reply goes where the device listens. Values that are themselves invalid are dropped."""
+    if not payload.lstrip().startswith(b"{"):
+        return None, None  # plain text: no fields to route by
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None, None
     if not isinstance(obj, dict):
         return None, None

@@ -53,11 +53,12 @@ class Job:
     state: RequestState = RequestState.WAITING
     started: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int = 0
     seq: int = 0
     parts: list[str] = field(default_factory=list)
-    slot: int = 0
+    slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
     batch_size: int = 0
     error: tuple[ErrorCode, str] | None = None
 

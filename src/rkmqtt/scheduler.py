@@ -33,6 +33,7 @@ from rkmqtt.protocol import (
     ErrorBody,
     ErrorCode,
     ErrorReply,
+    FinalReply,
     OkReply,
     Stats,
     StreamChunk,
@@ -56,6 +57,7 @@ class SchedulerConfig:
     stats_interval_s: float
     stats_topic: str | None
     model_name: str
+    last_reply_client: str | None = None  # whose replies `stats.last_reply` shows (Home Assistant's)
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,15 @@ class _Shutdown:
 
 
 class ReplyLog:
-    """Recently finished replies by (client, id), so that a retried id is answered again."""
+    """Recently finished replies by (client, id), so that a retried id (or a QoS 1 duplicate) is
+    answered again with the same final reply instead of running twice."""
 
     def __init__(self, window_s: float, max_entries: int = 10_000) -> None:
         self._window = window_s
         self._max = max_entries
-        self._items: OrderedDict[tuple[str, str], tuple[float, OkReply]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[float, FinalReply]] = OrderedDict()
 
-    def add(self, client: str, request_id: str, reply: OkReply, now: float) -> None:
+    def add(self, client: str, request_id: str, reply: FinalReply, now: float) -> None:
         if self._window <= 0:
             return
         self._items[(client, request_id)] = (now, reply)
@@ -90,7 +93,7 @@ class ReplyLog:
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
-    def get(self, client: str, request_id: str, now: float) -> OkReply | None:
+    def get(self, client: str, request_id: str, now: float) -> FinalReply | None:
         while self._items:
             first_key, (t, _) = next(iter(self._items.items()))
             if now - t <= self._window:
@@ -120,6 +123,7 @@ class Scheduler:
         self._continuous = engine.capabilities.continuous
         self._thread = threading.Thread(target=self._run, name="rkmqtt-scheduler", daemon=True)
         self._stopped = threading.Event()
+        self._crashed = False
         self._shutdown_deadline: float | None = None
         self._started_at = clock()
         # Figures other threads read (single writer: this thread; reads of ints are atomic).
@@ -149,12 +153,19 @@ class Scheduler:
         self._inbox.put(_Shutdown(grace_s))
 
     def join(self, timeout: float | None = None) -> bool:
+        if self._thread.ident is None:  # never started (start-up failed before it)
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    @property
+    def crashed(self) -> bool:
+        """True when the loop died of an unexpected error (the service should exit non-zero)."""
+        return self._crashed
 
     def note_rejection(self, code: ErrorCode) -> None:
         """Count a request that the bridge refused before it reached the scheduler."""
@@ -167,13 +178,31 @@ class Scheduler:
 
     # -- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
+        code, message = ErrorCode.SHUTTING_DOWN, "the bridge is shutting down; try again later"
         try:
             while not self._stopped.is_set():
                 self._turn()
         except Exception:
             _LOGGER.exception("scheduler failed; answering every request engine_error")
-            self._fail_all(ErrorCode.ENGINE_ERROR, "the bridge's scheduler failed; see its log")
+            self._crashed = True
+            code, message = ErrorCode.ENGINE_ERROR, "the bridge's scheduler failed; see its log"
+            self._fail_all(code, message)
+        finally:
             self._stopped.set()
+            self._answer_late_submits(code, message)
+
+    def _answer_late_submits(self, code: ErrorCode, message: str) -> None:
+        """Requests that reached the inbox after the loop ended still get their one final reply."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Submit):
+                try:
+                    self._reject(cmd.job, code, message)
+                except Exception:
+                    _LOGGER.exception("request %s/%s: could not be answered", cmd.job.client, cmd.job.id)
 
     def _turn(self) -> None:
         now = self.clock()
@@ -242,8 +271,22 @@ class Scheduler:
             self._reject(job, ErrorCode.SHUTTING_DOWN, "the bridge is shutting down")
             return
         if len(self._waiting) >= self.config.max_queue:
-            self._reject(job, ErrorCode.BUSY, f"the queue is full ({self.config.max_queue} waiting); try again later")
-            return
+            # Full: the newcomer takes the place of the newest request of the client holding the
+            # most places, when that client holds more than the newcomer's would — so one flooding
+            # device cannot lock the others out. Otherwise the newcomer is the one turned away.
+            bumped = self._waiting.pop_newest_of_largest(more_than=self._waiting.count(job.client) + 1)
+            if bumped is None:
+                self._reject(
+                    job, ErrorCode.BUSY, f"the queue is full ({self.config.max_queue} waiting); try again later"
+                )
+                return
+            self._live.pop((bumped.client, bumped.id), None)
+            self._reject(
+                bumped,
+                ErrorCode.BUSY,
+                f"the queue is full ({self.config.max_queue} waiting) and "
+                f"{bumped.client!r} holds the most places; try again later",
+            )
         try:
             job.prompt_tokens = self.engine.prepare(job.gen)
         except RequestRejected as e:
@@ -267,8 +310,7 @@ class Scheduler:
             self._waiting.remove(client, request_id)
             self._finish_error(job, ErrorCode.CANCELLED, "cancelled before it started")
             return
-        self.engine.cancel(job.key)
-        job.state = RequestState.FINISHED_CANCELLED
+        self._engine_cancel(job)
         self._finish_ok(job, RequestState.FINISHED_CANCELLED)
 
     def _on_shutdown(self, grace_s: float) -> None:
@@ -330,6 +372,7 @@ class Scheduler:
             now = self.clock()
             if job.first_token is None:
                 job.first_token = now
+            job.last_token = now
             job.completion_tokens += ev.tokens
             self._tokens_since_stats += ev.tokens
             if not ev.text:
@@ -356,7 +399,12 @@ class Scheduler:
     # -- final replies -----------------------------------------------------------------------
     def _timing(self, job: Job, now: float) -> Timing:
         started = job.started if job.started is not None else now
-        gen_s = now - started
+        # Tokens per second from the first token to the last (prefill excluded); with one token
+        # there is no interval, so the time since the batch started stands in.
+        if job.first_token is not None and job.last_token is not None and job.completion_tokens > 1:
+            gen_s = (job.last_token - job.first_token) * job.completion_tokens / (job.completion_tokens - 1)
+        else:
+            gen_s = now - started
         return Timing(
             queued_ms=round((started - job.arrival) * 1000, 2),
             ttft_ms=None if job.first_token is None else round((job.first_token - job.arrival) * 1000, 2),
@@ -381,10 +429,10 @@ class Scheduler:
         )
         self._forget(job)
         self.outbox.put(Outgoing(job.reply_topic, reply.model_dump_json().encode(), 1, False, job.correlation))
-        if reason != "cancelled":
-            self._replies.add(job.client, job.id, reply, now)
+        self._replies.add(job.client, job.id, reply, now)
         self.counters["completed"] += 1
-        self._last_reply = job.text
+        if job.client == self.config.last_reply_client:
+            self._last_reply = job.text
         _LOGGER.info(
             "request %s/%s: done (%s, %d tokens, %.0f ms)",
             job.client,
@@ -396,23 +444,31 @@ class Scheduler:
         _LOGGER.debug("request %s/%s: text %r", job.client, job.id, job.text)
 
     def _finish_error(self, job: Job, code: ErrorCode, message: str) -> None:
-        if job.state == RequestState.RUNNING:
-            self.engine.cancel(job.key)
+        self._engine_cancel(job)
         job.state = RequestState.FINISHED_ERROR
         job.error = (code, message)
         self._forget(job)
-        self._send_error(job, code, message)
+        reply = self._send_error(job, code, message)
+        self._replies.add(job.client, job.id, reply, self.clock())
+
+    def _engine_cancel(self, job: Job) -> None:
+        """Tell the engine to drop a job (engines ignore keys they do not hold, e.g. prepared-only)."""
+        try:
+            self.engine.cancel(job.key)
+        except Exception:
+            _LOGGER.exception("request %s/%s: engine cancel failed", job.client, job.id)
 
     def _reject(self, job: Job, code: ErrorCode, message: str) -> None:
         job.state = RequestState.FINISHED_ERROR
         self._send_error(job, code, message)
 
-    def _send_error(self, job: Job, code: ErrorCode, message: str) -> None:
+    def _send_error(self, job: Job, code: ErrorCode, message: str) -> ErrorReply:
         reply = ErrorReply(id=job.id, error=ErrorBody(code=code, message=message))
         self.outbox.put(Outgoing(job.reply_topic, reply.model_dump_json().encode(), 1, False, job.correlation))
         self.counters["errors"] += 1
         self.counters[f"error:{code.value}"] += 1
         _LOGGER.warning("request %s/%s: %s: %s", job.client, job.id, code.value, message)
+        return reply
 
     def _forget(self, job: Job) -> None:
         self._running.pop(job.key, None)
@@ -420,7 +476,10 @@ class Scheduler:
 
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         for job in [*self._waiting.remove_where(lambda j: True), *self._running.values()]:
-            self._finish_error(job, code, message)
+            try:
+                self._finish_error(job, code, message)
+            except Exception:
+                _LOGGER.exception("request %s/%s: could not be answered", job.client, job.id)
 
     # -- stats and shutdown -------------------------------------------------------------------
     def stats(self, now: float | None = None) -> Stats:

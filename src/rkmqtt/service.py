@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -112,6 +113,7 @@ class Service:
                 stats_interval_s=s.stats_interval,
                 stats_topic=topics.stats,
                 model_name=self.engine.model_name,
+                last_reply_client=self._last_reply_client(),
             ),
             outbox,
         )
@@ -130,6 +132,13 @@ class Service:
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
+
+    def _last_reply_client(self) -> str | None:
+        if not self.settings.discovery:
+            return None
+        from rkmqtt.homeassistant import HA_CLIENT
+
+        return HA_CLIENT
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings
@@ -185,21 +194,25 @@ class Service:
         self._stopped = True
         self._stop_requested.set()
         grace = self.settings.grace_period if grace_s is None else grace_s
-        if self.bridge is not None:
-            self.bridge.stop_accepting()
-        if self.scheduler is not None:
-            self.scheduler.shutdown(grace)
-            self.scheduler.join(grace + 10)
-        if self.bridge is not None:
-            self.bridge.stop()
+        bridge, scheduler = self.bridge, self.scheduler
+        # Each step is best-effort: one failing must not keep the others (offline, the private
+        # broker's exit) from happening.
+        steps: list[tuple[str, Callable[[], object]]] = []
+        if bridge is not None:
+            steps.append(("stop taking requests", bridge.stop_accepting))
+        if scheduler is not None:
+            steps.append(("answer or finish requests", lambda: _drain(scheduler, grace)))
+        if bridge is not None:
+            steps.append(("flush replies and disconnect", bridge.stop))
         if self.engine is not None:
-            try:
-                self.engine.close()
-            except Exception:
-                _LOGGER.exception("engine close failed")
+            steps.append(("release the engine", self.engine.close))
         if self.embedded is not None:
-            self.embedded.close()
-            _LOGGER.info("private Mosquitto stopped")
+            steps.append(("stop the private Mosquitto", self.embedded.close))
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                _LOGGER.exception("shutdown: could not %s", what)
         _LOGGER.info("stopped")
 
     def run_forever(self) -> int:
@@ -210,14 +223,21 @@ class Service:
             self._stop_requested.set()
 
         old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        status = 0
         try:
             self.start()
             while not self._stop_requested.wait(0.5):
                 if self.scheduler is not None and self.scheduler.stopped:
-                    _LOGGER.error("the scheduler stopped unexpectedly")
+                    _LOGGER.error("the scheduler stopped unexpectedly; exiting so that a supervisor restarts us")
+                    status = 1
                     break
         finally:
             self.stop()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-        return 0
+        return status
+
+
+def _drain(scheduler: Scheduler, grace_s: float) -> None:
+    scheduler.shutdown(grace_s)
+    scheduler.join(grace_s + 10)

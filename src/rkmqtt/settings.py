@@ -206,6 +206,13 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return v
 
+    @field_validator("tls_ca", "tls_cert", "tls_key")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("is not a file that exists: give the path of a PEM file")
+        return v
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, v: str) -> str:
@@ -369,5 +376,16 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
         origin = next((o for data, o in layers if name in data), "default")
     if err["type"] == "extra_forbidden":
         return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
-    shown = "***" if name == "password" else repr(value)
+    shown = "***" if name == "password" else repr(_hide_password(value) if name == "broker" else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"
+
+
+def _hide_password(value: Any) -> Any:
+    """A broker URL with its password (if any) replaced by ***, for error messages."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    head, sep, rest = value.partition("://")
+    userinfo, at, hostpart = (rest if sep else head).rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    masked = f"{user}:***" if ":" in userinfo else user
+    return f"{head}{sep}{masked}{at}{hostpart}" if sep else f"{masked}{at}{hostpart}"

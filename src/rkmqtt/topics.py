@@ -16,7 +16,7 @@ _CLIENT_RE = re.compile(CLIENT_PATTERN)
 
 
 def is_valid_client(name: str) -> bool:
-    return bool(_CLIENT_RE.match(name))
+    return bool(_CLIENT_RE.fullmatch(name))
 
 
 def has_wildcards(topic: str) -> bool:
@@ -74,9 +74,11 @@ class Topics:
         rest = topic[len(head) :]
         return None if "/" in rest else rest
 
-    def is_allowed_reply_topic(self, topic: str) -> bool:
-        """A reply topic must lie strictly under `P/reply/`, with no wildcards and no empty levels."""
-        root = self.reply_root()
+    def is_allowed_reply_topic(self, topic: str, client: str | None = None) -> bool:
+        """A reply topic must lie strictly under `P/reply/` — under `P/reply/<client>/` when the
+        requesting client is given, so that a broker ACL pinning each device to its own reply
+        topics (`pattern read P/reply/%u/#`) holds — with no wildcards and no empty levels."""
+        root = self.reply_root() if client is None else f"{self.reply_root()}{client}/"
         if has_wildcards(topic) or not topic.startswith(root) or len(topic) <= len(root):
             return False
         if "\x00" in topic or len(topic.encode()) > 65535:

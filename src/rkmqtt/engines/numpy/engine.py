@@ -241,6 +241,10 @@ class NumpyEngine(Engine):
         self._prepared[req.key] = ids
         return len(ids)
 
+    def decoding(self) -> int:
+        """Requests past their prompt (each makes one token a step)."""
+        return sum(1 for r in self._running.values() if not r.prefilling)
+
     def free_slots(self) -> int:
         return sum(1 for s in self._slots if s is None)
 
