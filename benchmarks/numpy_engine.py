@@ -1,0 +1,297 @@
+"""Benchmark of the numpy engine on SmolLM2-135M-Instruct (main thread; drives the engine as the
+scheduler would, with no MQTT).
+
+    .venv/bin/python benchmarks/numpy_engine.py [--repeats 3] [--quick]
+
+Prints one table:
+
+* engine-only decode throughput, aggregate and per sequence, for n_batch 1, 2, 4, 8, 16
+  (only steps where every slot is decoding count; medians over repeats, interleaved so that
+  load from other processes spreads over all batch sizes);
+* prefill tokens/s for a 200-token prompt;
+* peak RSS of a process running n_batch 8 with 2048-token contexts filled to the end;
+* continuous against static batching under staggered arrivals at the same load: mean latency
+  (static: a batch of up to n_batch requests starts together and nothing joins until all of
+  it has finished, emulated with the same engine by submitting only when it is idle).
+
+OpenBLAS: when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set, the script runs itself again
+without them (they make current numpy slower on this machine); `--keep-openblas-env` keeps them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if "--keep-openblas-env" not in sys.argv and any(v in os.environ for v in _OPENBLAS_VARS):
+    env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_VARS}
+    env["RKMQTT_BENCH_UNSET"] = ",".join(v for v in _OPENBLAS_VARS if v in os.environ)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from rkmqtt.engines.base import ChatMessage, FinishEvent, GenerationRequest, SamplingParams  # noqa: E402
+from rkmqtt.engines.numpy.engine import NumpyEngine  # noqa: E402
+
+TOPICS = [
+    "the history of the bicycle",
+    "how rain forms",
+    "a lighthouse keeper",
+    "the rules of chess",
+    "a journey to Mars",
+    "how bread is made",
+    "the life of bees",
+    "a city at night",
+    "the first computers",
+    "a storm at sea",
+    "ancient Rome",
+    "how volcanoes work",
+    "a day at the market",
+    "the northern lights",
+    "a robot learning to paint",
+    "the water cycle",
+]
+
+
+def story(i: int, max_new: int) -> GenerationRequest:
+    text = f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}."
+    return GenerationRequest(f"r{i}", (ChatMessage("user", text),), max_new, SamplingParams())
+
+
+# -- decode throughput -----------------------------------------------------------------------------
+
+
+def decode_throughput(engine: NumpyEngine, batch: int, new_tokens: int) -> float:
+    """Aggregate tok/s over steps in which all `batch` slots decode."""
+    reqs = [story(i, new_tokens) for i in range(batch)]
+    for r in reqs:
+        engine.prepare(r)
+    engine.submit(reqs)
+    tokens = 0
+    elapsed = 0.0
+    started = 0
+    while engine.active():
+        decoding = engine.decoding()
+        t = time.perf_counter()
+        engine.poll(0.0)
+        dt = time.perf_counter() - t
+        if decoding == batch and engine.active() == batch:
+            started += 1
+            if started > 2:  # skip the first steps (first token, warm caches)
+                tokens += batch  # every decoding slot made one token
+                elapsed += dt
+    if elapsed == 0.0:
+        raise RuntimeError(f"batch {batch}: no full decode steps; raise --new-tokens")
+    return tokens / elapsed
+
+
+def prefill_rate(engine: NumpyEngine, n_tokens: int) -> tuple[float, int]:
+    words = "The quick brown fox jumps over the lazy dog near the river bank. "
+    text = words * (n_tokens // 12)
+    req = GenerationRequest("p", (ChatMessage("user", text),), 1, SamplingParams())
+    n = engine.prepare(req) or 0
+    # trim the text until the prompt is n_tokens long
+    while n > n_tokens:
+        text = text[: -max(1, (n - n_tokens) * 3)]
+        req = GenerationRequest("p", (ChatMessage("user", text),), 1, SamplingParams())
+        engine.cancel("p")
+        n = engine.prepare(req) or 0
+    engine.submit([req])
+    t = time.perf_counter()
+    while engine.active():
+        engine.poll(0.0)
+    return n / (time.perf_counter() - t), n
+
+
+# -- continuous against static ---------------------------------------------------------------------------
+
+
+@dataclass
+class Arrival:
+    at: float
+    req: GenerationRequest
+
+
+def arrivals(n: int, interval: float, seed: int) -> list[Arrival]:
+    rng = np.random.default_rng(seed)
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += float(rng.exponential(interval))
+        out.append(Arrival(t, story(i, int(rng.integers(16, 97)))))
+    return out
+
+
+def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[float]:
+    """Run the arrivals through the engine; return each request's latency (arrival to finish)."""
+    start = time.perf_counter()
+    waiting: list[Arrival] = []
+    pending = list(schedule)
+    arrived_at: dict[str, float] = {}
+    latencies: list[float] = []
+    while pending or waiting or engine.active():
+        now = time.perf_counter() - start
+        while pending and pending[0].at <= now:
+            a = pending.pop(0)
+            waiting.append(a)
+            arrived_at[a.req.key] = a.at
+        can_submit = engine.free_slots() > 0 and (not static or engine.active() == 0)
+        if waiting and can_submit:
+            take = waiting[: engine.free_slots()]
+            del waiting[: len(take)]
+            for a in take:
+                engine.prepare(a.req)
+            engine.submit([a.req for a in take])
+        if engine.active() == 0:
+            if pending:
+                time.sleep(max(0.0, pending[0].at - (time.perf_counter() - start)))
+            continue
+        for ev in engine.poll(0.0):
+            if isinstance(ev, FinishEvent):
+                latencies.append(time.perf_counter() - start - arrived_at[ev.key])
+    return latencies
+
+
+# -- peak RSS in a child process ---------------------------------------------------------------------
+
+
+def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
+    """Fill every slot's context to the end; report peak RSS (the child's own ru_maxrss)."""
+    import resource
+
+    engine = NumpyEngine(n_batch=n_batch, max_context=max_context)
+    engine.load()
+    words = "Tell me everything you know about the sea, the sky and the mountains. "
+    reqs = []
+    for i in range(n_batch):
+        text = f"({i}) " + words * (max_context // 16)
+        r = GenerationRequest(f"m{i}", (ChatMessage("user", text),), 10_000, SamplingParams())
+        while True:
+            try:
+                engine.prepare(r)
+                break
+            except Exception:
+                text = text[: int(len(text) * 0.9)]
+                r = GenerationRequest(f"m{i}", (ChatMessage("user", text),), 10_000, SamplingParams())
+        reqs.append(r)
+    engine.submit(reqs)
+    totals: dict[str, int] = {}
+    while engine.active():
+        for ev in engine.poll(0.0):
+            if isinstance(ev, FinishEvent):
+                totals[ev.key] = (ev.prompt_tokens or 0) + ev.completion_tokens
+    info = engine.info()
+    return {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "kv_cache_bytes": info["kv_cache_bytes"],
+        "weights_bytes": info["weights_bytes"],
+        "tokens_per_slot": sorted(totals.values()),
+    }
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = "?"
+    try:
+        cfg = np.show_config(mode="dicts")  # type: ignore[no-untyped-call]
+        blas = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas']['version']}"
+    except Exception:
+        pass
+    unset = os.environ.get("RKMQTT_BENCH_UNSET")
+    env = f"; unset {unset}" if unset else ""
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), numpy {np.__version__}, {blas}{env}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens per request in the decode runs")
+    ap.add_argument("--quick", action="store_true", help="one repeat, no RSS run, a short arrival test")
+    ap.add_argument("--keep-openblas-env", action="store_true")
+    ap.add_argument("--rss-child", nargs=2, type=int, metavar=("N_BATCH", "MAX_CONTEXT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        print(json.dumps(rss_child(*args.rss_child)))
+        return
+    repeats = 1 if args.quick else args.repeats
+    print(f"machine: {machine()}")
+    print(f"load average at start: {os.getloadavg()}")
+    batches = [1, 2, 4, 8, 16]
+    engine = NumpyEngine(n_batch=16, max_context=2048)
+    engine.load()
+    print(f"model: {engine.info()['model_path']}")
+    decode_throughput(engine, 2, 8)  # warm up
+    rates: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(repeats):
+        for b in batches:
+            rates[b].append(decode_throughput(engine, b, args.new_tokens))
+    prefill = [prefill_rate(engine, 200) for _ in range(repeats)]
+    engine.close()
+
+    print()
+    print(f"decode (engine only, greedy; median of {repeats})")
+    print(f"{'n_batch':>8} {'aggregate tok/s':>16} {'per sequence tok/s':>19} {'vs n_batch 1':>13}   runs")
+    base = statistics.median(rates[1])
+    for b in batches:
+        med = statistics.median(rates[b])
+        runs = ", ".join(f"{r:.0f}" for r in rates[b])
+        print(f"{b:>8} {med:>16.1f} {med / b:>19.1f} {med / base:>12.2f}x   [{runs}]")
+    pre = statistics.median(r for r, _ in prefill)
+    print(f"\nprefill: {prefill[0][1]}-token prompt, {pre:.0f} tokens/s (median of {repeats})")
+
+    if not args.quick:
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", "8", "2048", "--keep-openblas-env"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        rss = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"\npeak RSS, n_batch 8, max_context 2048, every context filled to its end: "
+            f"{rss['peak_rss_bytes'] / 1e9:.2f} GB (weights {rss['weights_bytes'] / 1e9:.2f} GB, "
+            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
+        )
+
+    n_req = 12 if args.quick else 32
+    engine = NumpyEngine(n_batch=8, max_context=1024)
+    engine.load()
+    cont: list[float] = []
+    stat: list[float] = []
+    for rep in range(repeats):
+        schedule = arrivals(n_req, 0.35, seed=rep)
+        for static in (False, True) if rep % 2 == 0 else (True, False):
+            lat = serve(engine, schedule, static)
+            (stat if static else cont).append(statistics.mean(lat))
+    engine.close()
+    c, s = statistics.median(cont), statistics.median(stat)
+    print(
+        f"\nstaggered arrivals ({n_req} requests, mean gap 0.35 s, 16-96 new tokens, n_batch 8; "
+        f"median of {repeats} runs of the mean latency)"
+    )
+    print(f"  continuous batching: {c:.2f} s   runs {[round(x, 2) for x in cont]}")
+    print(f"  static batching:     {s:.2f} s   runs {[round(x, 2) for x in stat]}")
+    print(f"  continuous is {100 * (1 - c / s):.0f}% lower")
+    print(f"\nload average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
