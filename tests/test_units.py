@@ -113,6 +113,8 @@ def test_intake_resolves_defaults_messages_and_expiry() -> None:
     assert not job.gen.sampling_requested and job.deadline == 105.0
     job = intake.accept("dev", b'{"prompt": "hi", "expires_in": 50, "seed": 3}', expiry_s=2.0, now=0.0)
     assert not isinstance(job, Refusal) and job.deadline == 2.0 and job.gen.sampling_requested
+    job = intake.accept("dev", b'{"prompt": "hi", "expires_in": 2}', expiry_s=50.0, now=1.0)
+    assert not isinstance(job, Refusal) and job.deadline == 51.0  # the MQTT 5 property wins
     msgs = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
     job = intake.accept("dev", msgs, now=0.0)
     assert not isinstance(job, Refusal) and [m.content for m in job.gen.messages] == ["a", "b"]

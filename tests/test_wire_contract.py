@@ -293,6 +293,10 @@ def test_retried_id_is_not_run_twice(
     probe.publish(f"{prefix}/request/dev", req)  # retried after it finished: the reply again
     finals = probe.wait_for(lambda m: m.topic == f"{prefix}/reply/dev/same", count=2)
     assert finals[1].json() == first
+    import time
+
+    time.sleep(0.3)
+    assert len(probe.on(f"{prefix}/reply/dev/same")) == 2, "one final per delivery, no more"
     assert [k for b in engine.batches for k in b] == ["dev/same"]
     # The same id from another client is another request.
     probe.publish(f"{prefix}/request/other", req)
@@ -321,3 +325,130 @@ def test_status_info_retained_and_stats_periodic(
     assert info.retain and info.json()["n_batch"] == 3 and info.json()["limits"]["max_queue"] == 64
     stats = probe.wait_for(lambda m: m.topic == f"{prefix}/stats", count=2, timeout=5)
     assert {"queue_depth", "active", "tokens_per_s", "completed"} <= set(stats[0].json())
+
+
+def test_retained_request_is_not_run_on_connect(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    probe = probe_factory([f"{prefix}/reply/#"])
+    subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-r", "-t", f"{prefix}/request/old",
+                    "-m", '{"id": "stale", "prompt": "unlock the door"}'], check=True, timeout=10)  # fmt: skip
+    engines = [FakeEngine(), FakeEngine()]
+    start_bridge(engines[0])
+    start_bridge(engines[1], mqtt_version="3.1.1")
+    probe.publish(f"{prefix}/request/new", {"id": "fresh", "prompt": "hello"})
+    probe.final(f"{prefix}/reply/new/fresh")
+    assert not probe.on(f"{prefix}/reply/old/stale")
+    assert all("old/stale" not in k for e in engines for b in e.batches for k in b)
+
+
+def test_quiet_client_gets_a_place_in_a_queue_the_flood_filled(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    engine = FakeEngine(n_batch=1, step_s=0.02)
+    start_bridge(engine, max_queue=4, rate_limit=0)
+    probe = probe_factory([f"{prefix}/reply/#"])
+    for i in range(8):
+        probe.publish(f"{prefix}/request/flood", {"id": f"f{i}", "prompt": "tokens:10", "stream": False})
+    probe.publish(f"{prefix}/request/quiet", {"id": "q", "prompt": "tokens:2", "stream": False})
+    assert probe.final(f"{prefix}/reply/quiet/q")["status"] == "ok"
+    finals = probe.wait_for(_is_final(prefix), count=9)
+    codes = [m.json().get("error", {}).get("code") for m in finals if "/flood/" in m.topic]
+    assert codes.count("busy") >= 3 and codes.count(None) >= 4, codes
+
+
+def test_deeply_nested_payload_is_refused_not_dropped(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    start_bridge(FakeEngine())
+    probe = probe_factory([f"{prefix}/reply/#"])
+    probe.publish(f"{prefix}/request/dev", '{"prompt": ' + "[" * 5000 + "]" * 5000 + "}")
+    err = probe.wait_for(_is_final(prefix))[0].json()
+    assert err["error"]["code"] == "invalid_request"
+    probe.publish(f"{prefix}/request/dev", "[" * 1500)  # plain text that merely looks like brackets
+    texts = probe.wait_for(_is_final(prefix), count=2)[1].json()
+    assert texts["status"] == "ok" and texts["text"] == "[" * 1500 + " "
+
+
+def test_response_topic_wins_over_reply_to_and_other_clients_topics_are_refused(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    start_bridge(FakeEngine())
+    probe = probe_factory([f"{prefix}/reply/#"])
+    probe.publish(f"{prefix}/request/dev", {"id": "p1", "prompt": "hi", "reply_to": f"{prefix}/reply/dev/payload"},
+                  response_topic=f"{prefix}/reply/dev/property")  # fmt: skip
+    assert probe.final(f"{prefix}/reply/dev/property")["id"] == "p1"
+    probe.publish(f"{prefix}/request/dev", {"id": "p2", "prompt": "hi", "reply_to": f"{prefix}/reply/victim/x"})
+    assert probe.final(f"{prefix}/reply/dev/p2")["error"]["code"] == "invalid_reply_to"
+    assert not probe.on(f"{prefix}/reply/dev/payload") and not probe.on(f"{prefix}/reply/victim/x")
+
+
+def test_static_batch_cancel_keeps_the_batch_together(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    engine = FakeEngine(n_batch=4, continuous=False, step_s=0.03)
+    start_bridge(engine, rate_limit=0, batch_window_ms=300)
+    probe = probe_factory([f"{prefix}/reply/#"])
+    for name in ("a", "b", "c"):
+        probe.publish(f"{prefix}/request/{name}", {"id": "s", "prompt": "tokens:30"})
+    probe.wait_for(lambda m: m.topic == f"{prefix}/reply/b/s/stream", count=2)
+    probe.publish(f"{prefix}/cancel/b", "s")
+    finals = {n: probe.final(f"{prefix}/reply/{n}/s") for n in ("a", "b", "c")}
+    assert engine.batches == [["a/s", "b/s", "c/s"]]
+    assert finals["b"]["finish_reason"] == "cancelled"
+    assert finals["a"]["text"] == finals["c"]["text"] == "".join(f"t{i} " for i in range(30))
+    assert {f["batch"]["size"] for f in finals.values()} == {3}
+
+
+def test_every_request_during_shutdown_gets_one_final(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    import threading
+    import time
+
+    svc = start_bridge(FakeEngine(n_batch=2, step_s=0.01), rate_limit=0)
+    probe = probe_factory([f"{prefix}/reply/#"])
+    sent = []
+
+    def flood() -> None:
+        for i in range(150):
+            probe.publish(f"{prefix}/request/dev", {"id": f"d{i}", "prompt": "tokens:3", "stream": False}, wait=False)
+            sent.append(i)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    time.sleep(0.1)
+    svc.stop(grace_s=2)
+    t.join()
+    time.sleep(0.5)
+    # Each request that reached the broker while the bridge listened got exactly one final reply;
+    # the rest (after it unsubscribed) were never delivered to it — none got two.
+    finals = [m for m in probe.messages if _is_final(prefix)(m)]
+    per_topic: dict[str, int] = {}
+    for m in finals:
+        per_topic[m.topic] = per_topic.get(m.topic, 0) + 1
+    assert finals and set(per_topic.values()) == {1}
+    codes = {m.json().get("error", {}).get("code") for m in finals}
+    assert codes <= {None, "shutting_down"}
+    answered = sorted(int(t.rsplit("/d", 1)[1]) for t in per_topic)
+    assert answered == list(range(len(answered))), "a request in the middle went unanswered"
+
+
+class _CancelFails(FakeEngine):
+    def cancel(self, key: str) -> None:
+        raise RuntimeError("engine cancel is broken")
+
+
+def test_engine_cancel_raising_does_not_lose_replies(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    svc = start_bridge(_CancelFails(n_batch=2, step_s=0.02))
+    probe = probe_factory([f"{prefix}/reply/#"])
+    probe.publish(f"{prefix}/request/dev", {"id": "c1", "prompt": "tokens:20"})
+    probe.wait_for(lambda m: m.topic.endswith("c1/stream"))
+    probe.publish(f"{prefix}/cancel/dev", "c1")
+    assert probe.final(f"{prefix}/reply/dev/c1")["finish_reason"] == "cancelled"
+    probe.publish(f"{prefix}/request/dev", {"id": "c2", "prompt": "still fine"})
+    assert probe.final(f"{prefix}/reply/dev/c2")["text"] == "still fine "
+    assert svc.scheduler is not None and not svc.scheduler.stopped
