@@ -43,6 +43,8 @@ import numpy as np  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, FinishEvent, GenerationRequest, SamplingParams  # noqa: E402
 from rkmqtt.engines.numpy.engine import NumpyEngine  # noqa: E402
 
+GAP = 0.5  # mean seconds between arrivals (exponential)
+
 TOPICS = [
     "the history of the bicycle",
     "how rain forms",
@@ -171,6 +173,7 @@ def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
 
     engine = NumpyEngine(n_batch=n_batch, max_context=max_context)
     engine.load()
+    rss_loaded = engine.info()["rss_bytes"]
     words = "Tell me everything you know about the sea, the sky and the mountains. "
     reqs = []
     for i in range(n_batch):
@@ -193,6 +196,8 @@ def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
     info = engine.info()
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_load_bytes": rss_loaded,
+        "rss_at_end_bytes": info["rss_bytes"],
         "kv_cache_bytes": info["kv_cache_bytes"],
         "weights_bytes": info["weights_bytes"],
         "tokens_per_slot": sorted(totals.values()),
@@ -268,23 +273,25 @@ def main() -> None:
         print(
             f"\npeak RSS, n_batch 8, max_context 2048, every context filled to its end: "
             f"{rss['peak_rss_bytes'] / 1e9:.2f} GB (weights {rss['weights_bytes'] / 1e9:.2f} GB, "
-            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
+            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB; "
+            f"RSS after load {rss['rss_after_load_bytes'] / 1e9:.2f} GB, "
+            f"at the end {rss['rss_at_end_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
         )
 
-    n_req = 12 if args.quick else 32
+    n_req = 12 if args.quick else 24
     engine = NumpyEngine(n_batch=8, max_context=1024)
     engine.load()
     cont: list[float] = []
     stat: list[float] = []
     for rep in range(repeats):
-        schedule = arrivals(n_req, 0.35, seed=rep)
+        schedule = arrivals(n_req, GAP, seed=rep)
         for static in (False, True) if rep % 2 == 0 else (True, False):
             lat = serve(engine, schedule, static)
             (stat if static else cont).append(statistics.mean(lat))
     engine.close()
     c, s = statistics.median(cont), statistics.median(stat)
     print(
-        f"\nstaggered arrivals ({n_req} requests, mean gap 0.35 s, 16-96 new tokens, n_batch 8; "
+        f"\nstaggered arrivals ({n_req} requests, mean gap {GAP} s, 16-96 new tokens, n_batch 8; "
         f"median of {repeats} runs of the mean latency)"
     )
     print(f"  continuous batching: {c:.2f} s   runs {[round(x, 2) for x in cont]}")

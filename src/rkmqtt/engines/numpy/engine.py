@@ -18,6 +18,8 @@ generation that reaches max_context tokens in all (prompt + answer) ends with `l
 from __future__ import annotations
 
 import codecs
+import ctypes
+import gc
 import importlib
 import logging
 import os
@@ -183,6 +185,7 @@ class NumpyEngine(Engine):
             )
             self._max_context = cfg.context_length
         self._model = Transformer(cfg, weights, self._n_batch, self._max_context)
+        _release_freed_memory()
         self._path, self._cfg, self._tok, self._chat = path, cfg, tok, chat
         self._facts = {
             "model_path": str(path),
@@ -380,3 +383,14 @@ class NumpyEngine(Engine):
         )
         self._release(run.key)
         return events
+
+
+def _release_freed_memory() -> None:
+    """Give the heap pages freed after loading (dequantization temporaries) back to the system,
+    so that they do not count in the RSS for the process's whole life (glibc only)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
