@@ -106,6 +106,20 @@ def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, [f"{a} {b}" for a, b in MERGES]
 
 
+SPM_CHARS = list("▁abcdefghijklmnopqrstuvwxyzTH.,!?'0123456789")
+SPM_PIECES = ["▁t", "he", "▁the", "▁a", "at", "▁c", "▁cat", "in", "▁in", "on", "er", "▁h", "▁hat", "▁th", "re"]
+
+
+def sentencepiece_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A tiny SentencePiece vocabulary as llama.cpp writes it: <unk>, <s>, </s>, 256 byte
+    tokens, characters, then merged pieces with falling scores (no merges list)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_CHARS + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(SPM_CHARS) + len(SPM_PIECES))
+    scores = [0.0] * (3 + 256) + [-1000.0 - i for i in range(len(SPM_CHARS))]
+    scores += [-1.0 - i for i in range(len(SPM_PIECES))]
+    return tokens, types, scores
+
+
 def byte_token(b: int) -> int:
     """The id of the token for byte `b` in `byte_level_vocab`."""
     return len(SPECIAL) + b
@@ -126,6 +140,7 @@ class TinySpec:
     chain: tuple[int, ...] = ()  # token ids: greedy decoding walks this cycle
     seed: int = 0
     drop: tuple[str, ...] = ()  # tensors to leave out (a broken file)
+    tokenizer: str = "gpt2"  # or "llama" (SentencePiece)
 
 
 def _quantize(data: np.ndarray, type_name: str, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
@@ -165,6 +180,10 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
 
     rng = np.random.default_rng(spec.seed)
     tokens, types, merges = byte_level_vocab()
+    scores: list[float] = []
+    if spec.tokenizer == "llama":
+        tokens, types, scores = sentencepiece_vocab()
+        merges = []
     vocab = len(tokens)
     hd = spec.dim // spec.n_heads
     w = gguf.GGUFWriter(str(path), spec.arch)
@@ -178,14 +197,19 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
     w.add_rope_dimension_count(hd)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if spec.arch == "qwen2" else "default")
+    w.add_tokenizer_model(spec.tokenizer)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    if spec.tokenizer == "llama":
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+    else:
+        w.add_tokenizer_pre("qwen2" if spec.arch == "qwen2" else "default")
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
     type_of = dict(spec.types)
 

@@ -16,7 +16,7 @@ from rkmqtt.engines.numpy.gguf_file import GGUFFile
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.errors import EngineError
 from rkmqtt.settings import Settings
-from tests.numpy_fixtures import TinySpec, hf_tokenizer, smollm_path, write_tiny_gguf
+from tests.numpy_fixtures import TinySpec, drive, hf_tokenizer, req, smollm_path, write_tiny_gguf
 
 MIXED_TEXT = (
     "Héllo wörld! Ça coûte 1234,56 € — naïve café, Zürich 2024-05-17 at 09:30. 日本語のテキスト.\n"
@@ -187,3 +187,30 @@ def test_chat_template_renders_prompt_system_and_turns(tmp_path: Path) -> None:
 
 def test_directory_is_not_a_model(tmp_path: Path) -> None:
     assert "not a regular file" in load_error(tmp_path)
+
+
+def test_sentencepiece_tokenizer_agrees_with_transformers(tmp_path: Path) -> None:
+    """tokenizer.ggml.model = llama (TinyLlama, Llama 2): SentencePiece BPE with byte fallback,
+    merges recovered from the token scores."""
+    path = write_tiny_gguf(tmp_path / "spm.gguf", TinySpec(tokenizer="llama", seed=13))
+    f = GGUFFile(path)
+    ours = GGUFTokenizer(f.metadata, str(path))
+    f.close()
+    theirs = hf_tokenizer(path)
+    for text in ["the cat in the hat", "The cat, café 😀 123!  two  spaces\n", "<s>the</s> hat"]:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+    ids = ours.encode("the café 😀")
+    assert [ours.token_text(i) for i in ids][:2] == ["▁the", "▁c"]
+    assert ours.decode(ids) == " the café 😀"  # byte-fallback tokens rebuild the characters
+    assert ours.add_bos and ours.bos_id == 1
+
+
+def test_sentencepiece_model_runs_with_bos(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "spm.gguf", TinySpec(tokenizer="llama", seed=14))
+    engine = NumpyEngine(model=str(path), n_batch=1, max_context=64)
+    engine.load()
+    r = req("s", "the cat", 4)
+    assert engine.encode_chat(r)[0] == 1  # <s> first, as add_bos_token says
+    res = drive(engine, [r])["s"]
+    assert res.finish is not None and res.finish.completion_tokens <= 4

@@ -75,19 +75,30 @@ class GGUFTokenizer:
         tokens: list[str] | None = metadata.get("tokenizer.ggml.tokens")
         if not tokens:
             raise EngineError(f"model {source}: the GGUF holds no tokenizer (tokenizer.ggml.tokens)")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise EngineError(
                 f"model {source}: tokenizer type {kind!r} is not supported by the numpy engine "
-                "(supported: gpt2, the byte-level BPE of SmolLM2, Qwen2.5 and Llama 3)"
+                "(supported: gpt2, the byte-level BPE of SmolLM2, Qwen2.5 and Llama 3; llama, the "
+                "SentencePiece BPE of TinyLlama and Llama 2)"
             )
+        self.kind = str(kind)
         self.tokens = list(tokens)
         types = metadata.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
         self.token_types = [int(t) for t in types]
+        vocab = {tok: i for i, tok in enumerate(self.tokens)}
+        self.bos_id = _opt_int(metadata.get("tokenizer.ggml.bos_token_id"))
+        self.eos_id = _opt_int(metadata.get("tokenizer.ggml.eos_token_id"))
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        stops = {i for i in (self.eos_id, _opt_int(metadata.get("tokenizer.ggml.eot_token_id"))) if i is not None}
+        self.stop_ids = frozenset(stops)
+        self.pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+        if kind == "llama":
+            self._tok = _sentencepiece_bpe(metadata, self.tokens, self.token_types, vocab)
+            self._bytes = [_spm_token_bytes(t, ty) for t, ty in zip(self.tokens, self.token_types, strict=False)]
+            return
         merges_raw: list[str] = metadata.get("tokenizer.ggml.merges") or []
         merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-        vocab = {tok: i for i, tok in enumerate(self.tokens)}
-        pre = str(metadata.get("tokenizer.ggml.pre", "default"))
-        self.pre = pre
+        pre = self.pre
         if pre not in PRE_TOKENIZERS:
             _LOGGER.warning("model %s: pre-tokenizer %r is not known; using GPT-2's", source, pre)
         split, digits = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
@@ -121,11 +132,6 @@ class GGUFTokenizer:
         if user:
             tok.add_tokens(user)
         self._tok = tok
-        self.bos_id = _opt_int(metadata.get("tokenizer.ggml.bos_token_id"))
-        self.eos_id = _opt_int(metadata.get("tokenizer.ggml.eos_token_id"))
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-        stops = {i for i in (self.eos_id, _opt_int(metadata.get("tokenizer.ggml.eot_token_id"))) if i is not None}
-        self.stop_ids = frozenset(stops)
         # raw bytes of every token: control tokens produce no text
         bd = byte_decoder()
         table: list[bytes] = []
@@ -161,3 +167,57 @@ class GGUFTokenizer:
 
 def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
+
+
+def _sentencepiece_bpe(metadata: dict[str, Any], tokens: list[str], types: list[int], vocab: dict[str, int]) -> Any:
+    """SentencePiece BPE (Llama 2, TinyLlama): spaces become '▁', a '▁' is put in front of the
+    text, unknown bytes fall back to the <0xNN> tokens. The file has no merges, only a score
+    per token; a token that splits into two vocabulary tokens is a merge of them, ranked by the
+    token's score (higher first)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for tok_id, (piece, ty) in enumerate(zip(tokens, types, strict=False)):
+        if ty != TOKEN_NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[tok_id]), vocab[left], vocab[right], left, right))
+    ranked.sort()
+    unk = next((t for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_UNKNOWN), None)
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=[(left, right) for _, _, _, left, right in ranked],
+        unk_token=unk,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
+    tok = Tokenizer(bpe)
+    # '▁' for spaces, and one in front of the text (not after each special token)
+    prefix = "first" if metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == TOKEN_USER_DEFINED
+    ]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _spm_token_bytes(piece: str, token_type: int) -> bytes:
+    if token_type in (TOKEN_CONTROL, TOKEN_UNUSED, TOKEN_UNKNOWN):
+        return b""
+    if token_type == TOKEN_BYTE and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("▁", " ").encode("utf-8")
