@@ -148,9 +148,11 @@ class NumpyEngine(Engine):
         out.update(self._facts)
         if self._model is not None:
             out["kv_cache_bytes"] = self._model.kv_cache_bytes
+            out["kv_cache_mb"] = round(self._model.kv_cache_bytes / 2**20, 1)
         try:
             psutil = importlib.import_module("psutil")  # untyped: imported by name for strict mypy
             out["rss_bytes"] = int(psutil.Process(os.getpid()).memory_info().rss)
+            out["rss_mb"] = round(out["rss_bytes"] / 2**20, 1)
         except Exception:  # psutil missing or the platform refuses: leave the figure out
             pass
         return out
