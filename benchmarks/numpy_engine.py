@@ -6,8 +6,8 @@ scheduler would, with no MQTT).
 Prints one table:
 
 * engine-only decode throughput, aggregate and per sequence, for n_batch 1, 2, 4, 8, 16
-  (only steps where every slot is decoding count; medians over repeats, interleaved so that
-  load from other processes spreads over all batch sizes);
+  (n_batch / the median time of the steps in which every slot decodes; then the median over
+  repeats, interleaved so that load from other processes spreads over all batch sizes);
 * prefill tokens/s for a 200-token prompt;
 * peak RSS of a process running n_batch 8 with 2048-token contexts filled to the end;
 * continuous against static batching under staggered arrivals at the same load: mean latency
@@ -74,27 +74,23 @@ def story(i: int, max_new: int) -> GenerationRequest:
 
 
 def decode_throughput(engine: NumpyEngine, batch: int, new_tokens: int) -> float:
-    """Aggregate tok/s over steps in which all `batch` slots decode."""
+    """Aggregate tok/s: `batch` / the median time of the steps in which all `batch` slots
+    decode (the median keeps other processes' bursts on a shared machine out of the figure)."""
     reqs = [story(i, new_tokens) for i in range(batch)]
     for r in reqs:
         engine.prepare(r)
     engine.submit(reqs)
-    tokens = 0
-    elapsed = 0.0
-    started = 0
+    steps: list[float] = []
     while engine.active():
-        decoding = engine.decoding()
+        full = engine.decoding() == batch
         t = time.perf_counter()
         engine.poll(0.0)
         dt = time.perf_counter() - t
-        if decoding == batch and engine.active() == batch:
-            started += 1
-            if started > 2:  # skip the first steps (first token, warm caches)
-                tokens += batch  # every decoding slot made one token
-                elapsed += dt
-    if elapsed == 0.0:
-        raise RuntimeError(f"batch {batch}: no full decode steps; raise --new-tokens")
-    return tokens / elapsed
+        if full and engine.active() == batch:  # nobody finished in this step
+            steps.append(dt)
+    if len(steps) < 5:
+        raise RuntimeError(f"batch {batch}: only {len(steps)} full decode steps; raise --new-tokens")
+    return batch / statistics.median(steps[2:])
 
 
 def prefill_rate(engine: NumpyEngine, n_tokens: int) -> tuple[float, int]:
