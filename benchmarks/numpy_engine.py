@@ -164,8 +164,8 @@ def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[fl
 
 
 def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
-    """Fill every slot's context to the end; report peak RSS (the child's own ru_maxrss)."""
-    import resource
+    """Fill every slot's context to the end; report peak RSS (VmHWM of this process: unlike
+    ru_maxrss it does not carry the parent's RSS over the fork and exec)."""
 
     engine = NumpyEngine(n_batch=n_batch, max_context=max_context)
     engine.load()
@@ -191,13 +191,22 @@ def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
                 totals[ev.key] = (ev.prompt_tokens or 0) + ev.completion_tokens
     info = engine.info()
     return {
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": _vm_hwm(),
+        "kv_cache_dtype": info["kv_cache_dtype"],
         "rss_after_load_bytes": rss_loaded,
         "rss_at_end_bytes": info["rss_bytes"],
         "kv_cache_bytes": info["kv_cache_bytes"],
         "weights_bytes": info["weights_bytes"],
         "tokens_per_slot": sorted(totals.values()),
     }
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ def main() -> None:
         print(
             f"\npeak RSS, n_batch 8, max_context 2048, every context filled to its end: "
             f"{rss['peak_rss_bytes'] / 1e9:.2f} GB (weights {rss['weights_bytes'] / 1e9:.2f} GB, "
-            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB; "
+            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB {rss['kv_cache_dtype']}; "
             f"RSS after load {rss['rss_after_load_bytes'] / 1e9:.2f} GB, "
             f"at the end {rss['rss_at_end_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
         )

@@ -151,6 +151,24 @@ def test_long_prompt_prefill_is_chunked_while_others_decode(smol: NumpyEngine) -
     smol.cancel("join")
 
 
+def test_benchmark_size_uses_a_bfloat16_cache() -> None:
+    """n_batch 8 with 2048-token contexts: the float32 cache would take 755 MB, so the engine
+    keeps K and V in bfloat16 (377 MB); answers and batching still hold."""
+    engine = NumpyEngine(n_batch=8, max_context=2048)
+    engine.load()
+    try:
+        info = engine.info()
+        assert info["kv_cache_dtype"] == "bfloat16"
+        assert info["kv_cache_bytes"] == 2 * 30 * 8 * 3 * 2048 * 64 * 2
+        reqs = [req(f"b{i}", p, n) for i, (p, n) in enumerate(zip(PROMPTS[:4], [10, 5, 12, 7], strict=True))]
+        alone = {r.key: drive(engine, [r])[r.key].text for r in reqs}
+        together = drive(engine, reqs, one_per_step=True)
+        assert {k: v.text for k, v in together.items()} == alone
+        assert "Paris" in drive(engine, [req("p", PROMPTS[0], 12)])["p"].text
+    finally:
+        engine.close()
+
+
 # -- a small model that walks a chain of byte tokens ---------------------------------------------------
 
 E_ACUTE = [0xC3, 0xA9]  # é

@@ -7,6 +7,9 @@ rounding that grows through the layers: about 1e-5 relative here (SmolLM2, 30 la
 logits up to ~25). The bound leaves ~30x margin for that and is still four orders of magnitude
 below the error of a real mistake (rotary layout, permutation, missing bias: O(1) differences),
 which `test_tolerance_catches_a_wrong_rotary_layout` shows.
+
+With the bfloat16 KV cache (chosen for large n_batch x max_context) K and V keep 8 bits of
+mantissa; the bound there is 1e-2 * (1 + max |theirs|) (measured: ~0.1 on logits up to ~36).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from rkmqtt.engines.numpy.weights import load_weights
 from tests.numpy_fixtures import TinySpec, hf_logits, hf_model, permute_for_gguf, smollm_path, write_tiny_gguf
 
 REL_TOL = 1e-4
+REL_TOL_BF16_KV = 1e-2
 
 QUANT_MIX = (
     ("token_embd.weight", "Q8_0"),
@@ -60,9 +64,9 @@ def decode_logits(m: Transformer, ids: list[int], slot: int, prefix: int) -> np.
     return np.concatenate(out)
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = REL_TOL) -> None:
     assert ours.shape == ref.shape
-    tol = REL_TOL * (1.0 + float(np.abs(ref).max()))
+    tol = rel * (1.0 + float(np.abs(ref).max()))
     err = float(np.abs(ours - ref).max())
     assert err <= tol, f"max |diff| {err:.3g} > tolerance {tol:.3g}"
     assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
@@ -82,6 +86,16 @@ def test_smollm2_logits_match_transformers(smollm: tuple[Transformer, Any, GGUFT
     assert_close(prefill_logits(m, ids), ref)
     # the decode path (one token a step, batched attention over the cache) agrees too
     assert_close(decode_logits(m, ids, slot=2, prefix=5), ref)
+
+
+def test_smollm2_bfloat16_kv_cache_logits(smollm: tuple[Transformer, Any, GGUFTokenizer]) -> None:
+    m, ref_model, tok = smollm
+    bf = Transformer(m.cfg, m.w, 2, 128, kv_dtype="bfloat16")
+    assert bf.kv_cache_bytes == m.kv_cache_bytes * 2 // 3 // 2  # 2 slots instead of 3, 2 bytes instead of 4
+    ids = tok.encode("<|im_start|>user\nName three rivers.<|im_end|>\n<|im_start|>assistant\nThe Nile, the")
+    ref = hf_logits(ref_model, ids)
+    assert_close(prefill_logits(bf, ids), ref, REL_TOL_BF16_KV)
+    assert_close(decode_logits(bf, ids, slot=1, prefix=6), ref, REL_TOL_BF16_KV)
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,17 @@ All rows go through the linear layers together (one BLAS call per matrix); only 
 next token is needed go through the output head. Maths: RMSNorm, rotate-half rotary
 embeddings (see `weights.py` for the row order), grouped-query attention, SwiGLU.
 
-The KV cache is float32, (layers, slots, kv_heads, max_context, head_dim) for K and for V,
-allocated once with zeroed pages: the operating system commits memory as contexts fill.
+The KV cache is (layers, slots, kv_heads, max_context, head_dim) for K and for V, allocated
+once with zeroed pages (the operating system commits memory as contexts fill), in float32 or in
+bfloat16 (stored as uint16: the top half of the float32, rounded to nearest even; read back with
+one shift). bfloat16 halves the cache at the cost of ~3 significant digits in K and V.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +31,8 @@ from rkmqtt.engines.numpy.weights import ModelWeights
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+U16 = npt.NDArray[np.uint16]
+KVDtype = Literal["float32", "bfloat16"]
 
 # Up to this many rows a linear layer is computed as one matrix-vector product per row:
 # OpenBLAS's matrix-matrix path is slower than that for very small batches.
@@ -73,14 +78,21 @@ def rms_norm(x: F32, weight: F32, eps: float) -> F32:
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_slots: int, max_context: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, weights: ModelWeights, n_slots: int, max_context: int, kv_dtype: KVDtype = "float32"
+    ) -> None:
         self.cfg = cfg
         self.w = weights
         self.n_slots = n_slots
         self.max_context = max_context
+        self.kv_dtype: KVDtype = kv_dtype
         shape = (cfg.n_layers, n_slots, cfg.n_kv_heads, max_context, cfg.head_dim)
-        self.k_cache: F32 = np.zeros(shape, dtype=np.float32)
-        self.v_cache: F32 = np.zeros(shape, dtype=np.float32)
+        self.k_cache: F32 | U16
+        self.v_cache: F32 | U16
+        if kv_dtype == "float32":
+            self.k_cache, self.v_cache = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+        else:
+            self.k_cache, self.v_cache = np.zeros(shape, dtype=np.uint16), np.zeros(shape, dtype=np.uint16)
         half = cfg.head_dim // 2
         inv = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / cfg.head_dim))
         pos = np.arange(max_context, dtype=np.float64) / cfg.rope_linear_scale
@@ -151,17 +163,17 @@ class Transformer:
     def _decode_attention(self, li: int, dec: _DecodeBatch, q: F32, k: F32, v: F32) -> F32:
         cfg = self.cfg
         kc, vc = self.k_cache[li], self.v_cache[li]
-        kc[dec.slots, :, dec.positions] = k
-        vc[dec.slots, :, dec.positions] = v
+        kc[dec.slots, :, dec.positions] = self._store(k)
+        vc[dec.slots, :, dec.positions] = self._store(v)
         group = cfg.n_heads // cfg.n_kv_heads
         lo, hi, span = dec.lo, dec.hi, dec.span
         nb = hi - lo
         # queries of the slots in lo..hi (slots in that range that are not decoding get zeros)
         qs = np.zeros((nb, cfg.n_kv_heads, group, cfg.head_dim), dtype=np.float32)
         qs[dec.slots - lo] = q.reshape(-1, cfg.n_kv_heads, group, cfg.head_dim)
-        keys = kc[lo:hi, :, :span]  # (nb, kv, span, hd) view
-        vals = vc[lo:hi, :, :span]
-        scores = qs @ keys.transpose(0, 1, 3, 2)  # (nb, kv, group, span)
+        keys = self._load(kc[lo:hi, :, :span])  # (nb, kv, span, hd)
+        vals = self._load(vc[lo:hi, :, :span])
+        scores: F32 = qs @ keys.transpose(0, 1, 3, 2)  # (nb, kv, group, span)
         scores *= np.float32(1.0 / np.sqrt(cfg.head_dim))
         scores += dec.mask
         _softmax_inplace(scores)
@@ -175,8 +187,8 @@ class Transformer:
         end = seg.start + t
         kc = self.k_cache[li, seg.slot]  # (kv, ctx, hd)
         vc = self.v_cache[li, seg.slot]
-        kc[:, seg.start : end] = k.transpose(1, 0, 2)
-        vc[:, seg.start : end] = v.transpose(1, 0, 2)
+        kc[:, seg.start : end] = self._store(k.transpose(1, 0, 2))
+        vc[:, seg.start : end] = self._store(v.transpose(1, 0, 2))
         group = cfg.n_heads // cfg.n_kv_heads
         # (t, kv, group, hd) -> (kv, group * t, hd): rows ordered by head in group, then token
         qs = (
@@ -184,16 +196,39 @@ class Transformer:
             .transpose(1, 2, 0, 3)
             .reshape(cfg.n_kv_heads, group * t, cfg.head_dim)
         )
-        scores = qs @ kc[:, :end].transpose(0, 2, 1)  # (kv, group * t, end)
+        scores: F32 = qs @ self._load(kc[:, :end]).transpose(0, 2, 1)  # (kv, group * t, end)
         scores *= np.float32(1.0 / np.sqrt(cfg.head_dim))
         key_pos = np.arange(end)
         query_pos = np.arange(seg.start, end)
         mask = np.where(key_pos[None, :] <= query_pos[:, None], np.float32(0.0), np.float32(-np.inf))
         scores += np.tile(mask, (group, 1)).astype(np.float32)
         _softmax_inplace(scores)
-        out: F32 = scores @ vc[:, :end]  # (kv, group * t, hd)
+        out: F32 = scores @ self._load(vc[:, :end])  # (kv, group * t, hd)
         heads: F32 = out.reshape(cfg.n_kv_heads, group, t, cfg.head_dim).transpose(2, 0, 1, 3)
         return heads.reshape(t, cfg.n_heads, cfg.head_dim)
+
+
+    def _store(self, x: F32) -> F32 | U16:
+        if self.kv_dtype == "float32":
+            return x
+        return to_bfloat16(x)
+
+    def _load(self, x: F32 | U16) -> F32:
+        if x.dtype == np.float32:
+            return x  # type: ignore[return-value]
+        return from_bfloat16(x)  # type: ignore[arg-type]
+
+
+def to_bfloat16(x: F32) -> U16:
+    """float32 -> bfloat16 bits (round to nearest even)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bfloat16(b: U16) -> F32:
+    out = np.left_shift(b, 16, dtype=np.uint32)
+    return out.view(np.float32)
 
 
 class _DecodeBatch:
