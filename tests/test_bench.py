@@ -133,7 +133,7 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
     assert cost["n_batch"] == 3
     assert cost["ratio"] == pytest.approx(cost["mqtt_tokens_per_s"] / cost["direct_tokens_per_s"], rel=0.01)
     assert data["standin_timing_model"]["decode_ms"] == pytest.approx(59.88, abs=0.01)
-    assert data["machine"]["cpus"] and data["bridge_settings"]["rate_limit"] == "0"
+    assert data["complete"] and data["machine"]["cpus"] and data["bridge_settings"]["rate_limit"] == "0"
     table = capsys.readouterr().out
     assert "rkllm stand-in, zero delay" in table and "bridge cost" in table
     # A saved report renders again without running anything.

@@ -30,7 +30,7 @@ from rkmqtt.bench.report import (
     write_json,
     write_png,
 )
-from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Scenario, Sweep, targets_suite
+from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
 from rkmqtt.settings import Settings, load_settings
@@ -245,36 +245,44 @@ def run_bench(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         progress=progress,
     )
+    uses_standin = args.rkllm_library is None and any(s.engine.startswith("rkllm") for s in scenarios)
+    json_file: Path = args.json or args.out / "bench.json"
+
+    def meta(done: bool) -> dict[str, Any]:
+        return {
+            "complete": done,
+            "machine": machine(),
+            "command": ["rkmqtt", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("rkmqtt") else sys.argv,
+            "broker": sweep.broker_note,
+            "bridge": "running bridge" if args.bridge == "running" else "child process `rkmqtt run` per point",
+            "bridge_settings": {**BRIDGE_DEFAULTS, **{k: v for k, v in user_flags.items() if k != "password"}},
+            "repeat": max(1, args.repeat),
+            "scenarios": [
+                {"name": s.name, "engine": s.engine, "description": s.description, "workload": s.workload.describe()}
+                for s in scenarios
+            ],
+            "standin_timing_model": standin.timing_model(standin.environment(False)) if uses_standin else None,
+        }
+
+    def checkpoint(points: list[Point]) -> None:  # an interrupted sweep keeps what it measured
+        write_json(json_file, report_dict(points, meta(False)))
+
     try:
         if progress is not None:
             with progress.bar:
-                points = sweep.run()
+                points = sweep.run(checkpoint)
         else:
-            points = sweep.run()
+            points = sweep.run(checkpoint)
     finally:
         sweep.close()
-    uses_standin = args.rkllm_library is None and any(s.engine.startswith("rkllm") for s in scenarios)
-    meta: dict[str, Any] = {
-        "machine": machine(),
-        "command": ["rkmqtt", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("rkmqtt") else sys.argv,
-        "broker": sweep.broker_note,
-        "bridge": "running bridge" if args.bridge == "running" else "child process `rkmqtt run` per point",
-        "bridge_settings": {**BRIDGE_DEFAULTS, **{k: v for k, v in user_flags.items() if k != "password"}},
-        "repeat": max(1, args.repeat),
-        "scenarios": [
-            {"name": s.name, "engine": s.engine, "description": s.description, "workload": s.workload.describe()}
-            for s in scenarios
-        ],
-        "standin_timing_model": standin.timing_model(standin.environment(False)) if uses_standin else None,
-    }
-    data = report_dict(points, meta)
+    data = report_dict(points, meta(True))
     print_table(points, _out_console())
-    json_path = write_json(args.json or args.out / "bench.json", data)
+    json_path = write_json(json_file, data)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(points))
     console.print(f"JSON: {json_path}; Markdown: {md_path}")
     if not args.no_plot:
-        png = write_png(args.png or args.out / "bench.png", points, f"rkmqtt bench on {meta['machine']['cpu']}")
+        png = write_png(args.png or args.out / "bench.png", points, f"rkmqtt bench on {data['machine']['cpu']}")
         console.print(f"plot: {png}")
     failed = [p for p in points if not p.runs]
     for p in points:

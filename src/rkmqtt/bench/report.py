@@ -146,7 +146,7 @@ def targets(points: Sequence[Point]) -> list[Target]:
                 "mean latency <= 50 %",
                 "-"
                 if r is None or not a or not b
-                else f"{b.latency_ms_mean:.0f} / {a.latency_ms_mean:.0f} ms = {100 * r:.0f} %",
+                else f"{b.latency_ms_mean:.0f} / {a.latency_ms_mean:.0f} ms = {100 * r:.1f} %",
                 None if r is None else r <= 0.5,
             )
         )
@@ -313,8 +313,9 @@ def markdown(points: Sequence[Point]) -> str:
     if costs:
         lines += [
             "",
-            "| bridge cost | n_batch | through MQTT, tok/s | engine alone, tok/s | ratio |",
-            "|---|---:|---:|---:|---:|",
+            "| bridge cost | n_batch | through MQTT, tok/s | engine alone, tok/s | ratio (median of repeats) "
+            "| per repeat |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for c in costs:
             r = c["ratio"]

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -278,7 +278,8 @@ class Sweep:
             return "rkllm (librkllmrt.so)"
         return "rkllm stand-in, zero delay" if engine == "rkllm-zero" else "rkllm stand-in (RK3588 model)"
 
-    def run(self) -> list[Point]:
+    def run(self, checkpoint: Callable[[list[Point]], None] | None = None) -> list[Point]:
+        """Run every point `repeat` times; `checkpoint(points)` after each run (to save partial results)."""
         points = self.plan()
         by_name = {s.name: s for s in self.scenarios}
         with self.brokers():
@@ -302,6 +303,8 @@ class Sweep:
                         p.failures.append(f"{type(e).__name__}: {e}")
                         continue
                     p.runs.append(m)
+                    if checkpoint is not None:
+                        checkpoint(points)
         return points
 
     def _run_point(self, p: Point, sc: Scenario) -> RunMetrics:
