@@ -101,9 +101,7 @@ def prompt_for(user: int) -> str:
 
 
 def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]:
-    settings = Settings(
-        engine="rkllm", model=str(model), rkllm_library=str(lib), n_batch=n_batch, max_new_tokens=1024
-    )
+    settings = Settings(engine="rkllm", model=str(model), rkllm_library=str(lib), n_batch=n_batch, max_new_tokens=1024)
     engine = RkllmEngine(settings)
     engine.load()
     outbox = Outbox(100_000)
@@ -128,8 +126,15 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
             sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
         )
         scheduler.submit(
-            Job(client=client, id=rid, reply_topic=f"bench/reply/{client}/{rid}", stream=False,
-                correlation=None, gen=gen, arrival=t0)
+            Job(
+                client=client,
+                id=rid,
+                reply_topic=f"bench/reply/{client}/{rid}",
+                stream=False,
+                correlation=None,
+                gen=gen,
+                arrival=t0,
+            )
         )
     replies: list[OkReply] = []
     last = t0
@@ -184,21 +189,36 @@ def main(argv: list[str] | None = None) -> int:
             ttft = statistics.mean(r[2] for r in runs)
             m_lat, m_thr, m_ttft = model_figures(n_batch, args.alpha)
             rows.append(
-                Row(n_batch, m_lat, lat, m_thr, thr, m_ttft, ttft,
-                    100 * (lat - m_lat) / m_lat, 100 * (thr - m_thr) / m_thr)
+                Row(
+                    n_batch,
+                    m_lat,
+                    lat,
+                    m_thr,
+                    thr,
+                    m_ttft,
+                    ttft,
+                    100 * (lat - m_lat) / m_lat,
+                    100 * (thr - m_thr) / m_thr,
+                )
             )
 
-    print(f"RKLLM stand-in, ABI 1.3, {USERS} users at once; prefill {PREFILL_MS_PER_TOKEN} ms/token x "
-          f"{PROMPT_TOKENS} tokens, decode {DECODE_MS:.1f} ms x (1 + {args.alpha} x (b - 1)) per step, "
-          f"{REPLY_TOKENS} tokens per reply; {args.repeat} run(s) each")
+    print(
+        f"RKLLM stand-in, ABI 1.3, {USERS} users at once; prefill {PREFILL_MS_PER_TOKEN} ms/token x "
+        f"{PROMPT_TOKENS} tokens, decode {DECODE_MS:.1f} ms x (1 + {args.alpha} x (b - 1)) per step, "
+        f"{REPLY_TOKENS} tokens per reply; {args.repeat} run(s) each"
+    )
     print()
-    print("| n_batch | avg latency (model) | avg latency (measured) | dev | throughput (model) "
-          "| throughput (measured) | dev | avg TTFT (model) | avg TTFT (measured) |")
+    print(
+        "| n_batch | avg latency (model) | avg latency (measured) | dev | throughput (model) "
+        "| throughput (measured) | dev | avg TTFT (model) | avg TTFT (measured) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.n_batch} | {r.model_latency_s:.3f} s | {r.latency_s:.3f} s | {r.latency_dev_pct:+.1f} % "
-              f"| {r.model_throughput:.3f} req/s | {r.throughput:.3f} req/s | {r.throughput_dev_pct:+.1f} % "
-              f"| {r.model_ttft_s:.3f} s | {r.ttft_s:.3f} s |")
+        print(
+            f"| {r.n_batch} | {r.model_latency_s:.3f} s | {r.latency_s:.3f} s | {r.latency_dev_pct:+.1f} % "
+            f"| {r.model_throughput:.3f} req/s | {r.throughput:.3f} req/s | {r.throughput_dev_pct:+.1f} % "
+            f"| {r.model_ttft_s:.3f} s | {r.ttft_s:.3f} s |"
+        )
     ok = all(abs(r.latency_dev_pct) <= 5 and abs(r.throughput_dev_pct) <= 5 for r in rows)
     print()
     print(f"within 5 % of the timing model: {'yes' if ok else 'NO'}")

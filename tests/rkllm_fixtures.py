@@ -59,8 +59,13 @@ def standin_fixture(tmp_path_factory: pytest.TempPathFactory) -> Standin:
 def standin_env_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No sleeping in the stand-in, default token size, no injected init failure."""
     monkeypatch.setenv("RKLLM_STANDIN_ZERO_DELAY", "1")
-    for name in ("RKLLM_STANDIN_INIT_FAIL", "RKLLM_STANDIN_TOKEN_BYTES", "RKLLM_STANDIN_DECODE_MS",
-                 "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", "RKLLM_STANDIN_BATCH_ALPHA"):
+    for name in (
+        "RKLLM_STANDIN_INIT_FAIL",
+        "RKLLM_STANDIN_TOKEN_BYTES",
+        "RKLLM_STANDIN_DECODE_MS",
+        "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN",
+        "RKLLM_STANDIN_BATCH_ALPHA",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield
 

@@ -140,8 +140,7 @@ def test_the_parser_handles_continuations_and_exec_forms(tmp_path: Path) -> None
     f = tmp_path / "Dockerfile"
     f.write_text('ARG B=debian:12\nFROM $B AS x\nRUN a \\\n  # note\n  && b\nFROM x\nENTRYPOINT ["p", "q"]\n')
     ins = parse_dockerfile(f)
-    assert [(i.keyword, i.stage) for i in ins] == [("ARG", -1), ("FROM", 0), ("RUN", 0), ("FROM", 1),
-                                                   ("ENTRYPOINT", 1)]
+    assert [(i.keyword, i.stage) for i in ins] == [("ARG", -1), ("FROM", 0), ("RUN", 0), ("FROM", 1), ("ENTRYPOINT", 1)]
     assert ins[2].args == "a  && b"
     assert entry_command(final_stage(ins)) == ["p", "q"]
     assert resolve_args(ins[1].args, global_args(ins)) == "debian:12 AS x"
@@ -211,8 +210,13 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
         negate = raw.startswith("!")
         pattern = raw[1:] if negate else raw
         pattern = pattern.strip().strip("/")
-        rx = (re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
-              .replace(r"\*", "[^/]*").replace(r"\?", "[^/]"))
+        rx = (
+            re.escape(pattern)
+            .replace(r"\*\*/", "(?:.*/)?")
+            .replace(r"\*\*", ".*")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\?", "[^/]")
+        )
         if any(re.fullmatch(rx, c) for c in candidates):
             excluded = not negate
     return excluded
@@ -223,8 +227,16 @@ def test_dockerignore_sends_only_the_sources() -> None:
     patterns = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
     for kept in ("pyproject.toml", "README.md", "src/rkmqtt/cli.py", "src/rkmqtt/engines/base.py"):
         assert not dockerignore_excludes(kept, patterns), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/test_docker.py", "models/q.rkllm", "x.gguf",
-                    "src/rkmqtt/__pycache__/cli.cpython-311.pyc", "src/librkllmrt.so", "addon/rkmqtt/config.yaml"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_docker.py",
+        "models/q.rkllm",
+        "x.gguf",
+        "src/rkmqtt/__pycache__/cli.cpython-311.pyc",
+        "src/librkllmrt.so",
+        "addon/rkmqtt/config.yaml",
+    ):
         assert dockerignore_excludes(dropped, patterns), dropped
 
 
@@ -270,10 +282,12 @@ def test_addon_entry_execs_rkmqtt_run(tmp_path: Path) -> None:
 def test_addon_entry_drops_to_the_rkmqtt_user(tmp_path: Path) -> None:
     # As root in the add-on container: the service runs as rkmqtt via setpriv.
     fake_bin(tmp_path, "rkmqtt", 'echo "rkmqtt $*"\n')
-    fake_bin(tmp_path, "id", 'case "$*" in "-u") echo 0;; "rkmqtt") exit 0;; "-g rkmqtt") echo 10001;;'
-             ' *) exec /usr/bin/id "$@";; esac\n')
-    fake_bin(tmp_path, "setpriv", 'echo "setpriv $*" >&2\nwhile [ "$1" != "--" ]; do shift; done\nshift\n'
-             'exec "$@"\n')
+    fake_bin(
+        tmp_path,
+        "id",
+        'case "$*" in "-u") echo 0;; "rkmqtt") exit 0;; "-g rkmqtt") echo 10001;; *) exec /usr/bin/id "$@";; esac\n',
+    )
+    fake_bin(tmp_path, "setpriv", 'echo "setpriv $*" >&2\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
     done = run_entry(tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "rkmqtt run"
@@ -291,19 +305,33 @@ def test_entry_point_and_healthcheck_as_the_container_runs_them(
     bindir = Path(sys.executable).parent
     assert (bindir / entry[0]).exists(), "the rkmqtt console script is installed beside this Python"
     health = tmp_path / "health.json"
-    env = {**os.environ, **env_of(stage), "RKMQTT_HEALTH_FILE": str(health), "RKMQTT_BROKER": mosquitto.url,
-           "RKMQTT_TOPIC_PREFIX": prefix, "RKMQTT_ENGINE": "tests.fake_engine:FakeEngine",
-           "RKMQTT_DISCOVERY": "false", "RKMQTT_GRACE_PERIOD": "2",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        **env_of(stage),
+        "RKMQTT_HEALTH_FILE": str(health),
+        "RKMQTT_BROKER": mosquitto.url,
+        "RKMQTT_TOPIC_PREFIX": prefix,
+        "RKMQTT_ENGINE": "tests.fake_engine:FakeEngine",
+        "RKMQTT_DISCOVERY": "false",
+        "RKMQTT_GRACE_PERIOD": "2",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("SUPERVISOR_TOKEN", None)
 
     def probe_health() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(bindir / check[0]), *check[1:]], env=env, capture_output=True, text=True,
-                              timeout=30, cwd=ROOT)
+        return subprocess.run(
+            [str(bindir / check[0]), *check[1:]], env=env, capture_output=True, text=True, timeout=30, cwd=ROOT
+        )
 
     assert probe_health().returncode == 1, "unhealthy before the service has written anything"
-    proc = subprocess.Popen([str(bindir / entry[0]), *entry[1:]], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(bindir / entry[0]), *entry[1:]],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

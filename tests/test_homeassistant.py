@@ -432,7 +432,9 @@ def test_script_answer_from_ok_error_and_timeout() -> None:
     assert ask_answer({"trigger": {"payload_json": ok}}) == {"status": "ok", "text": "Paris.", "error": None}
     err = {"id": "a", "status": "error", "error": {"code": "busy", "message": "queue full"}}
     assert ask_answer({"trigger": {"payload_json": err}}) == {
-        "status": "error", "text": "", "error": {"code": "busy", "message": "queue full"}
+        "status": "error",
+        "text": "",
+        "error": {"code": "busy", "message": "queue full"},
     }
     timed_out = ask_answer({"trigger": None})
     assert timed_out["status"] == "error" and timed_out["error"]["code"] == "timeout"

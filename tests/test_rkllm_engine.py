@@ -219,7 +219,10 @@ def test_sampling_per_run_on_1_3(standin: Standin) -> None:
         assert isinstance(out["h"].final, FinishEvent) and out["h"].final.warnings == ()
         info = describe(standin.lib("1.3"))
         assert (info["last_sampling_given"], info["last_top_k"], info["last_top_p"], info["last_temperature"]) == (
-            "1", "20", "0.8", "0.9"
+            "1",
+            "20",
+            "0.8",
+            "0.9",
         )
         engine.submit([greedy])
         drive(engine, ["g"])
@@ -251,8 +254,15 @@ def test_sampling_fixed_at_init_on_1_2_is_reported(standin: Standin) -> None:
 @pytest.mark.parametrize("abi", ABIS)
 def test_settings_reach_rkllm_init(standin: Standin, abi: str) -> None:
     engine = make_engine(
-        standin, abi, n_batch=3, max_context=4096, rkllm_cpus="0,1,2", rkllm_n_keep=64, rkllm_base_domain_id=1,
-        rkllm_embed_flash=True, rkllm_skip_special_token=False,
+        standin,
+        abi,
+        n_batch=3,
+        max_context=4096,
+        rkllm_cpus="0,1,2",
+        rkllm_n_keep=64,
+        rkllm_base_domain_id=1,
+        rkllm_embed_flash=True,
+        rkllm_skip_special_token=False,
     )
     try:
         info = describe(standin.lib(abi))
@@ -309,17 +319,19 @@ def test_rendering_of_messages() -> None:
         ChatMessage("assistant", "Hello!"),
         ChatMessage("user", "What is 2+2?"),
     )
-    assert render_prompt(convo) == (
-        "Be brief.\n\nConversation so far:\nUser: Hi\nAssistant: Hello!\n\nWhat is 2+2?"
-    )
+    assert render_prompt(convo) == ("Be brief.\n\nConversation so far:\nUser: Hi\nAssistant: Hello!\n\nWhat is 2+2?")
     ends_with_assistant = (ChatMessage("user", "Say a word"), ChatMessage("assistant", "Banana"))
     assert render_prompt(ends_with_assistant) == "Conversation so far:\nUser: Say a word\nAssistant: Banana"
 
 
 @pytest.mark.parametrize("abi", ABIS)
 def test_multi_turn_messages_reach_the_runtime_rendered(standin: Standin, abi: str) -> None:
-    msgs = (ChatMessage("system", "Sys ✓"), ChatMessage("user", "first"), ChatMessage("assistant", "ok"),
-            ChatMessage("user", "second @len=12"))
+    msgs = (
+        ChatMessage("system", "Sys ✓"),
+        ChatMessage("user", "first"),
+        ChatMessage("assistant", "ok"),
+        ChatMessage("user", "second @len=12"),
+    )
     engine = make_engine(standin, abi, n_batch=2)
     try:
         engine.submit([request("m", messages=msgs), request("p", "plain @len=3")])

@@ -166,4 +166,3 @@ def test_model_checks(tmp_path: Path) -> None:
     good = tmp_path / "good.rkllm"
     good.write_bytes(b"x" * 10)
     assert check_model(settings_for(good)).ok
-

@@ -117,9 +117,7 @@ class _Transient(Exception):
 
 
 def _get_json(url: str, token: str, timeout: float) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    )
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, body = resp.status, resp.read()

@@ -207,7 +207,6 @@ class Transformer:
         heads: F32 = out.reshape(cfg.n_kv_heads, group, t, cfg.head_dim).transpose(2, 0, 1, 3)
         return heads.reshape(t, cfg.n_heads, cfg.head_dim)
 
-
     def _store(self, x: F32) -> F32 | U16:
         if self.kv_dtype == "float32":
             return x

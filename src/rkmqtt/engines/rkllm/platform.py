@@ -57,7 +57,7 @@ def read_compatible(root: Path = Path("/")) -> list[str]:
 
 
 def find_soc(root: Path = Path("/")) -> str | None:
-    """"RK3588", "RK3576"... when the device tree names a supported Rockchip SoC."""
+    """ "RK3588", "RK3576"... when the device tree names a supported Rockchip SoC."""
     for entry in read_compatible(root):
         if entry in SUPPORTED_SOCS:
             return SUPPORTED_SOCS[entry]
