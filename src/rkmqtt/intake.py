@@ -111,37 +111,40 @@ class Intake:
         now: float,
     ) -> Job | Refusal:
         s = self.settings
-        routing_id, routing_reply = (None, None)
-        if len(payload) <= s.max_payload_bytes:
-            routing_id, routing_reply = extract_routing(payload)
-        rid = routing_id or new_request_id()
+
+        def unread(code: ErrorCode, message: str) -> Refusal:
+            # Not a valid request: its id and reply_to are read on a best-effort basis, only here,
+            # so that a good request's JSON is parsed once. The reply goes to the requested topic
+            # if that is allowed, else to the default one.
+            rid, reply_to = extract_routing(payload) if len(payload) <= s.max_payload_bytes else (None, None)
+            rid = rid or new_request_id()
+            wanted = response_topic or reply_to
+            ok = wanted is not None and self.topics.is_allowed_reply_topic(wanted, client)
+            topic = wanted if ok and wanted else self.topics.reply(client, rid)
+            return Refusal(rid, topic, code, message, correlation)
+
+        if len(payload) > s.max_payload_bytes:
+            return unread(
+                ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {s.max_payload_bytes}"
+            )
+        if not is_valid_client(client):
+            return unread(
+                ErrorCode.INVALID_CLIENT, "the client name in the topic must be 1-64 characters of A-Z a-z 0-9 _ -"
+            )
+        try:
+            req = parse_request_payload(payload)
+        except UnicodeDecodeError:
+            return unread(ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8")
+        except ValidationError as e:
+            return unread(ErrorCode.INVALID_REQUEST, describe_validation_error(e))
+        rid = req.id or new_request_id()
+        wanted = response_topic or req.reply_to
+        ok_topic = wanted if wanted and self.topics.is_allowed_reply_topic(wanted, client) else None
         default_topic = self.topics.reply(client, rid)
 
         def refuse(code: ErrorCode, message: str, topic: str | None = None) -> Refusal:
             return Refusal(rid, topic or default_topic, code, message, correlation)
 
-        # Where a refusal goes: the requested reply topic if it is allowed, else the default.
-        wanted = response_topic or routing_reply
-        ok_topic = wanted if wanted and self.topics.is_allowed_reply_topic(wanted, client) else None
-
-        if len(payload) > s.max_payload_bytes:
-            return refuse(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"payload is {len(payload)} bytes; the limit is {s.max_payload_bytes}",
-                ok_topic,
-            )
-        if not is_valid_client(client):
-            return refuse(
-                ErrorCode.INVALID_CLIENT,
-                "the client name in the topic must be 1-64 characters of A-Z a-z 0-9 _ -",
-                ok_topic,
-            )
-        try:
-            req = parse_request_payload(payload)
-        except UnicodeDecodeError:
-            return refuse(ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8", ok_topic)
-        except ValidationError as e:
-            return refuse(ErrorCode.INVALID_REQUEST, describe_validation_error(e), ok_topic)
         if wanted is not None and ok_topic is None:
             return refuse(
                 ErrorCode.INVALID_REPLY_TO,
