@@ -141,6 +141,7 @@ class TinySpec:
     seed: int = 0
     drop: tuple[str, ...] = ()  # tensors to leave out (a broken file)
     tokenizer: str = "gpt2"  # or "llama" (SentencePiece)
+    rope_freqs: tuple[float, ...] = ()  # the tensor rope_freqs.weight (Llama 3 rope scaling), if any
 
 
 def _quantize(data: np.ndarray, type_name: str, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
@@ -258,6 +259,8 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
         add(p + "ffn_up.weight", rand(spec.ffn, spec.dim))
         add(p + "ffn_down.weight", rand(spec.dim, spec.ffn) * (0.0 if zero_layers else 1.0))
     add("output_norm.weight", np.ones(spec.dim, dtype=np.float32))
+    if spec.rope_freqs:
+        add("rope_freqs.weight", np.asarray(spec.rope_freqs, dtype=np.float32))
     if not spec.tied:
         add("output.weight", head)
     w.write_header_to_file()
@@ -270,15 +273,18 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
 # -- the reference implementation ------------------------------------------------------------------------
 
 
-def hf_model(path: Path) -> Any:
+def hf_model(path: Path, rope_parameters: dict[str, Any] | None = None) -> Any:
     """Hugging Face transformers' own model for a GGUF file: its config and its dequantized,
     un-permuted weights (`load_gguf_checkpoint`), in float32. (`from_pretrained(..., gguf_file=)`
-    would do the same but insists on the `accelerate` package.)"""
+    would do the same but insists on the `accelerate` package.) `rope_parameters` replace the
+    config's (its GGUF reader does not turn rope_freqs.weight into Llama 3 rope scaling)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)

@@ -81,6 +81,12 @@ def test_missing_tensor(tmp_path: Path) -> None:
     assert "tensor 'blk.1.ffn_up.weight' is missing" in load_error(path)
 
 
+def test_rope_freqs_of_the_wrong_length(tmp_path: Path) -> None:
+    """Llama 3's rope_freqs.weight holds one factor per rotary frequency (head_dim / 2 = 32 here)."""
+    path = write_tiny_gguf(tmp_path / "l3.gguf", TinySpec(seed=12, rope_freqs=(1.0,) * 31))
+    assert "rope_freqs.weight has 31 values, expected 32 positive factors" in load_error(path)
+
+
 def test_default_model_and_create_engine() -> None:
     settings = Settings(engine="numpy", n_batch=2, max_context=256)
     engine = create_engine(settings)

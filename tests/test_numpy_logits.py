@@ -6,7 +6,8 @@ Both sides compute in float32 from the same dequantized weights, but sum in diff
 rounding that grows through the layers: about 1e-5 relative here (SmolLM2, 30 layers: ~8e-5 on
 logits up to ~25). The bound leaves ~30x margin for that and is still four orders of magnitude
 below the error of a real mistake (rotary layout, permutation, missing bias: O(1) differences),
-which `test_tolerance_catches_a_wrong_rotary_layout` shows.
+which `test_tolerance_catches_a_wrong_rotary_layout` shows (and, for Llama 3's rope_freqs,
+`test_llama3_rope_freqs_match_transformers`).
 
 With the bfloat16 KV cache (chosen for large n_batch x max_context) K and V keep 8 bits of
 mantissa; the bound there is 1e-2 * (1 + max |theirs|) (measured: ~0.1 on logits up to ~36).
@@ -14,6 +15,8 @@ mantissa; the bound there is 1e-2 * (1 + max |theirs|) (measured: ~0.1 on logits
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -150,4 +153,43 @@ def test_tolerance_catches_a_wrong_rotary_layout(tmp_path: Path) -> None:
     ids = [int(i) for i in np.random.default_rng(1).integers(3, 259, size=30)]
     ref = hf_logits(hf_model(path), ids)
     err = float(np.abs(prefill_logits(m, ids) - ref).max())
+    assert err > 100 * REL_TOL * (1.0 + float(np.abs(ref).max()))
+
+
+def llama3_rope_freqs(head_dim: int, base: float, rope: dict[str, Any]) -> tuple[float, ...]:
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama 3's rope scaling: the
+    divisor of each inverse frequency (1 for short wavelengths, `factor` for long ones, a smooth
+    blend between)."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    orig = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * math.pi * base ** (2 * i / head_dim)
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
+
+
+def test_llama3_rope_freqs_match_transformers(tmp_path: Path) -> None:
+    """A Llama 3 file's rope_freqs.weight against transformers' own "llama3" rope scaling. With a
+    head dimension of 32 and an original context of 64, 14 of the 16 frequencies are scaled and
+    48 positions turn them far enough that ignoring the tensor fails by far more than the bound."""
+    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    freqs = llama3_rope_freqs(32, 10000.0, rope)
+    assert sum(f != 1.0 for f in freqs) == 14
+    spec = TinySpec(arch="llama", n_heads=8, n_kv_heads=2, seed=7, rope_freqs=freqs)
+    path = write_tiny_gguf(tmp_path / "llama3.gguf", spec)
+    m, _ = load_transformer(path)
+    assert m.cfg.head_dim == 32 and m.cfg.rope_freq_factors == pytest.approx(freqs)
+    ids = [int(i) for i in np.random.default_rng(spec.seed).integers(3, 259, size=48)]
+    ref = hf_logits(hf_model(path, {"rope_type": "llama3", "rope_theta": 10000.0, **rope}), ids)
+    assert_close(prefill_logits(m, ids), ref)
+    assert_close(decode_logits(m, ids, slot=1, prefix=9), ref)
+    plain = Transformer(dataclasses.replace(m.cfg, rope_freq_factors=None), m.w, 1, 128)
+    err = float(np.abs(prefill_logits(plain, ids) - ref).max())
     assert err > 100 * REL_TOL * (1.0 + float(np.abs(ref).max()))

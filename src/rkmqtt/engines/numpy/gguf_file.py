@@ -65,6 +65,9 @@ class ModelConfig:
     context_length: int
     vocab_size: int
     file_type: str
+    # Llama 3's "llama3" rope scaling, baked by llama.cpp's converter into the tensor
+    # rope_freqs.weight: one divisor per rotary frequency (head_dim / 2 of them); None without it
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def q_dim(self) -> int:
@@ -132,6 +135,15 @@ class GGUFFile:
             raise EngineError(f"model {self.path}: no token_embd.weight tensor; the file is incomplete")
         vocab = int(self.get(f"{arch}.vocab_size", len(tokens) if tokens else int(emb.shape[1])))
         ftype = self.get("general.file_type")
+        freq_factors: tuple[float, ...] | None = None
+        if self.has("rope_freqs.weight"):
+            ff = self.tensor("rope_freqs.weight").reshape(-1)
+            if ff.shape[0] != head_dim // 2 or not bool(np.all(np.isfinite(ff) & (ff > 0))):
+                raise EngineError(
+                    f"model {self.path}: rope_freqs.weight has {ff.shape[0]} values, expected {head_dim // 2} "
+                    f"positive factors (one per rotary frequency of head dimension {head_dim}); the file is corrupt"
+                )
+            freq_factors = tuple(float(x) for x in ff)
         return ModelConfig(
             architecture=arch,
             name=str(self.get("general.name", self.path.stem)),
@@ -147,6 +159,7 @@ class GGUFFile:
             context_length=int(self.get(f"{arch}.context_length", 2048)),
             vocab_size=vocab,
             file_type=_file_type_name(ftype),
+            rope_freq_factors=freq_factors,
         )
 
     # -- tensors ----------------------------------------------------------------------------

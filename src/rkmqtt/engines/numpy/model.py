@@ -95,6 +95,9 @@ class Transformer:
             self.k_cache, self.v_cache = np.zeros(shape, dtype=np.uint16), np.zeros(shape, dtype=np.uint16)
         half = cfg.head_dim // 2
         inv = 1.0 / (cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / cfg.head_dim))
+        if cfg.rope_freq_factors is not None:
+            # Llama 3 files: llama.cpp divides each frequency by its factor from rope_freqs.weight
+            inv = inv / np.asarray(cfg.rope_freq_factors, dtype=np.float64)
         pos = np.arange(max_context, dtype=np.float64) / cfg.rope_linear_scale
         ang = np.outer(pos, inv)
         self.cos: F32 = np.cos(ang).astype(np.float32)
