@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
     repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
 
+    numpy_threads: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=256,
+            description="Math (BLAS) threads of the numpy engine. 1 stays fast on a machine shared with the broker "
+            "and Home Assistant; more only pays on an otherwise idle machine with many cores.",
+        ),
+    ] = 1
+
     # -- limits (each answered with its own error code) ------------------------------------
     max_payload_bytes: Annotated[
         int, Field(ge=64, le=16 * 1024 * 1024, description="Largest request payload (payload_too_large).")

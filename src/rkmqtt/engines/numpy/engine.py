@@ -1,7 +1,11 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
 
-The scheduler thread owns the engine and makes every call; the engine starts no threads (numpy's
-BLAS may use its own inside a matrix product).
+The scheduler thread owns the engine and makes every call; the engine starts no threads. numpy's
+BLAS is held to `threads` threads (setting `numpy_threads`, default 1) for the whole process:
+OpenBLAS's threads spin while they wait for each other, so on a machine where anything else wants
+a core (the broker, the bridge's own network thread, Home Assistant) two of them run a decode step
+3-4 times slower than one does, and on an idle 2-core machine the second one gains under 10 %
+(figures in docs/benchmarks.md).
 
 One `poll()` is one step: every generating slot decodes one token, and a joining request's
 prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from rkmqtt.engines.base import (
     Capabilities,
@@ -92,6 +97,7 @@ class NumpyEngine(Engine):
         prefill_chunk: int = PREFILL_CHUNK,
         idle_prefill_chunk: int = IDLE_PREFILL_CHUNK,
         kv_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        threads: int | None = 1,
     ) -> None:
         if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
             raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
@@ -101,6 +107,7 @@ class NumpyEngine(Engine):
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_chunk = idle_prefill_chunk
         self._kv_dtype_setting = kv_dtype
+        self._threads = threads
         self._path: Path | None = None
         self._cfg: ModelConfig | None = None
         self._tok: GGUFTokenizer | None = None
@@ -115,7 +122,12 @@ class NumpyEngine(Engine):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NumpyEngine:
-        return cls(model=settings.model, n_batch=settings.n_batch, max_context=settings.max_context)
+        return cls(
+            model=settings.model,
+            n_batch=settings.n_batch,
+            max_context=settings.max_context,
+            threads=settings.numpy_threads,
+        )
 
     # -- facts --------------------------------------------------------------------------------
     @property
@@ -167,6 +179,8 @@ class NumpyEngine(Engine):
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> None:
         t0 = time.perf_counter()
+        if self._threads is not None:  # None: leave BLAS as the process found it
+            threadpool_limits(limits=self._threads, user_api="blas")
         path = resolve_model_path(self._model_setting)
         gguf = GGUFFile(path)
         try:
@@ -217,6 +231,7 @@ class NumpyEngine(Engine):
             "weights_bytes": weights.nbytes,
             "kv_cache_dtype": kv_dtype,
             "chat_template": "builtin ChatML" if chat.builtin else "from the model file",
+            "blas": _blas_description(),
             "load_seconds": round(time.perf_counter() - t0, 2),
         }
         _LOGGER.info(
@@ -398,6 +413,18 @@ class NumpyEngine(Engine):
         )
         self._release(run.key)
         return events
+
+
+def _blas_description() -> str:
+    """What does numpy's linear algebra, and with how many threads: "openblas 0.3.31 (1 thread)"."""
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not libs:
+        return "unknown"
+    return ", ".join(
+        f"{i.get('internal_api', '?')} {i.get('version') or ''} ({i.get('num_threads')} thread"
+        f"{'' if i.get('num_threads') == 1 else 's'})".replace("  ", " ")
+        for i in libs
+    )
 
 
 def _release_freed_memory() -> None:
