@@ -102,12 +102,12 @@ class Settings(BaseSettings):
     numpy_threads: Annotated[
         int,
         Field(
-            ge=1,
+            ge=0,
             le=256,
-            description="Math (BLAS) threads of the numpy engine. 1 stays fast on a machine shared with the broker "
-            "and Home Assistant; more only pays on an otherwise idle machine with many cores.",
+            description="Math (BLAS) threads of the numpy engine; 0 is one per core. Set 1 on a machine whose "
+            "cores are busy with other work: BLAS threads that wait on each other run 3-4x slower there.",
         ),
-    ] = 1
+    ] = 0
 
     # -- limits (each answered with its own error code) ------------------------------------
     max_payload_bytes: Annotated[

@@ -1,11 +1,11 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
 
 The scheduler thread owns the engine and makes every call; the engine starts no threads. numpy's
-BLAS is held to `threads` threads (setting `numpy_threads`, default 1) for the whole process:
-OpenBLAS's threads spin while they wait for each other, so on a machine where anything else wants
-a core (the broker, the bridge's own network thread, Home Assistant) two of them run a decode step
-3-4 times slower than one does, and on an idle 2-core machine the second one gains under 10 %
-(figures in docs/benchmarks.md).
+BLAS uses its own inside a matrix product: one per core, or `threads` (setting `numpy_threads`)
+for the whole process. One per core is fastest on an idle machine (+20-50 % with 2 cores here);
+where other processes keep the cores busy, OpenBLAS's threads wait on each other at every
+product and a step runs 3-4x slower than with one thread, so such machines want
+`numpy_threads: 1` (figures in docs/benchmarks.md).
 
 One `poll()` is one step: every generating slot decodes one token, and a joining request's
 prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
@@ -97,7 +97,7 @@ class NumpyEngine(Engine):
         prefill_chunk: int = PREFILL_CHUNK,
         idle_prefill_chunk: int = IDLE_PREFILL_CHUNK,
         kv_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-        threads: int | None = 1,
+        threads: int = 0,
     ) -> None:
         if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
             raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
@@ -179,7 +179,7 @@ class NumpyEngine(Engine):
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> None:
         t0 = time.perf_counter()
-        if self._threads is not None:  # None: leave BLAS as the process found it
+        if self._threads > 0:  # 0: leave BLAS as the process found it (one thread per core)
             threadpool_limits(limits=self._threads, user_api="blas")
         path = resolve_model_path(self._model_setting)
         gguf = GGUFFile(path)
