@@ -58,6 +58,28 @@ def test_batched_greedy_equals_one_at_a_time(smol: NumpyEngine) -> None:
         assert (t.finish.reason, t.finish.completion_tokens) == (a.finish.reason, a.finish.completion_tokens)
 
 
+def test_a_new_request_reuses_the_prompt_prefix_its_slot_holds(smol: NumpyEngine) -> None:
+    """A slot's KV cache keeps the last request's tokens: a request that shares a prefix with them
+    (here SmolLM2's built-in system prompt, or the whole prompt again) starts its prefill after
+    it, takes the slot with the longest shared prefix, and answers exactly as a cold slot does."""
+    prompts = ["What is the capital of France?", "Name a famous scientist."]
+    smol.reuse_prefix = False
+    try:
+        cold = {p: drive(smol, [req("cold", p, 12)])["cold"] for p in prompts}
+        assert all(c.finish is not None and c.finish.perf["reused_prompt_tokens"] == 0 for c in cold.values())
+    finally:
+        smol.reuse_prefix = True
+    first = drive(smol, [req("a", prompts[0], 12)])["a"]  # warms a slot with prompts[0] and its answer
+    again = drive(smol, [req("b", prompts[0], 12)])["b"]
+    other = drive(smol, [req("c", prompts[1], 12)])["c"]
+    n0 = first.finish.prompt_tokens if first.finish and first.finish.prompt_tokens else 0
+    assert again.finish is not None and again.finish.perf["reused_prompt_tokens"] == n0 - 1
+    assert other.finish is not None and other.finish.perf["reused_prompt_tokens"] >= 20  # the system prompt
+    assert again.text == cold[prompts[0]].text and first.text == cold[prompts[0]].text
+    assert other.text == cold[prompts[1]].text
+    assert smol.info()["reused_prompt_tokens"] >= n0 - 1 + 20
+
+
 def test_seeded_sampling_is_independent_of_batch_mates(smol: NumpyEngine) -> None:
     sampled = req("s", "Tell me a short story about a robot.", 20, temperature=1.0, top_k=50, top_p=0.95, seed=1234)
     alone = drive(smol, [sampled])["s"].text

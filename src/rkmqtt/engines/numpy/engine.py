@@ -13,6 +13,13 @@ decoding, so a long prompt does not stall them; `idle_prefill_chunk` when nobody
 takes the lowest free slot at `submit`, joins at the next step and frees its slot the moment it
 ends or is cancelled.
 
+Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last. A new
+request takes the free slot whose held tokens share the longest prefix with its prompt and starts
+its prefill after that prefix (at most all but its last token, whose logits it needs). The KV of a
+token depends only on the tokens up to it, so the reused part is exactly what prefill would
+compute again; requests that share a system prompt (SmolLM2's template adds one of 20 tokens;
+a Home Assistant automation sends the same instructions every time) skip it.
+
 Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
 max_context // 4) <= max_context, that is when the whole answer fits or at least a quarter of the
 context is left for it; otherwise it is refused with `too_long` before it takes a slot. A
@@ -78,6 +85,7 @@ class _Running:
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
     pending: int = -1  # the last sampled token, fed at the next step
+    reused: int = 0  # prompt tokens whose KV the slot already held
     held: int = 0  # tokens whose bytes are not yet whole characters
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     t_start: float = field(default_factory=time.perf_counter)
@@ -98,6 +106,7 @@ class NumpyEngine(Engine):
         idle_prefill_chunk: int = IDLE_PREFILL_CHUNK,
         kv_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         threads: int = 0,
+        reuse_prefix: bool = True,
     ) -> None:
         if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
             raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
@@ -108,6 +117,9 @@ class NumpyEngine(Engine):
         self.idle_prefill_chunk = idle_prefill_chunk
         self._kv_dtype_setting = kv_dtype
         self._threads = threads
+        self.reuse_prefix = reuse_prefix
+        self._kv_tokens: list[list[int]] = [[] for _ in range(n_batch)]  # what each slot's KV cache holds
+        self.reused_prompt_tokens = 0
         self._path: Path | None = None
         self._cfg: ModelConfig | None = None
         self._tok: GGUFTokenizer | None = None
@@ -168,6 +180,7 @@ class NumpyEngine(Engine):
         if self._model is not None:
             out["kv_cache_bytes"] = self._model.kv_cache_bytes
             out["kv_cache_mb"] = round(self._model.kv_cache_bytes / 2**20, 1)
+        out["reused_prompt_tokens"] = self.reused_prompt_tokens
         try:
             psutil = importlib.import_module("psutil")  # untyped: imported by name for strict mypy
             out["rss_bytes"] = int(psutil.Process(os.getpid()).memory_info().rss)
@@ -291,12 +304,32 @@ class NumpyEngine(Engine):
             if ids is None:
                 self.prepare(req)
                 ids = self._prepared.pop(req.key)
-            slot = self._slots.index(None)
+            slot, reuse = self._pick_slot(ids)
             self._slots[slot] = req.key
+            del self._kv_tokens[slot][reuse:]
+            self.reused_prompt_tokens += reuse
             self._running[req.key] = _Running(
-                key=req.key, slot=slot, prompt=ids, max_new_tokens=req.max_new_tokens, sampler=Sampler(req.sampling)
+                key=req.key,
+                slot=slot,
+                prompt=ids,
+                max_new_tokens=req.max_new_tokens,
+                sampler=Sampler(req.sampling),
+                prefilled=reuse,
+                reused=reuse,
             )
             self._join_order.append(req.key)
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with `ids` (the lowest on a
+        tie), and how many prompt tokens that prefix saves (never the last one: its logits are needed)."""
+        best, best_len = -1, -1
+        for slot, key in enumerate(self._slots):
+            if key is not None:
+                continue
+            n = _common_prefix(self._kv_tokens[slot], ids) if self.reuse_prefix else 0
+            if n > best_len:
+                best, best_len = slot, n
+        return best, min(best_len, len(ids) - 1)
 
     def cancel(self, key: str) -> None:
         self._prepared.pop(key, None)
@@ -306,6 +339,7 @@ class NumpyEngine(Engine):
         for key in list(self._running):
             self._release(key)
         self._prepared.clear()
+        self._kv_tokens = [[] for _ in self._slots]
         self._model = None
 
     def _release(self, key: str) -> None:
@@ -322,6 +356,7 @@ class NumpyEngine(Engine):
             return self._step()
         except Exception as e:  # a failed step fails the requests in it, not the bridge
             _LOGGER.exception("numpy engine: step failed")
+            self._kv_tokens = [[] for _ in self._slots]  # a half-written cache is nobody's prefix
             events: list[EngineEvent] = []
             for key in list(self._running):
                 events.append(ErrorEvent(key, ErrorCode.ENGINE_ERROR, f"numpy engine step failed: {e}"))
@@ -360,8 +395,12 @@ class NumpyEngine(Engine):
         tokens, plan, owners = self._plan()
         logits = self.transformer.step(np.asarray(tokens, dtype=np.int64), plan)
         self.steps += 1
+        for slot, token in zip(plan.decode_slots, tokens, strict=False):
+            self._kv_tokens[slot].append(token)
         for seg in plan.segments:
-            self._running[self._slots[seg.slot] or ""].prefilled += seg.length
+            run = self._running[self._slots[seg.slot] or ""]
+            self._kv_tokens[seg.slot].extend(run.prompt[seg.start : seg.start + seg.length])
+            run.prefilled += seg.length
         events: list[EngineEvent] = []
         now = time.perf_counter()
         for i, run in enumerate(owners):
@@ -400,6 +439,7 @@ class NumpyEngine(Engine):
             "prefill_ms": round((run.t_first - run.t_start) * 1000.0, 2),
             "decode_ms": round(decode_s * 1000.0, 2),
             "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 else 0.0,
+            "reused_prompt_tokens": run.reused,
         }
         events.append(
             FinishEvent(
@@ -413,6 +453,14 @@ class NumpyEngine(Engine):
         )
         self._release(run.key)
         return events
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _blas_description() -> str:
