@@ -104,11 +104,15 @@ def prefill_rate(engine: NumpyEngine, n_tokens: int) -> tuple[float, int]:
         req = GenerationRequest("p", (ChatMessage("user", text),), 1, SamplingParams())
         engine.cancel("p")
         n = engine.prepare(req) or 0
-    engine.submit([req])
-    t = time.perf_counter()
-    while engine.active():
-        engine.poll(0.0)
-    return n / (time.perf_counter() - t), n
+    reuse, engine.reuse_prefix = engine.reuse_prefix, False  # a cold prompt: nothing reused from the last run
+    try:
+        engine.submit([req])
+        t = time.perf_counter()
+        while engine.active():
+            engine.poll(0.0)
+        return n / (time.perf_counter() - t), n
+    finally:
+        engine.reuse_prefix = reuse
 
 
 # -- continuous against static ---------------------------------------------------------------------------
@@ -236,6 +240,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens per request in the decode runs")
     ap.add_argument("--quick", action="store_true", help="one repeat, no RSS run, a short arrival test")
     ap.add_argument("--keep-openblas-env", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="numpy_threads: BLAS threads (0: one per core)")
     ap.add_argument("--rss-child", nargs=2, type=int, metavar=("N_BATCH", "MAX_CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -245,9 +250,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"load average at start: {os.getloadavg()}")
     batches = [1, 2, 4, 8, 16]
-    engine = NumpyEngine(n_batch=16, max_context=2048)
+    engine = NumpyEngine(n_batch=16, max_context=2048, threads=args.threads)
     engine.load()
-    print(f"model: {engine.info()['model_path']}")
+    print(f"model: {engine.info()['model_path']}; BLAS: {engine.info()['blas']}")
     decode_throughput(engine, 2, 8)  # warm up
     rates: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(repeats):
@@ -284,7 +289,7 @@ def main() -> None:
         )
 
     n_req = 12 if args.quick else 24
-    engine = NumpyEngine(n_batch=8, max_context=1024)
+    engine = NumpyEngine(n_batch=8, max_context=1024, threads=args.threads)
     engine.load()
     cont: list[float] = []
     stat: list[float] = []
