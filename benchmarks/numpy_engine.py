@@ -1,7 +1,8 @@
 """Benchmark of the numpy engine on SmolLM2-135M-Instruct (main thread; drives the engine as the
 scheduler would, with no MQTT).
 
-    .venv/bin/python benchmarks/numpy_engine.py [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/numpy_engine.py [--repeats 3] [--quick] [--parts decode,rss,arrivals]
+        [--gaps 1.0,0.5,0.25] [--threads N]
 
 Prints one table:
 
@@ -10,7 +11,7 @@ Prints one table:
   repeats, interleaved so that load from other processes spreads over all batch sizes);
 * prefill tokens/s for a 200-token prompt;
 * peak RSS of a process running n_batch 8 with 2048-token contexts filled to the end;
-* continuous against static batching under staggered arrivals at the same load: mean latency
+* continuous against static batching under staggered arrivals at the same load, at three loads (`--gaps`): mean latency
   (static: a batch of up to n_batch requests starts together and nothing joins until all of
   it has finished, emulated with the same engine by submitting only when it is idle).
 
@@ -43,7 +44,7 @@ import numpy as np  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, FinishEvent, GenerationRequest, SamplingParams  # noqa: E402
 from rkmqtt.engines.numpy.engine import NumpyEngine  # noqa: E402
 
-GAP = 0.5  # mean seconds between arrivals (exponential)
+GAPS = "1.0,0.5,0.25"  # mean seconds between arrivals (exponential): light, busy, overloaded on this VM
 
 TOPICS = [
     "the history of the bicycle",
@@ -241,23 +242,38 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one repeat, no RSS run, a short arrival test")
     ap.add_argument("--keep-openblas-env", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="numpy_threads: BLAS threads (0: one per core)")
+    ap.add_argument("--gaps", default=GAPS, help="mean seconds between arrivals, one arrival test each")
+    ap.add_argument(
+        "--parts", default="decode,rss,arrivals", help="which parts to run: decode (with prefill), rss, arrivals"
+    )
     ap.add_argument("--rss-child", nargs=2, type=int, metavar=("N_BATCH", "MAX_CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child)))
         return
     repeats = 1 if args.quick else args.repeats
+    parts = set(args.parts.split(","))
     print(f"machine: {machine()}")
     print(f"load average at start: {os.getloadavg()}")
+    if "decode" in parts:
+        decode_part(args.threads, repeats, args.new_tokens)
+    if "rss" in parts and not args.quick:
+        rss_part()
+    if "arrivals" in parts:
+        arrivals_part(args.threads, repeats, 12 if args.quick else 24, [float(g) for g in args.gaps.split(",")])
+    print(f"\nload average at end: {os.getloadavg()}")
+
+
+def decode_part(threads: int, repeats: int, new_tokens: int) -> None:
     batches = [1, 2, 4, 8, 16]
-    engine = NumpyEngine(n_batch=16, max_context=2048, threads=args.threads)
+    engine = NumpyEngine(n_batch=16, max_context=2048, threads=threads)
     engine.load()
     print(f"model: {engine.info()['model_path']}; BLAS: {engine.info()['blas']}")
     decode_throughput(engine, 2, 8)  # warm up
     rates: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(repeats):
         for b in batches:
-            rates[b].append(decode_throughput(engine, b, args.new_tokens))
+            rates[b].append(decode_throughput(engine, b, new_tokens))
     prefill = [prefill_rate(engine, 200) for _ in range(repeats)]
     engine.close()
 
@@ -272,42 +288,46 @@ def main() -> None:
     pre = statistics.median(r for r, _ in prefill)
     print(f"\nprefill: {prefill[0][1]}-token prompt, {pre:.0f} tokens/s (median of {repeats})")
 
-    if not args.quick:
-        out = subprocess.run(
-            [sys.executable, __file__, "--rss-child", "8", "2048", "--keep-openblas-env"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        rss = json.loads(out.stdout.strip().splitlines()[-1])
-        print(
-            f"\npeak RSS, n_batch 8, max_context 2048, every context filled to its end: "
-            f"{rss['peak_rss_bytes'] / 1e9:.2f} GB (weights {rss['weights_bytes'] / 1e9:.2f} GB, "
-            f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB {rss['kv_cache_dtype']}; "
-            f"RSS after load {rss['rss_after_load_bytes'] / 1e9:.2f} GB, "
-            f"at the end {rss['rss_at_end_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
-        )
 
-    n_req = 12 if args.quick else 24
-    engine = NumpyEngine(n_batch=8, max_context=1024, threads=args.threads)
-    engine.load()
-    cont: list[float] = []
-    stat: list[float] = []
-    for rep in range(repeats):
-        schedule = arrivals(n_req, GAP, seed=rep)
-        for static in (False, True) if rep % 2 == 0 else (True, False):
-            lat = serve(engine, schedule, static)
-            (stat if static else cont).append(statistics.mean(lat))
-    engine.close()
-    c, s = statistics.median(cont), statistics.median(stat)
-    print(
-        f"\nstaggered arrivals ({n_req} requests, mean gap {GAP} s, 16-96 new tokens, n_batch 8; "
-        f"median of {repeats} runs of the mean latency)"
+def rss_part() -> None:
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", "8", "2048", "--keep-openblas-env"],
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    print(f"  continuous batching: {c:.2f} s   runs {[round(x, 2) for x in cont]}")
-    print(f"  static batching:     {s:.2f} s   runs {[round(x, 2) for x in stat]}")
-    print(f"  continuous is {100 * (1 - c / s):.0f}% lower")
-    print(f"\nload average at end: {os.getloadavg()}")
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"\npeak RSS, n_batch 8, max_context 2048, every context filled to its end: "
+        f"{rss['peak_rss_bytes'] / 1e9:.2f} GB (weights {rss['weights_bytes'] / 1e9:.2f} GB, "
+        f"KV cache {rss['kv_cache_bytes'] / 1e9:.2f} GB {rss['kv_cache_dtype']}; "
+        f"RSS after load {rss['rss_after_load_bytes'] / 1e9:.2f} GB, "
+        f"at the end {rss['rss_at_end_bytes'] / 1e9:.2f} GB; tokens per slot {rss['tokens_per_slot']})"
+    )
+
+
+def arrivals_part(threads: int, repeats: int, n_req: int, gaps: list[float]) -> None:
+    """The same arrival schedule served both ways, at each load (mean gap between arrivals)."""
+    engine = NumpyEngine(n_batch=8, max_context=1024, threads=threads)
+    engine.load()
+    print(
+        f"\nstaggered arrivals ({n_req} requests, Poisson, 16-96 new tokens, n_batch 8; "
+        f"median of {repeats} runs of the mean latency, same schedules for both)"
+    )
+    for gap in gaps:
+        cont: list[float] = []
+        stat: list[float] = []
+        for rep in range(repeats):
+            schedule = arrivals(n_req, gap, seed=rep)
+            for static in (False, True) if rep % 2 == 0 else (True, False):
+                lat = serve(engine, schedule, static)
+                (stat if static else cont).append(statistics.mean(lat))
+        c, s = statistics.median(cont), statistics.median(stat)
+        print(f"  mean gap {gap} s:")
+        print(f"    continuous batching: {c:.2f} s   runs {[round(x, 2) for x in cont]}")
+        print(f"    static batching:     {s:.2f} s   runs {[round(x, 2) for x in stat]}")
+        print(f"    continuous is {100 * (1 - c / s):.0f}% lower")
+    engine.close()
 
 
 if __name__ == "__main__":
