@@ -168,11 +168,11 @@ def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[fl
 # -- peak RSS in a child process ---------------------------------------------------------------------
 
 
-def rss_child(n_batch: int, max_context: int) -> dict[str, Any]:
+def rss_child(n_batch: int, max_context: int, threads: int) -> dict[str, Any]:
     """Fill every slot's context to the end; report peak RSS (VmHWM of this process: unlike
     ru_maxrss it does not carry the parent's RSS over the fork and exec)."""
 
-    engine = NumpyEngine(n_batch=n_batch, max_context=max_context)
+    engine = NumpyEngine(n_batch=n_batch, max_context=max_context, threads=threads)
     engine.load()
     rss_loaded = engine.info()["rss_bytes"]
     words = "Tell me everything you know about the sea, the sky and the mountains. "
@@ -246,7 +246,9 @@ def main() -> None:
     ap.add_argument(
         "--parts", default="decode,rss,arrivals", help="which parts to run: decode (with prefill), rss, arrivals"
     )
-    ap.add_argument("--rss-child", nargs=2, type=int, metavar=("N_BATCH", "MAX_CONTEXT"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--rss-child", nargs=3, type=int, metavar=("N_BATCH", "MAX_CONTEXT", "THREADS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.rss_child:
         print(json.dumps(rss_child(*args.rss_child)))
@@ -258,7 +260,7 @@ def main() -> None:
     if "decode" in parts:
         decode_part(args.threads, repeats, args.new_tokens)
     if "rss" in parts and not args.quick:
-        rss_part()
+        rss_part(args.threads)
     if "arrivals" in parts:
         arrivals_part(args.threads, repeats, 12 if args.quick else 24, [float(g) for g in args.gaps.split(",")])
     print(f"\nload average at end: {os.getloadavg()}")
@@ -289,9 +291,9 @@ def decode_part(threads: int, repeats: int, new_tokens: int) -> None:
     print(f"\nprefill: {prefill[0][1]}-token prompt, {pre:.0f} tokens/s (median of {repeats})")
 
 
-def rss_part() -> None:
+def rss_part(threads: int) -> None:
     out = subprocess.run(
-        [sys.executable, __file__, "--rss-child", "8", "2048", "--keep-openblas-env"],
+        [sys.executable, __file__, "--rss-child", "8", "2048", str(threads), "--keep-openblas-env"],
         check=True,
         capture_output=True,
         text=True,

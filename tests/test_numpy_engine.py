@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rkmqtt.engines.base import FinishEvent, TokenEvent
+from rkmqtt.engines.base import ErrorEvent, FinishEvent, TokenEvent
 from rkmqtt.engines.numpy.engine import NumpyEngine
 from rkmqtt.errors import RequestRejected
 from rkmqtt.protocol import ErrorCode
@@ -253,3 +253,36 @@ def test_parallel_chain_requests_in_a_small_context(chain_model: Path) -> None:
         fin = results[f"p{i}"].finish
         assert isinstance(fin, FinishEvent) and fin.completion_tokens == 5 + i
         assert results[f"p{i}"].text.startswith("é😀" if i else "é\ufffd")
+
+
+def test_a_failing_step_still_delivers_the_finish_of_a_request_that_ended_in_it(chain_model: Path) -> None:
+    """Two prompts prefill in one step: the first ends there (max_new_tokens 1) and leaves its
+    slot, then sampling the second fails. The first still gets its FinishEvent, the second an
+    ErrorEvent, and no slot's cached tokens survive the failed step."""
+    engine = chain_engine(chain_model)
+    engine.submit([req("done", "hi", 1), req("bad", "ho", 5)])
+    bad = engine._running["bad"]
+
+    def boom(logits: object, history: object) -> int:
+        raise RuntimeError("sampler exploded")
+
+    bad.sampler.sample = boom  # type: ignore[method-assign]
+    events = engine.poll(0.0)
+    finishes = [e for e in events if isinstance(e, FinishEvent)]
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert [(f.key, f.reason, f.completion_tokens) for f in finishes] == [("done", "length", 1)]
+    assert [(e.key, e.code) for e in errors] == [("bad", ErrorCode.ENGINE_ERROR)]
+    assert "sampler exploded" in errors[0].message
+    assert engine.active() == 0 and engine.free_slots() == 2
+    assert engine.info()["reused_prompt_tokens"] == 0
+    assert all(not held for held in engine._kv_tokens)
+
+
+def test_loading_again_forgets_the_cached_prompts(chain_model: Path) -> None:
+    engine = chain_engine(chain_model, n_batch=1)
+    first = drive(engine, [req("a", "hi", 4)])["a"]
+    assert engine._kv_tokens[0]  # the slot holds the prompt and the answer
+    engine.load()  # a fresh, zeroed cache: nothing in it may be reused
+    again = drive(engine, [req("b", "hi", 4)])["b"]
+    assert again.finish is not None and again.finish.perf["reused_prompt_tokens"] == 0
+    assert again.text == first.text

@@ -104,8 +104,9 @@ class Settings(BaseSettings):
         Field(
             ge=0,
             le=256,
-            description="Math (BLAS) threads of the numpy engine; 0 is one per core. Set 1 on a machine whose "
-            "cores are busy with other work: BLAS threads that wait on each other run 3-4x slower there.",
+            description="Math (BLAS) threads of the numpy engine; 0 leaves BLAS's own choice (OpenBLAS: one per "
+            "core, or OPENBLAS_NUM_THREADS). Set 1 on a machine whose cores are busy with other work: BLAS threads "
+            "that wait on each other run 2-3x slower there.",
         ),
     ] = 0
 

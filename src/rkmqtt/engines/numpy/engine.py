@@ -1,24 +1,25 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
 
 The scheduler thread owns the engine and makes every call; the engine starts no threads. numpy's
-BLAS uses its own inside a matrix product: one per core, or `threads` (setting `numpy_threads`)
-for the whole process. One per core is fastest on an idle machine (+20-50 % with 2 cores here);
-where other processes keep the cores busy, OpenBLAS's threads wait on each other at every
-product and a step runs 3-4x slower than with one thread, so such machines want
-`numpy_threads: 1` (figures in docs/benchmarks.md).
+BLAS uses its own inside a matrix product: as many as it starts with (OpenBLAS: one per core, or
+OPENBLAS_NUM_THREADS), or `threads` (setting `numpy_threads`) for the whole process. One per core
+is fastest on an idle machine (+20-50 % with 2 cores here); where other processes keep the cores
+busy, OpenBLAS's threads wait on each other at every product and a step runs 2-3x slower than
+with one thread, so such machines want `numpy_threads: 1` (figures in docs/benchmarks.md).
 
 One `poll()` is one step: every generating slot decodes one token, and a joining request's
 prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
 decoding, so a long prompt does not stall them; `idle_prefill_chunk` when nobody is). A request
-takes the lowest free slot at `submit`, joins at the next step and frees its slot the moment it
+takes a free slot at `submit` (below), joins at the next step and frees its slot the moment it
 ends or is cancelled.
 
 Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last. A new
-request takes the free slot whose held tokens share the longest prefix with its prompt and starts
-its prefill after that prefix (at most all but its last token, whose logits it needs). The KV of a
-token depends only on the tokens up to it, so the reused part is exactly what prefill would
-compute again; requests that share a system prompt (SmolLM2's template adds one of 20 tokens;
-a Home Assistant automation sends the same instructions every time) skip it.
+request takes the free slot whose held tokens share the longest prefix with its prompt (the lowest
+on a tie) and starts its prefill after that prefix (at most all but its last token, whose logits it
+needs). The KV of a token depends only on the tokens up to it, so the reused part holds what
+prefill would compute again (up to rounding: generated tokens' KV came from decode steps).
+Requests that share a system prompt skip it: SmolLM2's template adds one of 20 tokens, and a Home
+Assistant automation sends the same instructions every time.
 
 Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
 max_context // 4) <= max_context, that is when the whole answer fits or at least a quarter of the
@@ -227,6 +228,7 @@ class NumpyEngine(Engine):
         else:
             kv_dtype = self._kv_dtype_setting
         self._model = Transformer(cfg, weights, self._n_batch, self._max_context, kv_dtype)
+        self._kv_tokens = [[] for _ in range(self._n_batch)]  # a new cache holds nothing yet
         _release_freed_memory()
         self._path, self._cfg, self._tok, self._chat = path, cfg, tok, chat
         self._facts = {
@@ -329,7 +331,7 @@ class NumpyEngine(Engine):
             n = _common_prefix(self._kv_tokens[slot], ids) if self.reuse_prefix else 0
             if n > best_len:
                 best, best_len = slot, n
-        return best, min(best_len, len(ids) - 1)
+        return best, max(0, min(best_len, len(ids) - 1))
 
     def cancel(self, key: str) -> None:
         self._prepared.pop(key, None)
@@ -352,12 +354,15 @@ class NumpyEngine(Engine):
     def poll(self, timeout: float) -> list[EngineEvent]:
         if not self._running:
             return []
+        events: list[EngineEvent] = []
         try:
-            return self._step()
+            self._step(events)
+            return events
         except Exception as e:  # a failed step fails the requests in it, not the bridge
             _LOGGER.exception("numpy engine: step failed")
             self._kv_tokens = [[] for _ in self._slots]  # a half-written cache is nobody's prefix
-            events: list[EngineEvent] = []
+            # `events` keeps what the step produced before it failed: a request that finished
+            # (and left its slot) in it still gets its FinishEvent
             for key in list(self._running):
                 events.append(ErrorEvent(key, ErrorCode.ENGINE_ERROR, f"numpy engine step failed: {e}"))
                 self._release(key)
@@ -391,7 +396,7 @@ class NumpyEngine(Engine):
         )
         return tokens, plan, owners
 
-    def _step(self) -> list[EngineEvent]:
+    def _step(self, events: list[EngineEvent]) -> None:
         tokens, plan, owners = self._plan()
         logits = self.transformer.step(np.asarray(tokens, dtype=np.int64), plan)
         self.steps += 1
@@ -401,7 +406,6 @@ class NumpyEngine(Engine):
             run = self._running[self._slots[seg.slot] or ""]
             self._kv_tokens[seg.slot].extend(run.prompt[seg.start : seg.start + seg.length])
             run.prefilled += seg.length
-        events: list[EngineEvent] = []
         now = time.perf_counter()
         for i, run in enumerate(owners):
             history = (run.prompt[-REPEAT_WINDOW:] + run.generated[-REPEAT_WINDOW:])[-REPEAT_WINDOW:]
@@ -409,7 +413,6 @@ class NumpyEngine(Engine):
             if not run.generated:
                 run.t_first = now
             events.extend(self._accept(run, token, now))
-        return events
 
     def _accept(self, run: _Running, token: int, now: float) -> list[EngineEvent]:
         tok = self.tokenizer
