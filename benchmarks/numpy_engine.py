@@ -270,7 +270,8 @@ def decode_part(threads: int, repeats: int, new_tokens: int) -> None:
     batches = [1, 2, 4, 8, 16]
     engine = NumpyEngine(n_batch=16, max_context=2048, threads=threads)
     engine.load()
-    print(f"model: {engine.info()['model_path']}; BLAS: {engine.info()['blas']}")
+    info = engine.info()
+    print(f"model: {info['model_path']}; BLAS: {info['blas']}")
     decode_throughput(engine, 2, 8)  # warm up
     rates: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(repeats):

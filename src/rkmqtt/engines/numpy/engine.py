@@ -193,7 +193,7 @@ class NumpyEngine(Engine):
     # -- load ---------------------------------------------------------------------------------
     def load(self) -> None:
         t0 = time.perf_counter()
-        if self._threads > 0:  # 0: leave BLAS as the process found it (one thread per core)
+        if self._threads > 0:  # 0: leave BLAS as the process found it
             threadpool_limits(limits=self._threads, user_api="blas")
         path = resolve_model_path(self._model_setting)
         gguf = GGUFFile(path)
@@ -228,7 +228,7 @@ class NumpyEngine(Engine):
         else:
             kv_dtype = self._kv_dtype_setting
         self._model = Transformer(cfg, weights, self._n_batch, self._max_context, kv_dtype)
-        self._kv_tokens = [[] for _ in range(self._n_batch)]  # a new cache holds nothing yet
+        self._forget_cached_prompts()  # a new cache holds nothing yet
         _release_freed_memory()
         self._path, self._cfg, self._tok, self._chat = path, cfg, tok, chat
         self._facts = {
@@ -333,6 +333,9 @@ class NumpyEngine(Engine):
                 best, best_len = slot, n
         return best, max(0, min(best_len, len(ids) - 1))
 
+    def _forget_cached_prompts(self) -> None:
+        self._kv_tokens = [[] for _ in range(self._n_batch)]
+
     def cancel(self, key: str) -> None:
         self._prepared.pop(key, None)
         self._release(key)
@@ -341,7 +344,7 @@ class NumpyEngine(Engine):
         for key in list(self._running):
             self._release(key)
         self._prepared.clear()
-        self._kv_tokens = [[] for _ in self._slots]
+        self._forget_cached_prompts()
         self._model = None
 
     def _release(self, key: str) -> None:
@@ -360,7 +363,7 @@ class NumpyEngine(Engine):
             return events
         except Exception as e:  # a failed step fails the requests in it, not the bridge
             _LOGGER.exception("numpy engine: step failed")
-            self._kv_tokens = [[] for _ in self._slots]  # a half-written cache is nobody's prefix
+            self._forget_cached_prompts()  # a half-written cache is nobody's prefix
             # `events` keeps what the step produced before it failed: a request that finished
             # (and left its slot) in it still gets its FinishEvent
             for key in list(self._running):
