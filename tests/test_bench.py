@@ -125,6 +125,16 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
         assert m["requests"] == 18
         assert 1 <= m["mean_batch_size"] <= nb
     assert points[("rkllm-zero", 1, "mqtt")]["median"]["mean_batch_size"] == 1
+    # Each MQTT run says how much of a core the bench, the bridge and the broker used.
+    for (_, _, mode), p in points.items():
+        cpu = p["median"]["cpu"]
+        if mode == "direct":
+            assert cpu == {}
+            continue
+        assert set(cpu) == {"bench", "bridge", "broker"}, cpu
+        # (clock-tick resolution: a short run may see 0 for the broker)
+        assert all(0 <= v < data["machine"]["cpus"] + 0.5 for v in cpu.values()) and cpu["bench"] > 0, cpu
+    assert "| CPU, share of one core | n_batch | bench | bridge | broker |" in (out / "bench.md").read_text()
     assert points[("rkllm-zero", 3, "mqtt")]["bridge_info"]["n_batch"] == 3
     # The stand-in's text depends only on the prompt, and every mode sends the same prompts.
     tokens = {k: p["median"]["completion_tokens"] for k, p in points.items()}
@@ -135,7 +145,7 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
     assert data["standin_timing_model"]["decode_ms"] == pytest.approx(59.88, abs=0.01)
     assert data["complete"] and data["machine"]["cpus"] and data["bridge_settings"]["rate_limit"] == "0"
     table = capsys.readouterr().out
-    assert "rkllm stand-in, zero delay" in table and "bridge cost" in table
+    assert "rkllm stand-in, zero delay" in table and "bridge cost" in table and "CPU over the measured" in table
     # A saved report renders again without running anything.
     assert main(["bench", "--render", str(out / "bench.json"), "--png", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
@@ -188,6 +198,7 @@ def test_running_bridge_and_errors(
     (point,) = json.loads((out / "bench.json").read_text())["points"]
     m = point["median"]
     assert point["n_batch"] == 2 and point["bridge_info"]["engine"] == "fake"
+    assert set(m["cpu"]) == {"bench"}  # a running bridge's process is not ours to measure
     assert m["requests"] == 12 and m["ok"] + m["errors"] == 12
     assert m["errors"] > 0 and set(m["errors_by_code"]) == {"busy"}
     assert m["error_share"] == pytest.approx(m["errors"] / 12, abs=1e-4)

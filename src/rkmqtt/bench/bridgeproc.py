@@ -118,6 +118,10 @@ class BridgeProcess:
             watcher.client.stop()
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
     def log_tail(self, chars: int = 1500) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:].strip()

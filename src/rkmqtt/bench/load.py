@@ -1,5 +1,6 @@
-"""Simulated devices against a bridge over MQTT (the caller's thread drives; each device's paho
-network thread receives its replies and, in a closed loop, sends that device's next request).
+"""Simulated devices against a bridge over MQTT (the caller's thread drives; one `NetLoop` thread
+runs every device's paho client, receives the replies and, in a closed loop, sends each device's
+next request).
 
 Every device is its own paho client with its own client name (`dev00`, `dev01`, ...), publishing on
 `P/request/<name>` and subscribed to `P/reply/<name>/#`. Requests are JSON with an `id` unique to
@@ -18,9 +19,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.mqttclient import BenchClient
+from rkmqtt.bench.netloop import NetLoop
 from rkmqtt.bench.workload import Workload, device_name
+from rkmqtt.errors import RkmqttError
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
@@ -40,6 +44,7 @@ class _Device:
             f"rkmqtt-bench-{gen.tag}-{self.name}",
             [f"{gen.topics.prefix}/reply/{self.name}/#"],
             self.on_message,
+            gen.netloop,
         )
 
     def send(self, measured: bool) -> RequestRecord:
@@ -59,7 +64,7 @@ class _Device:
         self.mqtt.publish(self.request_topic, payload, qos=1)
         return rec
 
-    # -- paho network thread of this device --------------------------------------------------
+    # -- the NetLoop thread -------------------------------------------------------------------
     def on_message(self, msg: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
         parts = msg.topic.split("/")
@@ -115,8 +120,16 @@ def _fill(rec: RequestRecord, reply: dict[str, Any]) -> None:
 class LoadGenerator:
     """Runs one workload against the bridge listening under `settings.topic_prefix`."""
 
-    def __init__(self, settings: Settings, workload: Workload, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workload: Workload,
+        progress: Progress | None = None,
+        meter: CpuMeter | None = None,
+    ) -> None:
         self.settings = settings
+        self.meter = meter
+        self.cpu: dict[str, float] = {}  # the meter's figures over the measured part
         self.workload = workload
         self.topics = Topics(settings.topic_prefix)
         self.tag = uuid.uuid4().hex[:6]
@@ -128,8 +141,9 @@ class LoadGenerator:
         self._finished = 0
         self._warm_done = 0
         self.devices: list[_Device] = []
+        self.netloop = NetLoop()
 
-    # -- callbacks (device network threads) ----------------------------------------------------
+    # -- callbacks (the NetLoop thread) ---------------------------------------------------------
     def on_final(self, dev: _Device, rec: RequestRecord) -> None:
         measured = ".w" not in rec.id
         with self._cond:
@@ -155,6 +169,7 @@ class LoadGenerator:
         """Connect the devices, warm up, run the workload, and return the measured requests' records
         (requests with no final reply within the timeout have status "timeout")."""
         w = self.workload
+        self.netloop.start()
         try:
             for i in range(w.devices):
                 self.devices.append(_Device(self, i))
@@ -162,6 +177,8 @@ class LoadGenerator:
                 d.mqtt.start()
             self._warm_up()
             self._measuring = True
+            if self.meter is not None:
+                self.meter.start()
             if w.shape == "closed":
                 with self._cond:
                     first = min(w.devices, w.total)
@@ -183,9 +200,14 @@ class LoadGenerator:
                         time.sleep(delay)
                     self.devices[dev].send(measured=True)
                 self._wait(lambda: self._finished >= w.total)
+            if self.meter is not None:
+                self.cpu = self.meter.stop()
         finally:
             for d in self.devices:
                 d.mqtt.stop()
+            self.netloop.stop()
+        if self.netloop.error is not None:
+            raise RkmqttError(f"bench: the devices' network loop failed: {self.netloop.error!r}")
         records = [r for d in self.devices for r in d.records.values() if ".w" not in r.id]
         for r in records:
             if r.status == "pending":
@@ -220,7 +242,7 @@ class LoadGenerator:
                 seen = self._finished + self._warm_done
                 if seen != last:
                     last, deadline = seen, now + self.workload.timeout_s
-                if now >= deadline:
+                if now >= deadline or self.netloop.error is not None:
                     return False
                 self._cond.wait(min(1.0, deadline - now))
             return True

@@ -98,6 +98,8 @@ class RunMetrics:
     stream_messages_per_s: float
     stream_gaps: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # share of one core per process over the measured part: bench, bridge, broker (when known)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,4 +182,15 @@ def median_of_runs(runs: Sequence[RunMetrics]) -> RunMetrics:
         stream_messages_per_s=med("stream_messages_per_s") or 0.0,
         stream_gaps=sum(r.stream_gaps for r in runs),
         extra={"repeats": len(runs)},
+        cpu=_median_cpu(runs),
     )
+
+
+def _median_cpu(runs: Sequence[RunMetrics]) -> dict[str, float]:
+    names = sorted({n for r in runs for n in r.cpu})
+    out: dict[str, float] = {}
+    for n in names:
+        m = percentile([r.cpu[n] for r in runs if n in r.cpu], 50)
+        if m is not None:
+            out[n] = round(m, 3)
+    return out

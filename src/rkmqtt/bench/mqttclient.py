@@ -1,5 +1,6 @@
-"""A paho-mqtt 2.x client set up like a device's (callers' threads; paho's network thread runs
-the callbacks): the broker address and credentials, TLS, MQTT 5 or 3.1.1, and TCP_NODELAY.
+"""A paho-mqtt 2.x client set up like a device's (callers' threads; the callbacks run in paho's
+network thread, or in the shared `NetLoop` thread when one is given): the broker address and
+credentials, TLS, MQTT 5 or 3.1.1, and TCP_NODELAY.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rkmqtt.bench.netloop import NetLoop
 from rkmqtt.errors import RkmqttError
 from rkmqtt.settings import Settings
 
@@ -26,9 +29,15 @@ class BenchClient:
     """One connection; `subscriptions` are (re)made on connect and `ready` is set after SUBACK."""
 
     def __init__(
-        self, settings: Settings, client_id: str, subscriptions: list[str], on_message: MessageHandler
+        self,
+        settings: Settings,
+        client_id: str,
+        subscriptions: list[str],
+        on_message: MessageHandler,
+        netloop: NetLoop | None = None,
     ) -> None:
         self.settings = settings
+        self.netloop = netloop
         self.mqtt5 = settings.mqtt_version == "5"
         self.subscriptions = subscriptions
         self.ready = threading.Event()
@@ -47,21 +56,35 @@ class BenchClient:
             if settings.tls_insecure:
                 c.tls_insecure_set(True)
         c.max_inflight_messages_set(1000)
-        c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         self.client = c
+        if netloop is not None:
+            netloop.attach(c, self._on_socket_open)
+        else:
+            c.on_socket_open = self._on_socket_open
 
     def start(self, timeout: float = 15.0) -> BenchClient:
         addr = self.settings.broker_url
+        props: Properties | None = None
         if self.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
-            self.client.connect_async(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
+        if self.netloop is None:
+            if self.mqtt5:
+                self.client.connect_async(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
+            else:
+                self.client.connect_async(addr.host, addr.port, keepalive=30)
+            self.client.loop_start()
         else:
-            self.client.connect_async(addr.host, addr.port, keepalive=30)
-        self.client.loop_start()
+            try:  # the TCP (and TLS) handshake here; CONNECT goes out from the loop's thread
+                if self.mqtt5:
+                    self.client.connect(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
+                else:
+                    self.client.connect(addr.host, addr.port, keepalive=30)
+            except (OSError, ValueError) as e:
+                raise RkmqttError(f"bench: could not connect to {addr}: {e}") from e
         if not self.ready.wait(timeout):
             self.stop()
             raise RkmqttError(f"bench: could not connect and subscribe to {addr} within {timeout:.0f} s")
@@ -70,9 +93,15 @@ class BenchClient:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        if self.netloop is None:
+            self.client.loop_stop()
+            return
+        end = time.monotonic() + timeout  # the loop's thread sends DISCONNECT and closes the socket
+        while self.client.socket() is not None and time.monotonic() < end:
+            time.sleep(0.005)
+        self.netloop.detach(self.client)
 
     # -- paho network thread ---------------------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:

@@ -151,13 +151,18 @@ def targets(points: Sequence[Point]) -> list[Target]:
             )
         )
     relay = [p.metrics for p in points if p.scenario == "relay-zero-cost" and p.mode == "mqtt" and p.metrics]
-    best = max((m.stream_messages_per_s for m in relay), default=None)
+    top = max(relay, key=lambda m: m.stream_messages_per_s, default=None)
+    measured = "-"
+    if top is not None:
+        measured = f"{top.stream_messages_per_s:.0f} per second (best n_batch)"
+        if top.cpu:
+            measured += "; CPU, share of one core: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in top.cpu.items())
     out.append(
         Target(
             "zero-cost engine: stream messages relayed",
             ">= 5000 per second",
-            "-" if best is None else f"{best:.0f} per second (best n_batch)",
-            None if best is None else best >= 5000,
+            measured,
+            None if top is None else top.stream_messages_per_s >= 5000,
         )
     )
     return out
@@ -200,6 +205,14 @@ def print_table(points: Sequence[Point], console: Console) -> None:
         )
     console.print(t)
     console.print("latencies in ms; lat = publish to final reply, TTFT = publish to first stream chunk")
+    rows = cpu_rows(points)
+    if rows:
+        c = Table(title=f"CPU over the measured part, share of one core ({os.cpu_count()} cores here)")
+        for col in ("scenario", "n_batch", *CPU_NAMES, "stream msg/s"):
+            c.add_column(col, justify="left" if col == "scenario" else "right")
+        for p, m in rows:
+            c.add_row(p.scenario, str(p.n_batch), *(_pct(m.cpu.get(n)) for n in CPU_NAMES), _f(m.stream_messages_per_s))
+        console.print(c)
     costs = bridge_cost(points)
     if costs:
         c = Table(title="bridge cost: tokens/s through MQTT / engine alone (ratio: median of per-repeat ratios)")
@@ -223,6 +236,18 @@ def print_table(points: Sequence[Point], console: Console) -> None:
         for x in ts:
             tt.add_row(x.name, x.wanted, x.measured, ("[green]" if x.met else "[red]") + x.mark())
         console.print(tt)
+
+
+CPU_NAMES = ("bench", "bridge", "broker")
+
+
+def cpu_rows(points: Sequence[Point]) -> list[tuple[Point, RunMetrics]]:
+    """The MQTT runs that measured their processes' CPU."""
+    return [(p, m) for p in points if p.mode == "mqtt" and (m := p.metrics) is not None and m.cpu]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
 
 
 def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]:
@@ -324,6 +349,19 @@ def markdown(points: Sequence[Point]) -> str:
                 f"{_f(c['direct_tokens_per_s'], 1)} | {'-' if r is None else f'{100 * r:.1f} %'} | "
                 + ", ".join(f"{100 * x:.0f} %" for x in c["pair_ratios"])
                 + " |"
+            )
+    rows = cpu_rows(points)
+    if rows:
+        lines += [
+            "",
+            "| CPU, share of one core | n_batch | " + " | ".join(CPU_NAMES) + " | stream msg/s |",
+            "|---|---:|" + "---:|" * len(CPU_NAMES) + "---:|",
+        ]
+        for p, m in rows:
+            lines.append(
+                f"| {p.scenario} | {p.n_batch} | "
+                + " | ".join(_pct(m.cpu.get(n)) for n in CPU_NAMES)
+                + f" | {_f(m.stream_messages_per_s)} |"
             )
     ts = targets(points)
     if any(t.met is not None for t in ts):

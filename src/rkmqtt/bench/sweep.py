@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from rkmqtt.bench import standin
 from rkmqtt.bench.bridgeproc import BridgeProcess, SettingValue, read_info
+from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.direct import DirectDriver
 from rkmqtt.bench.load import LoadGenerator
 from rkmqtt.bench.metrics import RunMetrics, median_of_runs, summarize
@@ -313,8 +314,10 @@ class Sweep:
             p.bridge_info = read_info(settings)
             p.n_batch = int(p.bridge_info.get("n_batch", 0))
             p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
-            records = LoadGenerator(settings, sc.workload, self.progress.advance).run()
-            return summarize(records)
+            gen = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter({"bench": os.getpid()}))
+            m = summarize(gen.run())
+            m.cpu = gen.cpu
+            return m
         engine_flags, env = self.engine_setup(sc.engine)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         flags = self.point_flags(engine_flags, p.n_batch, prefix)
@@ -326,13 +329,26 @@ class Sweep:
         try:
             p.bridge_info = bridge.info
             t0 = time.monotonic()
-            records = LoadGenerator(settings, sc.workload, self.progress.advance).run()
+            gen = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter(self._pids(bridge)))
+            records = gen.run()
             _LOGGER.debug("point took %.1f s", time.monotonic() - t0)
         finally:
             rc = bridge.stop()
             if rc not in (0, None):
                 p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
-        return summarize(records)
+        m = summarize(records)
+        m.cpu = gen.cpu
+        return m
+
+    def _pids(self, bridge: BridgeProcess) -> dict[str, int]:
+        """The processes whose CPU a run reports: this one, the bridge, and the broker if ours."""
+        pids = {"bench": os.getpid()}
+        if bridge.pid is not None:
+            pids["bridge"] = bridge.pid
+        for m in self._brokers.values():
+            if m.url == self.broker_url and m.proc is not None:
+                pids["broker"] = m.proc.pid
+        return pids
 
     def _run_direct(self, settings: Settings, env: dict[str, str], workload: Workload) -> RunMetrics:
         saved = dict(os.environ)

@@ -1,0 +1,51 @@
+"""CPU used by the processes of one bench run (main thread): the bench itself, the bridge and the
+broker, each as a share of one core over the measured part of the run.
+
+Why: when the relay figure is limited, the question is by whom. Throughput alone cannot tell a
+busy bridge from a busy load generator on a shared machine; CPU seconds per process can.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+
+class CpuMeter:
+    """`start()` and `stop()` around the measured part; `stop()` returns {name: share of a core}
+    for the processes that were still there (a process that exited is left out)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._procs: dict[str, psutil.Process] = {}
+        for name, pid in pids.items():
+            try:
+                self._procs[name] = psutil.Process(pid)
+            except psutil.Error:
+                continue
+        self._t0 = 0.0
+        self._cpu0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._cpu0 = {n: c for n, p in self._procs.items() if (c := _cpu_s(p)) is not None}
+        self._t0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self._t0
+        out: dict[str, float] = {}
+        if wall <= 0:
+            return out
+        for name, before in self._cpu0.items():
+            now = _cpu_s(self._procs[name])
+            if now is not None:
+                out[name] = round((now - before) / wall, 3)
+        return out
+
+
+def _cpu_s(p: psutil.Process) -> float | None:
+    """User and system seconds of all the process's threads (not its children)."""
+    try:
+        t = p.cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)

@@ -1,0 +1,168 @@
+"""One thread ("rkmqtt-bench-net") that runs the network I/O of many paho clients.
+
+Why: with `loop_start()` every simulated device has its own network thread, and at thousands of
+stream messages a second the bench's 16 threads spent most of their time waking up, taking the GIL
+from each other and running `select()` on two sockets each - the bench used more CPU than the
+bridge it measures. Here one selector waits on every device's socket, paho's `loop_read` /
+`loop_write` / `loop_misc` run in this one thread, and the message callbacks run here too.
+
+Threads: paho calls the socket callbacks from whichever thread touched the client (a `publish()`
+from the caller's thread registers the socket for writing). Selector changes are only made by the
+loop thread: other threads queue them and wake it through a socket pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+SocketHook = Callable[[mqtt.Client, Any, Any], None]
+_MISC_INTERVAL_S = 1.0  # keep-alive pings and timeouts (paho's loop_misc)
+_READS_PER_WAKE = 16  # packets read per readiness event before going back to the selector
+
+
+class NetLoop:
+    """Start it, `attach()` clients before they connect, `stop()` after they disconnected."""
+
+    def __init__(self, name: str = "rkmqtt-bench-net") -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._ops: deque[Callable[[], None]] = deque()
+        self._clients: list[mqtt.Client] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> NetLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def attach(self, client: mqtt.Client, on_open: SocketHook | None = None) -> None:
+        """Route `client`'s socket through this loop (instead of `loop_start()`); `on_open(client,
+        userdata, sock)` runs first when its socket opens (socket options)."""
+
+        def opened(c: mqtt.Client, userdata: Any, sock: Any) -> None:
+            if on_open is not None:
+                on_open(c, userdata, sock)
+            self._on_open(c, userdata, sock)
+
+        client.on_socket_open = opened
+        client.on_socket_close = self._on_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self._call(lambda: self._clients.append(client))
+
+    def detach(self, client: mqtt.Client) -> None:
+        def op() -> None:
+            with contextlib.suppress(ValueError):
+                self._clients.remove(client)
+
+        self._call(op)
+
+    # -- any thread: paho's socket callbacks ---------------------------------------------------
+    def _on_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call(lambda: self._set(sock, client, selectors.EVENT_READ))
+
+    def _on_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call(lambda: self._unset(sock))
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call(lambda: self._set(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE))
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._call(lambda: self._set(sock, client, selectors.EVENT_READ))
+
+    def _call(self, op: Callable[[], None]) -> None:
+        if threading.current_thread() is self._thread:
+            op()
+            return
+        self._ops.append(op)  # deque.append is atomic
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # -- loop thread ------------------------------------------------------------------------
+    def _set(self, sock: Any, client: mqtt.Client, events: int) -> None:
+        try:
+            key = self._sel.get_map().get(sock)
+            if key is None:
+                self._sel.register(sock, events, client)
+            elif key.events != events:
+                self._sel.modify(sock, events, client)
+        except (ValueError, OSError):  # closed before this op ran
+            self._unset(sock)
+
+    def _unset(self, sock: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(sock)
+
+    def _run(self) -> None:
+        next_misc = time.monotonic() + _MISC_INTERVAL_S
+        try:
+            while not self._stopping:
+                timeout = max(0.0, next_misc - time.monotonic())
+                events = self._sel.select(timeout)
+                while self._ops:
+                    self._ops.popleft()()
+                for key, mask in events:
+                    client = key.data
+                    if client is None:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            self._wake_r.recv(4096)
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        self._read(client, key.fileobj)
+                    if mask & selectors.EVENT_WRITE:
+                        client.loop_write()
+                if time.monotonic() >= next_misc:
+                    for c in list(self._clients):
+                        c.loop_misc()
+                    next_misc = time.monotonic() + _MISC_INTERVAL_S
+        except BaseException as e:  # surfaced by the caller: a dead loop must not look like a slow bridge
+            self.error = e
+            raise
+
+    def _read(self, client: mqtt.Client, sock: Any) -> None:
+        """`loop_read()` reads one packet per call: read on while the socket still holds bytes, so
+        that a burst of stream messages costs one trip through the selector, not one each. TLS
+        data already decrypted into the SSL object's buffer does not wake a selector, so that is
+        always read to the end."""
+        reads = 0
+        while True:
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is not sock:
+                return  # an error or a closed socket: paho has handled it
+            reads += 1
+            if isinstance(sock, ssl.SSLSocket):
+                if sock.pending() <= 0:
+                    return
+                continue
+            assert isinstance(sock, socket.socket)
+            if reads >= _READS_PER_WAKE:
+                return  # the selector is level-triggered: it reports the rest
+            try:
+                if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return
+            except OSError:  # BlockingIOError: nothing left
+                return
