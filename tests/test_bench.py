@@ -4,6 +4,7 @@ that is already running."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -135,6 +136,20 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
         # (clock-tick resolution: a short run may see 0 for the broker)
         assert all(0 <= v < data["machine"]["cpus"] + 0.5 for v in cpu.values()) and cpu["bench"] > 0, cpu
     assert "| CPU, share of one core | n_batch | bench | bridge | broker |" in (out / "bench.md").read_text()
+    # Every request, one row each, with its own queueing delay, time to first token, latency, tokens.
+    with (out / "bench.requests.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 18
+    for (sc, nb, mode), p in points.items():
+        mine = [r for r in rows if (r["scenario"], int(r["n_batch"]), r["mode"]) == (sc, nb, mode)]
+        assert len(mine) == 18 and {r["status"] for r in mine} == {"ok"}
+        assert len({r["id"] for r in mine}) == 18 and {r["repeat"] for r in mine} == {"1"}
+        assert sum(int(r["completion_tokens"]) for r in mine) == p["median"]["completion_tokens"]
+        for r in mine:
+            assert 0 <= float(r["queued_ms"]) <= float(r["latency_ms"])
+            assert 0 < float(r["ttft_ms"]) <= float(r["latency_ms"]) and 1 <= int(r["batch_size"]) <= nb
+        lat = sorted(float(r["latency_ms"]) for r in mine)
+        assert p["median"]["latency_ms_p50"] == pytest.approx((lat[8] + lat[9]) / 2, abs=0.2)
     assert points[("rkllm-zero", 3, "mqtt")]["bridge_info"]["n_batch"] == 3
     # The stand-in's text depends only on the prompt, and every mode sends the same prompts.
     tokens = {k: p["median"]["completion_tokens"] for k, p in points.items()}

@@ -29,6 +29,7 @@ from rkmqtt.bench.report import (
     report_dict,
     write_json,
     write_png,
+    write_requests_csv,
 )
 from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
@@ -123,8 +124,18 @@ def add_bench_parser(sub: Any) -> None:
     where.add_argument("--rkllm-model", type=Path, default=None, help="the .rkllm model for --rkllm-library")
     where.add_argument("--workdir", type=Path, default=None, help="keep bridge logs and the stand-in here")
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("bench-out"), help="directory of bench.json and bench.png")
-    out.add_argument("--json", type=Path, default=None, help="JSON file (default <out>/bench.json)")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        help="directory of bench.json, bench.md, bench.requests.csv (one row per request) and bench.png",
+    )
+    out.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="JSON file (default <out>/bench.json); the .md and .requests.csv go beside it",
+    )
     out.add_argument("--png", type=Path, default=None, help="PNG plot (default <out>/bench.png)")
     out.add_argument("--no-plot", action="store_true", help="write no PNG")
     out.add_argument(
@@ -266,6 +277,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     def checkpoint(points: list[Point]) -> None:  # an interrupted sweep keeps what it measured
         write_json(json_file, report_dict(points, meta(False)))
+        write_requests_csv(json_file.with_suffix(".requests.csv"), points)
 
     try:
         if progress is not None:
@@ -280,7 +292,8 @@ def run_bench(args: argparse.Namespace) -> int:
     json_path = write_json(json_file, data)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(points))
-    console.print(f"JSON: {json_path}; Markdown: {md_path}")
+    csv_path = write_requests_csv(json_path.with_suffix(".requests.csv"), points)
+    console.print(f"JSON: {json_path}; Markdown: {md_path}; every request: {csv_path}")
     if not args.no_plot:
         png = write_png(args.png or args.out / "bench.png", points, f"rkmqtt bench on {data['machine']['cpu']}")
         console.print(f"plot: {png}")

@@ -51,6 +51,26 @@ class RequestRecord:
     def stream_gaps(self) -> int:
         return max(0, self.max_seq + 1 - self.chunks)
 
+    def row(self, start: float) -> dict[str, Any]:
+        """This request as one row of the per-request file; `sent_ms` counts from `start`."""
+        return {
+            "device": self.device,
+            "seq": self.seq,
+            "id": self.id,
+            "status": self.status,
+            "error_code": self.error_code,
+            "sent_ms": _r((self.sent - start) * 1000.0, 1),
+            "queued_ms": _r(self.queued_ms, 1),
+            "ttft_ms": _r(self.ttft_ms, 1),
+            "latency_ms": _r(self.latency_ms, 1),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "batch_size": self.batch_size,
+            "finish_reason": self.finish_reason,
+            "stream_messages": self.chunks,
+            "stream_gaps": self.stream_gaps,
+        }
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0-100), linear between closest ranks; None for no values."""

@@ -5,6 +5,7 @@ and the issue's targets checked against the figures.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -263,6 +264,23 @@ def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def write_requests_csv(path: Path, points: Sequence[Point]) -> Path:
+    """Every request of every run, one row each: which point and repeat, then the request's own
+    figures (queueing delay, time to first token, latency, tokens, status and error code)."""
+    rows = [
+        {"scenario": p.scenario, "engine": p.engine, "n_batch": p.n_batch, "mode": p.mode, **r}
+        for p in points
+        for r in p.requests
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     return path
 
 

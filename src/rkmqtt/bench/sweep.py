@@ -26,7 +26,7 @@ from rkmqtt.bench.bridgeproc import BridgeProcess, SettingValue, read_info
 from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.direct import DirectDriver
 from rkmqtt.bench.load import LoadGenerator
-from rkmqtt.bench.metrics import RunMetrics, median_of_runs, summarize
+from rkmqtt.bench.metrics import RequestRecord, RunMetrics, median_of_runs, summarize
 from rkmqtt.bench.workload import Workload
 from rkmqtt.broker import Mosquitto
 from rkmqtt.engines import create_engine
@@ -92,6 +92,7 @@ class Point:
     bridge_info: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     broker: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)  # one row per request of every run
 
     @property
     def metrics(self) -> RunMetrics | None:
@@ -298,32 +299,35 @@ class Sweep:
                         what += f" [{rep + 1}/{self.repeat}]"
                     self.progress.begin(what, sc.workload.total)
                     try:
-                        m = self._run_point(p, sc)
+                        records, cpu = self._run_point(p, sc)
                     except Exception as e:  # one failed point must not lose the others
                         _LOGGER.exception("bench point failed: %s", what)
                         p.failures.append(f"{type(e).__name__}: {e}")
                         continue
+                    m = summarize(records)
+                    m.cpu = cpu
                     p.runs.append(m)
+                    start = min((r.sent for r in records), default=0.0)
+                    p.requests += [{"repeat": rep + 1, **r.row(start)} for r in records]
                     if checkpoint is not None:
                         checkpoint(points)
         return points
 
-    def _run_point(self, p: Point, sc: Scenario) -> RunMetrics:
+    def _run_point(self, p: Point, sc: Scenario) -> tuple[list[RequestRecord], dict[str, float]]:
+        """One run of a point: its requests' records and its processes' CPU (MQTT runs)."""
         if self.attach:
             settings = self._settings(self.user_flags | {"broker": self.broker_url})
             p.bridge_info = read_info(settings)
             p.n_batch = int(p.bridge_info.get("n_batch", 0))
             p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
             gen = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter({"bench": os.getpid()}))
-            m = summarize(gen.run())
-            m.cpu = gen.cpu
-            return m
+            return gen.run(), gen.cpu
         engine_flags, env = self.engine_setup(sc.engine)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         flags = self.point_flags(engine_flags, p.n_batch, prefix)
         settings = self._settings(flags)
         if p.mode == "direct":
-            return self._run_direct(settings, env, sc.workload)
+            return self._run_direct(settings, env, sc.workload), {}
         log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}.log"
         bridge = BridgeProcess(settings, flags, env, log).start()
         try:
@@ -336,9 +340,7 @@ class Sweep:
             rc = bridge.stop()
             if rc not in (0, None):
                 p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
-        m = summarize(records)
-        m.cpu = gen.cpu
-        return m
+        return records, gen.cpu
 
     def _pids(self, bridge: BridgeProcess) -> dict[str, int]:
         """The processes whose CPU a run reports: this one, the bridge, and the broker if ours."""
@@ -350,7 +352,7 @@ class Sweep:
                 pids["broker"] = m.proc.pid
         return pids
 
-    def _run_direct(self, settings: Settings, env: dict[str, str], workload: Workload) -> RunMetrics:
+    def _run_direct(self, settings: Settings, env: dict[str, str], workload: Workload) -> list[RequestRecord]:
         saved = dict(os.environ)
         os.environ.clear()
         os.environ.update(env)  # the stand-in reads its timing model at every init and run
@@ -367,7 +369,7 @@ class Sweep:
                 driver = DirectDriver(
                     engine, workload, sampling, settings.batch_window_ms / 1000.0, self.progress.advance
                 )
-                return summarize(driver.run())
+                return driver.run()
             finally:
                 engine.close()
         finally:
