@@ -92,12 +92,15 @@ class BenchClient:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
+        if self.netloop is not None:
+            self.netloop.kick(self.client)
 
     def stop(self, timeout: float = 2.0) -> None:
         self.client.disconnect()
         if self.netloop is None:
             self.client.loop_stop()
             return
+        self.netloop.kick(self.client)
         end = time.monotonic() + timeout  # the loop's thread sends DISCONNECT and closes the socket
         while self.client.socket() is not None and time.monotonic() < end:
             time.sleep(0.005)

@@ -72,6 +72,19 @@ class NetLoop:
         client.on_socket_unregister_write = self._on_unregister_write
         self._call(lambda: self._clients.append(client))
 
+    def kick(self, client: mqtt.Client) -> None:
+        """Call after publishing on `client` from any thread. paho asks for write readiness only when
+        it has not asked already, and that flag can be cleared by this loop's thread just after a
+        publish from another thread looked at it; checking `want_write()` here, after the publish,
+        cannot miss the packet."""
+
+        def op() -> None:
+            sock = client.socket()
+            if sock is not None and client.want_write():
+                self._set(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
+
+        self._call(op)
+
     def detach(self, client: mqtt.Client) -> None:
         def op() -> None:
             with contextlib.suppress(ValueError):
@@ -107,6 +120,9 @@ class NetLoop:
     def _set(self, sock: Any, client: mqtt.Client, events: int) -> None:
         try:
             key = self._sel.get_map().get(sock)
+            if key is not None and key.fileobj is not sock:  # a closed socket's number, reused
+                self._unset(key.fileobj)
+                key = None
             if key is None:
                 self._sel.register(sock, events, client)
             elif key.events != events:
