@@ -5,12 +5,14 @@ callbacks), TLS, and a broker that dies seen as closed sockets, not a hang.
 
 from __future__ import annotations
 
+import selectors
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 
 from rkmqtt.bench.mqttclient import BenchClient
 from rkmqtt.bench.netloop import NetLoop
@@ -139,3 +141,59 @@ def test_tls_through_the_loop(tmp_path: Path, prefix: str) -> None:
     finally:
         loop.stop()
         tls.close()
+
+
+def test_a_publish_racing_the_loop_is_sent_and_the_loop_goes_idle(mosquitto: Mosquitto, prefix: str) -> None:
+    """The interleaving paho's "already asked for writing" flag allows: the loop's thread has just
+    found nothing to write and is about to clear the flag when another thread publishes and, seeing
+    the flag still set, asks for nothing. The message must go out, and afterwards the socket must
+    not stay registered for writing (the loop would spin at 100 % of a core)."""
+    settings = bridge_settings(mosquitto.url, prefix)
+    loop = NetLoop().start()
+    inbox = _Inbox()
+    (sub,) = _clients(settings, loop, inbox, 1, prefix)
+    pub = BenchClient(settings, f"{prefix}-pub", [], lambda m: None, loop).start()
+    c = pub.client
+    real_want_write = c.want_write
+    paused, resume = threading.Event(), threading.Event()
+    armed = [True]
+
+    def want_write() -> bool:
+        r = real_want_write()
+        if armed[0] and not r and threading.current_thread().name == "rkmqtt-bench-net":
+            armed[0] = False
+            paused.set()
+            resume.wait(5)
+        return r
+
+    c.want_write = want_write  # type: ignore[method-assign]
+    try:
+        pub.publish(f"{prefix}/nl/0", b"first", qos=0)
+        assert paused.wait(5)  # the loop wrote it and stands where it decides to stop writing
+        pub.publish(f"{prefix}/nl/0", b"second", qos=0)
+        resume.set()
+        assert _wait(lambda: inbox.count() == 2, 5), inbox.got
+        assert inbox.got["c0"] == [b"first", b"second"]
+        time.sleep(0.3)
+        key = loop._sel.get_map()[c.socket()]
+        assert key.events == selectors.EVENT_READ
+        thread = next(t for t in psutil.Process().threads() if t.id == loop._thread.native_id)
+        t0 = thread.user_time + thread.system_time
+        time.sleep(1.0)
+        thread = next(t for t in psutil.Process().threads() if t.id == loop._thread.native_id)
+        assert thread.user_time + thread.system_time - t0 < 0.5  # idle, not spinning
+    finally:
+        resume.set()
+        sub.stop()
+        pub.stop()
+        loop.stop()
+
+
+def test_stop_closes_the_sockets_of_clients_that_did_not_disconnect(mosquitto: Mosquitto, prefix: str) -> None:
+    settings = bridge_settings(mosquitto.url, prefix)
+    loop = NetLoop().start()
+    clients = _clients(settings, loop, _Inbox(), 3, prefix)
+    socks = [c.client.socket() for c in clients]
+    assert all(s is not None and s.fileno() >= 0 for s in socks)
+    loop.stop()
+    assert all(s is not None and s.fileno() == -1 for s in socks)

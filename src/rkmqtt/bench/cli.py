@@ -220,7 +220,7 @@ def _render(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--render {args.render}: cannot read it ({e})") from e
     points = points_from_json(data)
-    print_table(points, _out_console())
+    print_table(points, _out_console(), (data.get("machine") or {}).get("cpus"))
     md = (args.json or args.render).with_suffix(".md")
     md.write_text(markdown(points))
     if not args.no_plot:
@@ -288,7 +288,7 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         sweep.close()
     data = report_dict(points, meta(True))
-    print_table(points, _out_console())
+    print_table(points, _out_console(), data["machine"]["cpus"])
     json_path = write_json(json_file, data)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(points))

@@ -88,11 +88,13 @@ class _Device:
             return
         rec.done = now
         try:
-            reply: dict[str, Any] = json.loads(msg.payload)
+            reply: Any = json.loads(msg.payload)
         except ValueError:
-            rec.status, rec.error_code = "error", "unreadable_reply"
-        else:
+            reply = None
+        if isinstance(reply, dict):
             _fill(rec, reply)
+        else:
+            rec.status, rec.error_code = "error", "unreadable_reply"
         self.gen.on_final(self, rec)
 
 
@@ -195,6 +197,8 @@ class LoadGenerator:
             else:
                 start = time.monotonic()
                 for t, dev in w.open_arrivals():
+                    if self.netloop.error is not None:
+                        break
                     delay = start + t - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
@@ -203,8 +207,11 @@ class LoadGenerator:
             if self.meter is not None:
                 self.cpu = self.meter.stop()
         finally:
+            for d in self.devices:  # all at once, then one shared wait: a wedged broker costs 2 s, not 2 s each
+                d.mqtt.begin_stop()
+            deadline = time.monotonic() + 2.0
             for d in self.devices:
-                d.mqtt.stop()
+                d.mqtt.wait_stopped(deadline)
             self.netloop.stop()
         if self.netloop.error is not None:
             raise RkmqttError(f"bench: the devices' network loop failed: {self.netloop.error!r}")

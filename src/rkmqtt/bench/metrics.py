@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -51,12 +51,33 @@ class RequestRecord:
     def stream_gaps(self) -> int:
         return max(0, self.max_seq + 1 - self.chunks)
 
+    ROW_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "device",
+        "seq",
+        "id",
+        "prompt_index",
+        "status",
+        "error_code",
+        "sent_ms",
+        "queued_ms",
+        "ttft_ms",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "batch_size",
+        "finish_reason",
+        "stream_messages",
+        "stream_gaps",
+    )
+
     def row(self, start: float) -> dict[str, Any]:
-        """This request as one row of the per-request file; `sent_ms` counts from `start`."""
+        """This request as one row of the per-request file (`ROW_COLUMNS`); `sent_ms` counts from
+        `start`."""
         return {
             "device": self.device,
             "seq": self.seq,
             "id": self.id,
+            "prompt_index": self.prompt_index,
             "status": self.status,
             "error_code": self.error_code,
             "sent_ms": _r((self.sent - start) * 1000.0, 1),

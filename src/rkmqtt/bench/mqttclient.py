@@ -96,15 +96,26 @@ class BenchClient:
             self.netloop.kick(self.client)
 
     def stop(self, timeout: float = 2.0) -> None:
+        self.begin_stop()
+        self.wait_stopped(time.monotonic() + timeout)
+
+    def begin_stop(self) -> None:
+        """Send DISCONNECT (with a NetLoop: queue it; `wait_stopped` waits for the socket to close)."""
         self.client.disconnect()
         if self.netloop is None:
             self.client.loop_stop()
-            return
-        self.netloop.kick(self.client)
-        end = time.monotonic() + timeout  # the loop's thread sends DISCONNECT and closes the socket
-        while self.client.socket() is not None and time.monotonic() < end:
+        else:
+            self.netloop.kick(self.client)
+
+    def wait_stopped(self, deadline: float) -> bool:
+        """With a NetLoop: wait until the loop's thread has sent DISCONNECT and closed the socket,
+        at most until `deadline` (`NetLoop.stop()` closes what is left). True when it closed."""
+        if self.netloop is None:
+            return True
+        while self.client.socket() is not None and time.monotonic() < deadline:
             time.sleep(0.005)
         self.netloop.detach(self.client)
+        return self.client.socket() is None
 
     # -- paho network thread ---------------------------------------------------------------
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:

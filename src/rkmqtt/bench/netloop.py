@@ -8,7 +8,9 @@ bridge it measures. Here one selector waits on every device's socket, paho's `lo
 
 Threads: paho calls the socket callbacks from whichever thread touched the client (a `publish()`
 from the caller's thread registers the socket for writing). Selector changes are only made by the
-loop thread: other threads queue them and wake it through a socket pair.
+loop thread: other threads queue them and wake it through a socket pair. Whether a socket waits
+for writing is decided by the loop thread from `want_write()` alone, never from paho's "already
+registered" flag, which another thread's publish can read just before the loop clears it.
 """
 
 from __future__ import annotations
@@ -50,9 +52,16 @@ class NetLoop:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close what is left: sockets of clients that could not disconnect
+        (a wedged broker) are closed here, not leaked."""
         self._stopping = True
         self._wake()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        for key in list(self._sel.get_map().values()):
+            if key.data is not None:
+                with contextlib.suppress(OSError):
+                    key.fileobj.close()  # type: ignore[union-attr]
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -73,17 +82,10 @@ class NetLoop:
         self._call(lambda: self._clients.append(client))
 
     def kick(self, client: mqtt.Client) -> None:
-        """Call after publishing on `client` from any thread. paho asks for write readiness only when
-        it has not asked already, and that flag can be cleared by this loop's thread just after a
-        publish from another thread looked at it; checking `want_write()` here, after the publish,
-        cannot miss the packet."""
-
-        def op() -> None:
-            sock = client.socket()
-            if sock is not None and client.want_write():
-                self._set(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE)
-
-        self._call(op)
+        """Call after publishing on (or disconnecting) `client` from any thread: paho may not ask
+        for write readiness itself (its flag says it asked already, just as this loop's thread
+        clears it), and `want_write()` checked after the call cannot miss the packet."""
+        self._call(lambda: self._sync(client))
 
     def detach(self, client: mqtt.Client) -> None:
         def op() -> None:
@@ -100,10 +102,10 @@ class NetLoop:
         self._call(lambda: self._unset(sock))
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call(lambda: self._set(sock, client, selectors.EVENT_READ | selectors.EVENT_WRITE))
+        self._call(lambda: self._sync(client))
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call(lambda: self._set(sock, client, selectors.EVENT_READ))
+        self._call(lambda: self._sync(client))
 
     def _call(self, op: Callable[[], None]) -> None:
         if threading.current_thread() is self._thread:
@@ -117,6 +119,13 @@ class NetLoop:
             self._wake_w.send(b"\0")
 
     # -- loop thread ------------------------------------------------------------------------
+    def _sync(self, client: mqtt.Client) -> None:
+        """Wait for writing exactly while paho has packets to write."""
+        sock = client.socket()
+        if sock is not None:
+            write = selectors.EVENT_WRITE if client.want_write() else 0
+            self._set(sock, client, selectors.EVENT_READ | write)
+
     def _set(self, sock: Any, client: mqtt.Client, events: int) -> None:
         try:
             key = self._sel.get_map().get(sock)
@@ -140,18 +149,21 @@ class NetLoop:
             while not self._stopping:
                 timeout = max(0.0, next_misc - time.monotonic())
                 events = self._sel.select(timeout)
+                if any(key.data is None for key, _ in events):
+                    # Drained before the ops run: a wake-up sent after this is for an op still to come.
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
                 while self._ops:
                     self._ops.popleft()()
                 for key, mask in events:
                     client = key.data
-                    if client is None:
-                        with contextlib.suppress(BlockingIOError, OSError):
-                            self._wake_r.recv(4096)
-                        continue
+                    if client is None or client.socket() is not key.fileobj:
+                        continue  # the wake-up, or a socket an op above closed or replaced
                     if mask & selectors.EVENT_READ:
                         self._read(client, key.fileobj)
-                    if mask & selectors.EVENT_WRITE:
+                    if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
                         client.loop_write()
+                        self._sync(client)
                 if time.monotonic() >= next_misc:
                     for c in list(self._clients):
                         c.loop_misc()
@@ -161,10 +173,10 @@ class NetLoop:
             raise
 
     def _read(self, client: mqtt.Client, sock: Any) -> None:
-        """`loop_read()` reads one packet per call: read on while the socket still holds bytes, so
-        that a burst of stream messages costs one trip through the selector, not one each. TLS
-        data already decrypted into the SSL object's buffer does not wake a selector, so that is
-        always read to the end."""
+        """`loop_read()` reads one packet per call (more only while QoS 1 or 2 exchanges are
+        open): read on while the socket still holds bytes, so that a burst of stream messages
+        costs one trip through the selector, not one each. TLS data already decrypted into the SSL
+        object's buffer does not wake a selector, so that is always read to the end."""
         reads = 0
         while True:
             if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is not sock:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt import __version__
-from rkmqtt.bench.metrics import RunMetrics, percentile
+from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
 from rkmqtt.bench.sweep import Point
 
 
@@ -173,7 +173,8 @@ def _f(x: float | None, nd: int = 0) -> str:
     return "-" if x is None else f"{x:,.{nd}f}"
 
 
-def print_table(points: Sequence[Point], console: Console) -> None:
+def print_table(points: Sequence[Point], console: Console, cpus: int | None = None) -> None:
+    """`cpus`: the core count of the machine that measured (from the report, for `--render`)."""
     t = Table(title="rkmqtt bench (medians over repeats)", show_lines=False)
     for col in ("scenario", "engine", "n_batch", "mode", "req/s", "tok/s", "lat p50", "p95", "p99", "mean"):
         t.add_column(col, justify="left" if col in ("scenario", "engine", "mode") else "right")
@@ -208,7 +209,7 @@ def print_table(points: Sequence[Point], console: Console) -> None:
     console.print("latencies in ms; lat = publish to final reply, TTFT = publish to first stream chunk")
     rows = cpu_rows(points)
     if rows:
-        c = Table(title=f"CPU over the measured part, share of one core ({os.cpu_count()} cores here)")
+        c = Table(title=f"CPU over the measured part, share of one core ({cpus or '?'} cores)")
         for col in ("scenario", "n_batch", *CPU_NAMES, "stream msg/s"):
             c.add_column(col, justify="left" if col == "scenario" else "right")
         for p, m in rows:
@@ -267,6 +268,9 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+REQUEST_COLUMNS = ["scenario", "engine", "n_batch", "mode", "repeat", *RequestRecord.ROW_COLUMNS]
+
+
 def write_requests_csv(path: Path, points: Sequence[Point]) -> Path:
     """Every request of every run, one row each: which point and repeat, then the request's own
     figures (queueing delay, time to first token, latency, tokens, status and error code)."""
@@ -277,10 +281,9 @@ def write_requests_csv(path: Path, points: Sequence[Point]) -> Path:
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        w = csv.DictWriter(f, fieldnames=REQUEST_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
     return path
 
 
