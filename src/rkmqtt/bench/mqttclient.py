@@ -67,22 +67,17 @@ class BenchClient:
 
     def start(self, timeout: float = 15.0) -> BenchClient:
         addr = self.settings.broker_url
-        props: Properties | None = None
+        connect_args: dict[str, Any] = {"keepalive": 30}
         if self.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0
+            connect_args.update(clean_start=True, properties=props)
         if self.netloop is None:
-            if self.mqtt5:
-                self.client.connect_async(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
-            else:
-                self.client.connect_async(addr.host, addr.port, keepalive=30)
+            self.client.connect_async(addr.host, addr.port, **connect_args)
             self.client.loop_start()
         else:
             try:  # the TCP (and TLS) handshake here; CONNECT goes out from the loop's thread
-                if self.mqtt5:
-                    self.client.connect(addr.host, addr.port, keepalive=30, clean_start=True, properties=props)
-                else:
-                    self.client.connect(addr.host, addr.port, keepalive=30)
+                self.client.connect(addr.host, addr.port, **connect_args)
             except (OSError, ValueError) as e:
                 raise RkmqttError(f"bench: could not connect to {addr}: {e}") from e
         if not self.ready.wait(timeout):

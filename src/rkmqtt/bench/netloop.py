@@ -77,8 +77,8 @@ class NetLoop:
 
         client.on_socket_open = opened
         client.on_socket_close = self._on_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        client.on_socket_register_write = self._on_write_interest
+        client.on_socket_unregister_write = self._on_write_interest
         self._call(lambda: self._clients.append(client))
 
     def kick(self, client: mqtt.Client) -> None:
@@ -101,10 +101,8 @@ class NetLoop:
     def _on_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._call(lambda: self._unset(sock))
 
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._call(lambda: self._sync(client))
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def _on_write_interest(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # paho's "register" and "unregister" both mean: look at want_write() again
         self._call(lambda: self._sync(client))
 
     def _call(self, op: Callable[[], None]) -> None:
