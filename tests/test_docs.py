@@ -12,7 +12,7 @@ import yaml
 
 from rkmqtt import reference
 from rkmqtt.cli import build_parser
-from rkmqtt.protocol import ErrorReply, Info, OkReply, Request, Stats, StreamChunk
+from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
 from rkmqtt.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def test_every_setting_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch)
     assert load_settings({"topic_prefix": "from-flag"}).topic_prefix == "from-flag"
 
 
-MODELS = {"request": Request, "final reply (ok)": OkReply, "final reply (error)": ErrorReply, "chunk": StreamChunk,
-          "P/stats": Stats, "P/info": Info}  # fmt: skip
+MODELS = {"request": RequestPayload, "final reply (ok)": OkReply, "final reply (error)": ErrorReply,
+          "chunk": StreamChunk, "P/stats": Stats, "P/info": Info}  # fmt: skip
 
 
 def test_every_json_example_in_the_readme_validates() -> None:

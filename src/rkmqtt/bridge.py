@@ -24,9 +24,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from rkmqtt.connection import make_client
-from rkmqtt.intake import Intake, Refusal
-from rkmqtt.outbox import Outbox, Outgoing, Publisher
-from rkmqtt.protocol import ErrorBody, ErrorCode, ErrorReply, parse_cancel_payload
+from rkmqtt.intake import Incoming, Intake
+from rkmqtt.outbox import Outbox, Publisher
+from rkmqtt.protocol import ErrorCode, parse_cancel_payload
+from rkmqtt.replies import Refusal, Replies
+from rkmqtt.request import RequestKey
 from rkmqtt.scheduler import Scheduler
 from rkmqtt.settings import BrokerAddress, Settings
 from rkmqtt.topics import Topics
@@ -225,33 +227,24 @@ class Bridge:
             _LOGGER.warning("ignoring a retained request on %s: publish requests without the retain flag", msg.topic)
             return
         props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        correlation = getattr(props, "CorrelationData", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
         result = self.intake.accept(
-            client, bytes(msg.payload), response_topic, correlation, float(expiry) if expiry is not None else None
-        )
-        if isinstance(result, Refusal):
-            self._send_refusal(result)
-            return
-        if not self._accepting:
-            self._send_refusal(
-                Refusal(
-                    result.id,
-                    result.reply_topic,
-                    ErrorCode.SHUTTING_DOWN,
-                    "the bridge is shutting down",
-                    result.correlation,
-                )
+            Incoming(
+                client,
+                bytes(msg.payload),
+                response_topic=getattr(props, "ResponseTopic", None) if props else None,
+                correlation=getattr(props, "CorrelationData", None) if props else None,
+                expiry_s=float(expiry) if expiry is not None else None,
             )
+        )
+        if not isinstance(result, Refusal) and not self._accepting:
+            result = Refusal(result.id, result.route, ErrorCode.SHUTTING_DOWN, "the bridge is shutting down")
+        if isinstance(result, Refusal):
+            self.outbox.put(Replies.refusal(result))
+            self.scheduler.refused(result.code)
+            _LOGGER.warning("request %s/%s: %s: %s", client, result.id, result.code.value, result.message)
             return
         self.scheduler.submit(result)
-
-    def _send_refusal(self, r: Refusal) -> None:
-        reply = ErrorReply(id=r.id, error=ErrorBody(code=r.code, message=r.message))
-        self.outbox.put(Outgoing(r.reply_topic, reply.model_dump_json().encode(), 1, False, r.correlation))
-        self.scheduler.note_rejection(r.code)
-        _LOGGER.warning("request %s (%s): %s: %s", r.id, r.reply_topic, r.code.value, r.message)
 
     def _on_cancel(self, client: str, payload: bytes) -> None:
         try:
@@ -260,4 +253,4 @@ class Bridge:
             # A cancel has no reply topic of its own; say so in the log rather than drop it silently.
             _LOGGER.warning('cancel from %s: not an id or {"id": ...}: %s', client, str(e).splitlines()[0])
             return
-        self.scheduler.cancel(client, req.id)
+        self.scheduler.cancel(RequestKey(client, req.id))

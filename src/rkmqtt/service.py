@@ -20,11 +20,13 @@ from typing import Any
 from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.broker import Mosquitto, port_answers
+from rkmqtt.core import CoreConfig
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.outbox import Outbox
 from rkmqtt.protocol import Info, Limits
+from rkmqtt.replies import Replies
 from rkmqtt.scheduler import Scheduler, SchedulerConfig
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
@@ -103,19 +105,23 @@ class Service:
         self.info = self._build_info(self.engine)
         topics = Topics(s.topic_prefix)
         outbox = Outbox(s.outgoing_queue)
+        caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,
             SchedulerConfig(
-                n_batch=self.engine.capabilities.max_batch,
-                max_queue=s.max_queue,
-                batch_window_s=s.batch_window_ms / 1000.0,
-                dedup_window_s=s.dedup_window,
+                core=CoreConfig(
+                    n_batch=caps.max_batch,
+                    continuous=caps.continuous,
+                    max_queue=s.max_queue,
+                    batch_window_s=s.batch_window_ms / 1000.0,
+                    dedup_window_s=s.dedup_window,
+                ),
                 stats_interval_s=s.stats_interval,
                 stats_topic=topics.stats,
-                model_name=self.engine.model_name,
                 last_reply_client=self._last_reply_client(),
             ),
             outbox,
+            Replies(self.engine.model_name),
         )
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
@@ -183,9 +189,6 @@ class Service:
                 _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish within the grace period, answer the
         rest `shutting_down`, publish `offline`, release everything."""
