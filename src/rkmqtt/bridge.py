@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from rkmqtt.connection import make_client
+from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.intake import Incoming, Intake
 from rkmqtt.outbox import Outbox, Publisher
 from rkmqtt.protocol import ErrorCode, parse_cancel_payload
@@ -77,7 +75,7 @@ class Bridge:
         client.enable_logger(logging.getLogger("paho"))
         client.will_set(self.topics.status, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_socket_open = self._on_socket_open
+        client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -89,13 +87,7 @@ class Bridge:
 
     def start(self) -> None:
         self.publisher.start()
-        host, port, keepalive = self.address.host, self.address.port, self.settings.keepalive
-        if self.mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-            self.client.connect_async(host, port, keepalive=keepalive, clean_start=True, properties=props)
-        else:
-            self.client.connect_async(host, port, keepalive=keepalive)
+        self.client.connect_async(self.address.host, self.address.port, **connect_args(self.settings))
         self.client.loop_start()
         _LOGGER.info("connecting to %s", self.address)
 
@@ -139,13 +131,6 @@ class Bridge:
         return len(getattr(self.client, "_out_messages", ()))
 
     # -- paho callbacks (network thread) ----------------------------------------------------
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # Without TCP_NODELAY a request->reply round trip pays ~40-90 ms of Nagle/delayed-ACK timers.
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            _LOGGER.debug("TCP_NODELAY not set on %r", sock)
-
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:

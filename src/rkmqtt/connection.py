@@ -1,12 +1,18 @@
 """Building a paho-mqtt client from the settings (any thread, at set-up): protocol version,
-credentials and TLS, the same for the bridge, `rkmqtt ask` and `rkmqtt check`."""
+credentials and TLS, TCP_NODELAY and the CONNECT arguments, the same for the bridge, `rkmqtt ask`,
+`rkmqtt check` and the bench's simulated devices."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from rkmqtt.settings import BrokerAddress, Settings
 
@@ -33,3 +39,20 @@ def make_client(settings: Settings, client_id: str, address: BrokerAddress | Non
         if settings.tls_insecure:
             client.tls_insecure_set(True)
     return client
+
+
+def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """paho's `on_socket_open`: without TCP_NODELAY a request->reply round trip pays ~40-90 ms of
+    Nagle and delayed-ACK timers."""
+    with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (a test's socketpair)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect_args(settings: Settings, keepalive: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of paho's `connect`/`connect_async` for a clean, non-persistent session."""
+    args: dict[str, Any] = {"keepalive": settings.keepalive if keepalive is None else keepalive}
+    if settings.mqtt_version == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0
+        args.update(clean_start=True, properties=props)
+    return args

@@ -1,34 +1,25 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
 
-The scheduler thread owns the engine and makes every call; the engine starts no threads. numpy's
-BLAS uses its own inside a matrix product: as many as it starts with (OpenBLAS: one per core, or
-OPENBLAS_NUM_THREADS), or `threads` (setting `numpy_threads`) for the whole process. One per core
-is fastest on an idle machine (+20-50 % with 2 cores here); where other processes keep the cores
-busy, OpenBLAS's threads wait on each other at every product and a step runs 2-3x slower than
-with one thread, so such machines want `numpy_threads: 1` (figures in docs/benchmarks.md).
+The scheduler thread makes every call; the engine starts no threads of its own (BLAS may, inside a
+matrix product: `threads`, setting `numpy_threads`; why one thread wins on a busy machine is in
+docs/benchmarks.md).
 
-One `poll()` is one step: every generating slot decodes one token, and a joining request's
-prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
-decoding, so a long prompt does not stall them; `idle_prefill_chunk` when nobody is). A request
-takes a free slot at `submit` (below), joins at the next step and frees its slot the moment it
-ends or is cancelled.
+One `poll()` is one step: every generating slot decodes one token, and a joining request's prompt
+advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others decode, so a
+long prompt does not stall them; `idle_prefill_chunk` when nobody does). A request takes a free
+slot at `submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
 
-Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last. A new
-request takes the free slot whose held tokens share the longest prefix with its prompt (the lowest
-on a tie) and starts its prefill after that prefix (at most all but its last token, whose logits it
-needs). The KV of a token depends only on the tokens up to it, so the reused part holds what
-prefill would compute again (up to rounding: generated tokens' KV came from decode steps).
-Requests that share a system prompt skip it: SmolLM2's template adds one of 20 tokens, and a Home
-Assistant automation sends the same instructions every time.
+Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last; a new
+request takes the free slot whose held tokens share the longest prefix with its prompt and starts
+its prefill after that prefix (never its last token, whose logits it needs). A shared system
+prompt is then prefilled once.
 
 Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
-max_context // 4) <= max_context, that is when the whole answer fits or at least a quarter of the
-context is left for it; otherwise it is refused with `too_long` before it takes a slot. A
-generation that reaches max_context tokens in all (prompt + answer) ends with `length`.
+max_context // 4) <= max_context; otherwise it is refused `too_long` before it takes a slot. A
+generation that reaches max_context tokens in all ends with `length`.
 
-KV cache precision (`kv_dtype="auto"`): float32 while the whole cache (n_batch x max_context)
-takes at most `KV_FLOAT32_BUDGET` bytes, bfloat16 above that (half the memory: SmolLM2 with
-n_batch 8 and 2048-token contexts needs 755 MB in float32, 377 MB in bfloat16).
+KV cache precision (`kv_dtype="auto"`): float32 while the whole cache (n_batch x max_context) fits
+in `KV_FLOAT32_BUDGET` bytes, bfloat16 (half the memory) above that.
 """
 
 from __future__ import annotations
