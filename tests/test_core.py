@@ -68,7 +68,7 @@ class Harness:
             "start": [str(r.key) for r in step.start],
             "cancel": [str(r.key) for r in step.cancel],
             "out": [f"{o.request.key}={o.error[0].value if o.error else o.state.finish_reason}" for o in step.outcomes],
-            "again": [f"{o.request.key}>{route.topic}" for o, route in step.repeats],
+            "again": [f"{o.request.key}>{retry.route.topic}" for o, retry in step.repeats],
             "chunks": [f"{c.request.key}#{c.seq}" for c in step.chunks],
         }
         return {k: v for k, v in out.items() if v}

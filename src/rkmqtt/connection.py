@@ -17,15 +17,28 @@ from paho.mqtt.properties import Properties
 from rkmqtt.settings import BrokerAddress, Settings
 
 
-def make_client(settings: Settings, client_id: str, address: BrokerAddress | None = None) -> mqtt.Client:
-    """A paho 2.x client (callback API version 2) with credentials and TLS applied; not connected."""
+def make_client(
+    settings: Settings,
+    client_id: str,
+    address: BrokerAddress | None = None,
+    *,
+    persistent: bool = False,
+    manual_ack: bool = False,
+) -> mqtt.Client:
+    """A paho 2.x client (callback API version 2) with credentials and TLS applied; not connected.
+
+    `persistent`: MQTT 3.1.1's clean session off (MQTT 5 asks for its session at connect: see
+    `connect_args`). `manual_ack`: QoS 1 messages are acknowledged by `client.ack`, not on return
+    from `on_message`."""
     address = address or settings.broker_url
     mqtt5 = settings.mqtt_version == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+        clean_session=None if mqtt5 else not (persistent and settings.session_expiry > 0),
         reconnect_on_failure=True,
+        manual_ack=manual_ack,
     )
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
@@ -48,11 +61,13 @@ def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect_args(settings: Settings, keepalive: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of paho's `connect`/`connect_async` for a clean, non-persistent session."""
+def connect_args(settings: Settings, keepalive: int | None = None, persistent: bool = False) -> dict[str, Any]:
+    """Keyword arguments of paho's `connect`/`connect_async`: a clean session that ends with the
+    connection, or (`persistent`, MQTT 5) the session kept for `session_expiry` seconds, resumed."""
     args: dict[str, Any] = {"keepalive": settings.keepalive if keepalive is None else keepalive}
     if settings.mqtt_version == "5":
+        expiry = settings.session_expiry if persistent else 0
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
-        args.update(clean_start=True, properties=props)
+        props.SessionExpiryInterval = expiry
+        args.update(clean_start=expiry == 0, properties=props)
     return args

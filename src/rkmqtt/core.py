@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
 from rkmqtt.fairqueue import FairQueue
 from rkmqtt.protocol import ErrorCode
-from rkmqtt.request import Outcome, Request, RequestKey, RequestState, Route
+from rkmqtt.request import Outcome, Request, RequestKey, RequestState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,10 +63,11 @@ class Step:
     cancel: list[Request] = field(default_factory=list)  # they left while the engine held them
     chunks: list[Chunk] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)  # one final reply each
-    repeats: list[tuple[Outcome, Route]] = field(default_factory=list)  # a finished id retried
+    repeats: list[tuple[Outcome, Request]] = field(default_factory=list)  # a finished id retried: reply again
+    ignored: list[Request] = field(default_factory=list)  # a retry of an id in flight: nothing to answer
 
     def __bool__(self) -> bool:
-        return any((self.prepare, self.start, self.cancel, self.chunks, self.outcomes, self.repeats))
+        return any((self.prepare, self.start, self.cancel, self.chunks, self.outcomes, self.repeats, self.ignored))
 
     def merge(self, other: Step) -> Step:
         self.prepare += other.prepare
@@ -75,6 +76,7 @@ class Step:
         self.chunks += other.chunks
         self.outcomes += other.outcomes
         self.repeats += other.repeats
+        self.ignored += other.ignored
         return self
 
 
@@ -176,6 +178,7 @@ class SchedulingCore:
         if live is not None:
             if live.route == req.route:
                 _LOGGER.info("request %s: retried while in flight; not run again", req.key)
+                step.ignored.append(req)
                 return step
             self.counters.received += 1
             return self._finish(
@@ -185,7 +188,7 @@ class SchedulingCore:
         if done is not None:
             _LOGGER.info("request %s: retried after it ran; its final reply is sent again", req.key)
             self.counters.repeated += 1
-            step.repeats.append((done, req.route))
+            step.repeats.append((done, req))
             return step
         self.counters.received += 1
         if self._shutdown_at is not None:

@@ -71,8 +71,9 @@ class Intake:
         self.topics = topics
         self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
 
-    def accept(self, msg: Incoming, now: float | None = None) -> Request | Refusal:
-        """Validate one request. Never raises: what cannot be read is refused with a code."""
+    def accept(self, msg: Incoming, now: float | None = None, rate_limit: bool = True) -> Request | Refusal:
+        """Validate one request. Never raises: what cannot be read is refused with a code.
+        `rate_limit=False` for a request taken up from the journal: it was counted when it came."""
         now = time.monotonic() if now is None else now
         try:
             payload = self._read(msg)
@@ -82,7 +83,7 @@ class Intake:
             route = self._route(msg, rid, payload.reply_to, payload.stream)
             if isinstance(route, Refusal):
                 return route
-            problem = self._over_limits(msg.client, payload, now)
+            problem = self._over_limits(msg.client, payload, now, rate_limit)
             if problem is not None:
                 return Refusal(rid, route, *problem)
             return self._request(msg, RequestKey(msg.client, rid), payload, route, now)
@@ -140,7 +141,9 @@ class Intake:
             )
         return Route(wanted, msg.correlation, stream)
 
-    def _over_limits(self, client: str, req: RequestPayload, now: float) -> tuple[ErrorCode, str] | None:
+    def _over_limits(
+        self, client: str, req: RequestPayload, now: float, rate_limit: bool
+    ) -> tuple[ErrorCode, str] | None:
         s = self.settings
         if req.prompt_chars() > s.max_prompt_chars:
             return ErrorCode.TOO_LONG, f"prompt is {req.prompt_chars()} characters; the limit is {s.max_prompt_chars}"
@@ -149,7 +152,7 @@ class Intake:
                 ErrorCode.TOO_MANY_TOKENS,
                 f"max_new_tokens is {req.max_new_tokens}; the limit is {s.max_new_tokens}",
             )
-        if not self.rate.allow(client, now):
+        if rate_limit and not self.rate.allow(client, now):
             return (
                 ErrorCode.RATE_LIMITED,
                 f"more than {s.rate_burst} requests at once or {s.rate_limit:g} a minute from {client!r}",

@@ -86,6 +86,7 @@ class Request:
     slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
     batch_size: int = 0  # the largest batch it ran in
     perf: dict[str, float] = field(default_factory=dict)
+    journal_seq: int | None = None  # its row in the request journal, when there is one
 
     @property
     def client(self) -> str:

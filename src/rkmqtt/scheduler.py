@@ -9,6 +9,8 @@ lives in the core; this module only carries it out.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from rkmqtt.core import CoreConfig, SchedulingCore, Step
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
+from rkmqtt.journal import Journal
 from rkmqtt.outbox import Outbox, Outgoing
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.replies import Replies
@@ -54,11 +57,16 @@ class _Refused:
 
 
 @dataclass(frozen=True)
+class _Repeated:
+    pass
+
+
+@dataclass(frozen=True)
 class _Shutdown:
     grace_s: float
 
 
-_Command = _Submit | _Cancel | _Refused | _Shutdown
+_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown
 
 
 class Scheduler:
@@ -68,12 +76,14 @@ class Scheduler:
         config: SchedulerConfig,
         outbox: Outbox,
         replies: Replies,
+        journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.config = config
         self.outbox = outbox
         self.replies = replies
+        self.journal = journal
         self.clock = clock
         self.core = SchedulingCore(config.core)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -102,6 +112,10 @@ class Scheduler:
     def refused(self, code: ErrorCode) -> None:
         """Count a request another thread refused and answered itself."""
         self._inbox.put(_Refused(code))
+
+    def repeated(self) -> None:
+        """Count a retried id that another thread answered from the journal."""
+        self._inbox.put(_Repeated())
 
     def shutdown(self, grace_s: float) -> None:
         """Answer waiting requests `shutting_down`, give running ones `grace_s` to finish."""
@@ -176,6 +190,8 @@ class Scheduler:
                 self._carry_out(self.core.cancel(cmd.key, now))
             elif isinstance(cmd, _Refused):
                 self.core.refused_early(cmd.code)
+            elif isinstance(cmd, _Repeated):
+                self.core.counters.repeated += 1
             else:
                 _LOGGER.info("shutting down: %d running get up to %.0f s", self.core.running, cmd.grace_s)
                 self._carry_out(self.core.shutdown(cmd.grace_s, now))
@@ -199,8 +215,13 @@ class Scheduler:
             self.outbox.put(self.replies.chunk(chunk))
         for outcome in step.outcomes:
             self._answer(outcome)
-        for outcome, route in step.repeats:
-            self.outbox.put(self.replies.final(outcome, route))
+        for outcome, retry in step.repeats:
+            self.outbox.put(self.replies.final(outcome, retry.route))
+        journal = self.journal
+        if journal is not None:
+            for req in [*step.ignored, *(retry for _, retry in step.repeats)]:
+                if req.journal_seq is not None:
+                    journal.drop(req.journal_seq)
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
@@ -234,6 +255,10 @@ class Scheduler:
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
         msg: Outgoing = self.replies.final(outcome)
+        if self.journal is not None and req.journal_seq is not None:
+            # The journal entry closes when the broker has the reply, not when paho has it.
+            record = functools.partial(self.journal.delivered, req.journal_seq, msg.payload, req.started is not None)
+            msg = dataclasses.replace(msg, on_delivered=record)
         self.outbox.put(msg)
         if outcome.error is not None:
             code, message = outcome.error
