@@ -174,6 +174,10 @@ class Info(BaseModel):
 
     v: Literal[1] = 1
     version: str
+    node: str = Field(default="", description="the bridge's node name")
+    host: str = Field(default="", description="the machine it runs on")
+    started: float = Field(default=0.0, description="when this run of the bridge started, Unix seconds")
+    instance: str = Field(default="", description="this run's random id: two runs of one node tell each other apart")
     engine: str
     model: str
     n_batch: int

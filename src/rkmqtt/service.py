@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,10 @@ from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
+
+# Another run of this node took over: a supervisor should not start this one again (systemd:
+# RestartPreventExitStatus=3), or the two would take the node from each other in turn.
+EXIT_TAKEN_OVER = 3
 
 
 class Service:
@@ -84,6 +89,10 @@ class Service:
         einfo = engine.info()
         return Info(
             version=__version__,
+            node=self.settings.effective_node_name(),
+            host=socket.gethostname(),
+            started=round(time.time(), 3),
+            instance=os.urandom(6).hex(),
             engine=caps.name,
             model=engine.model_name,
             n_batch=caps.max_batch,
@@ -140,7 +149,7 @@ class Service:
             s,
             self.scheduler,
             outbox,
-            self.info.model_dump_json().encode(),
+            self.info,
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
@@ -272,7 +281,7 @@ class Service:
                     status = 1
                     break
                 if self.bridge is not None and self.bridge.taken_over:
-                    status = 1  # the bridge said why, in one line
+                    status = EXIT_TAKEN_OVER  # the bridge said why, in one line
                     break
         finally:
             self.stop()
