@@ -43,10 +43,13 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=30.0, help="seconds between samples")
     ap.add_argument("--quiet-devices", type=int, default=4)
     ap.add_argument("--flood-per-s", type=float, default=50.0)
+    ap.add_argument("--src", type=Path, help="run the bridge from this source tree (e.g. an older checkout's src/)")
     args = ap.parse_args()
 
     with Mosquitto() as broker:
-        env = {**os.environ, "RKMQTT_LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "RKMQTT_LOG_LEVEL": "WARNING", "RKMQTT_STATE_DIR": str(broker.workdir / "state")}
+        if args.src is not None:
+            env["PYTHONPATH"] = str(args.src.resolve())
         cmd = [sys.executable, "-m", "rkmqtt", "run", "--broker", broker.url, "--topic-prefix", PREFIX,
                "--engine", args.engine, "--max-queue", "8", "--rate-limit", "0", "--no-discovery",
                "--stats-interval", "2", "--max-new-tokens", "32", "--default-new-tokens", "8"]  # fmt: skip
@@ -118,9 +121,13 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
             print(f"{now - start:6.0f} {rss:8.1f} {s.get('requests_total', 0):8d} {s.get('completed', 0):7d} "
                   f"{s.get('errors', 0):7d} {busy:7d} {f:11d}", flush=True)  # fmt: skip
         time.sleep(flood_gap)
-    time.sleep(20)  # let the last requests finish and a stats message come
-    with lock:
-        s, f = dict(stats), finals
+    settle_end = time.monotonic() + 300  # let the last requests finish and a stats message say so
+    while time.monotonic() < settle_end:
+        time.sleep(2.5)
+        with lock:
+            s, f = dict(stats), finals
+        if s.get("active") == 0 and s.get("queue_depth") == 0 and s.get("requests_total") == f:
+            break
     c.disconnect()
     c.loop_stop()
     half = [rss for t, rss in samples if t >= args.minutes * 30]

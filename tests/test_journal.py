@@ -83,7 +83,7 @@ def test_damage_is_moved_aside_and_an_unwritable_place_is_a_config_error(
     j.close()
     taken = tmp_path / "a-directory.sqlite3"  # (as root, permissions would not stop the test)
     taken.mkdir()
-    with pytest.raises(ConfigError, match="journal .* cannot open it"):
+    with pytest.raises(ConfigError, match=r"journal .* cannot open it"):
         Journal(taken, 60, 10**6)
     with pytest.raises(ConfigError, match="state_dir"):
         Journal(path / "below-a-file" / "j.sqlite3", 60, 10**6)
