@@ -57,17 +57,27 @@ def standin_fixture(tmp_path_factory: pytest.TempPathFactory) -> Standin:
 
 @pytest.fixture(name="standin_env")
 def standin_env_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No sleeping in the stand-in, default token size, no injected init failure."""
+    """No sleeping in the stand-in, its default behaviour otherwise (no option, no replay)."""
     monkeypatch.setenv("RKLLM_STANDIN_ZERO_DELAY", "1")
-    for name in (
-        "RKLLM_STANDIN_INIT_FAIL",
-        "RKLLM_STANDIN_TOKEN_BYTES",
-        "RKLLM_STANDIN_DECODE_MS",
-        "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN",
-        "RKLLM_STANDIN_BATCH_ALPHA",
-    ):
+    for name in STANDIN_OPTIONS:
         monkeypatch.delenv(name, raising=False)
     yield
+
+
+# Every environment variable of the stand-in but RKLLM_STANDIN_ZERO_DELAY (tests/standin/rkllm_standin.c).
+STANDIN_OPTIONS = (
+    "RKLLM_STANDIN_INIT_FAIL",
+    "RKLLM_STANDIN_TOKEN_BYTES",
+    "RKLLM_STANDIN_DECODE_MS",
+    "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN",
+    "RKLLM_STANDIN_BATCH_ALPHA",
+    "RKLLM_STANDIN_WAITING_TEXT",
+    "RKLLM_STANDIN_AFTER_ABORT",
+    "RKLLM_STANDIN_NULL_FINISH",
+    "RKLLM_STANDIN_EOS_STEP",
+    "RKLLM_STANDIN_REPLAY",
+    "RKLLM_STANDIN_REPLAY_SPEED",
+)
 
 
 def make_settings(standin: Standin, abi: str, **overrides: Any) -> Settings:
@@ -163,7 +173,7 @@ def describe(lib: Path) -> dict[str, str]:
     fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     buf = ctypes.create_string_buffer(1 << 16)
     fn(buf, len(buf))
-    lines = buf.value.decode().splitlines()
+    lines = buf.value.decode("utf-8", errors="surrogateescape").splitlines()
     return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
