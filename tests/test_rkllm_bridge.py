@@ -54,7 +54,7 @@ def test_a_runtime_failure_is_answered_engine_error_and_the_bridge_goes_on(
 ) -> None:
     start_rkllm_bridge(start_bridge, standin, "1.3", n_batch=2)
     probe = probe_factory([f"{prefix}/reply/#"])
-    probe.publish(f"{prefix}/request/bad", {"id": "boom", "prompt": "boom @fail=1 @initfail=1"})
+    probe.publish(f"{prefix}/request/bad", {"id": "boom", "prompt": "boom @fail=1"})
     err = ErrorReply.model_validate_json(json.dumps(probe.final(f"{prefix}/reply/bad/boom")))
     assert err.error.code is ErrorCode.ENGINE_ERROR
     probe.publish(f"{prefix}/request/good", {"id": "after", "prompt": "fine again @len=6"})

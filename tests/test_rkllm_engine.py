@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,23 +62,56 @@ def test_every_slot_gets_its_own_text(standin: Standin, abi: str, n_batch: int) 
 
 
 @pytest.mark.parametrize("abi", ABIS)
-def test_split_utf8_characters_are_joined(standin: Standin, abi: str) -> None:
-    # 3-byte tokens over 2-, 3- and 4-byte characters: most characters straddle two tokens.
-    prompt = "é€😀ж€é😀 @len=30"
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+@pytest.mark.parametrize("token_bytes", [1, 2, 3])
+def test_split_utf8_characters_come_out_once_and_whole(
+    standin: Standin, abi: str, waiting_text: str, token_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Characters of 2, 3 and 4 bytes cut across tokens (WAITING steps), in both readings of WAITING
+    text: `repeat` (the default: the next text repeats the held bytes, as Rockchip's consumers imply)
+    and `split` (the next text continues them). A slot whose own text is complete in a batch-mate's
+    WAITING step keeps it too."""
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
+    monkeypatch.setenv("RKLLM_STANDIN_TOKEN_BYTES", str(token_bytes))
+    prompt = "é€😀ж€é😀 中文 @len=30"
     data = (prompt + " ").encode()
-    assert any((data[k] & 0xC0) == 0x80 for k in range(3, len(data), 3))  # really split
+    if token_bytes > 1:
+        assert any((data[k] & 0xC0) == 0x80 for k in range(token_bytes, len(data), token_bytes))  # really split
+    mate = "plain ascii mate @len=12"
     engine = make_engine(standin, abi, n_batch=2)
     try:
-        engine.submit([request("u", prompt), request("v", "plain ascii @len=9")])
+        engine.submit([request("u", prompt), request("v", mate)])
         out = drive(engine, ["u", "v"])
-        assert out["u"].text == expected_text(prompt, natural_length(prompt))
-        assert "\ufffd" not in out["u"].text
-        assert out["v"].text == expected_text("plain ascii @len=9", 9)
+        n = natural_length(prompt, token_bytes)
+        assert out["u"].text == expected_text(prompt, n, token_bytes)
+        assert "\ufffd" not in out["u"].text and out["u"].tokens == n
+        assert out["v"].text == expected_text(mate, 12, token_bytes)
     finally:
         engine.close()
 
 
-def test_a_cut_inside_a_character_is_flushed_at_the_end(standin: Standin) -> None:
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+def test_split_characters_in_every_slot_of_a_full_batch(
+    standin: Standin, waiting_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
+    monkeypatch.setenv("RKLLM_STANDIN_TOKEN_BYTES", "2")
+    engine = make_engine(standin, "1.3", n_batch=4)
+    try:
+        prompts = {f"s{i}": f"{'ж' * i}slot {i} 😀€ 中文字 @len={9 + 5 * i}" for i in range(4)}
+        engine.submit([request(k, p) for k, p in prompts.items()])
+        out = drive(engine, list(prompts))
+        for k, p in prompts.items():
+            assert out[k].text == expected_text(p, natural_length(p, 2), 2)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+def test_a_cut_inside_a_character_is_flushed_at_the_end(
+    standin: Standin, waiting_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
     engine = make_engine(standin, "1.3", n_batch=1)
     try:
         engine.submit([request("c", "ab€€€ @len=40", max_new_tokens=1)])  # token 0 = "ab" + 1st byte of €
@@ -369,5 +404,20 @@ def test_submit_is_refused_while_busy(standin: Standin, monkeypatch: pytest.Monk
         out = drive(engine, ["x"])
         assert isinstance(out["x"].final, FinishEvent)
         assert not isinstance(out["x"].final, ErrorEvent)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_model_path_that_is_not_utf_8_reaches_the_runtime(standin: Standin, abi: str, tmp_path: Path) -> None:
+    """Linux file names are bytes: the path is passed with os.fsencode, not str.encode."""
+    raw = os.fsencode(tmp_path) + b"/mod\xe8le-latin1.rkllm"
+    with open(raw, "wb") as f:
+        f.write(b"stand-in model file\n")
+    engine = make_engine(standin, abi, model=os.fsdecode(raw))
+    try:
+        assert os.fsencode(describe(standin.lib(abi))["model_path"]) == raw
+        engine.submit([request("m", "model path ok @len=2")])
+        assert isinstance(drive(engine, ["m"])["m"].final, FinishEvent)
     finally:
         engine.close()
