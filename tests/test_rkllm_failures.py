@@ -276,6 +276,7 @@ def test_an_abort_never_reaches_an_idle_handle(standin: Standin, abi: str, monke
             assert wait_idle(engine, timeout=5.0) == []
         after = describe(standin.lib(abi))
         assert after["idle_aborts"] == before["idle_aborts"]
+        assert int(after["runs"]) - int(before["runs"]) <= 30  # those cancelled before their run began: not run
         assert engine.info()["failed_runs"] == 0
         assert_serves(engine, standin)
     finally:
@@ -301,20 +302,3 @@ def test_no_call_reaches_a_destroyed_handle(standin: Standin, abi: str, monkeypa
     finally:
         engine.close()
     assert describe(standin.lib(abi))["invalid_handle_calls"] == before["invalid_handle_calls"]
-
-
-def test_a_batch_cancelled_before_its_run_began_is_not_run(standin: Standin) -> None:
-    engine = make_engine(standin, "1.3", n_batch=2)
-    try:
-        runs = int(describe(standin.lib("1.3"))["runs"])
-        skipped = 0
-        for i in range(20):
-            engine.submit([request(f"k{i}", f"never wanted {i} @len=3")])
-            engine.cancel(f"k{i}")
-            assert wait_idle(engine) == []
-            skipped += 1
-        ran = int(describe(standin.lib("1.3"))["runs"]) - runs
-        assert 0 <= ran <= skipped  # each one either never ran or was aborted at once; none was answered
-        assert engine.info()["failed_runs"] == 0
-    finally:
-        engine.close()

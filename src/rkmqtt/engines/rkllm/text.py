@@ -16,17 +16,20 @@ character again. So, per slot:
   - it starts with a UTF-8 continuation byte: the runtime split the character (the header's
     literal reading): held bytes and piece are joined;
   - it begins a character: the runtime repeats what it gave while waiting (the consumers'
-    reading): the longest end of the held bytes that the piece starts with, the partial
-    character included, is dropped (a runtime may repeat everything since the slot's last
-    complete character, or only the character); if the piece repeats none of it, the guard
-    still drops the partial character: it is never emitted as U+FFFD;
+    reading). When the piece starts with all the held bytes, they are dropped (a runtime that
+    repeats everything since the slot's last complete character); otherwise the shortest end of
+    them that covers the partial character and that the piece starts with (a runtime that repeats
+    only the character); if the piece repeats none of it, the guard still drops the partial
+    character: it is never emitted as U+FFFD;
 * what is complete is emitted; when the slot ends, whatever is still held is emitted (a partial
   character as U+FFFD).
 
 The held bytes are always the slot's bytes since its last complete character, so the match never
-reaches into text already emitted. What this cannot tell apart: a runtime that repeated only part
-of the held bytes while the new text happens to start with the rest of them again. `rkmqtt probe`
-records what a board's runtime does (docs/benchmarks.md).
+reaches into text already emitted, and they are exactly what a runtime of the first kind repeats:
+that reading and the split one come out exact whatever the cut (tests/test_rkllm_text.py). What
+this cannot tell apart: a runtime that repeats only the character, when the piece happens to start
+with all the held bytes anyway (the same characters again, e.g. "ééé" cut inside each one): one
+copy is lost. `rkmqtt probe` records which reading a board's runtime follows (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ def resolve(held: bytes, piece: bytes) -> bytes:
     and the next `piece` of its text stand for."""
     if not held or not piece or _is_continuation(piece[0]):
         return held + piece  # nothing held, or the character was split across the pieces
+    if piece.startswith(held):
+        return piece  # the runtime repeated all it gave since the last complete character
     tail = incomplete_tail(held)
-    for k in range(len(held), len(tail) - 1, -1):
-        if k and piece.startswith(held[len(held) - k :]):
+    for k in range(max(1, len(tail)), len(held)):
+        if piece.startswith(held[len(held) - k :]):
             return held[: len(held) - k] + piece  # the runtime repeated the last k bytes
     return held[: len(held) - len(tail)] + piece  # repeats nothing: drop the partial character
 
