@@ -130,15 +130,20 @@ def drive(
 ) -> dict[str, Outcome]:
     """Poll until every key has its final event, then until the engine is idle again.
 
-    `cancel` maps a key to the number of TokenEvents after which it is cancelled.
+    `cancel` maps a key to the number of TokenEvents after which it is cancelled. Events of that key
+    later in the same poll() list came before the cancel and are dropped; any from a later poll() are
+    kept in `after_final` (the engine must send none).
     """
     out = {k: Outcome() for k in keys}
     cancel = dict(cancel or {})
     cancelled: set[str] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        cancelled_in_this_poll: set[str] = set()  # the rest of this list was polled before the cancel
         for ev in engine.poll(0.05):
             o = out[ev.key]
+            if ev.key in cancelled_in_this_poll:
+                continue
             if o.final is not None or ev.key in cancelled:
                 o.after_final.append(ev)
                 continue
@@ -146,9 +151,10 @@ def drive(
                 o.text += ev.text
                 o.tokens += ev.tokens
                 o.token_events += 1
-                if ev.key in cancel and o.token_events >= cancel[ev.key]:
+                if ev.key in cancel and o.token_events >= cancel[ev.key] and ev.key not in cancelled:
                     engine.cancel(ev.key)
                     cancelled.add(ev.key)
+                    cancelled_in_this_poll.add(ev.key)
             else:
                 o.final = ev
         if all(out[k].final is not None or k in cancelled for k in keys) and engine.free_slots() > 0:
