@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from rkmqtt.broker import Mosquitto  # noqa: E402
 
 PREFIX = "soak"
-LONG_PROMPT = "Summarise this, please: " + "the quick brown fox jumps over the lazy dog. " * 60
+SENTENCE = "the quick brown fox jumps over the lazy dog. "  # 10 tokens of SmolLM2's tokenizer
 
 
 def main() -> int:
@@ -41,7 +41,8 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--engine", default="numpy")
     ap.add_argument("--every", type=float, default=30.0, help="seconds between samples")
-    ap.add_argument("--quiet-devices", type=int, default=4)
+    ap.add_argument("--quiet-devices", type=int, default=4, help="each sends a request a second")
+    ap.add_argument("--prompt-tokens", type=int, default=600, help="about this many tokens per prompt")
     ap.add_argument("--flood-per-s", type=float, default=50.0)
     ap.add_argument("--src", type=Path, help="run the bridge from this source tree (e.g. an older checkout's src/)")
     args = ap.parse_args()
@@ -65,6 +66,7 @@ def main() -> int:
 
 
 def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
+    long_prompt = "Summarise this, please: " + SENTENCE * max(1, args.prompt_tokens // 10)
     port = int(url.rsplit(":", 1)[1])
     lock = threading.Lock()
     finals = 0
@@ -106,11 +108,11 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
     while time.monotonic() < end:
         now = time.monotonic()
         n += 1
-        c.publish(f"{PREFIX}/request/flood", json.dumps({"id": f"f{n}", "prompt": LONG_PROMPT, "stream": False}), 1)
+        c.publish(f"{PREFIX}/request/flood", json.dumps({"id": f"f{n}", "prompt": long_prompt, "stream": False}), 1)
         if now >= next_quiet:
             next_quiet += 1.0
             for q in range(args.quiet_devices):
-                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": LONG_PROMPT}), 1)
+                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": long_prompt}), 1)
         if now >= next_sample:
             next_sample += args.every
             rss = proc.memory_info().rss / 2**20
