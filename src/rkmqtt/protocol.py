@@ -25,6 +25,8 @@ class ErrorCode(str, Enum):
     INVALID_REQUEST = "invalid_request"  # not UTF-8, bad JSON, unknown field, wrong type, out of range
     INVALID_CLIENT = "invalid_client"  # the <client> level of the request topic is not allowed
     INVALID_REPLY_TO = "invalid_reply_to"  # reply topic outside P/reply/ or with wildcards
+    REPLY_TO_TOO_LONG = "reply_to_too_long"  # limit: max_reply_topic_chars
+    CORRELATION_TOO_LARGE = "correlation_too_large"  # limit: max_correlation_bytes
     DUPLICATE_ID = "duplicate_id"  # the id is in flight with replies going elsewhere
     PAYLOAD_TOO_LARGE = "payload_too_large"  # limit: max_payload_bytes
     TOO_LONG = "too_long"  # limit: max_prompt_chars, or the prompt does not fit the context
@@ -67,7 +69,11 @@ class RequestPayload(_Strict):
     stream: Annotated[bool, Field(description="publish token chunks on .../stream")] = True
     reply_to: Annotated[
         str | None,
-        Field(min_length=1, max_length=1024, description="a topic under P/reply/ (MQTT 3.1.1, Home Assistant)"),
+        Field(
+            min_length=1,
+            description="a topic under P/reply/<client>/, at most `max_reply_topic_chars` long "
+            "(MQTT 3.1.1, Home Assistant)",
+        ),
     ] = None
     expires_in: Annotated[
         float | None, Field(gt=0, le=86_400, description="seconds; answered `expired` if not started by then")
@@ -160,6 +166,8 @@ class StreamChunk(_Strict):
 
 class Limits(_Strict):
     max_payload_bytes: int
+    max_correlation_bytes: int
+    max_reply_topic_chars: int
     max_prompt_chars: int
     max_new_tokens: int
     max_queue: int

@@ -214,7 +214,7 @@ class Scheduler:
             self._carry_out(self.core.refuse(req, ErrorCode.ENGINE_ERROR, f"engine failed to prepare it: {e}", now))
             return
         self.core.prepared(req, handle)
-        _LOGGER.info("request %s: queued (%d waiting)", req.key, self.core.waiting)
+        _LOGGER.debug("request %s: queued (%d waiting)", req.key, self.core.waiting)
 
     def _start(self, reqs: list[Request]) -> None:
         handles = [r.prepared for r in reqs if r.prepared is not None]
@@ -229,7 +229,7 @@ class Scheduler:
         self.last_event = self.clock()
         for req in reqs:
             waited = ((req.started or req.arrival) - req.arrival) * 1000
-            _LOGGER.info("request %s: started (batch of %d, waited %.0f ms)", req.key, req.batch_size, waited)
+            _LOGGER.debug("request %s: started (batch of %d, waited %.0f ms)", req.key, req.batch_size, waited)
 
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
@@ -241,11 +241,14 @@ class Scheduler:
             return
         if req.client == self.config.last_reply_client:
             self._last_reply = req.text
+        # The one INFO line of a request (queued/started are DEBUG): nothing per chunk.
         _LOGGER.info(
-            "request %s: done (%s, %d tokens, %.0f ms)",
+            "request %s: done (%s, %d tokens, batch of %d, waited %.0f ms, %.0f ms)",
             req.key,
             outcome.state.finish_reason,
             req.completion_tokens,
+            req.batch_size,
+            ((req.started or req.arrival) - req.arrival) * 1000,
             (outcome.finished - req.arrival) * 1000,
         )
         _LOGGER.debug("request %s: text %r", req.key, req.text)

@@ -104,7 +104,7 @@ class Service:
         )
         self.info = self._build_info(self.engine)
         topics = Topics(s.topic_prefix)
-        outbox = Outbox(s.outgoing_queue)
+        outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
         caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,

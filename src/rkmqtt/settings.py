@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     outgoing_queue: Annotated[
         int, Field(ge=100, le=10_000_000, description="Bound on messages waiting to be published.")
     ] = 20_000
+    outgoing_queue_bytes: Annotated[
+        int,
+        Field(
+            ge=65_536,
+            le=1 << 34,
+            description="Bound on the bytes (payload, topic, correlation) of messages waiting to be published. "
+            "Past either bound stream chunks are dropped; final replies never are.",
+        ),
+    ] = 16 * 1024 * 1024
 
     # -- engine ---------------------------------------------------------------------------
     engine: Annotated[
@@ -114,6 +123,23 @@ class Settings(BaseSettings):
     max_payload_bytes: Annotated[
         int, Field(ge=64, le=16 * 1024 * 1024, description="Largest request payload (payload_too_large).")
     ] = 65_536
+    max_correlation_bytes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=65_535,
+            description="Longest MQTT 5 Correlation Data, which is echoed on every reply and stream chunk "
+            "(correlation_too_large).",
+        ),
+    ] = 256
+    max_reply_topic_chars: Annotated[
+        int,
+        Field(
+            ge=32,
+            le=16_000,
+            description="Longest reply topic a request may ask for, as Response Topic or reply_to (reply_to_too_long).",
+        ),
+    ] = 256
     max_prompt_chars: Annotated[
         int, Field(ge=1, le=10_000_000, description="Longest prompt, system and messages together (too_long).")
     ] = 16_000
@@ -260,6 +286,8 @@ class Settings(BaseSettings):
     def limits(self) -> dict[str, Any]:
         return {
             "max_payload_bytes": self.max_payload_bytes,
+            "max_correlation_bytes": self.max_correlation_bytes,
+            "max_reply_topic_chars": self.max_reply_topic_chars,
             "max_prompt_chars": self.max_prompt_chars,
             "max_new_tokens": self.max_new_tokens,
             "max_queue": self.max_queue,
