@@ -112,3 +112,5 @@ def test_intake_never_raises_answers_once_and_stays_in_the_clients_subtree(messa
         else:
             assert result.client == msg.client
             assert TOPICS.stream_of(route.topic).startswith(own)
+            assert result.gen.sampling.top_p >= 1e-6
+            assert result.gen.sampling.temperature == 0 or result.gen.sampling.temperature >= 1e-3

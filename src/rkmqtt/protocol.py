@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
+# Sampling values both engines handle (the RKLLM runtime takes them as float32, where a top_p of
+# 1e-320 is 0, which it refuses; a tiny temperature overflows a softmax): a temperature below
+# MIN_TEMPERATURE is greedy, a top_p below MIN_TOP_P is MIN_TOP_P (both mean "the top token").
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+
 
 class ErrorCode(str, Enum):
     """Machine-readable error codes of a final error reply."""
@@ -61,9 +67,13 @@ class RequestPayload(_Strict):
     ] = None
     system: Annotated[str | None, Field(description="a system prompt")] = None
     max_new_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="cap on generated tokens")] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=5.0, description="0 is greedy")] = None
+    temperature: Annotated[
+        float | None, Field(ge=0.0, le=5.0, description=f"0 is greedy, and so is anything below {MIN_TEMPERATURE:g}")
+    ] = None
     top_k: Annotated[int | None, Field(ge=0, le=100_000, description="0 turns top-k off")] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    top_p: Annotated[
+        float | None, Field(gt=0.0, le=1.0, description=f"below {MIN_TOP_P:g} counts as {MIN_TOP_P:g}")
+    ] = None
     repeat_penalty: Annotated[float | None, Field(ge=0.1, le=10.0)] = None
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same text")] = None
     stream: Annotated[bool, Field(description="publish token chunks on .../stream")] = True
