@@ -216,9 +216,6 @@ class Stats(_Strict):
     errors: int = Field(description="final replies with status error, refusals included")
     errors_by_code: dict[str, int]
     repeated: int = Field(default=0, description="final replies sent again to a retried id")
-    last_reply: str | None = Field(
-        default=None, description="the text of the last reply to the Home Assistant dashboard's prompts"
-    )
 
 
 def new_request_id() -> str:

@@ -140,7 +140,6 @@ EXAMPLES: dict[str, BaseModel] = {
         completed=117,
         errors=3,
         errors_by_code={"busy": 2, "expired": 1},
-        last_reply="Okay, turning the kitchen lights off.",
     ),
     "info": Info(
         version="0.1.0",

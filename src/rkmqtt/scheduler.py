@@ -35,7 +35,6 @@ class SchedulerConfig:
     core: CoreConfig
     stats_interval_s: float
     stats_topic: str | None
-    last_reply_client: str | None = None  # whose replies `stats.last_reply` shows (Home Assistant's)
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,6 @@ class Scheduler:
         self.active = 0
         self._last_stats = clock()
         self._tokens_at_stats = 0
-        self._last_reply: str | None = None
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -239,8 +237,6 @@ class Scheduler:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
             return
-        if req.client == self.config.last_reply_client:
-            self._last_reply = req.text
         # The one INFO line of a request (queued/started are DEBUG): nothing per chunk.
         _LOGGER.info(
             "request %s: done (%s, %d tokens, batch of %d, waited %.0f ms, %.0f ms)",
@@ -269,7 +265,6 @@ class Scheduler:
             errors=c.errors,
             errors_by_code=dict(c.by_code),
             repeated=c.repeated,
-            last_reply=self._last_reply,
         )
 
     def _maybe_stats(self) -> None:

@@ -118,7 +118,6 @@ class Service:
                 ),
                 stats_interval_s=s.stats_interval,
                 stats_topic=topics.stats,
-                last_reply_client=self._last_reply_client(),
             ),
             outbox,
             Replies(self.engine.model_name),
@@ -138,13 +137,6 @@ class Service:
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
-
-    def _last_reply_client(self) -> str | None:
-        if not self.settings.discovery:
-            return None
-        from rkmqtt.homeassistant import HA_CLIENT
-
-        return HA_CLIENT
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings
