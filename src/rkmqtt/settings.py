@@ -37,12 +37,19 @@ class Settings(BaseSettings):
     broker: Annotated[
         str | None,
         Field(
-            description="Broker URL: mqtt://[user:pass@]host[:port], mqtts:// for TLS. Empty: localhost:1883, "
-            "or a private Mosquitto started by `rkmqtt run` when nothing answers there."
+            description="Broker URL: mqtt://[user@]host[:port], mqtts:// for TLS. Empty: localhost:1883, "
+            "or a private Mosquitto started by `rkmqtt run` when nothing answers there. Keep the password out of "
+            "it (a command line is visible to every user of the machine): use password_file or RKMQTT_PASSWORD."
         ),
     ] = None
     username: Annotated[str | None, Field(description="Broker user name (overrides the URL's).")] = None
-    password: Annotated[SecretStr | None, Field(description="Broker password (overrides the URL's).")] = None
+    password: Annotated[
+        SecretStr | None, Field(description="Broker password (overrides password_file and the URL's).")
+    ] = None
+    password_file: Annotated[
+        Path | None,
+        Field(description="File holding the broker password (a trailing newline is ignored); overrides the URL's."),
+    ] = None
     mqtt_version: Annotated[Literal["5", "3.1.1"], Field(description="MQTT protocol version.")] = "5"
     client_id: Annotated[
         str | None, Field(description="MQTT client id. Empty: rkmqtt-<hostname>-<random>.", max_length=128)
@@ -219,6 +226,7 @@ class Settings(BaseSettings):
         "shared_group",
         "node_name",
         "username",
+        "password_file",
         mode="before",
     )
     @classmethod
@@ -241,6 +249,17 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535") from e
         if port is not None and not 0 < port < 65536:
             raise ValueError("has a port that is not a number from 1 to 65535")
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        try:
+            _read_password(v)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot be read ({type(e).__name__}): give a file readable by this user") from None
         return v
 
     @field_validator("tls_ca", "tls_cert", "tls_key")
@@ -270,7 +289,10 @@ class Settings(BaseSettings):
     # -- derived ------------------------------------------------------------------------------
     @property
     def broker_url(self) -> BrokerAddress:
-        return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, self.password)
+        password = self.password
+        if password is None and self.password_file is not None:
+            password = SecretStr(_read_password(self.password_file))
+        return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, password)
 
     def effective_client_id(self) -> str:
         if self.client_id:
@@ -307,6 +329,11 @@ class Settings(BaseSettings):
         # init_settings carries the command-line flags; the file layers are added by `load_settings`.
         extra: list[PydanticBaseSettingsSource] = list(_EXTRA_SOURCES.get(settings_cls, ()))
         return (init_settings, env_settings, *extra)
+
+
+def _read_password(path: Path) -> str:
+    """The password in a password file: its text without the trailing line break."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class BrokerAddress:
