@@ -43,6 +43,7 @@ class Mosquitto:
         extra_config: str = "",
         persistence: bool = False,
         binary: str | None = None,
+        config: str | None = None,
     ) -> None:
         self.binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
         if self.binary is None:
@@ -56,6 +57,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_config = extra_config
         self.persistence = persistence
+        self.config = config  # a whole mosquitto.conf to use as it is (it must listen on `port`)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,6 +66,9 @@ class Mosquitto:
 
     def _write_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
+        if self.config is not None:
+            conf.write_text(self.config)
+            return conf
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true" if "password_file" not in self.extra_config else "allow_anonymous false",
