@@ -97,15 +97,15 @@ def test_the_outbox_is_bounded_in_bytes_and_keeps_final_replies() -> None:
     chunk = Outgoing("p/reply/a/1/stream", b"x" * 982, qos=0, droppable=True)  # 1000 bytes with its topic
     assert chunk.size == 1000
     assert [box.put(chunk) for _ in range(12)] == [True] * 10 + [False] * 2
-    assert box.bytes == 10_000 and box.dropped == 2
+    assert box.queued_bytes == 10_000 and box.dropped == 2
     final = Outgoing("p/reply/a/1", b"y" * 5000, qos=1, correlation=b"c" * 100)
-    assert box.put(final) and box.bytes == 15_111  # a final reply is owed: kept past the bound
+    assert box.put(final) and box.queued_bytes == 15_111  # a final reply is owed: kept past the bound
     assert not box.put(chunk)
-    assert box.get(0.1) == chunk and box.bytes == 14_111
+    assert box.get(0.1) == chunk and box.queued_bytes == 14_111
     box.done()
     while box.get(0.01) is not None:
         box.done()
-    assert box.bytes == 0 and box.put(chunk)
+    assert box.queued_bytes == 0 and box.put(chunk)
 
 
 def test_a_failing_reply_topic_is_logged_once_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:

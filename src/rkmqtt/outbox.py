@@ -71,7 +71,7 @@ class Outbox:
         return len(self._queue)
 
     @property
-    def bytes(self) -> int:
+    def queued_bytes(self) -> int:
         """Bytes of the messages waiting."""
         return self._bytes
 
