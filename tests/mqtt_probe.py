@@ -36,6 +36,8 @@ class Probe:
         mqtt5: bool = True,
         client_id: str | None = None,
         persistent: bool = False,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         host, port = url.removeprefix("mqtt://").rsplit(":", 1)
         self.subscriptions = subscriptions
@@ -48,6 +50,8 @@ class Probe:
             protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
         )
         self.client.reconnect_delay_set(0.2, 1)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = lambda *a: self._connected.clear()

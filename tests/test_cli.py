@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rkmqtt.broker import Mosquitto
 from rkmqtt.service import Service
+from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +103,40 @@ def test_check_skips_the_session_check_when_sessions_are_off(mosquitto: Mosquitt
         "check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine", "--session-expiry", "0"
     )
     assert out.returncode == 0 and "[note] broker sessions: session_expiry is 0: not checked" in out.stdout
+
+
+def test_password_from_a_file_or_the_environment_and_a_warning_for_one_on_the_command_line(
+    tmp_path: Path, prefix: str
+) -> None:
+    passwd = tmp_path / "passwd"
+    passwd.write_text("")
+    for user, pw in (("bridge", "bridge pw"), ("dev", "dev-pw")):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, pw], check=True, timeout=30)
+    (tmp_path / "bridge.secret").write_text("bridge pw\n")  # as `echo` writes it: the newline is not part of it
+    (tmp_path / "dev.secret").write_text("dev-pw")
+    with Mosquitto(workdir=tmp_path / "broker", extra_config=f"password_file {passwd}\n") as broker:
+        settings = bridge_settings(broker.url, prefix, username="bridge", password_file=str(tmp_path / "bridge.secret"))
+        svc = Service(settings, engine=FakeEngine())
+        svc.start()
+        try:
+            assert svc.bridge is not None and svc.bridge.wait_connected(15), "password_file was not used"
+            common = ("--client", "dev", "--topic-prefix", prefix, "--timeout", "20")
+            from_file = rkmqtt("ask", "from a file", "--broker", broker.url, "--username", "dev",
+                               "--password-file", str(tmp_path / "dev.secret"), *common)  # fmt: skip
+            from_env = rkmqtt("ask", "from the environment", "--broker", broker.url, "--username", "dev", *common,
+                              env={"RKMQTT_PASSWORD": "dev-pw"})  # fmt: skip
+            in_url = rkmqtt("ask", "in the url", "--broker", broker.url.replace("mqtt://", "mqtt://dev:dev-pw@"),
+                            *common)  # fmt: skip
+            as_flag = rkmqtt("ask", "as a flag", "--broker", broker.url, "--username", "dev", "--password", "dev-pw",
+                             *common)  # fmt: skip
+        finally:
+            svc.stop(grace_s=0)
+    for out, text in ((from_file, "from a file"), (from_env, "from the environment"), (in_url, "in the url"),
+                      (as_flag, "as a flag")):  # fmt: skip
+        assert out.returncode == 0 and out.stdout == f"{text} \n", out.stderr
+    assert "visible to every user" not in from_file.stderr + from_env.stderr
+    for out in (in_url, as_flag):
+        assert out.stderr.count("visible to every user of this machine") == 1, out.stderr
+        assert "dev-pw" not in out.stderr
+    missing = rkmqtt("ask", "x", "--password-file", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "password_file" in missing.stderr and len(missing.stderr.splitlines()) == 1

@@ -20,7 +20,19 @@ import yaml
 
 from rkmqtt import homeassistant as ha
 from rkmqtt.broker import Mosquitto
-from rkmqtt.protocol import Info, Limits, Stats, parse_request_payload
+from rkmqtt.protocol import (
+    BatchInfo,
+    ErrorBody,
+    ErrorCode,
+    ErrorReply,
+    Info,
+    Limits,
+    OkReply,
+    Stats,
+    Timing,
+    Usage,
+    parse_request_payload,
+)
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
 from rkmqtt.topics import Topics
@@ -70,7 +82,6 @@ def make_stats(**overrides: Any) -> dict[str, Any]:
         "completed": 8,
         "errors": 2,
         "errors_by_code": {"busy": 1, "too_long": 1},
-        "last_reply": "hello",
     }
     values.update(overrides)
     return json.loads(Stats(**values).model_dump_json())  # type: ignore[no-any-return]
@@ -111,7 +122,7 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     s = make_settings()
     doc = payload_of(s, make_info())
     topics = Topics(s.topic_prefix)
-    published_by_bridge = {topics.status, topics.info, topics.stats}
+    published_by_bridge = {topics.status, topics.info, topics.stats, ha.dashboard_reply_topic(s)}
     unique_ids = [c["unique_id"] for c in doc["cmps"].values()]
     assert len(unique_ids) == len(set(unique_ids))
     for key, c in doc["cmps"].items():
@@ -137,9 +148,13 @@ def test_the_entities_the_issue_asks_for() -> None:
     assert cmps["connectivity"]["p"] == "binary_sensor"
     assert cmps["connectivity"]["device_class"] == "connectivity"
     assert (cmps["connectivity"]["payload_on"], cmps["connectivity"]["payload_off"]) == ("online", "offline")
-    for key in ("queue_depth", "active", "tokens_per_s", "requests_answered", "errors", "last_reply"):
+    for key in ("queue_depth", "active", "tokens_per_s", "requests_answered", "errors"):
         assert cmps[key]["p"] == "sensor"
         assert cmps[key]["state_topic"] == "rk/test/stats"
+    # The dashboard's replies are private: on Home Assistant's own reply topic, not on P/stats.
+    assert cmps["last_reply"]["p"] == "sensor"
+    assert cmps["last_reply"]["state_topic"] == "rk/test/reply/homeassistant/dashboard"
+    assert cmps["last_reply"]["json_attributes_topic"] == "rk/test/reply/homeassistant/dashboard"
     for key in ("model", "engine", "n_batch"):
         assert cmps[key]["entity_category"] == "diagnostic"
         assert cmps[key]["state_topic"] == "rk/test/info"
@@ -168,7 +183,11 @@ def test_templates_read_real_stats_and_info() -> None:
 
 def test_every_template_field_exists_in_the_wire_models() -> None:
     doc = payload_of(make_settings(), make_info())
-    fields = {"rk/test/stats": set(Stats.model_fields), "rk/test/info": set(Info.model_fields)}
+    fields = {
+        "rk/test/stats": set(Stats.model_fields),
+        "rk/test/info": set(Info.model_fields),
+        "rk/test/reply/homeassistant/dashboard": set(OkReply.model_fields) | set(ErrorReply.model_fields),
+    }
     for key, c in doc["cmps"].items():
         for name in ("value_template", "json_attributes_template"):
             if name not in c:
@@ -179,22 +198,38 @@ def test_every_template_field_exists_in_the_wire_models() -> None:
             assert used <= fields[topic], (key, name, used - fields[topic])
 
 
+def ok_reply(text: str) -> dict[str, Any]:
+    return json.loads(  # type: ignore[no-any-return]
+        OkReply(
+            id="d1",
+            text=text,
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=3, completion_tokens=2),
+            timing=Timing(queued_ms=1, ttft_ms=2, total_ms=3, tokens_per_s=4),
+            batch=BatchInfo(size=1, slot=0),
+            model="m",
+        ).model_dump_json()
+    )
+
+
 @pytest.mark.parametrize("length", [0, 10, 255, 256, 5000])
 def test_last_reply_state_is_cut_to_255_and_the_attribute_has_it_all(length: int) -> None:
     cmp = payload_of(make_settings(), make_info())["cmps"]["last_reply"]
     text = "".join(chr(ord("a") + i % 26) for i in range(length))
-    stats = make_stats(last_reply=text)
-    state = render(cmp["value_template"], stats)
+    reply = ok_reply(text)
+    state = render(cmp["value_template"], reply)
     assert state == text[:255]
     assert len(state) <= ha.HA_STATE_MAX
-    assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": text}
+    assert json.loads(render(cmp["json_attributes_template"], reply)) == {"text": text}
 
 
-def test_last_reply_before_any_reply() -> None:
+def test_last_reply_shows_an_error_reply() -> None:
     cmp = payload_of(make_settings(), make_info())["cmps"]["last_reply"]
-    stats = make_stats(last_reply=None)
-    assert render(cmp["value_template"], stats) == ""
-    assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": None}
+    err = ErrorReply(id="d1", error=ErrorBody(code=ErrorCode.BUSY, message="the queue is full " + "x" * 400))
+    reply = json.loads(err.model_dump_json())
+    state = render(cmp["value_template"], reply)
+    assert state.startswith("error: the queue is full") and len(state) == ha.HA_STATE_MAX
+    assert json.loads(render(cmp["json_attributes_template"], reply)) == {"error": reply["error"]}
 
 
 def test_live_stats_expire_after_missed_intervals_and_counters_do_not() -> None:
@@ -229,14 +264,22 @@ def test_ha_status_topic_follows_the_prefix() -> None:
     assert not ha.is_ha_online(b"offline")
 
 
-def test_the_text_entity_sends_a_valid_request() -> None:
+def text_command(cmp: dict[str, Any], value: str) -> str:
+    """What Home Assistant publishes when `value` is typed into the text entity."""
+    return _JINJA.from_string(cmp["command_template"]).render(value=value)
+
+
+@pytest.mark.parametrize("prompt", ["What is the capital of France?", 'Say "hi" & it\'s {{ x }}\n\\ ok'])
+def test_the_text_entity_sends_a_valid_request_answered_on_the_dashboard_topic(prompt: str) -> None:
     s = make_settings()
     cmp = payload_of(s, make_info())["cmps"]["prompt"]
     topics = Topics(s.topic_prefix)
     assert topics.client_of(cmp["command_topic"], "request") == ha.HA_CLIENT
-    req = parse_request_payload(b"What is the capital of France?")
-    assert req.prompt == "What is the capital of France?"
-    assert topics.is_allowed_reply_topic(topics.reply(ha.HA_CLIENT, "abc123"))
+    req = parse_request_payload(text_command(cmp, prompt).encode())
+    assert req.prompt == prompt
+    assert req.reply_to == ha.dashboard_reply_topic(s) == "rk/test/reply/homeassistant/dashboard"
+    assert req.stream is False
+    assert topics.is_allowed_reply_topic(req.reply_to, ha.HA_CLIENT)
 
 
 # -- against a real broker and bridge --------------------------------------------------------
@@ -275,31 +318,31 @@ def test_bridge_publishes_discovery_and_every_state_topic(
     [doc] = discovery_of(late, topic)
     assert late.wait_for(lambda m: m.topic == topic)[0].retain
 
-    # Every topic an entity reads is really published, and its templates render on it.
+    # Every topic an entity reads is really published, and its templates render on it. The
+    # dashboard's reply topic gets a message once a prompt is typed into the text entity.
     cmps = doc["cmps"]
+    dashboard = f"{prefix}/reply/{ha.HA_CLIENT}/{ha.DASHBOARD_REPLY}"
     state_topics = {c["state_topic"] for c in cmps.values() if "state_topic" in c}
-    assert state_topics == {f"{prefix}/status", f"{prefix}/info", f"{prefix}/stats"}
+    assert state_topics == {f"{prefix}/status", f"{prefix}/info", f"{prefix}/stats", dashboard}
+    # The text entity's command, rendered as Home Assistant does, answered where Last reply reads.
+    late.publish(cmps["prompt"]["command_topic"], text_command(cmps["prompt"], "ping pong"), qos=1)
     seen = {t: late.wait_for(lambda m, t=t: m.topic == t, 20)[0] for t in state_topics}
     assert seen[f"{prefix}/status"].payload == b"online"
     for c in cmps.values():
-        if c.get("state_topic") in (f"{prefix}/info", f"{prefix}/stats"):
+        if c.get("state_topic") in (f"{prefix}/info", f"{prefix}/stats", dashboard):
             render(c["value_template"], seen[c["state_topic"]].json())
         if "json_attributes_template" in c:
             json.loads(render(c["json_attributes_template"], seen[c["json_attributes_topic"]].json()))
     assert render(cmps["engine"]["value_template"], seen[f"{prefix}/info"].json()) == "fake"
-
-    # The dashboard's text entity: its plain-text command is answered on P/reply/homeassistant/<id>,
-    # and the answer reaches the Last reply sensor.
-    late.publish(cmps["prompt"]["command_topic"], "ping pong", qos=1)
-    reply = late.wait_for(
-        lambda m: m.topic.startswith(f"{prefix}/reply/{ha.HA_CLIENT}/") and not m.topic.endswith("/stream")
-    )[0].json()
+    reply = seen[dashboard].json()
     assert reply["status"] == "ok" and reply["text"].strip() == "ping pong"
-    stats = late.wait_for(lambda m: m.topic == f"{prefix}/stats" and m.json().get("last_reply") is not None, 20)[
-        0
-    ].json()
     # (Home Assistant strips a rendered state, as render() does.)
-    assert render(cmps["last_reply"]["value_template"], stats) == reply["text"][:255].strip()
+    assert render(cmps["last_reply"]["value_template"], reply) == reply["text"][:255].strip()
+    assert late.on(Topics.stream_of(dashboard)) == [], "the dashboard asks for no stream"
+    # P/stats, which every device may read, carries no prompt or reply text.
+    stats = late.wait_for(lambda m: m.topic == f"{prefix}/stats" and m.json()["completed"] >= 1, 20)[0]
+    assert b"ping" not in stats.payload and b"pong" not in stats.payload
+    assert set(stats.json()) == set(Stats.model_fields)
 
 
 def test_discovery_is_republished_when_home_assistant_comes_online(
@@ -389,14 +432,15 @@ def test_script_publishes_a_valid_request_with_id_and_reply_to() -> None:
     variables, topic, payload = script_request('Say "hi" & <go>\nnow')
     topics = Topics("rkmqtt")
     client = topics.client_of(topic, "request")
-    assert client is not None and ha.HA_CLIENT != client
+    assert client == ha.HA_CLIENT, "the shipped ACL lets Home Assistant publish requests only as its own user"
     req = parse_request_payload(json.dumps(payload).encode())
     assert req.prompt == 'Say "hi" & <go>\nnow'
     assert req.id is not None and req.reply_to is not None, "Home Assistant cannot set MQTT 5 properties"
     assert req.stream is False
     # The bridge accepts that reply topic, and it is where it would answer anyway.
-    assert topics.is_allowed_reply_topic(req.reply_to)
+    assert topics.is_allowed_reply_topic(req.reply_to, client)
     assert req.reply_to == topics.reply(client, req.id) == variables["reply_topic"]
+    assert req.reply_to != topics.reply(client, ha.DASHBOARD_REPLY)
     # Two runs do not share an id.
     assert script_request("x")[2]["id"] != script_request("x")[2]["id"]
 
@@ -464,10 +508,11 @@ def test_dashboard_reply_automation_is_always_subscribed_to_the_text_entitys_rep
     cmd = payload_of(load_settings({}), make_info())["cmps"]["prompt"]["command_topic"]
     client = topics.client_of(cmd, "request")
     assert client == ha.HA_CLIENT
-    reply = topics.reply(client, "d41d8cd98f00b204")
+    reply = ha.dashboard_reply_topic(load_settings({}))
     assert mqtt.topic_matches_sub(sub, reply)
     assert not mqtt.topic_matches_sub(sub, Topics.stream_of(reply))
-    assert not mqtt.topic_matches_sub(sub, topics.reply("ha_script", "x")), "the script's replies are its own"
+    _, _, payload = script_request("x")
+    assert not mqtt.topic_matches_sub(sub, payload["reply_to"]), "the script's replies are its own"
     message = auto["actions"][0]["data"]["message"]
     assert ha_render(message, {"trigger": {"payload_json": {"status": "ok", "text": "42"}}}) == 42
     err = {"status": "error", "error": {"code": "too_long", "message": "prompt too long"}}

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rkmqtt.engines.base import ErrorEvent, FinishEvent, TokenEvent
@@ -103,6 +104,30 @@ def test_repeat_penalty_and_top_k_1(smol: NumpyEngine) -> None:
     assert top1 == greedy  # top-k 1 is greedy whatever the temperature
     penal = drive(smol, [req("p", "Count from one to ten in words.", 20, repeat_penalty=3.0)])["p"].text
     assert penal != greedy
+
+
+def test_extreme_sampling_values_run_beside_a_plain_request(smol: NumpyEngine) -> None:
+    """The ends of every range the wire contract accepts, in one batch with a greedy request:
+    each ends normally, and the greedy one is unaffected by its batch-mates."""
+    prompt = "Name three fruits."
+    plain = req("plain", "Count from one to ten in words.", 12)
+    alone = drive(smol, [plain])["plain"]
+    greedy = drive(smol, [req("g", prompt, 12)])["g"].text
+    extremes = [
+        req("tiny-temp", prompt, 12, temperature=1e-320, seed=1),  # overflows a softmax: greedy
+        req("tiny-top-p", prompt, 12, temperature=1.0, top_p=1e-320, seed=2),  # keeps the top token
+        req("hot", prompt, 12, temperature=5.0, top_k=100_000, top_p=1.0, repeat_penalty=10.0, seed=3),
+        req("low-penalty", prompt, 12, temperature=0.01, top_k=1, repeat_penalty=0.1, seed=4),
+    ]
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # an overflow or a NaN is a failure
+        results = drive(smol, [plain, *extremes], one_per_step=True)
+    for r in [plain, *extremes]:
+        res = results[r.key]
+        assert res.error is None and res.finish is not None, r.key
+        assert res.finish.completion_tokens >= 1
+    assert results["plain"].text == alone.text
+    assert results["tiny-temp"].text == greedy
+    assert results["tiny-top-p"].text == greedy
 
 
 def test_too_long_is_refused_before_taking_a_slot(smol: NumpyEngine) -> None:

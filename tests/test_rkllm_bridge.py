@@ -15,7 +15,9 @@ from rkmqtt.service import Service
 from tests.mqtt_probe import Probe
 from tests.rkllm_fixtures import (  # noqa: F401
     Standin,
+    describe,
     expected_text,
+    make_engine,
     make_settings,
     natural_length,
     standin_env_fixture,
@@ -64,3 +66,47 @@ def test_a_runtime_failure_is_answered_engine_error_and_the_bridge_goes_on(
     probe.publish(f"{prefix}/request/good", {"id": "after", "prompt": "fine again @len=6"})
     reply = OkReply.model_validate_json(json.dumps(probe.final(f"{prefix}/reply/good/after")))
     assert reply.text == expected_text("fine again @len=6", 6)
+
+
+EXTREMES = {
+    "tiny-top-p": {"top_p": 1e-320, "temperature": 0.8},  # 0 in float32: the runtime refuses a run with it
+    "tiny-top-p-2": {"top_p": 5e-7, "temperature": 0.8},  # the same sampling once clamped: shares the batch
+    "tiny-temp": {"temperature": 1e-320},  # greedy
+    "hot": {"temperature": 5.0, "top_k": 100_000, "top_p": 1.0, "repeat_penalty": 10.0},
+    "low-penalty": {"temperature": 0.5, "repeat_penalty": 0.1, "top_k": 1},
+}
+
+
+@pytest.mark.parametrize("abi", ["1.2", "1.3"])
+def test_extreme_sampling_values_never_cost_a_batch_or_a_reload(
+    standin: Standin,
+    abi: str,
+    prefix: str,
+    start_bridge: Callable[..., Service],
+    probe_factory: Callable[..., Probe],
+) -> None:
+    """Every sampling value the wire contract accepts is one the runtime accepts (1.2 takes the
+    settings' values at init, 1.3 the request's per run): each request is answered ok, with its
+    batch-mates, and the runtime is never initialised again."""
+    svc = start_rkllm_bridge(start_bridge, standin, abi, n_batch=4)
+    inits = int(describe(standin.lib(abi))["init_calls"])
+    probe = probe_factory([f"{prefix}/reply/#"])
+    for name, sampling in EXTREMES.items():
+        probe.publish(f"{prefix}/request/dev", {"id": name, "prompt": f"{name} @len=4", **sampling})
+    probe.publish(f"{prefix}/request/dev", {"id": "plain", "prompt": "plain @len=4"})
+    for name in [*EXTREMES, "plain"]:
+        reply = probe.final(f"{prefix}/reply/dev/{name}")
+        assert reply["status"] == "ok", (name, reply)
+        assert reply["text"] == expected_text(f"{name} @len=4", 4)
+    assert int(describe(standin.lib(abi))["init_calls"]) == inits, "the runtime was initialised again"
+    assert svc.scheduler is not None and svc.scheduler.stats().errors == 0
+
+
+def test_extreme_sampling_settings_are_accepted_at_init(standin: Standin) -> None:
+    """Runtime 1.2 takes sampling once, from the settings, at rkllm_init."""
+    engine = make_engine(standin, "1.2", top_p=1e-320, temperature=1e-320, top_k=100_000, repeat_penalty=0.1)
+    try:
+        info = describe(standin.lib("1.2"))
+        assert float(info["top_p"]) > 0 and int(info["top_k"]) == 1  # tiny temperature: greedy
+    finally:
+        engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -301,6 +302,37 @@ def test_retried_id_is_not_run_twice(
     # The same id from another client is another request.
     probe.publish(f"{prefix}/request/other", req)
     assert probe.final(f"{prefix}/reply/other/same")["status"] == "ok"
+
+
+def test_an_in_flight_id_resent_with_another_reply_target_is_answered_duplicate_id_there(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    engine = FakeEngine(n_batch=2, step_s=0.02)
+    start_bridge(engine)
+    probe = probe_factory([f"{prefix}/reply/#"])
+    first_topic = f"{prefix}/reply/dev/first"
+    probe.publish(f"{prefix}/request/dev", {"id": "dup", "prompt": "tokens:100"}, response_topic=first_topic,
+                  correlation=b"one")  # fmt: skip
+    probe.wait_for(lambda m: m.topic == f"{first_topic}/stream", 15)  # it is running
+    # Another reply topic (MQTT 3.1.1's reply_to), and the same topic with other Correlation Data.
+    probe.publish(f"{prefix}/request/dev", {"id": "dup", "prompt": "x", "reply_to": f"{prefix}/reply/dev/second"})
+    probe.publish(f"{prefix}/request/dev", {"id": "dup", "prompt": "x"}, response_topic=first_topic,
+                  correlation=b"two")  # fmt: skip
+    second = probe.final(f"{prefix}/reply/dev/second", 15)
+    assert second["status"] == "error" and second["error"]["code"] == "duplicate_id"
+    assert "already running" in second["error"]["message"]
+    [other] = probe.wait_for(lambda m: m.topic == first_topic and m.correlation == b"two", 15)
+    assert other.json()["error"]["code"] == "duplicate_id"
+    # The same target again (a QoS 1 redelivery, say) is not answered twice.
+    probe.publish(f"{prefix}/request/dev", {"id": "dup", "prompt": "tokens:100"}, response_topic=first_topic,
+                  correlation=b"one")  # fmt: skip
+    # The first is still answered, once, where it asked; it ran once.
+    [final] = probe.wait_for(lambda m: m.topic == first_topic and m.correlation == b"one", 30)
+    assert final.json()["status"] == "ok" and final.json()["usage"]["completion_tokens"] == 100
+    time.sleep(0.3)
+    assert len([m for m in probe.on(first_topic) if m.correlation == b"one"]) == 1
+    assert len(probe.on(f"{prefix}/reply/dev/second")) == 1
+    assert [k for b in engine.batches for k in b] == ["dev/dup"]
 
 
 def test_engine_failure_is_answered_engine_error(

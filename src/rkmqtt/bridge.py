@@ -31,13 +31,14 @@ from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.intake import Incoming, Intake
 from rkmqtt.journal import Delivered, Journal
 from rkmqtt.link import Link, describe_failure, describe_reason
+from rkmqtt.logtext import clip
 from rkmqtt.outbox import Outbox, Outgoing, Publisher
 from rkmqtt.protocol import ErrorCode, Info, parse_cancel_payload
 from rkmqtt.replies import FINAL_QOS, Refusal, Replies
 from rkmqtt.request import Request, RequestKey
 from rkmqtt.scheduler import Scheduler
 from rkmqtt.settings import BrokerAddress, Settings
-from rkmqtt.topics import Topics
+from rkmqtt.topics import Topics, is_valid_client
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -239,8 +240,10 @@ class Bridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._dispatch(msg)
-        except Exception:  # never let one message kill the network thread
-            _LOGGER.error("a message of %d bytes could not be handled", len(msg.payload), exc_info=True)
+        except Exception as e:  # never let one message kill the network thread
+            # One bounded line: the topic and the error may quote what the client sent.
+            _LOGGER.error("message on %s could not be handled: %s: %s", clip(msg.topic), type(e).__name__, clip(str(e)))
+            _LOGGER.debug("the failure's traceback", exc_info=True)
         finally:
             # Manual acknowledgement: only now, with the request in the journal, may the broker
             # forget it.
@@ -296,11 +299,13 @@ class Bridge:
         if client is not None:
             self._on_cancel(client, bytes(msg.payload))
             return
-        _LOGGER.debug("ignoring message on %s", topic)
+        _LOGGER.debug("ignoring message on %s", clip(topic))
 
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:
         if msg.retain:
-            _LOGGER.warning("ignoring a retained request on %s: publish requests without the retain flag", msg.topic)
+            _LOGGER.warning(
+                "ignoring a retained request on %s: publish requests without the retain flag", clip(msg.topic)
+            )
             return
         props = getattr(msg, "properties", None)
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
@@ -321,7 +326,7 @@ class Bridge:
         if isinstance(result, Refusal):
             self.outbox.put(Replies.refusal(result))
             self.scheduler.refused(result.code)
-            _LOGGER.warning("request %s/%s: %s: %s", client, result.id, result.code.value, result.message)
+            _LOGGER.warning("request %s/%s: %s: %s", clip(client, 64), result.id, result.code.value, result.message)
         elif result is not None:
             self.scheduler.submit(result)
 
@@ -343,10 +348,15 @@ class Bridge:
         return req
 
     def _on_cancel(self, client: str, payload: bytes) -> None:
+        if not is_valid_client(client):  # no request of such a client can exist
+            _LOGGER.warning("cancel from %s: not a valid client name; ignored", clip(client, 64))
+            return
         try:
             req = parse_cancel_payload(payload)
         except (ValueError, UnicodeDecodeError) as e:
             # A cancel has no reply topic of its own; say so in the log rather than drop it silently.
-            _LOGGER.warning('cancel from %s: not an id or {"id": ...}: %s', client, str(e).splitlines()[0])
+            _LOGGER.warning(
+                'cancel from %s: not an id or {"id": ...}: %s', clip(client, 64), clip(str(e).splitlines()[0])
+            )
             return
         self.scheduler.cancel(RequestKey(client, req.id))

@@ -44,6 +44,7 @@ class Mosquitto:
         persistence: bool = False,
         binary: str | None = None,
         nodelay: bool = True,
+        config: str | None = None,
     ) -> None:
         self.binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
         if self.binary is None:
@@ -58,6 +59,7 @@ class Mosquitto:
         self.extra_config = extra_config
         self.persistence = persistence
         self.nodelay = nodelay
+        self.config = config  # a whole mosquitto.conf to use as it is (it must listen on `port`)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +68,9 @@ class Mosquitto:
 
     def _write_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
+        if self.config is not None:
+            conf.write_text(self.config)
+            return conf
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true" if "password_file" not in self.extra_config else "allow_anonymous false",

@@ -21,6 +21,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rkmqtt import __version__
 from rkmqtt.errors import ConfigError, EngineError, RkmqttError
@@ -33,6 +34,7 @@ CONNECTION_SETTINGS = (
     "broker",
     "username",
     "password",
+    "password_file",
     "mqtt_version",
     "client_id",
     "tls_ca",
@@ -73,6 +75,28 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     from rkmqtt.addon import addon_layers
 
     return load_settings(flags, config_file=args.config, file_layers=addon_layers())
+
+
+def password_on_command_line(args: argparse.Namespace) -> bool:
+    """True when `--password` or a password inside `--broker` was given: every user of the machine
+    can read a command line (`ps`, /proc)."""
+    if getattr(args, "setting_password", None) is not None:
+        return True
+    broker = getattr(args, "setting_broker", None)
+    if not broker:
+        return False
+    try:
+        return urlsplit(broker if "://" in broker else f"mqtt://{broker}").password is not None
+    except ValueError:
+        return False
+
+
+def warn_password_on_command_line(args: argparse.Namespace) -> None:
+    if password_on_command_line(args):
+        _LOGGER.warning(
+            "a broker password on the command line is visible to every user of this machine (ps): "
+            "use password_file or the RKMQTT_PASSWORD environment variable instead"
+        )
 
 
 def setup_logging(level: str, debug: bool = False) -> None:
@@ -135,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from rkmqtt.bench.cli import run_bench
 
+            warn_password_on_command_line(args)
             status: int = run_bench(args)
             return status
         if args.command == "probe":
@@ -143,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_probe(args)
         settings = settings_from_args(args)
         setup_logging(settings.log_level, getattr(args, "debug", False))
+        warn_password_on_command_line(args)
         if args.command == "run":
             from rkmqtt.addon import credentials_provider, is_addon, with_supervisor_broker
             from rkmqtt.service import Service

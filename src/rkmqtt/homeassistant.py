@@ -11,10 +11,10 @@ One retained, device-based discovery message (`<discovery_prefix>/device/<node>/
 | Tokens per second | sensor        | `P/stats`                      | expires when stats stop            |
 | Requests answered | sensor        | `P/stats`                      | total_increasing                   |
 | Errors            | sensor        | `P/stats`                      | total_increasing, counts by code   |
-| Last reply        | sensor        | `P/stats`                      | state cut to 255, text attribute   |
+| Last reply        | sensor        | `P/reply/homeassistant/dashboard` | state cut to 255, text attribute |
 | Model, Engine,    | sensor        | `P/info` (retained)            | diagnostic                         |
 | Batch size        |               |                                |                                    |
-| Prompt            | text          | `P/request/homeassistant`      | plain text is a valid request      |
+| Prompt            | text          | `P/request/homeassistant`      | JSON, `reply_to` the dashboard's   |
 
 Every entity is available while `P/status` is `online`. Unique ids and default entity ids are
 derived from the node name only, so they survive restarts. The bridge publishes these messages
@@ -33,9 +33,13 @@ from rkmqtt.protocol import Info
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
-#: The `<client>` name the dashboard's text entity sends prompts as: replies to those prompts go
-#: to `P/reply/homeassistant/<id>`.
+#: The `<client>` name the dashboard's text entity sends prompts as (and Home Assistant's user
+#: name on a broker with the shipped ACL, which lets only it read `P/reply/homeassistant/#`).
 HA_CLIENT = "homeassistant"
+
+#: The last level of the topic the dashboard's prompts are answered on, `P/reply/homeassistant/dashboard`:
+#: a reply to a prompt typed on the dashboard is private to Home Assistant (never on `P/stats`).
+DASHBOARD_REPLY = "dashboard"
 
 #: Home Assistant's state strings are limited to 255 characters.
 HA_STATE_MAX = 255
@@ -59,6 +63,11 @@ def is_ha_online(payload: bytes) -> bool:
 
 def discovery_topic(settings: Settings) -> str:
     return f"{settings.discovery_prefix}/device/{settings.effective_node_name()}/config"
+
+
+def dashboard_reply_topic(settings: Settings) -> str:
+    """Where the bridge answers the prompts of the dashboard's text entity."""
+    return Topics(settings.topic_prefix).reply(HA_CLIENT, DASHBOARD_REPLY)
 
 
 def stats_expire_after(settings: Settings) -> int:
@@ -87,6 +96,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
         }
     ]
     expire = stats_expire_after(settings)
+    dashboard = dashboard_reply_topic(settings)
 
     def entity(platform: str, key: str, name: str, **options: Any) -> tuple[str, dict[str, Any]]:
         return key, {
@@ -182,14 +192,21 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
                 json_attributes_topic=topics.stats,
                 json_attributes_template="{{ value_json.errors_by_code | tojson }}",
             ),
-            stat(
+            entity(
+                "sensor",
                 "last_reply",
                 "Last reply",
-                "last_reply",
-                False,
-                value_template=f"{{{{ (value_json.last_reply or '')[:{HA_STATE_MAX}] }}}}",
-                json_attributes_topic=topics.stats,
-                json_attributes_template="{{ {'text': value_json.last_reply} | tojson }}",
+                # The final reply (ok or error) to the text entity's prompts, on their own reply topic.
+                state_topic=dashboard,
+                value_template=(
+                    "{{ (value_json.text if value_json.status == 'ok' else value_json.status ~ ': ' "
+                    f"~ value_json.error.message)[:{HA_STATE_MAX}] }}}}"
+                ),
+                json_attributes_topic=dashboard,
+                json_attributes_template=(
+                    "{{ ({'text': value_json.text} if value_json.status == 'ok' else {'error': value_json.error}) "
+                    "| tojson }}"
+                ),
                 icon="mdi:message-text",
             ),
             diagnostic("model", "Model", "model", "mdi:brain"),
@@ -200,6 +217,10 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
                 "prompt",
                 "Prompt",
                 command_topic=topics.request(HA_CLIENT),
+                # JSON, so that the answer goes to the reply topic that only the Last reply sensor reads.
+                command_template=(
+                    f"{{{{ {{'prompt': value, 'reply_to': '{dashboard}', 'stream': false}} | tojson }}}}"
+                ),
                 qos=1,
                 retain=False,
                 mode="text",

@@ -1,8 +1,12 @@
 """Turning an incoming MQTT request into a `Request` or a `Refusal` (paho network thread; pure logic).
 
 Checks, in order: payload size, client name, UTF-8 and JSON and the request's fields, the reply
-topic's confinement, prompt length, `max_new_tokens`, the client's rate. Each failure has its
-own error code. Nothing here waits on anything.
+topic's length and confinement, the Correlation Data's size, prompt length, `max_new_tokens`,
+the client's rate. Each failure has its own error code. Nothing here waits on anything.
+
+What one request can cost is bounded here: its reply topic and its Correlation Data (echoed on
+every stream chunk) are capped, an oversized Correlation Data is never echoed, and the text of a
+refusal (which may quote the request) is cut to `MAX_MESSAGE_CHARS`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
+from rkmqtt.logtext import clip
 from rkmqtt.protocol import (
     ErrorCode,
     RequestPayload,
@@ -27,6 +32,9 @@ from rkmqtt.replies import Refusal
 from rkmqtt.request import Request, RequestKey, Route
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
+
+#: The longest error message a refusal carries (a validation error may name every unknown field).
+MAX_MESSAGE_CHARS = 500
 
 
 class RateLimiter:
@@ -89,7 +97,7 @@ class Intake:
             return self._request(msg, RequestKey(msg.client, rid), payload, route, now)
         except Exception as e:  # e.g. RecursionError on absurd nesting: refuse, never drop
             rid = new_request_id()
-            default = Route(self.topics.reply(msg.client, rid), msg.correlation)
+            default = Route(self.topics.reply(msg.client, rid), self._correlation(msg))
             return Refusal(
                 rid, default, ErrorCode.INVALID_REQUEST, f"the request could not be read ({type(e).__name__})"
             )
@@ -124,22 +132,47 @@ class Intake:
         route = self._route(msg, rid, reply_to, stream=False)
         if isinstance(route, Refusal):
             route = route.route
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…"
         return Refusal(rid, route, code, message)
 
+    def _correlation(self, msg: Incoming) -> bytes | None:
+        """The Correlation Data to echo: none when it is over the cap (it would be copied onto
+        every chunk: 64 KB of it made one request cost 1000 times its size)."""
+        corr = msg.correlation
+        return corr if corr is None or len(corr) <= self.settings.max_correlation_bytes else None
+
     def _route(self, msg: Incoming, rid: str, reply_to: str | None, stream: bool) -> Route | Refusal:
-        """Where the replies go: the Response Topic, else `reply_to`, else `P/reply/<client>/<id>`."""
-        default = Route(self.topics.reply(msg.client, rid), msg.correlation, stream)
+        """Where the replies go: the Response Topic, else `reply_to`, else `P/reply/<client>/<id>`.
+        A refusal goes to the requested topic when that one is fine, else to the default one."""
+        s = self.settings
+        corr = self._correlation(msg)
+        default = Route(self.topics.reply(msg.client, rid), corr, stream)
         wanted = msg.response_topic or reply_to
-        if wanted is None:
-            return default
-        if not self.topics.is_allowed_reply_topic(wanted, msg.client):
+        if wanted is not None and len(wanted) > s.max_reply_topic_chars:
+            return Refusal(
+                rid,
+                default,
+                ErrorCode.REPLY_TO_TOO_LONG,
+                f"reply topic is {len(wanted)} characters; the limit is {s.max_reply_topic_chars}",
+            )
+        if wanted is not None and not self.topics.is_allowed_reply_topic(wanted, msg.client):
             return Refusal(
                 rid,
                 default,
                 ErrorCode.INVALID_REPLY_TO,
-                f"reply topic {wanted!r} must lie under {self.topics.reply_root()}{msg.client}/ without + or #",
+                f"reply topic '{clip(wanted)}' must lie under {self.topics.reply_root()}{msg.client[:64]}/ "
+                "without + or #",
             )
-        return Route(wanted, msg.correlation, stream)
+        route = default if wanted is None else Route(wanted, corr, stream)
+        if corr is None and msg.correlation is not None:
+            return Refusal(
+                rid,
+                route,
+                ErrorCode.CORRELATION_TOO_LARGE,
+                f"correlation data is {len(msg.correlation)} bytes; the limit is {s.max_correlation_bytes}",
+            )
+        return route
 
     def _over_limits(
         self, client: str, req: RequestPayload, now: float, rate_limit: bool

@@ -1,10 +1,11 @@
 """The outgoing queue and the publisher thread ("rkmqtt-publisher").
 
 The scheduler and the paho callbacks put `Outgoing` messages here and never wait; the
-publisher thread is the one that hands them to paho. The queue is bounded: when it is full,
-stream chunks (QoS 0) are dropped — their sequence numbers show the gap — while final replies
-are always kept, because every accepted request is owed exactly one. Our lock is never held
-while paho is called.
+publisher thread is the one that hands them to paho. The queue is bounded in messages and in
+bytes: past either bound, stream chunks (QoS 0) are dropped — their sequence numbers show the
+gap — while final replies are always kept, because every accepted request is owed exactly one.
+Our lock is never held while paho is called. A failed publish is logged once per reply topic,
+without a traceback (the topic is the client's choice; a failing stream would log per chunk).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rkmqtt.logtext import clip
+
 _LOGGER = logging.getLogger(__name__)
+
+_STREAM_SUFFIX = "/stream"
+_FAILED_TOPICS_KEPT = 1024  # reply topics whose failure was logged, to log each once
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +41,18 @@ class Outgoing:
     # reply's journal entry is closed then, not when it is merely handed to paho).
     on_delivered: Callable[[], None] | None = None
 
+    @property
+    def size(self) -> int:
+        """What it costs to hold: payload, topic and Correlation Data."""
+        return len(self.payload) + len(self.topic) + len(self.correlation or b"")
+
 
 class Outbox:
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, max_bytes: int = 1 << 62) -> None:
         self.maxsize = maxsize
+        self.max_bytes = max_bytes
         self._queue: deque[Outgoing] = deque()
+        self._bytes = 0
         self._cond = threading.Condition()
         self._closed = False
         self._busy = False
@@ -47,16 +60,23 @@ class Outbox:
 
     def put(self, msg: Outgoing) -> bool:
         """Queue a message without waiting. Returns False when a droppable one was dropped."""
+        size = msg.size
         with self._cond:
-            if msg.droppable and len(self._queue) >= self.maxsize:
+            if msg.droppable and (len(self._queue) >= self.maxsize or self._bytes + size > self.max_bytes):
                 self.dropped += 1
                 return False
             self._queue.append(msg)
+            self._bytes += size
             self._cond.notify()
         return True
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the messages waiting."""
+        return self._bytes
 
     def get(self, timeout: float) -> Outgoing | None:
         with self._cond:
@@ -66,7 +86,9 @@ class Outbox:
                 self._busy = False
                 return None
             self._busy = True
-            return self._queue.popleft()
+            msg = self._queue.popleft()
+            self._bytes -= msg.size
+            return msg
 
     def done(self) -> None:
         with self._cond:
@@ -101,6 +123,8 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="rkmqtt-publisher", daemon=True)
         self._awaiting: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
         self.published = 0
+        self.failed = 0
+        self._failed_topics: OrderedDict[str, None] = OrderedDict()
 
     def start(self) -> None:
         self._thread.start()
@@ -137,10 +161,26 @@ class Publisher:
                 continue
             try:
                 self._publish(msg)
-            except Exception:  # a bad message must not stop the publisher
-                _LOGGER.error("publishing a %d-byte message failed", len(msg.payload), exc_info=True)
+            except Exception as e:  # a bad message must not stop the publisher
+                self._failed(msg, e)
             finally:
                 self._outbox.done()
+
+    def _failed(self, msg: Outgoing, error: Exception) -> None:
+        """Log a failed publish once per reply topic (a stream and its final count as one)."""
+        self.failed += 1
+        key = msg.topic.removesuffix(_STREAM_SUFFIX)
+        if key in self._failed_topics:
+            return
+        self._failed_topics[key] = None
+        if len(self._failed_topics) > _FAILED_TOPICS_KEPT:
+            self._failed_topics.popitem(last=False)
+        _LOGGER.error(
+            "publishing to %s failed: %s: %s (further failures on this topic are not logged)",
+            clip(msg.topic),
+            type(error).__name__,
+            clip(str(error)),
+        )
 
     def sweep(self) -> None:
         """Call `on_delivered` of the messages the broker has acknowledged since the last sweep

@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
+# Sampling values both engines handle (the RKLLM runtime takes them as float32, where a top_p of
+# 1e-320 is 0, which it refuses; a tiny temperature overflows a softmax): a temperature below
+# MIN_TEMPERATURE is greedy, a top_p below MIN_TOP_P is MIN_TOP_P (both mean "the top token").
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+
 
 class ErrorCode(str, Enum):
     """Machine-readable error codes of a final error reply."""
@@ -25,6 +31,8 @@ class ErrorCode(str, Enum):
     INVALID_REQUEST = "invalid_request"  # not UTF-8, bad JSON, unknown field, wrong type, out of range
     INVALID_CLIENT = "invalid_client"  # the <client> level of the request topic is not allowed
     INVALID_REPLY_TO = "invalid_reply_to"  # reply topic outside P/reply/ or with wildcards
+    REPLY_TO_TOO_LONG = "reply_to_too_long"  # limit: max_reply_topic_chars
+    CORRELATION_TOO_LARGE = "correlation_too_large"  # limit: max_correlation_bytes
     DUPLICATE_ID = "duplicate_id"  # the id is in flight with replies going elsewhere
     PAYLOAD_TOO_LARGE = "payload_too_large"  # limit: max_payload_bytes
     TOO_LONG = "too_long"  # limit: max_prompt_chars, or the prompt does not fit the context
@@ -59,15 +67,23 @@ class RequestPayload(_Strict):
     ] = None
     system: Annotated[str | None, Field(description="a system prompt")] = None
     max_new_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="cap on generated tokens")] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=5.0, description="0 is greedy")] = None
+    temperature: Annotated[
+        float | None, Field(ge=0.0, le=5.0, description=f"0 is greedy, and so is anything below {MIN_TEMPERATURE:g}")
+    ] = None
     top_k: Annotated[int | None, Field(ge=0, le=100_000, description="0 turns top-k off")] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    top_p: Annotated[
+        float | None, Field(gt=0.0, le=1.0, description=f"below {MIN_TOP_P:g} counts as {MIN_TOP_P:g}")
+    ] = None
     repeat_penalty: Annotated[float | None, Field(ge=0.1, le=10.0)] = None
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same text")] = None
     stream: Annotated[bool, Field(description="publish token chunks on .../stream")] = True
     reply_to: Annotated[
         str | None,
-        Field(min_length=1, max_length=1024, description="a topic under P/reply/ (MQTT 3.1.1, Home Assistant)"),
+        Field(
+            min_length=1,
+            description="a topic under P/reply/<client>/, at most `max_reply_topic_chars` long "
+            "(MQTT 3.1.1, Home Assistant)",
+        ),
     ] = None
     expires_in: Annotated[
         float | None, Field(gt=0, le=86_400, description="seconds; answered `expired` if not started by then")
@@ -160,6 +176,8 @@ class StreamChunk(_Strict):
 
 class Limits(_Strict):
     max_payload_bytes: int
+    max_correlation_bytes: int
+    max_reply_topic_chars: int
     max_prompt_chars: int
     max_new_tokens: int
     max_queue: int
@@ -202,9 +220,6 @@ class Stats(_Strict):
     errors: int = Field(description="final replies with status error, refusals included")
     errors_by_code: dict[str, int]
     repeated: int = Field(default=0, description="final replies sent again to a retried id")
-    last_reply: str | None = Field(
-        default=None, description="the text of the last reply to the Home Assistant dashboard's prompts"
-    )
 
 
 def new_request_id() -> str:

@@ -140,7 +140,6 @@ EXAMPLES: dict[str, BaseModel] = {
         completed=117,
         errors=3,
         errors_by_code={"busy": 2, "expired": 1},
-        last_reply="Okay, turning the kitchen lights off.",
     ),
     "info": Info(
         version="0.1.0",
@@ -150,6 +149,8 @@ EXAMPLES: dict[str, BaseModel] = {
         batching="continuous",
         limits=Limits(
             max_payload_bytes=65536,
+            max_correlation_bytes=256,
+            max_reply_topic_chars=256,
             max_prompt_chars=16000,
             max_new_tokens=1024,
             max_queue=64,
@@ -182,8 +183,16 @@ def render_topic_reference() -> str:
 | `P/info` | bridge | 1 | yes | what this bridge runs and accepts |
 | `P/stats` | bridge | 0 | no | counters, every `stats_interval` seconds |
 
-MQTT 5 properties win over payload fields: Response Topic over `reply_to` (still confined to `P/reply/`),
-Message Expiry Interval over `expires_in`; Correlation Data is echoed on every reply and chunk.
+MQTT 5 properties win over payload fields: Response Topic over `reply_to` (still confined to
+`P/reply/<client>/`, at most `max_reply_topic_chars` long), Message Expiry Interval over `expires_in`;
+Correlation Data (at most `max_correlation_bytes`) is echoed on every reply and chunk.
+
+An id names one request of one client while it lives. The same id sent again while that request waits
+or runs is not run twice: from the same reply topic and Correlation Data it is ignored (the first
+request's replies answer it); from another reply topic or Correlation Data it is answered there at once
+with `duplicate_id`, and the first request is still answered where it asked. Sent again within
+`dedup_window` seconds after a request that ran has ended, it gets that final reply again, on the reply
+topic the new message asked for.
 
 ### `P/request/<client>` — request
 
@@ -239,6 +248,9 @@ _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_CLIENT: "the `<client>` level of the topic is not 1–64 of `[A-Za-z0-9_-]`",
     ErrorCode.INVALID_REPLY_TO: "`reply_to` / Response Topic outside `P/reply/` or with `+`/`#` "
     "(answered on the default reply topic)",
+    ErrorCode.REPLY_TO_TOO_LONG: "`reply_to` / Response Topic over `max_reply_topic_chars` "
+    "(answered on the default reply topic)",
+    ErrorCode.CORRELATION_TOO_LARGE: "Correlation Data over `max_correlation_bytes` (answered without it)",
     ErrorCode.DUPLICATE_ID: "the id is waiting or running with replies going to another topic or correlation; "
     "the first request is still answered where it asked",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload over `max_payload_bytes`",

@@ -38,7 +38,6 @@ class SchedulerConfig:
     core: CoreConfig
     stats_interval_s: float
     stats_topic: str | None
-    last_reply_client: str | None = None  # whose replies `stats.last_reply` shows (Home Assistant's)
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,6 @@ class Scheduler:
         self.active = 0
         self._last_stats = clock()
         self._tokens_at_stats = 0
-        self._last_reply: str | None = None
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -235,7 +233,7 @@ class Scheduler:
             self._carry_out(self.core.refuse(req, ErrorCode.ENGINE_ERROR, f"engine failed to prepare it: {e}", now))
             return
         self.core.prepared(req, handle)
-        _LOGGER.info("request %s: queued (%d waiting)", req.key, self.core.waiting)
+        _LOGGER.debug("request %s: queued (%d waiting)", req.key, self.core.waiting)
 
     def _start(self, reqs: list[Request]) -> None:
         handles = [r.prepared for r in reqs if r.prepared is not None]
@@ -250,7 +248,7 @@ class Scheduler:
         self.last_event = self.clock()
         for req in reqs:
             waited = ((req.started or req.arrival) - req.arrival) * 1000
-            _LOGGER.info("request %s: started (batch of %d, waited %.0f ms)", req.key, req.batch_size, waited)
+            _LOGGER.debug("request %s: started (batch of %d, waited %.0f ms)", req.key, req.batch_size, waited)
 
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
@@ -264,13 +262,14 @@ class Scheduler:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
             return
-        if req.client == self.config.last_reply_client:
-            self._last_reply = req.text
+        # The one INFO line of a request (queued/started are DEBUG): nothing per chunk.
         _LOGGER.info(
-            "request %s: done (%s, %d tokens, %.0f ms)",
+            "request %s: done (%s, %d tokens, batch of %d, waited %.0f ms, %.0f ms)",
             req.key,
             outcome.state.finish_reason,
             req.completion_tokens,
+            req.batch_size,
+            ((req.started or req.arrival) - req.arrival) * 1000,
             (outcome.finished - req.arrival) * 1000,
         )
         _LOGGER.debug("request %s: text %r", req.key, req.text)
@@ -291,7 +290,6 @@ class Scheduler:
             errors=c.errors,
             errors_by_code=dict(c.by_code),
             repeated=c.repeated,
-            last_reply=self._last_reply,
         )
 
     def _maybe_stats(self) -> None:

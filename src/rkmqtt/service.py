@@ -124,7 +124,7 @@ class Service:
             self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
             self.journal.prune()
         topics = Topics(s.topic_prefix)
-        outbox = Outbox(s.outgoing_queue)
+        outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
         caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,
@@ -138,7 +138,6 @@ class Service:
                 ),
                 stats_interval_s=s.stats_interval,
                 stats_topic=topics.stats,
-                last_reply_client=self._last_reply_client(),
             ),
             outbox,
             Replies(self.engine.model_name),
@@ -182,13 +181,6 @@ class Service:
             result.journal_seq = p.seq
             scheduler.submit(result)
         _LOGGER.warning("taking up %d requests from the journal %s", len(pending), journal.path)
-
-    def _last_reply_client(self) -> str | None:
-        if not self.settings.discovery:
-            return None
-        from rkmqtt.homeassistant import HA_CLIENT
-
-        return HA_CLIENT
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings

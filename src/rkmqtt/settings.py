@@ -37,12 +37,19 @@ class Settings(BaseSettings):
     broker: Annotated[
         str | None,
         Field(
-            description="Broker URL: mqtt://[user:pass@]host[:port], mqtts:// for TLS. Empty: localhost:1883, "
-            "or a private Mosquitto started by `rkmqtt run` when nothing answers there."
+            description="Broker URL: mqtt://[user@]host[:port], mqtts:// for TLS. Empty: localhost:1883, "
+            "or a private Mosquitto started by `rkmqtt run` when nothing answers there. Keep the password out of "
+            "it (a command line is visible to every user of the machine): use password_file or RKMQTT_PASSWORD."
         ),
     ] = None
     username: Annotated[str | None, Field(description="Broker user name (overrides the URL's).")] = None
-    password: Annotated[SecretStr | None, Field(description="Broker password (overrides the URL's).")] = None
+    password: Annotated[
+        SecretStr | None, Field(description="Broker password (overrides password_file and the URL's).")
+    ] = None
+    password_file: Annotated[
+        Path | None,
+        Field(description="File holding the broker password (a trailing newline is ignored); overrides the URL's."),
+    ] = None
     mqtt_version: Annotated[Literal["5", "3.1.1"], Field(description="MQTT protocol version.")] = "5"
     client_id: Annotated[
         str | None,
@@ -84,6 +91,15 @@ class Settings(BaseSettings):
     outgoing_queue: Annotated[
         int, Field(ge=100, le=10_000_000, description="Bound on messages waiting to be published.")
     ] = 20_000
+    outgoing_queue_bytes: Annotated[
+        int,
+        Field(
+            ge=65_536,
+            le=1 << 34,
+            description="Bound on the bytes (payload, topic, correlation) of messages waiting to be published. "
+            "Past either bound stream chunks are dropped; final replies never are.",
+        ),
+    ] = 16 * 1024 * 1024
 
     # -- engine ---------------------------------------------------------------------------
     engine: Annotated[
@@ -128,6 +144,23 @@ class Settings(BaseSettings):
     max_payload_bytes: Annotated[
         int, Field(ge=64, le=16 * 1024 * 1024, description="Largest request payload (payload_too_large).")
     ] = 65_536
+    max_correlation_bytes: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=65_535,
+            description="Longest MQTT 5 Correlation Data, which is echoed on every reply and stream chunk "
+            "(correlation_too_large).",
+        ),
+    ] = 256
+    max_reply_topic_chars: Annotated[
+        int,
+        Field(
+            ge=32,
+            le=16_000,
+            description="Longest reply topic a request may ask for, as Response Topic or reply_to (reply_to_too_long).",
+        ),
+    ] = 256
     max_prompt_chars: Annotated[
         int, Field(ge=1, le=10_000_000, description="Longest prompt, system and messages together (too_long).")
     ] = 16_000
@@ -238,6 +271,7 @@ class Settings(BaseSettings):
         "node_name",
         "username",
         "state_dir",
+        "password_file",
         mode="before",
     )
     @classmethod
@@ -260,6 +294,17 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535") from e
         if port is not None and not 0 < port < 65536:
             raise ValueError("has a port that is not a number from 1 to 65535")
+        return v
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        try:
+            _read_password(v)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot be read ({type(e).__name__}): give a file readable by this user") from None
         return v
 
     @field_validator("tls_ca", "tls_cert", "tls_key")
@@ -289,7 +334,10 @@ class Settings(BaseSettings):
     # -- derived ------------------------------------------------------------------------------
     @property
     def broker_url(self) -> BrokerAddress:
-        return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, self.password)
+        password = self.password
+        if password is None and self.password_file is not None:
+            password = SecretStr(_read_password(self.password_file))
+        return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, password)
 
     def effective_client_id(self) -> str:
         """The bridge's client id: stable, so that the broker keeps its session across restarts."""
@@ -310,6 +358,8 @@ class Settings(BaseSettings):
     def limits(self) -> dict[str, Any]:
         return {
             "max_payload_bytes": self.max_payload_bytes,
+            "max_correlation_bytes": self.max_correlation_bytes,
+            "max_reply_topic_chars": self.max_reply_topic_chars,
             "max_prompt_chars": self.max_prompt_chars,
             "max_new_tokens": self.max_new_tokens,
             "max_queue": self.max_queue,
@@ -329,6 +379,11 @@ class Settings(BaseSettings):
         # init_settings carries the command-line flags; the file layers are added by `load_settings`.
         extra: list[PydanticBaseSettingsSource] = list(_EXTRA_SOURCES.get(settings_cls, ()))
         return (init_settings, env_settings, *extra)
+
+
+def _read_password(path: Path) -> str:
+    """The password in a password file: its text without the trailing line break."""
+    return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class BrokerAddress:

@@ -77,7 +77,8 @@ class Topics:
     def is_allowed_reply_topic(self, topic: str, client: str | None = None) -> bool:
         """A reply topic must lie strictly under `P/reply/` — under `P/reply/<client>/` when the
         requesting client is given, so that a broker ACL pinning each device to its own reply
-        topics (`pattern read P/reply/%u/#`) holds — with no wildcards and no empty levels."""
+        topics (`pattern read P/reply/%u/#`, deploy/mosquitto/rkmqtt.acl) holds — with no
+        wildcards and no empty levels."""
         root = self.reply_root() if client is None else f"{self.reply_root()}{client}/"
         if has_wildcards(topic) or not topic.startswith(root) or len(topic) <= len(root):
             return False

@@ -33,18 +33,27 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rkmqtt.protocol import ErrorCode
+from rkmqtt.protocol import MIN_TEMPERATURE, MIN_TOP_P, ErrorCode
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Resolved sampling parameters (request fields over settings defaults)."""
+    """Resolved sampling parameters (request fields over settings defaults), always values that
+    every engine accepts: a temperature below `MIN_TEMPERATURE` becomes 0 (greedy) and a top_p
+    below `MIN_TOP_P` becomes `MIN_TOP_P` — the same choice of tokens, where the raw value would
+    overflow a softmax or round to 0 in the RKLLM runtime's float32 and fail its whole batch."""
 
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     repeat_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= MIN_TEMPERATURE:  # also NaN
+            object.__setattr__(self, "temperature", 0.0)
+        if not self.top_p >= MIN_TOP_P:
+            object.__setattr__(self, "top_p", MIN_TOP_P)
 
     @property
     def greedy(self) -> bool:
