@@ -3,8 +3,9 @@
 Other threads talk to it only through `submit`, `cancel`, `refused` and `shutdown`, which put
 commands on its inbox and return at once. Each turn it feeds the inbox to the scheduling core
 (`core.py`), asks the core for a plan, polls the engine, and carries out every `Step` the core
-returns: engine calls here, replies to the `Outbox` (never waiting on the network). The policy
-lives in the core; this module only carries it out.
+returns: engine calls here, replies to the `Outbox` (never waiting on the network), or to the
+route's `ReplySink` for requests that came over HTTP. The policy lives in the core; this module
+only carries it out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rkmqtt.errors import RequestRejected
 from rkmqtt.outbox import Outbox, Outgoing
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.replies import Replies
-from rkmqtt.request import Outcome, Request, RequestKey
+from rkmqtt.request import Outcome, Request, RequestKey, Route
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -196,11 +197,22 @@ class Scheduler:
             except Exception:
                 _LOGGER.exception("request %s: engine cancel failed", req.key)
         for chunk in step.chunks:
-            self.outbox.put(self.replies.chunk(chunk))
+            sink = chunk.request.route.sink
+            if sink is None:
+                self.outbox.put(self.replies.chunk(chunk))
+            else:
+                sink.chunk(chunk.seq, chunk.text)
         for outcome in step.outcomes:
             self._answer(outcome)
         for outcome, route in step.repeats:
+            self._deliver(outcome, route)
+
+    def _deliver(self, outcome: Outcome, route: Route) -> None:
+        """The final reply: to MQTT through the outbox, or to the route's sink (the HTTP API)."""
+        if route.sink is None:
             self.outbox.put(self.replies.final(outcome, route))
+        else:
+            route.sink.final(self.replies.reply(outcome))
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
@@ -233,8 +245,7 @@ class Scheduler:
 
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
-        msg: Outgoing = self.replies.final(outcome)
-        self.outbox.put(msg)
+        self._deliver(outcome, req.route)
         if outcome.error is not None:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
