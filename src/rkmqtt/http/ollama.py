@@ -308,7 +308,7 @@ class OllamaApi:
                 await resp.write(_line(self._piece(kind, shown)))
         end = ex.ending()
         if isinstance(end, ApiError):
-            await resp.write(_line({"error": error_text(end)}))
+            await resp.write(_line(error_body(end)))
         else:
             if scanner is not None:
                 rest = scanner.finish()
