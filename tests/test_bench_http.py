@@ -28,11 +28,11 @@ def test_http_beside_mqtt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert set(http["cpu"]) == {"bench", "bridge", "broker"}
     (cost,) = data["http_cost"]
     assert cost["n_batch"] == 2 and len(cost["pair_ratios"]) == 2
-    ratios = [
-        h["tokens_per_s"] / m["tokens_per_s"] for m, h in zip(points[(2, "mqtt")]["runs"], points[(2, "http")]["runs"])
-    ]
+    runs = zip(points[(2, "mqtt")]["runs"], points[(2, "http")]["runs"], strict=True)
+    ratios = [h["tokens_per_s"] / m["tokens_per_s"] for m, h in runs]
     assert cost["pair_ratios"] == pytest.approx(ratios, rel=0.001)
     assert cost["ttft_added_ms_p50"] == pytest.approx(http["ttft_ms_p50"] - mqtt["ttft_ms_p50"], abs=0.02)
+    assert cost["mqtt_bridge_us_per_token"] > 0 and cost["http_bridge_us_per_token"] > 0
     with (out / "bench.requests.csv").open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] == "http"]
     assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"} and {r["repeat"] for r in rows} == {"1", "2"}

@@ -488,3 +488,23 @@ def test_four_http_and_four_mqtt_requests_run_in_one_batch(
     assert len(engine.batches) == 1 and len(engine.batches[0]) == 8
     assert sum(k.startswith("http/") for k in engine.batches[0]) == 4
     _settled(lv)
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+
+
+def test_on_shutdown_running_http_requests_finish_and_waiting_ones_get_503(live: Callable[..., Live]) -> None:
+    lv = live(FakeEngine(n_batch=1, step_s=0.02))
+    chat = {"model": MODEL, "stream": False, "messages": [{"role": "user", "content": "tokens:60"}]}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(lv.request, "POST", "/api/chat", chat)
+        lv.wait(lambda: lv.svc.scheduler is not None and lv.svc.scheduler.active == 1)
+        waiting = pool.submit(lv.request, "POST", "/api/chat", chat)
+        lv.wait(lambda: lv.svc.scheduler is not None and lv.svc.scheduler.queue_depth == 1)
+        lv.svc.stop(grace_s=30)
+        status, _, body = running.result(timeout=60)
+        assert status == 200 and body["message"]["content"] == "".join(f"t{i} " for i in range(60))
+        status, _, body = waiting.result(timeout=60)
+        assert status == 503 and body["code"] == "shutting_down"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", lv.port), timeout=5).close()

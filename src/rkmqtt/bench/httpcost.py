@@ -3,7 +3,8 @@ through MQTT and through the Ollama HTTP API, with the same workload on a fresh 
 tokens/s, time to first token and latency side by side.
 
 `ratio` is HTTP's tokens/s over MQTT's, the median of per-repeat ratios (repeat k over HTTP ran
-right after repeat k over MQTT, so pairing them cancels most of a shared machine's drift).
+right after repeat k over MQTT, so pairing them cancels most of a shared machine's drift). The
+bridge's CPU time per token is the cost that does not depend on how busy the machine was.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from rkmqtt.bench.sweep import Point
 
 def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 2)
+
+
+def bridge_us_per_token(point: Point) -> float | None:
+    """The bridge process's CPU time per completion token, µs (median over repeats): what serving
+    a token costs the bridge itself, whichever way it leaves."""
+    per_run = [
+        r.cpu["bridge"] * r.span_s / r.completion_tokens * 1e6
+        for r in point.runs
+        if r.cpu.get("bridge") is not None and r.completion_tokens
+    ]
+    m = percentile(per_run, 50)
+    return None if m is None else round(m, 1)
 
 
 def http_cost(points: Sequence[Point]) -> list[dict[str, Any]]:
@@ -50,6 +63,8 @@ def http_cost(points: Sequence[Point]) -> list[dict[str, Any]]:
                 "http_latency_ms_p50": h.latency_ms_p50,
                 "mqtt_bridge_cpu": m.cpu.get("bridge"),
                 "http_bridge_cpu": h.cpu.get("bridge"),
+                "mqtt_bridge_us_per_token": bridge_us_per_token(q),
+                "http_bridge_us_per_token": bridge_us_per_token(p),
                 "errors": {"mqtt": m.errors, "http": h.errors},
             }
         )
@@ -77,6 +92,7 @@ def _cells(c: dict[str, Any]) -> list[str]:
         _f(c["mqtt_latency_ms_p50"]),
         _f(c["http_latency_ms_p50"]),
         f"{_pct(c['mqtt_bridge_cpu'])} / {_pct(c['http_bridge_cpu'])}",
+        f"{_f(c['mqtt_bridge_us_per_token'])} / {_f(c['http_bridge_us_per_token'])}",
     ]
 
 
@@ -91,6 +107,7 @@ _COLUMNS = (
     "lat p50 MQTT",
     "lat p50 HTTP",
     "bridge CPU MQTT / HTTP",
+    "bridge µs/token MQTT / HTTP",
 )
 
 
