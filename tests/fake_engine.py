@@ -5,6 +5,9 @@ Text: the words of the last user message, each followed by a space, then it stop
   `tokens:N`  produce N tokens "t0 t1 ..." instead of echoing
   `toolong`   prepare() refuses with too_long
   `explode`   the engine fails this request (engine_error) at its second step
+  `call:NAME` when NAME is one of the request's tools, a Qwen/Hermes tool call in several tokens:
+              `Checking. <tool_call>{"name": "NAME", "arguments": {"city": "Paris"}}</tool_call>`
+              (without such a tool: `no tool NAME`); `tools=False` makes the engine take no tools
 Each step costs `step_s` seconds (time.sleep), the same for any number of active slots, so a
 batch of n is n times the throughput of one — the ideal the tests check fairness against.
 """
@@ -49,6 +52,8 @@ class FakeEngine(Engine):
     batches: list[list[str]] = field(default_factory=list)  # keys admitted together, per submit
     cancelled: list[str] = field(default_factory=list)
     loaded: bool = False
+    tools: bool = True  # Capabilities.tools: tool definitions reach it
+    prepared: list[Generation] = field(default_factory=list)  # every request it was asked to prepare
 
     def __post_init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
@@ -56,7 +61,9 @@ class FakeEngine(Engine):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(self.name, self.continuous, self.n_batch, per_request_sampling=self.continuous)
+        return Capabilities(
+            self.name, self.continuous, self.n_batch, per_request_sampling=self.continuous, tools=self.tools
+        )
 
     @property
     def model_name(self) -> str:
@@ -72,6 +79,7 @@ class FakeEngine(Engine):
         return next((m.content for m in reversed(req.messages) if m.role == "user"), "")
 
     def prepare(self, gen: Generation) -> Prepared:
+        self.prepared.append(gen)
         text = self._last_user(gen)
         if "toolong" in text:
             raise RequestRejected(ErrorCode.TOO_LONG, "prompt does not fit the context")
@@ -97,6 +105,9 @@ class FakeEngine(Engine):
             text = self._last_user(req)
             m = re.search(r"tokens:(\d+)", text)
             words = [f"t{i} " for i in range(int(m.group(1)))] if m else [w + " " for w in text.split()]
+            call = re.search(r"call:(\w+)", text)
+            if call:
+                words = _tool_call_tokens(req, call.group(1))
             self._slots[req.key] = _Slot(req, slot, words, explode="explode" in text)
         self.batches.append([str(r.key) for r in reqs])
         if not self.continuous:
@@ -130,3 +141,12 @@ class FakeEngine(Engine):
             self.cancelled.append(str(key))
         if not self._slots:
             self._batch_running = False
+
+
+def _tool_call_tokens(req: Generation, name: str) -> list[str]:
+    """A tool call as a Qwen/Hermes model writes it, cut into 7-character tokens (so that the tags
+    are split across stream chunks), when `name` is one of the request's tools."""
+    if not any(t.get("function", {}).get("name") == name for t in req.tools):
+        return ["no ", "tool ", name]
+    text = 'Checking. <tool_call>{"name": "' + name + '", "arguments": {"city": "Paris"}}</tool_call>'
+    return [text[i : i + 7] for i in range(0, len(text), 7)]

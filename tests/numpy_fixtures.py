@@ -139,6 +139,7 @@ class TinySpec:
     drop: tuple[str, ...] = ()  # tensors to leave out (a broken file)
     tokenizer: str = "gpt2"  # or "llama" (SentencePiece)
     rope_freqs: tuple[float, ...] = ()  # the tensor rope_freqs.weight (Llama 3 rope scaling), if any
+    chat_template: str = CHATML
 
 
 def _quantize(data: np.ndarray, type_name: str, rng: np.random.Generator) -> tuple[np.ndarray, Any]:
@@ -173,7 +174,7 @@ def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
-    """Write a small random model of `spec.arch` with a byte-level tokenizer and ChatML template."""
+    """Write a small random model of `spec.arch` with a byte-level tokenizer and `spec.chat_template`."""
     import gguf
 
     rng = np.random.default_rng(spec.seed)
@@ -208,7 +209,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
         w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template(CHATML)
+    w.add_chat_template(spec.chat_template)
     type_of = dict(spec.types)
 
     def add(name: str, data: np.ndarray) -> None:

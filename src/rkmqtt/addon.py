@@ -62,6 +62,7 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "password",
     "node_name",
     "discovery_prefix",
+    "http_tokens",
     "log_level",
 )
 

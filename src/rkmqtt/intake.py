@@ -61,6 +61,26 @@ class RateLimiter:
             return ok
 
 
+def resolve_sampling(
+    s: Settings,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    repeat_penalty: float | None,
+    seed: int | None,
+) -> tuple[SamplingParams, bool]:
+    """A request's sampling fields over the settings' defaults, and whether it set any itself
+    (shared with the HTTP API, so that equal requests get equal sampling and batch keys)."""
+    sampling = SamplingParams(
+        temperature=s.temperature if temperature is None else temperature,
+        top_k=s.top_k if top_k is None else top_k,
+        top_p=s.top_p if top_p is None else top_p,
+        repeat_penalty=s.repeat_penalty if repeat_penalty is None else repeat_penalty,
+        seed=seed,
+    )
+    return sampling, any(v is not None for v in (temperature, top_k, top_p, repeat_penalty, seed))
+
+
 @dataclass(frozen=True)
 class Incoming:
     """One message on `P/request/<client>`: the payload and its MQTT 5 properties, if any
@@ -194,14 +214,7 @@ class Intake:
 
     def _request(self, msg: Incoming, key: RequestKey, req: RequestPayload, route: Route, now: float) -> Request:
         s = self.settings
-        sampling = SamplingParams(
-            temperature=s.temperature if req.temperature is None else req.temperature,
-            top_k=s.top_k if req.top_k is None else req.top_k,
-            top_p=s.top_p if req.top_p is None else req.top_p,
-            repeat_penalty=s.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
-            seed=req.seed,
-        )
-        requested = any(v is not None for v in (req.temperature, req.top_k, req.top_p, req.repeat_penalty, req.seed))
+        sampling, requested = resolve_sampling(s, req.temperature, req.top_k, req.top_p, req.repeat_penalty, req.seed)
         messages: list[ChatMessage] = []
         if req.system:
             messages.append(ChatMessage("system", req.system))

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from rkmqtt.engines.base import Generation, Prepared
-from rkmqtt.protocol import ErrorCode, FinishReason
+from rkmqtt.protocol import ErrorCode, FinalReply, FinishReason
 
 
 class RequestKey(NamedTuple):
@@ -55,14 +55,26 @@ _FINISH_REASONS: dict[RequestState, FinishReason] = {
 }
 
 
+class ReplySink(Protocol):
+    """Where the replies of a request that did not come over MQTT go (the HTTP API), instead of
+    the outbox. Called on the scheduler thread: an implementation only hands the (immutable) data
+    to its own thread, thread-safely, and never blocks."""
+
+    def chunk(self, seq: int, text: str) -> None: ...
+
+    def final(self, reply: FinalReply) -> None: ...
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a request's replies go. The core only compares routes (a retried id from another
-    reply target is told `duplicate_id`); `replies.py` turns them into topics and properties."""
+    reply target is told `duplicate_id`); `replies.py` turns them into topics and properties, or
+    the scheduler hands them to the route's `sink`."""
 
-    topic: str  # the final reply's topic; stream chunks go to `<topic>/stream`
+    topic: str  # the final reply's topic; stream chunks go to `<topic>/stream` (with a sink: a label)
     correlation: bytes | None = None  # MQTT 5 Correlation Data, echoed on every reply
     stream: bool = True
+    sink: ReplySink | None = None  # set: chunks and the final reply go here, not to MQTT
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Other threads talk to it only through `submit`, `cancel`, `refused` and `shutdown`, which put
 commands on its inbox and return at once. Each turn it feeds the inbox to the scheduling core
 (`core.py`), asks the core for a plan, polls the engine, and carries out every `Step` the core
-returns: engine calls here, replies to the `Outbox` (never waiting on the network). The policy
-lives in the core; this module only carries it out.
+returns: engine calls here, replies to the `Outbox` (never waiting on the network), or to the
+route's `ReplySink` for requests that came over HTTP. The policy lives in the core; this module
+only carries it out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rkmqtt.journal import Journal
 from rkmqtt.outbox import Outbox, Outgoing
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.replies import Replies
-from rkmqtt.request import Outcome, Request, RequestKey
+from rkmqtt.request import Outcome, Request, RequestKey, Route
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -210,16 +211,33 @@ class Scheduler:
             except Exception:
                 _LOGGER.exception("request %s: engine cancel failed", req.key)
         for chunk in step.chunks:
-            self.outbox.put(self.replies.chunk(chunk))
+            sink = chunk.request.route.sink
+            if sink is None:
+                self.outbox.put(self.replies.chunk(chunk))
+            else:
+                sink.chunk(chunk.seq, chunk.text)
         for outcome in step.outcomes:
             self._answer(outcome)
         for outcome, retry in step.repeats:
-            self.outbox.put(self.replies.final(outcome, retry.route))
+            self._deliver(outcome, retry.route)
         journal = self.journal
         if journal is not None:
             for req in [*step.ignored, *(retry for _, retry in step.repeats)]:
                 if req.journal_seq is not None:
                     journal.drop(req.journal_seq)
+
+    def _deliver(self, outcome: Outcome, route: Route, journal_seq: int | None = None) -> None:
+        """The final reply: to the route's sink (the HTTP API), or to MQTT through the outbox. A
+        journaled request's entry closes when the broker has the reply, not when paho has it."""
+        if route.sink is not None:
+            route.sink.final(self.replies.reply(outcome))
+            return
+        msg: Outgoing = self.replies.final(outcome, route)
+        if self.journal is not None and journal_seq is not None:
+            started = outcome.request.started is not None
+            record = functools.partial(self.journal.delivered, journal_seq, msg.payload, started)
+            msg = dataclasses.replace(msg, on_delivered=record)
+        self.outbox.put(msg)
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
@@ -252,12 +270,7 @@ class Scheduler:
 
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
-        msg: Outgoing = self.replies.final(outcome)
-        if self.journal is not None and req.journal_seq is not None:
-            # The journal entry closes when the broker has the reply, not when paho has it.
-            record = functools.partial(self.journal.delivered, req.journal_seq, msg.payload, req.started is not None)
-            msg = dataclasses.replace(msg, on_delivered=record)
-        self.outbox.put(msg)
+        self._deliver(outcome, req.route, req.journal_seq)
         if outcome.error is not None:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)

@@ -2,7 +2,8 @@
 embedded broker and the health file together, and shuts them down in order.
 
 Threads it starts: "rkmqtt-scheduler" (owns the engine), paho's network thread, "rkmqtt-publisher",
-and "rkmqtt-health" (rewrites the health file once a second when `health_file` is set).
+"rkmqtt-http" (the HTTP API's event loop, when `http_listen` is set) and "rkmqtt-health"
+(rewrites the health file once a second when `health_file` is set).
 
 At start, before connecting, it takes up what the request journal holds from the last run, in
 arrival order.
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
@@ -35,6 +36,9 @@ from rkmqtt.replies import Refusal, Replies
 from rkmqtt.scheduler import Scheduler, SchedulerConfig
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
+
+if TYPE_CHECKING:
+    from rkmqtt.http.server import HttpServer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.bridge: Bridge | None = None
         self.journal: Journal | None = None
+        self.http: HttpServer | None = None
         self.info: Info | None = None
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
@@ -157,6 +162,12 @@ class Service:
         self.scheduler.start()
         self._take_up()
         self.bridge.start()
+        if s.http_listen is not None:
+            from rkmqtt.http.server import HttpServer
+
+            # The same rate limiter as MQTT's intake: a client's rate is one budget over both APIs.
+            self.http = HttpServer(s, self.scheduler, self.info, self.bridge.intake.rate, caps.tools)
+            self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
@@ -233,14 +244,18 @@ class Service:
         self._stopped = True
         self._stop_requested.set()
         grace = self.settings.grace_period if grace_s is None else grace_s
-        bridge, scheduler = self.bridge, self.scheduler
+        bridge, scheduler, http = self.bridge, self.scheduler, self.http
         # Each step is best-effort: one failing must not keep the others (offline, the private
         # broker's exit) from happening.
         steps: list[tuple[str, Callable[[], object]]] = []
         if bridge is not None:
             steps.append(("stop taking requests", bridge.stop_accepting))
+        if http is not None:
+            steps.append(("stop taking HTTP requests", http.stop_accepting))
         if scheduler is not None:
             steps.append(("answer or finish requests", lambda: _drain(scheduler, grace)))
+        if http is not None:
+            steps.append(("finish HTTP responses", http.stop))
         if bridge is not None:
             steps.append(("flush replies and disconnect", bridge.stop))
         if self.journal is not None:

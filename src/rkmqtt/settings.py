@@ -11,6 +11,7 @@ every one with its default; `tests/test_settings.py` keeps the two in step.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -259,6 +260,30 @@ class Settings(BaseSettings):
         Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>)."),
     ] = None
 
+    # -- HTTP API (Ollama and OpenAI compatible) ----------------------------------------------
+    http_listen: Annotated[
+        str | None,
+        Field(
+            description="host:port of the Ollama- and OpenAI-compatible HTTP API, e.g. 127.0.0.1:11434 or "
+            "0.0.0.0:11434 ([::]:11434 for IPv6). Empty: no HTTP API."
+        ),
+    ] = None
+    http_tokens: Annotated[
+        SecretStr | None,
+        Field(
+            description="Bearer tokens of the HTTP API as name:token,name:token; a request's client name (its fair "
+            "share of the queue, its rate limit) is its token's name. Empty: no authentication, every request is "
+            "client http_client."
+        ),
+    ] = None
+    http_client: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="Client name of HTTP requests when http_tokens is empty.",
+        ),
+    ] = "http"
+
     # -- validators ---------------------------------------------------------------------------
     @field_validator(
         "broker",
@@ -272,6 +297,8 @@ class Settings(BaseSettings):
         "username",
         "state_dir",
         "password_file",
+        "http_listen",
+        "http_tokens",
         mode="before",
     )
     @classmethod
@@ -314,6 +341,20 @@ class Settings(BaseSettings):
             raise ValueError("is not a file that exists: give the path of a PEM file")
         return v
 
+    @field_validator("http_listen")
+    @classmethod
+    def _check_http_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
+        return v
+
+    @field_validator("http_tokens")
+    @classmethod
+    def _check_http_tokens(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_tokens(v.get_secret_value())
+        return v
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, v: str) -> str:
@@ -354,6 +395,15 @@ class Settings(BaseSettings):
             return self.node_name
         host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())[:50]
         return f"rkmqtt_{host}"
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """(host, port) of the HTTP API, or None when it is off."""
+        return None if self.http_listen is None else parse_listen(self.http_listen)
+
+    def http_token_names(self) -> dict[str, str]:
+        """token -> client name ({} when the HTTP API takes no tokens)."""
+        return {} if self.http_tokens is None else parse_tokens(self.http_tokens.get_secret_value())
 
     def limits(self) -> dict[str, Any]:
         return {
@@ -492,7 +542,7 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
         origin = next((o for data, o in layers if name in data), "default")
     if err["type"] == "extra_forbidden":
         return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
-    shown = "***" if name == "password" else repr(_hide_password(value) if name == "broker" else value)
+    shown = "***" if name in ("password", "http_tokens") else repr(_hide_password(value) if name == "broker" else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"
 
 
@@ -505,3 +555,37 @@ def _hide_password(value: Any) -> Any:
     user = userinfo.split(":", 1)[0]
     masked = f"{user}:***" if ":" in userinfo else user
     return f"{head}{sep}{masked}{at}{hostpart}" if sep else f"{masked}{at}{hostpart}"
+
+
+_CLIENT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:port`) as (host, port); ValueError saying what is wrong."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:11434 or 0.0.0.0:11434")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address goes in brackets: [::]:11434")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def parse_tokens(text: str) -> dict[str, str]:
+    """`name:token,name:token` as {token: name}; ValueError (without any token in it) on a bad entry."""
+    out: dict[str, str] = {}
+    for i, entry in enumerate(text.split(","), 1):
+        name, sep, token = entry.strip().partition(":")
+        if not sep or not _CLIENT_RE.fullmatch(name):
+            raise ValueError(
+                f"entry {i} must be name:token with a name of 1-64 characters of A-Z a-z 0-9 _ - (name:token,...)"
+            )
+        if len(token) < 8 or any(c.isspace() for c in token):
+            raise ValueError(f"the token of {name!r} must be 8 or more characters without spaces")
+        if token in out:
+            raise ValueError(f"the token of {name!r} is also {out[token]!r}'s: give each name its own")
+        out[token] = name
+    return out

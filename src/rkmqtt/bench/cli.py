@@ -90,6 +90,12 @@ def add_bench_parser(sub: Any) -> None:
         metavar="N,N|all",
         help="also drive the engine directly (no MQTT) at these n_batch values, for the bridge's cost",
     )
+    what.add_argument(
+        "--http",
+        default="",
+        metavar="N,N|all",
+        help="also run the same load through the bridge's Ollama HTTP API at these n_batch values, beside MQTT",
+    )
     what.add_argument("--repeat", type=int, default=1, help="run every point this many times; report medians")
     load = p.add_argument_group("load")
     load.add_argument("--shape", choices=SHAPES, default="closed", help="closed loop, open loop (Poisson), or bursts")
@@ -206,10 +212,20 @@ def _scenarios(args: argparse.Namespace, prompts: tuple[str, ...]) -> list[Scena
             raise ConfigError(f"--direct: {e}") from e
     else:
         direct = ()
+    http = _n_batch_list("--http", args.http, tuple(args.n_batch))
     return [
-        Scenario(e, e, w, tuple(args.n_batch), direct, w.label(), broker_nodelay=args.broker_nodelay)
+        Scenario(e, e, w, tuple(args.n_batch), direct, w.label(), broker_nodelay=args.broker_nodelay, http_n_batch=http)
         for e in args.engines
     ]
+
+
+def _n_batch_list(flag: str, text: str, every: tuple[int, ...]) -> tuple[int, ...]:
+    if text.strip() == "all":
+        return every
+    try:
+        return _int_list(text) if text.strip() else ()
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{flag}: {e}") from e
 
 
 def _out_console() -> Console:

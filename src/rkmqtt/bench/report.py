@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt import __version__
+from rkmqtt.bench.httpcost import http_cost, print_http_cost
+from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
 from rkmqtt.bench.sweep import Point
 
@@ -250,6 +252,7 @@ def print_table(points: Sequence[Point], console: Console, cpus: int | None = No
                 "-" if ratio is None else f"{100 * ratio:.1f} %",
             )
         console.print(c)
+    print_http_cost(points, console)
     ts = [x for x in targets(points) if x.met is not None]
     if ts:
         tt = Table(title="targets (issue 6)")
@@ -278,6 +281,7 @@ def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]
         **meta,
         "points": [p.as_dict() for p in points],
         "bridge_cost": bridge_cost(points),
+        "http_cost": http_cost(points),
         "targets": [asdict(t) for t in targets(points)],
     }
 
@@ -328,7 +332,7 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
         colour = colours.setdefault(scenario, cycle[len(colours) % len(cycle)])
         xs = [p.n_batch for p in pts]
         ms = [p.metrics for p in pts]
-        name = f"{scenario}: {pts[0].label}" + (" — engine alone" if mode == "direct" else "")
+        name = f"{scenario}: {pts[0].label}" + {"direct": " — engine alone", "http": " — HTTP API"}.get(mode, "")
         style = dict(color=colour, marker="o" if mode == "mqtt" else "x", linestyle="-" if mode == "mqtt" else "--")
         ax_t.plot(xs, [m.tokens_per_s if m else 0 for m in ms], label=name, **style)
         if mode == "mqtt":
@@ -391,6 +395,7 @@ def markdown(points: Sequence[Point]) -> str:
                 + ", ".join(f"{100 * x:.0f} %" for x in c["pair_ratios"])
                 + " |"
             )
+    lines += http_markdown_lines(points)
     rows = cpu_rows(points)
     if rows:
         lines += [

@@ -1,9 +1,11 @@
-"""The sweep (main thread): scenarios × n_batch values × (through MQTT | engine called directly),
-repeated, against one broker (a private Mosquitto, or the given one).
+"""The sweep (main thread): scenarios × n_batch values × (through MQTT | through the HTTP API |
+engine called directly), repeated, against one broker (a private Mosquitto, or the given one).
 
 For every point through MQTT the bench starts a fresh bridge as a child process (see
 `bridgeproc`) with the point's engine and `n_batch` under a topic prefix of its own, runs the
-workload with simulated devices (`load`), and stops it. Direct points load the same engine in
+workload with simulated devices (`load`), and stops it. HTTP points do the same with the bridge's
+Ollama API on (`http_listen`, a token per device) and the same devices over HTTP (`httpload`),
+right after the MQTT point, for HTTP's cost against MQTT's. Direct points load the same engine in
 this process and drive it with the same workload (`direct`). Repeats are the outer loop, so a
 noisy minute on a shared machine spreads over every point instead of spoiling one.
 """
@@ -25,10 +27,11 @@ from rkmqtt.bench import standin
 from rkmqtt.bench.bridgeproc import BridgeProcess, SettingValue, read_info
 from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.direct import DirectDriver
+from rkmqtt.bench.httpload import HttpLoadGenerator, tokens_setting
 from rkmqtt.bench.load import LoadGenerator
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, median_of_runs, summarize
 from rkmqtt.bench.workload import Workload
-from rkmqtt.broker import Mosquitto
+from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
@@ -37,7 +40,7 @@ from rkmqtt.settings import Settings, load_settings
 _LOGGER = logging.getLogger(__name__)
 
 ENGINES = ("numpy", "rkllm", "rkllm-zero")
-Mode = Literal["mqtt", "direct"]
+Mode = Literal["mqtt", "http", "direct"]
 
 # What the bench sets on the bridges it starts, unless its command line gives the setting:
 # no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
@@ -75,6 +78,7 @@ class Scenario:
     n_batch: tuple[int, ...]
     direct_n_batch: tuple[int, ...] = ()
     description: str = ""
+    http_n_batch: tuple[int, ...] = ()  # also through the HTTP API (Ollama's /api/chat) at these
     # The private Mosquitto with `set_tcp_nodelay true` (its default is false: Nagle's algorithm
     # then holds small packets back for the peer's delayed ACK, ~40 ms). Ignored with --broker.
     broker_nodelay: bool = True
@@ -144,6 +148,7 @@ def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
             (1, 2, 4, 8),
             (1, 8),
             "CPU engine, 8 devices in a closed loop",
+            http_n_batch=(8,),
         ),
         Scenario(
             "rk3588-4-users",
@@ -168,6 +173,7 @@ def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
             (1, 4, 8),
             (8,),
             "stand-in with zero delays: what the bridge itself relays",
+            http_n_batch=(8,),
         ),
         Scenario(
             "relay-journal-off",
@@ -304,6 +310,8 @@ class Sweep:
             label = sc.engine if self.attach else self._label(sc.engine)
             for nb in sc.n_batch:
                 points.append(Point(sc.name, sc.engine, label, nb, "mqtt", sc.workload.describe()))
+                if nb in sc.http_n_batch and not self.attach:
+                    points.append(Point(sc.name, sc.engine, label, nb, "http", sc.workload.describe()))
                 if nb in sc.direct_n_batch:
                     points.append(Point(sc.name, sc.engine, label, nb, "direct", sc.workload.describe()))
         return points
@@ -349,26 +357,35 @@ class Sweep:
         return points
 
     def _run_point(self, p: Point, sc: Scenario) -> tuple[list[RequestRecord], dict[str, float]]:
-        """One run of a point: its requests' records and its processes' CPU (MQTT runs)."""
+        """One run of a point: its requests' records and its processes' CPU (MQTT and HTTP runs)."""
         if self.attach:
             settings = self._settings(self.user_flags | {"broker": self.broker_url})
             p.bridge_info = read_info(settings)
             p.n_batch = int(p.bridge_info.get("n_batch", 0))
             p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
-            gen = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter({"bench": os.getpid()}))
-            return gen.run(), gen.cpu
+            attached = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter({"bench": os.getpid()}))
+            return attached.run(), attached.cpu
         engine_flags, env = self.engine_setup(sc.engine)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         flags = self.point_flags(engine_flags, p.n_batch, prefix, sc.bridge_flags)
         settings = self._settings(flags)
         if p.mode == "direct":
             return self._run_direct(settings, env, sc.workload), {}
-        log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}.log"
+        if p.mode == "http":
+            port = free_port()
+            flags.update({"http_listen": f"127.0.0.1:{port}", "http_tokens": tokens_setting(sc.workload.devices)})
+            settings = self._settings(flags)
+        log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}-{p.mode}.log"
         bridge = BridgeProcess(settings, flags, env, log).start()
         try:
             p.bridge_info = bridge.info
             t0 = time.monotonic()
-            gen = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter(self._pids(bridge)))
+            meter = CpuMeter(self._pids(bridge))
+            gen: LoadGenerator | HttpLoadGenerator
+            if p.mode == "http":
+                gen = HttpLoadGenerator(f"http://127.0.0.1:{port}", sc.workload, self.progress.advance, meter)
+            else:
+                gen = LoadGenerator(settings, sc.workload, self.progress.advance, meter)
             records = gen.run()
             _LOGGER.debug("point took %.1f s", time.monotonic() - t0)
         finally:

@@ -62,8 +62,11 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]  # "tool": a tool's result (the HTTP API)
     content: str
+    # An assistant turn's tool calls, as chat templates take them:
+    # {"type": "function", "function": {"name": ..., "arguments": {...}}}
+    tool_calls: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Generation:
     # True when the device set any sampling field itself; an engine that cannot honour
     # per-request sampling says so in FinishEvent.warnings only then.
     sampling_requested: bool = False
+    # Tool definitions for the chat template, {"type": "function", "function": {"name", "description",
+    # "parameters"}} each (the HTTP API). Only engines with `Capabilities.tools` get any.
+    tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class Capabilities:
     continuous: bool  # True: continuous batching; False: static micro-batches
     max_batch: int  # number of slots (n_batch)
     per_request_sampling: bool  # False: every request in a batch shares the init-time sampling
+    tools: bool = False  # `Generation.tools` reach the model (its chat template takes them)
 
 
 @dataclass(frozen=True)

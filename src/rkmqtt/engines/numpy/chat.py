@@ -1,7 +1,9 @@
 """Render a conversation with the GGUF's chat template (scheduler thread, in `prepare`).
 
 The template is the file's `tokenizer.chat_template`, a Jinja2 template as Hugging Face writes
-them, rendered in a sandbox with `messages`, `add_generation_prompt`, `bos_token` and `eos_token`.
+them, rendered in a sandbox with `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, and
+`tools` when a request gives tool definitions (only templates that read `tools` get them:
+`takes_tools`).
 A file without a template gets ChatML (`<|im_start|>role ... <|im_end|>`).
 """
 
@@ -22,6 +24,7 @@ CHATML_TEMPLATE = (
 class ChatTemplate:
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "") -> None:
         import jinja2
+        import jinja2.meta
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
@@ -33,15 +36,30 @@ class ChatTemplate:
         self.builtin = source is None
         try:
             self._template = env.from_string(self.source)
+            # A template that reads `tools` renders tool definitions (Qwen2.5, Llama 3.1, Hermes...);
+            # SmolLM2's does not, and tools given to it would be silently dropped.
+            self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.source))
         except jinja2.TemplateError as e:
             raise EngineError(f"the model's chat template does not compile ({e})") from e
         self._bos = bos_token
         self._eos = eos_token
 
-    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] = (),
+    ) -> str:
+        """The prompt text. `tools` are passed only when given (templates test `if tools`)."""
         import jinja2
 
-        data: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
+        data: list[dict[str, Any]] = []
+        for m in messages:
+            item: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                item["tool_calls"] = list(m.tool_calls)
+            data.append(item)
+        extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
         try:
             return str(
                 self._template.render(
@@ -49,6 +67,7 @@ class ChatTemplate:
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self._bos,
                     eos_token=self._eos,
+                    **extra,
                 )
             )
         except jinja2.TemplateError as e:

@@ -136,7 +136,13 @@ class NumpyEngine(Engine):
     # -- facts --------------------------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(name="numpy", continuous=True, max_batch=self._n_batch, per_request_sampling=True)
+        return Capabilities(
+            name="numpy",
+            continuous=True,
+            max_batch=self._n_batch,
+            per_request_sampling=True,
+            tools=self._chat is not None and self._chat.takes_tools,
+        )
 
     @property
     def model_name(self) -> str:
@@ -256,8 +262,14 @@ class NumpyEngine(Engine):
         tok = self.tokenizer
         if self._chat is None:
             raise EngineError("numpy engine: load() has not been called")
+        if req.tools and not self._chat.takes_tools:
+            raise RequestRejected(
+                ErrorCode.INVALID_REQUEST,
+                f"the chat template of {self.model_name} takes no tools: use a model whose template does "
+                "(e.g. Qwen2.5-Instruct) or send no tools",
+            )
         try:
-            text = self._chat.render(req.messages, add_generation_prompt=True)
+            text = self._chat.render(req.messages, add_generation_prompt=True, tools=req.tools)
         except ValueError as e:
             raise RequestRejected(ErrorCode.INVALID_REQUEST, str(e)) from e
         ids = tok.encode(text)

@@ -40,6 +40,8 @@ from rkmqtt.errors import ConfigError
 # What an unused slot of a padded batch reads (its output is discarded).
 DUMMY_PROMPT = "Hi"
 
+_LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
+
 
 def render_prompt(messages: Sequence[ChatMessage]) -> str:
     """The one user-turn prompt string for a request's messages (see the module docstring)."""
@@ -54,7 +56,7 @@ def render_prompt(messages: Sequence[ChatMessage]) -> str:
         parts.append("\n\n".join(system))
     if history:
         lines = ["Conversation so far:"]
-        lines += [f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in history]
+        lines += [f"{_LABELS[m.role]}: {m.content}" for m in history]
         parts.append("\n".join(lines))
     if last is not None:
         parts.append(last.content)

@@ -1,0 +1,161 @@
+"""Simulated devices against a bridge over its Ollama HTTP API (the caller's thread runs one asyncio
+event loop that drives every device with aiohttp's client).
+
+The same workload as `load.py` over MQTT, so that the two can be compared point by point: the
+same device names (`dev00`, `dev01`, ... are the client names, through one bearer token each), the
+same prompts in the same order, `num_predict` = the workload's `max_new_tokens`, streaming on
+(`POST /api/chat`, NDJSON). Each device times its first non-empty piece (time to first token) and
+the final line, which carries the token counts. The bridge's own queueing and batch figures are
+not in Ollama's replies, so those columns stay empty for HTTP runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from rkmqtt.bench.cpuusage import CpuMeter
+from rkmqtt.bench.metrics import RequestRecord
+from rkmqtt.bench.workload import Workload, device_name
+from rkmqtt.broker import port_answers
+from rkmqtt.errors import RkmqttError
+
+Progress = Callable[[int], None]
+
+
+def device_tokens(devices: int) -> dict[str, str]:
+    """The bench's bearer tokens: device name -> token (`http_tokens` is `name:token,...`)."""
+    return {device_name(i): f"bench-token-{device_name(i)}" for i in range(devices)}
+
+
+def tokens_setting(devices: int) -> str:
+    return ",".join(f"{name}:{token}" for name, token in device_tokens(devices).items())
+
+
+class HttpLoadGenerator:
+    """Runs one workload against the HTTP API at `url` (http://host:port)."""
+
+    def __init__(
+        self, url: str, workload: Workload, progress: Progress | None = None, meter: CpuMeter | None = None
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.workload = workload
+        self.progress = progress
+        self.meter = meter
+        self.cpu: dict[str, float] = {}
+        self.tag = uuid.uuid4().hex[:6]
+        self._tokens = device_tokens(workload.devices)
+        self._seq = [0] * workload.devices
+        self._model = ""
+        self._records: list[RequestRecord] = []
+
+    def run(self) -> list[RequestRecord]:
+        """Warm up, run the workload, and return the measured requests' records."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> list[RequestRecord]:
+        w = self.workload
+        host, _, port = self.url.removeprefix("http://").rpartition(":")
+        end = time.monotonic() + 60
+        while not port_answers(host, int(port)):
+            if time.monotonic() > end:
+                raise RkmqttError(f"bench: nothing answers on {self.url} (the bridge's http_listen)")
+            await asyncio.sleep(0.2)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=w.timeout_s)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+            async with session.get(f"{self.url}/api/tags", headers=self._auth(0)) as resp:
+                self._model = (await resp.json())["models"][0]["model"]
+            for _ in range(w.warmup):
+                await asyncio.gather(*(self._one(session, d, measured=False) for d in range(w.devices)))
+            self._seq = [0] * w.devices  # the warm-up does not shift the measured prompts
+            if self.meter is not None:
+                self.meter.start()
+            if w.shape == "closed":
+                issued = 0
+
+                async def device(d: int) -> None:
+                    nonlocal issued
+                    while issued < w.total:
+                        issued += 1
+                        await self._one(session, d, measured=True)
+
+                await asyncio.gather(*(device(d) for d in range(min(w.devices, w.total))))
+            elif w.shape == "burst":
+                for _ in range(w.rounds):
+                    await asyncio.gather(*(self._one(session, d, measured=True) for d in range(w.devices)))
+            else:
+                start = time.monotonic()
+                tasks = []
+                for t, d in w.open_arrivals():
+                    delay = start + t - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(self._one(session, d, measured=True)))
+                await asyncio.gather(*tasks)
+            if self.meter is not None:
+                self.cpu = self.meter.stop()
+        return sorted(self._records, key=lambda r: r.sent)
+
+    def _auth(self, device: int) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._tokens[device_name(device)]}"}
+
+    async def _one(self, session: aiohttp.ClientSession, device: int, measured: bool) -> None:
+        w = self.workload
+        seq = self._seq[device]
+        self._seq[device] += 1
+        name = device_name(device)
+        pidx = w.prompt_index(device, seq)
+        rid = f"{self.tag}.{name}.{seq}" if measured else f"{self.tag}.{name}.w{seq}"
+        rec = RequestRecord(device=device, seq=seq, id=rid, prompt_index=pidx, sent=time.monotonic())
+        body = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": w.prompts[pidx]}],
+            "options": {"num_predict": w.max_new_tokens},
+            "stream": True,
+        }
+        try:
+            async with session.post(f"{self.url}/api/chat", json=body, headers=self._auth(device)) as resp:
+                if resp.status != 200:
+                    reply: Any = await resp.json(content_type=None)
+                    rec.status, rec.error_code = "error", str(reply.get("code") or f"http_{resp.status}")
+                else:
+                    async for line in resp.content:
+                        if line.strip():
+                            _take(rec, json.loads(line), time.monotonic())
+                rec.done = rec.done or time.monotonic()
+        except (asyncio.TimeoutError, aiohttp.ClientError, ValueError) as e:
+            rec.status, rec.error_code = (
+                ("timeout", "timeout")
+                if isinstance(e, asyncio.TimeoutError)
+                else (
+                    "error",
+                    type(e).__name__,
+                )
+            )
+        if rec.status == "pending":
+            rec.status, rec.error_code = "error", "no_final_line"
+        if measured:
+            self._records.append(rec)
+            if self.progress is not None:
+                self.progress(1)
+
+
+def _take(rec: RequestRecord, obj: dict[str, Any], now: float) -> None:
+    """One NDJSON line of a streamed `/api/chat` reply."""
+    if "error" in obj:
+        rec.status, rec.error_code, rec.done = "error", str(obj.get("code") or "stream_error"), now
+    elif obj.get("done"):
+        rec.status, rec.done = "ok", now
+        rec.completion_tokens = int(obj.get("eval_count") or 0)
+        rec.prompt_tokens = obj.get("prompt_eval_count")
+        rec.finish_reason = obj.get("done_reason")
+    elif (obj.get("message") or {}).get("content"):
+        rec.chunks += 1
+        if rec.first_token is None:
+            rec.first_token = now

@@ -1,0 +1,154 @@
+"""The HTTP server: aiohttp on an asyncio event loop in one thread of its own, "rkmqtt-http".
+
+Every handler runs on that thread and never waits on the engine: it validates, submits to the
+scheduler's inbox (`exchange.Gateway`) and awaits the replies that the scheduler thread hands to
+the request's sink. aiohttp runs with `handler_cancellation`, so a client that disconnects
+cancels its handler, whose `finally` cancels the request in the scheduler.
+
+The main thread calls `start`, `stop_accepting` and `stop` (they run coroutines on the loop and
+wait for them). Authentication (`auth.py`): with `http_tokens` set, every path but `/` needs
+`Authorization: Bearer <token>`; without it, listening beyond localhost logs a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from rkmqtt.errors import ConfigError
+from rkmqtt.intake import RateLimiter
+from rkmqtt.protocol import Info
+from rkmqtt.scheduler import Scheduler
+from rkmqtt.settings import Settings
+
+from . import ollama, openai
+from .auth import Auth, is_local
+from .common import ModelCard
+from .exchange import ApiError, Gateway
+
+_LOGGER = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpServer:
+    def __init__(self, settings: Settings, scheduler: Scheduler, info: Info, rate: RateLimiter, tools: bool) -> None:
+        address = settings.http_address
+        if address is None:
+            raise ConfigError("http_listen is not set")
+        self.settings = settings
+        self.host, self.port = address
+        self.card = ModelCard.from_info(info, tools)
+        self.auth = Auth(settings.http_token_names(), settings.http_client)
+        self.gateway = Gateway(settings, scheduler, rate, self.auth, self.card.name, tools)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    # -- the main thread's side -------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> None:
+        """Listen on `http_listen`; raise ConfigError with one line when that is not possible."""
+        self._thread.start()
+        try:
+            self._call(self._open(), timeout)
+        except OSError as e:
+            self.stop()
+            raise ConfigError(
+                f"setting http_listen={self.settings.http_listen!r}: cannot listen there ({e.strerror or e}); "
+                "choose a free port or an address of this machine"
+            ) from e
+        where = f"http://{self.host if ':' not in self.host else f'[{self.host}]'}:{self.port}"
+        _LOGGER.info("HTTP API (Ollama /api, OpenAI /v1) on %s, model %s", where, self.card.name)
+        if not self.auth.required and not is_local(self.host):
+            _LOGGER.warning(
+                "the HTTP API listens on %s without authentication: anyone who can reach that port can use the "
+                "model; set http_tokens (name:token,...) or listen on 127.0.0.1",
+                where,
+            )
+
+    def stop_accepting(self, timeout: float = 5.0) -> None:
+        """Close the listening socket and answer new requests on open connections `shutting_down`."""
+        self.gateway.accepting = False
+        if self._thread.is_alive() and self._site is not None:
+            self._call(self._site.stop(), timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the responses under way (their requests have been answered by then), close every
+        connection and end the thread."""
+        self.gateway.accepting = False
+        if self._thread.is_alive():
+            if self._runner is not None:
+                try:
+                    self._call(self._runner.cleanup(), timeout)
+                except Exception:
+                    _LOGGER.exception("HTTP server: clean-up failed")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+
+    def _call(self, coro: Awaitable[_T], timeout: float) -> _T:
+        fut: Future[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result(timeout)
+
+    # -- the event loop's thread ------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.settings.max_payload_bytes,
+            middlewares=[self._errors, self._auth],
+        )
+        app.router.add_get("/", self._root)
+        app.router.add_routes(ollama.OllamaApi(self.gateway, self.card).routes())
+        app.router.add_routes(openai.OpenAiApi(self.gateway, self.card).routes())
+        return app
+
+    async def _open(self) -> None:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await self._site.start()
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running (rkmqtt)")  # what clients probe for
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path != "/" and self.auth.client(request.headers.get("Authorization", "")) is None:
+            raise ApiError(401, "a bearer token is required: Authorization: Bearer <token> (setting http_tokens)")
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """Every error as the API's own error body: Ollama's under /api, OpenAI's under /v1."""
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return self._error_response(request, e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return self._error_response(request, ApiError(e.status, e.reason))
+
+    def _error_response(self, request: web.Request, e: ApiError) -> web.Response:
+        body: dict[str, Any] = openai.error_body(e) if request.path.startswith("/v1/") else ollama.error_body(e)
+        headers: dict[str, str] = {}
+        if e.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="rkmqtt"'
+        if e.retry_after is not None:
+            headers["Retry-After"] = str(e.retry_after)
+        if e.code is not None and e.status >= 400:
+            _LOGGER.info("HTTP %s %s: %d %s: %s", request.method, request.path, e.status, e.code.value, e.message)
+        return web.json_response(body, status=e.status, headers=headers)
