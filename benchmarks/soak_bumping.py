@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/soak_bumping.py [--minutes 10] [--engine numpy] [--every 30]
 
 Starts a private Mosquitto and `rkmqtt run` (default engine and model, a small queue), then for
-`--minutes`: one device floods long prompts as fast as the bridge refuses them, and quiet devices
-each send a request a second, so every quiet request bumps a waiting flood request out of the
-full queue (a bumped request has been tokenized: before the scheduling core, its tokens stayed in
-the engine for good). Prints the bridge's RSS and its `P/stats` counters every `--every` seconds,
-and at the end the RSS growth over the second half of the run and whether the counters add up.
+`--minutes`: one device floods long prompts faster than they are served, and quiet devices each
+send a request a second with a short expiry, so every quiet request bumps a waiting flood request
+out of the full queue and then expires, and the next one bumps again (a bumped request has been
+tokenized: before the scheduling core, its tokens stayed in the engine for good). Prints the
+bridge's RSS and its `P/stats` counters every `--every` seconds; at the end, the bumps (from the
+bridge's log), the RSS growth over the second half of the run and whether the counters add up.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=30.0, help="seconds between samples")
     ap.add_argument("--quiet-devices", type=int, default=4, help="each sends a request a second")
     ap.add_argument("--prompt-tokens", type=int, default=600, help="about this many tokens per prompt")
+    ap.add_argument("--quiet-expiry", type=float, default=0.5, help="expires_in of the quiet requests, seconds")
     ap.add_argument("--flood-per-s", type=float, default=50.0)
     ap.add_argument("--src", type=Path, help="run the bridge from this source tree (e.g. an older checkout's src/)")
     args = ap.parse_args()
@@ -59,10 +61,13 @@ def main() -> int:
         with log_path.open("wb") as log:
             bridge = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
             try:
-                return soak(broker.url, bridge, args)
+                status = soak(broker.url, bridge, args)
             finally:
                 bridge.terminate()
                 bridge.wait(60)
+        bumps = log_path.read_text(errors="replace").count("holds the most places")
+        print(f"requests bumped out of the full queue: {bumps}")
+        return status
 
 
 def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
@@ -112,7 +117,8 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
         if now >= next_quiet:
             next_quiet += 1.0
             for q in range(args.quiet_devices):
-                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": long_prompt}), 1)
+                quiet = {"id": f"q{n}", "prompt": long_prompt, "expires_in": args.quiet_expiry}
+                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps(quiet), 1)
         if now >= next_sample:
             next_sample += args.every
             rss = proc.memory_info().rss / 2**20
