@@ -61,3 +61,25 @@ def test_every_json_example_in_the_readme_validates() -> None:
             json.loads(block)
             seen.add(model)
     assert seen == set(MODELS.values())
+
+
+def doc_files() -> list[Path]:
+    """What a user reads or runs: Markdown, the Dockerfiles, shell scripts and ./dev."""
+    found = [*REPO.glob("*.md"), *REPO.glob("docs/**/*.md"), *REPO.glob("addon/**/*.md"), *REPO.glob("**/Dockerfile")]
+    found += [*REPO.glob("addon/**/*.sh"), REPO / "dev"]
+    return [p for p in found if ".venv" not in p.parts]
+
+
+def test_no_doc_offers_rkmqtt_from_a_package_index() -> None:
+    """rkmqtt is not published on a package index: `pip install rkmqtt` cannot work (the top-level
+    Dockerfile's `--no-index --find-links=/wheels rkmqtt` installs the wheel its build stage made)."""
+    by_name = re.compile(r"pip3? install(?:\s+-\S+)*\s+[\"']?rkmqtt(?:[=<>~!\[\s\"']|$)", re.M)
+    offers = [
+        f"{p.relative_to(REPO)}: {m[0]}"
+        for p in doc_files()
+        for m in by_name.finditer(p.read_text())
+        if "--no-index" not in m[0]
+    ]
+    assert offers == []
+    assert by_name.search("sudo /opt/rkmqtt/bin/pip install -U rkmqtt\n")
+    assert not by_name.search("sudo /opt/rkmqtt/bin/pip install ./rkmqtt\n")
