@@ -46,6 +46,11 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
+#: Settings whose default depends on the engine's model when no layer sets them: config.yaml
+#: shows them commented out, so that a copy of it does not pin them.
+MODEL_DEFAULTED = ("temperature",)
+
+
 def render_config_yaml() -> str:
     out = [
         "# rkmqtt settings: every setting with its default. Use with `rkmqtt run --config config.yaml`.",
@@ -59,7 +64,7 @@ def render_config_yaml() -> str:
             out.append(f"# {line}")
         default = field.default.get_secret_value() if hasattr(field.default, "get_secret_value") else field.default
         value = _yaml_value(default)
-        out.append(f"{name}: {value}".rstrip())
+        out.append(f"{'# ' if name in MODEL_DEFAULTED else ''}{name}: {value}".rstrip())
         out.append("")
     return "\n".join(out)
 
@@ -69,6 +74,8 @@ def render_settings_table() -> str:
     for name, field in Settings.model_fields.items():
         default = field.default
         shown = "" if default is None else f"`{_yaml_value(default).strip(chr(34))}`"
+        if name in MODEL_DEFAULTED:
+            shown = f"the model's, else {shown}"
         desc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{name}` | `RKMQTT_{name.upper()}` | {shown} | {desc} |")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ from typing import Any
 from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.broker import Mosquitto, port_answers
-from rkmqtt.engines import create_engine
+from rkmqtt.engines import create_engine, default_temperature
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.outbox import Outbox
@@ -100,6 +100,11 @@ class Service:
             time.monotonic() - t0,
             self.engine.capabilities.max_batch,
         )
+        if "temperature" not in s.model_fields_set:
+            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
+            # answers in garbled French at 0.7).
+            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
+            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
         self.info = self._build_info(self.engine)
         topics = Topics(s.topic_prefix)
         outbox = Outbox(s.outgoing_queue)

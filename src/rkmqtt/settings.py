@@ -94,7 +94,15 @@ class Settings(BaseSettings):
     default_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="max_new_tokens of a request that gives none.")
     ] = 256
-    temperature: Annotated[float, Field(ge=0, le=5, description="Default temperature (0 is greedy).")] = 0.7
+    temperature: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=5,
+            description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 0.2), else 0.7.",
+        ),
+    ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
     repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
