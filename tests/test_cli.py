@@ -13,6 +13,7 @@ from pathlib import Path
 from rkmqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
+from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,10 +45,47 @@ def test_ask_json_and_error_exit(mosquitto: Mosquitto, prefix: str, start_bridge
     assert bad.stderr.strip().splitlines()[-1].startswith("rkmqtt: too_many_tokens: max_new_tokens is 500")
 
 
-def test_ask_without_a_bridge_says_so(mosquitto: Mosquitto, prefix: str) -> None:
-    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix, "--timeout", "1")
+def test_ask_without_a_bridge_says_so_at_once(mosquitto: Mosquitto, prefix: str) -> None:
+    """No retained status: no bridge ever ran with this prefix. `ask` says so without waiting out
+    its 300 s --timeout (the subprocess gets 60 s)."""
+    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
     assert out.returncode == 1
-    assert "no reply within 1 s" in out.stderr
+    assert out.stderr.strip() == (
+        f"rkmqtt: no rkmqtt bridge has run on this broker with topic_prefix {prefix!r} (no {prefix}/status): "
+        "start `rkmqtt run`, or check --broker and --topic-prefix"
+    )
+
+
+def test_ask_with_the_bridge_offline_says_so_at_once(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    start_bridge(FakeEngine()).stop(grace_s=0)  # its retained status is now `offline`
+    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    assert out.returncode == 1
+    assert f"rkmqtt: the rkmqtt bridge with topic_prefix {prefix!r} is offline ({prefix}/status)" in out.stderr
+
+
+def test_ask_stops_waiting_when_the_bridge_goes_offline(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """A bridge that vanishes mid-answer never replies: its Last Will turns the status offline, and
+    `ask` gives up a few seconds later (this answer would take 150 s)."""
+    start_bridge(FakeEngine(step_s=0.5))
+    probe = probe_factory([f"{prefix}/reply/#"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rkmqtt", "ask", "tokens:300", "--broker", mosquitto.url, "--topic-prefix", prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        probe.wait_for(lambda m: m.topic.endswith("/stream"), 60)  # it is answering
+        probe.publish(f"{prefix}/status", "offline")  # what the broker publishes for its Last Will
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("rkmqtt: the bridge went offline: is `rkmqtt run` running")
 
 
 def test_wrong_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
