@@ -108,6 +108,20 @@ def test_one_device_message_on_the_device_topic() -> None:
     assert "object_id" not in set(walk_keys(doc)), "object_id is retired: default_entity_id replaces it"
 
 
+def ha_slugify(text: str) -> str:
+    """Home Assistant's `slugify` (python-slugify with `_`) for ASCII text: lower case, every run of
+    characters other than a-z, 0-9 and `-` becomes `-`, runs of `-` one, stripped, then `-` -> `_`."""
+    text = re.sub(r"[^-a-z0-9]+", "-", text.lower())
+    return re.sub(r"-{2,}", "-", text).strip("-").replace("-", "_")
+
+
+def entity_id_before_2025_10(platform: str, device: dict[str, Any], component: dict[str, Any]) -> str:
+    """The entity id Home Assistant 2025.4 gives a discovered entity with a name and a device: it
+    ignores `default_entity_id` and slugs "<device name> <entity name>"."""
+    names = f"{device['name']} {component['name']}"
+    return f"{platform}.{ha_slugify(names)}"
+
+
 def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     s = make_settings()
     doc = payload_of(s, make_info())
@@ -118,11 +132,11 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     for key, c in doc["cmps"].items():
         assert c["p"] in {"sensor", "binary_sensor", "text"}, key
         assert c["unique_id"] == f"board_1_{key}"
-        assert c["default_entity_id"] == f"{c['p']}.board_1_{key}"
         assert re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", c["default_entity_id"]), c["default_entity_id"]
-        assert c["availability"] == [
-            {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
-        ]
+        if key != "connectivity":
+            assert c["availability"] == [
+                {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
+            ]
         if c["p"] == "text":
             assert c["command_topic"] == topics.request(ha.HA_CLIENT)
         else:
@@ -130,6 +144,44 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
         for t in ("json_attributes_topic",):
             if t in c:
                 assert c[t] in published_by_bridge
+
+
+def test_entity_ids_are_the_same_in_home_assistant_2025_4_and_2026_2() -> None:
+    """2026.2 takes `default_entity_id`; 2025.4 ignores it and derives the id from the device's and
+    the entity's names. Both must give the same ids (and the node name is in each)."""
+    for node in ("board_1", "rkmqtt_opi5", "Kitchen-NPU", "a--b__c"):
+        doc = payload_of(make_settings(node_name=node), make_info())
+        for key, c in doc["cmps"].items():
+            assert c["default_entity_id"] == entity_id_before_2025_10(c["p"], doc["dev"], c), (node, key)
+            assert c["default_entity_id"].split(".", 1)[1].startswith(ha_slugify(node) + "_"), (node, key)
+    ids = {c["default_entity_id"] for c in payload_of(make_settings(), make_info())["cmps"].values()}
+    assert ids == {
+        "binary_sensor.board_1_connectivity",
+        "sensor.board_1_queue_depth",
+        "sensor.board_1_active_requests",
+        "sensor.board_1_tokens_per_second",
+        "sensor.board_1_requests_answered",
+        "sensor.board_1_errors",
+        "sensor.board_1_last_reply",
+        "sensor.board_1_model",
+        "sensor.board_1_engine",
+        "sensor.board_1_batch_size",
+        "text.board_1_prompt",
+    }
+
+
+def test_the_device_has_a_friendly_name() -> None:
+    for node, name in (("board_1", "board 1"), ("rkmqtt_opi5", "rkmqtt opi5"), ("Kitchen-NPU", "Kitchen NPU")):
+        dev = payload_of(make_settings(node_name=node), make_info())["dev"]
+        assert dev["name"] == name and dev["ids"] == [node]
+
+
+def test_connectivity_can_show_offline() -> None:
+    """Its state is P/status: availability on that same topic would make it unavailable exactly
+    when it should read `off`."""
+    c = payload_of(make_settings(), make_info())["cmps"]["connectivity"]
+    assert "availability" not in c and "availability_topic" not in c
+    assert (c["state_topic"], c["payload_off"]) == ("rk/test/status", "offline")
 
 
 def test_the_entities_the_issue_asks_for() -> None:
@@ -191,10 +243,12 @@ def test_last_reply_state_is_cut_to_255_and_the_attribute_has_it_all(length: int
     assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": text}
 
 
-def test_last_reply_before_any_reply() -> None:
+def test_last_reply_before_any_reply_is_unknown() -> None:
+    """Home Assistant's MQTT sensor takes a text sensor's rendered string as its state: `unknown`
+    is its unknown state, where '' would be a reply of no text."""
     cmp = payload_of(make_settings(), make_info())["cmps"]["last_reply"]
     stats = make_stats(last_reply=None)
-    assert render(cmp["value_template"], stats) == ""
+    assert render(cmp["value_template"], stats) == "unknown"
     assert json.loads(render(cmp["json_attributes_template"], stats)) == {"text": None}
 
 
@@ -219,8 +273,10 @@ def test_ids_are_stable_and_follow_the_node_name() -> None:
     assert ha.discovery_messages(plain, make_info()) == ha.discovery_messages(load_settings({}), make_info())
 
 
-def test_discovery_off_publishes_nothing() -> None:
-    assert ha.discovery_messages(make_settings(discovery=False), make_info()) == []
+def test_discovery_off_publishes_the_empty_config() -> None:
+    """The empty retained config is how Home Assistant is told to remove the device."""
+    s = make_settings(discovery=False, discovery_prefix="hass")
+    assert ha.discovery_messages(s, make_info()) == [("hass/device/board_1/config", b"")]
 
 
 def test_ha_status_topic_follows_the_prefix() -> None:
@@ -244,12 +300,12 @@ def test_the_text_entity_sends_a_valid_request() -> None:
 
 
 @pytest.fixture
-def ha_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[[], Service]]:
+def ha_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
     services: list[Service] = []
 
-    def start() -> Service:
+    def start(discovery: bool = True) -> Service:
         settings = bridge_settings(
-            mosquitto.url, prefix, discovery=True, discovery_prefix=f"ha{prefix}", node_name=f"node_{prefix}"
+            mosquitto.url, prefix, discovery=discovery, discovery_prefix=f"ha{prefix}", node_name=f"node_{prefix}"
         )
         svc = Service(settings, engine=FakeEngine(step_s=0.005))
         svc.start()
@@ -267,7 +323,7 @@ def discovery_of(probe: Probe, topic: str, count: int = 1) -> list[dict[str, Any
 
 
 def test_bridge_publishes_discovery_and_every_state_topic(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
@@ -304,7 +360,7 @@ def test_bridge_publishes_discovery_and_every_state_topic(
 
 
 def test_discovery_is_republished_when_home_assistant_comes_online(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
@@ -317,8 +373,25 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
     assert len(probe.on(topic)) == 2, "offline must not republish"
 
 
+def test_turning_discovery_off_removes_the_device(
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    svc = ha_bridge()
+    topic = f"ha{prefix}/device/node_{prefix}/config"
+    probe = probe_factory([topic])
+    discovery_of(probe, topic)
+    svc.stop(grace_s=1)
+    ha_bridge(discovery=False)
+    assert probe.wait_for(lambda m: m.topic == topic and m.payload == b"", 20)
+    # Nothing retained is left for Home Assistant to find: a new subscriber gets the retained
+    # status (asked for in the same SUBSCRIBE, after the config topic) and no config.
+    late = probe_factory([topic, f"{prefix}/status"])
+    assert late.wait_for(lambda m: m.topic == f"{prefix}/status" and m.retain, 20)
+    assert late.on(topic) == []
+
+
 def test_same_ids_after_a_restart(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     svc = ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"

@@ -147,14 +147,18 @@ class Service:
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings
-        if not s.discovery or self.info is None:
+        if self.info is None:
             return None, {}
         from rkmqtt import homeassistant
 
         info = self.info
 
         def retained() -> list[tuple[str, bytes]]:
+            # With discovery off: the empty config, which removes a device an earlier run announced.
             return homeassistant.discovery_messages(s, info)
+
+        if not s.discovery:
+            return retained, {}
 
         def on_ha_status(payload: bytes) -> None:
             if payload.strip() == b"online" and self.bridge is not None:
