@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -131,3 +132,60 @@ def test_health_follows_the_service(
     out = rkmqtt("health", "--health-file", str(health))
     assert out.returncode == 1 and "not connected" in out.stderr
     svc.stop(grace_s=0)
+
+
+def test_help_is_for_users() -> None:
+    top = rkmqtt("--help")
+    assert top.returncode == 0
+    assert "serves a language model over MQTT" in top.stdout
+    assert "main thread" not in top.stdout and "wiring" not in top.stdout  # the module's docstring is for developers
+    run = rkmqtt("run", "--help").stdout
+    # every setting's default is in its help (values wrap with the text, so compare without spaces)
+    flat = "".join(run.split())
+    assert "(default:4)" in flat and "(default:rkmqtt)" in flat and "(default:30.0)" in flat  # n-batch, prefix, grace
+    assert "(default:themodel'sown,else0.7)" in flat
+    assert "(default: None)" not in run
+
+
+def test_a_wrong_flag_shows_the_commands_usage() -> None:
+    """`./dev run --bogus` runs `rkmqtt run --bogus`: the answer is run's usage, not the top level's."""
+    out = rkmqtt("run", "--bogus")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert (
+        lines[0].startswith("usage: rkmqtt run ") and lines[-1] == "rkmqtt run: error: unrecognized arguments: --bogus"
+    )
+    out = rkmqtt("ask", "hi", "--bogus", "1")
+    assert out.returncode == 2 and out.stderr.startswith("usage: rkmqtt ask ")
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Every import between rkmqtt's modules, those inside functions included, forms no cycle (the
+    command line and the bench's command line once imported each other)."""
+    src = REPO / "src"
+    names = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (src / "rkmqtt").rglob("*.py")}  # fmt: skip
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in names and t != name}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(name) :], name]))
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert "rkmqtt.bench.cli" in graph["rkmqtt.cli"]

@@ -13,7 +13,7 @@ import yaml
 from rkmqtt import reference
 from rkmqtt.cli import build_parser
 from rkmqtt.protocol import ErrorReply, Info, OkReply, Request, Stats, StreamChunk
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -21,21 +21,68 @@ README = (REPO / "README.md").read_text()
 
 def test_config_yaml_is_generated_from_settings() -> None:
     assert (REPO / "config.yaml").read_text() == reference.render_config_yaml(), (
-        "run python -m rkmqtt.reference --write"
+        "run .venv/bin/python -m rkmqtt.reference --write"
     )
 
 
 def test_readme_reference_is_generated_from_models() -> None:
-    assert README == reference.render_readme(README), "run python -m rkmqtt.reference --write"
+    assert README == reference.render_readme(README), "run .venv/bin/python -m rkmqtt.reference --write"
     assert README.count("<!-- generated:settings -->\n| setting") == 1
     assert README.count("<!-- generated:topics -->\n`P`") == 1
+
+
+def field_rows(text: str) -> list[tuple[str, str, str]]:
+    """(field, type, notes) of every row of the generated field tables."""
+    section = text.split("<!-- generated:topics -->")[1].split("<!-- /generated -->")[0]
+    return re.findall(r"(?m)^\| `(\w+)` \| (.*?) \| (.*?) \|$", section)
+
+
+def test_the_generated_tables_have_every_type_and_description() -> None:
+    """No type lost in rendering (a Literal once came out as "one of ,"), and a note for every field."""
+    rendered = reference.render_topic_reference()
+    assert not re.search(r"one of\s*(?:[,|]|$)", rendered, re.M)
+    rows = field_rows(README)
+    assert len(rows) >= 40
+    for name, typ, notes in rows:
+        assert typ.strip() and "Literal" not in typ and "typing" not in typ and "[" not in typ, (name, typ)
+        assert notes.strip(), f"{name}: no description"
+    types = {name: typ for name, typ, _ in rows}
+    assert types["finish_reason"] == "one of `stop`, `length`, `cancelled`"
+    assert types["batching"] == "one of `static`, `continuous`"
+    assert types["v"] == "`1`"
+    assert "| `status` | `ok` |" in README and "| `status` | `error` |" in README
+    for line in ("- `usage`: ", "- `timing`: ", "- `batch`: ", "- `error`: ", "- `limits`: "):
+        assert line in README, line
+
+
+def test_an_empty_one_of_fails_the_drift_check() -> None:
+    broken = README.replace("one of `stop`, `length`, `cancelled`", "one of ", 1)
+    assert broken != README and reference.render_readme(broken) != broken
+
+
+def test_reference_writes_only_into_a_checkout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It never guesses where the sources are (an installed package has no README beside it)."""
+    assert reference.main(["--root", str(tmp_path)]) == 2
+    assert "is not the top of an rkmqtt checkout" in capsys.readouterr().err
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
+    (tmp_path / "README.md").write_text("x")
+    assert reference.main(["--write", "--root", str(tmp_path)]) == 2
+    assert not (tmp_path / "config.yaml").exists()
+    assert reference.main(["--root", str(REPO)]) == 0, "the committed files are up to date"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (copy / name).write_text((REPO / name).read_text())
+    assert reference.main(["--root", str(copy)]) == 1  # no config.yaml there yet
+    assert reference.main(["--write", "--root", str(copy)]) == 0
+    assert (copy / "config.yaml").read_text() == (REPO / "config.yaml").read_text()
 
 
 def test_config_yaml_lists_every_setting_with_its_default() -> None:
     text = (REPO / "config.yaml").read_text()
     data = yaml.safe_load(text)
-    assert list(data) == [n for n in Settings.model_fields if n not in reference.MODEL_DEFAULTED]
-    for name in reference.MODEL_DEFAULTED:  # shown, but commented out: a copy must not pin them
+    assert list(data) == [n for n in Settings.model_fields if n not in MODEL_DEFAULTED]
+    for name in MODEL_DEFAULTED:  # shown, but commented out: a copy must not pin them
         assert re.search(rf"(?m)^# {name}: \S", text), name
     assert load_settings(config_file=REPO / "config.yaml") == load_settings()
 

@@ -2,7 +2,10 @@
 and topic/payload reference come from the settings model and the wire models, so they cannot
 drift. `tests/test_docs.py` fails when the committed files differ from what this renders.
 
-    python -m rkmqtt.reference --write     # rewrite config.yaml and the README's generated parts
+From the root of a checkout (it refuses any other folder: the installed package has no README):
+
+    .venv/bin/python -m rkmqtt.reference --write     # rewrite config.yaml and the README's generated parts
+    .venv/bin/python -m rkmqtt.reference             # only say what is out of date (exit 1 if anything is)
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import json
 import re
 import sys
 import textwrap
+import types
+import typing
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -31,9 +37,7 @@ from rkmqtt.protocol import (
     Timing,
     Usage,
 )
-from rkmqtt.settings import Settings
-
-REPO = Path(__file__).resolve().parents[2]
+from rkmqtt.settings import MODEL_DEFAULTED, Settings
 
 
 def _yaml_value(v: Any) -> str:
@@ -44,11 +48,6 @@ def _yaml_value(v: Any) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     return str(v)
-
-
-#: Settings whose default depends on the engine's model when no layer sets them: config.yaml
-#: shows them commented out, so that a copy of it does not pin them.
-MODEL_DEFAULTED = ("temperature",)
 
 
 def render_config_yaml() -> str:
@@ -92,11 +91,29 @@ _CONSTRAINT_TEXT = {
 }
 
 
-def _type_name(ann: Any) -> str:
-    text = getattr(ann, "__name__", None) or str(ann)
-    text = re.sub(r"\b(?:typing|rkmqtt\.protocol)\.", "", text)
-    text = text.replace(" | None", "").replace("Literal", "one of ")
-    return text
+def _type_name(ann: Any, nullable_shown: bool) -> str:
+    """A wire type in words: `str`, `int or null`, one of `a`, `b`, list of Message..."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if ann is Any:
+        return "any value"
+    if origin is typing.Annotated:
+        return _type_name(args[0], nullable_shown)
+    if origin is Literal:
+        values = [f"`{a}`" if isinstance(a, str) else f"`{json.dumps(a)}`" for a in args]
+        return values[0] if len(values) == 1 else "one of " + ", ".join(values)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_name(a, nullable_shown) for a in inner)
+        return f"{text} or null" if nullable_shown and len(inner) < len(args) else text
+    if origin is list:
+        return f"list of {_type_name(args[0], nullable_shown)}" if args else "list"
+    if origin is dict:
+        return f"object of {_type_name(args[1], nullable_shown)}" if args and args[1] is not Any else "object"
+    if isinstance(ann, type) and issubclass(ann, Enum):
+        return "one of the codes below"
+    if isinstance(ann, type):
+        return {"dict": "object", "NoneType": "null"}.get(ann.__name__, ann.__name__)
+    raise TypeError(f"no words for the type {ann!r}")
 
 
 def _constraints(field: Any) -> list[str]:
@@ -109,16 +126,18 @@ def _constraints(field: Any) -> list[str]:
     return out
 
 
-def _fields(model: type[BaseModel]) -> str:
+def _fields(model: type[BaseModel], incoming: bool = False) -> str:
+    """A table of the model's fields. A request (`incoming`) may leave out the fields with a
+    default ("optional"); a message the bridge sends always has every field (null shown as such)."""
     rows = []
     for name, field in model.model_fields.items():
-        required = field.is_required()
         detail = field.description or ""
         constraints = _constraints(field)
         if constraints:
             detail = (detail + "; " if detail else "") + ", ".join(constraints)
-        typ = _type_name(field.annotation).replace("|", "\\|")
-        rows.append(f"| `{name}` | {typ}{'' if required else ', optional'} | {detail.replace('|', chr(92) + '|')} |")
+        typ = _type_name(field.annotation, nullable_shown=not incoming).replace("|", "\\|")
+        optional = ", optional" if incoming and not field.is_required() else ""
+        rows.append(f"| `{name}` | {typ}{optional} | {detail.replace('|', chr(92) + '|')} |")
     return "| field | type | notes |\n|---|---|---|\n" + "\n".join(rows)
 
 
@@ -194,7 +213,7 @@ Message Expiry Interval over `expires_in`; Correlation Data is echoed on every r
 
 ### `P/request/<client>` — request
 
-{_fields(Request)}
+{_fields(Request, incoming=True)}
 
 Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
@@ -204,7 +223,9 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
 {_fields(OkReply)}
 
-`usage`: {_inline(Usage)}. `timing`: {_inline(Timing)}. `batch`: {_inline(BatchInfo)}.
+- `usage`: {_inline(Usage)}
+- `timing`: {_inline(Timing)}
+- `batch`: {_inline(BatchInfo)}
 
 {_example("ok")}
 
@@ -214,6 +235,8 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 ### `P/reply/<client>/<id>` — final reply (error)
 
 {_fields(ErrorReply)}
+
+- `error`: {_inline(ErrorBody)}
 
 {_example("error")}
 
@@ -229,15 +252,29 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
 ### `P/stats`
 
+{_fields(Stats)}
+
 {_example("stats")}
 
 ### `P/info` (retained)
+
+{_fields(Info)}
+
+- `limits`: {_inline(Limits)}: the settings of the same names.
+
+Engines may add fields of their own.
 
 {_example("info")}"""
 
 
 def _inline(model: type[BaseModel]) -> str:
-    return ", ".join(f"`{n}`" for n in model.model_fields)
+    """A nested model's fields in a line: `name` (type): description. ..."""
+    parts = []
+    for name, field in model.model_fields.items():
+        typ = _type_name(field.annotation, nullable_shown=True)
+        same = field.description == "the setting of that name"
+        parts.append(f"`{name}` ({typ})" + ("," if same or not field.description else f": {field.description}."))
+    return " ".join(parts).rstrip(",")
 
 
 _CODE_DOCS: dict[ErrorCode, str] = {
@@ -270,13 +307,35 @@ def render_readme(text: str) -> str:
     return _MARK.sub(sub, text)
 
 
+def is_checkout(root: Path) -> bool:
+    """True when `root` is the top of an rkmqtt checkout: its pyproject.toml names rkmqtt."""
+    try:
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return re.search(r'(?ms)^\[project\]\s*$.*?^name = "rkmqtt"$', text) is not None and (root / "README.md").is_file()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="regenerate config.yaml and the README's reference sections")
+    parser = argparse.ArgumentParser(
+        prog="python -m rkmqtt.reference", description="regenerate config.yaml and the README's reference sections"
+    )
     parser.add_argument("--write", action="store_true", help="write the files (default: report drift)")
+    parser.add_argument(
+        "--root", type=Path, default=Path.cwd(), help="the checkout's top folder (default: the current folder)"
+    )
     args = parser.parse_args(argv)
+    root: Path = args.root
+    if not is_checkout(root):
+        print(
+            f"rkmqtt.reference: {root.resolve()} is not the top of an rkmqtt checkout (no pyproject.toml of "
+            "rkmqtt and README.md there): run it from there, or give --root",
+            file=sys.stderr,
+        )
+        return 2
     targets = {
-        REPO / "config.yaml": render_config_yaml(),
-        REPO / "README.md": render_readme((REPO / "README.md").read_text()),
+        root / "config.yaml": render_config_yaml(),
+        root / "README.md": render_readme((root / "README.md").read_text()),
     }
     drift = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.write:

@@ -24,6 +24,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 
 ENV_PREFIX = "RKMQTT_"
+
+#: Settings whose default depends on the engine's model when no layer (flag, environment, file,
+#: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
+#: shows them commented out, so that a copy of it does not pin them.
+MODEL_DEFAULTED = ("temperature",)
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 

@@ -34,6 +34,7 @@ from rkmqtt.bench.report import (
 from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
+from rkmqtt.flags import add_settings_flags
 from rkmqtt.settings import Settings, load_settings
 
 _SWEPT = ("engine", "n_batch", "rkllm_library")  # the bench's own flags stand for these settings
@@ -58,8 +59,6 @@ def _engines(text: str) -> tuple[str, ...]:
 
 
 def add_bench_parser(sub: Any) -> None:
-    from rkmqtt.cli import add_settings_flags
-
     p: argparse.ArgumentParser = sub.add_parser(
         "bench",
         help="load generator and benchmark report",
