@@ -189,3 +189,19 @@ def test_the_package_has_no_import_cycle() -> None:
     for name in sorted(graph):
         visit(name, [])
     assert "rkmqtt.bench.cli" in graph["rkmqtt.cli"]
+
+
+def test_health_says_unhealthy_at_once_after_a_clean_stop(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], tmp_path: Path
+) -> None:
+    """The file is fresh (written within the last second), but the service is gone: a container
+    must not read "healthy" for the file's max age (30 s)."""
+    health = tmp_path / "health.json"
+    svc = start_bridge(FakeEngine(), health_file=str(health))
+    deadline = time.monotonic() + 10
+    while rkmqtt("health", "--health-file", str(health)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rkmqtt("health", "--health-file", str(health)).returncode == 0
+    svc.stop(grace_s=0)
+    out = rkmqtt("health", "--health-file", str(health))
+    assert out.returncode == 1 and out.stderr.strip() == "unhealthy: the service has stopped"

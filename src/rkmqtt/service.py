@@ -31,6 +31,9 @@ from rkmqtt.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
 
+#: Where `rkmqtt run` looks for a broker when none is set, and starts its private one if none answers.
+EMBEDDED_PORT = 1883
+
 
 class Service:
     def __init__(
@@ -55,18 +58,22 @@ class Service:
         s = self.settings
         if s.broker is not None:
             return
-        if port_answers("127.0.0.1", 1883):
-            _LOGGER.info("no broker set: using the one on localhost:1883")
-            self.settings = s.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
+        port = EMBEDDED_PORT
+        if port_answers("127.0.0.1", port):
+            _LOGGER.info("no broker set: using the one on localhost:%d", port)
+            self.settings = s.model_copy(update={"broker": f"mqtt://127.0.0.1:{port}"})
             return
         if not s.embedded_broker:
-            raise ConfigError("no broker set and none answers on localhost:1883: set broker=mqtt://host:port")
-        self.embedded = Mosquitto(port=1883).start()
+            raise ConfigError(f"no broker set and none answers on localhost:{port}: set broker=mqtt://host:port")
+        # Its own session: Ctrl-C reaches rkmqtt, which stops the broker after its last replies.
+        self.embedded = Mosquitto(port=port, own_session=True).start()
         assert self.embedded.proc is not None
         _LOGGER.warning(
-            "no broker set and none on localhost:1883: started a private Mosquitto (pid %d) on "
-            "127.0.0.1:1883; it stops when rkmqtt stops",
+            "no broker set and none on localhost:%d: started a private Mosquitto (pid %d) on "
+            "127.0.0.1:%d; it stops when rkmqtt stops",
+            port,
             self.embedded.proc.pid,
+            port,
         )
         self.settings = s.model_copy(update={"broker": self.embedded.url})
 
@@ -181,15 +188,18 @@ class Service:
         }
 
     def _health_loop(self) -> None:
+        while not self._stop_requested.wait(1.0):
+            self._write_health(self.health())
+
+    def _write_health(self, data: dict[str, Any]) -> None:
         path = self.settings.health_file
         assert path is not None
-        while not self._stop_requested.wait(1.0):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            try:
-                tmp.write_text(json.dumps(self.health()))
-                os.replace(tmp, path)
-            except OSError as e:
-                _LOGGER.warning("cannot write health file %s: %s", path, e)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as e:
+            _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -222,6 +232,10 @@ class Service:
                 step()
             except Exception:
                 _LOGGER.exception("shutdown: could not %s", what)
+        if self._health_thread is not None:
+            # Unhealthy at once, not after the file's max age: a stopped service serves nobody.
+            self._health_thread.join(5)
+            self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
 
     def run_forever(self) -> int:
