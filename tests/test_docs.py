@@ -4,16 +4,23 @@ JSON example in the README validates against the wire model of its section."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rkmqtt import reference
+from rkmqtt.broker import Mosquitto
 from rkmqtt.cli import build_parser
 from rkmqtt.protocol import ErrorReply, Info, OkReply, Request, Stats, StreamChunk
 from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
+from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -133,3 +140,45 @@ def test_no_doc_offers_rkmqtt_from_a_package_index() -> None:
     assert offers == []
     assert by_name.search("sudo /opt/rkmqtt/bin/pip install -U rkmqtt\n")
     assert not by_name.search("sudo /opt/rkmqtt/bin/pip install ./rkmqtt\n")
+
+
+def test_commands_say_python3() -> None:
+    """Debian and Ubuntu have `python3` and no `python` (the venv's `.venv/bin/python` is fine)."""
+    bare = re.compile(r"(?<![\w/.-])python(?=\s)")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in [REPO / "README.md", *REPO.glob("docs/*.md")]
+             for n, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]  # fmt: skip
+    assert found == []
+    assert bare.search("run python -m x") and not bare.search(".venv/bin/python -m x")
+
+
+def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, prefix: str, tmp_path: Path) -> None:
+    """No board: the README's three lines build the stand-in runtime, make its model file and run
+    the bridge on the RKLLM engine (here with a test broker added), which answers."""
+    block = README.split("No board at hand?")[1].split("```sh\n")[1].split("```")[0]
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) == 3 and lines[2].startswith("./dev run --engine rkllm ")
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    for line in lines[:2]:
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, line + "\n" + done.stderr
+    flags = shlex.split(lines[2])[2:]
+    test_broker = ["--broker", mosquitto.url, "--topic-prefix", prefix, "--no-discovery"]
+    rkmqtt = [sys.executable, "-m", "rkmqtt"]
+    proc = subprocess.Popen([*rkmqtt, "run", *flags, *test_broker], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    status = Probe(mosquitto.url, [f"{prefix}/status"])
+    try:
+        status.wait_for(lambda m: m.payload == b"online", 60)
+        ask = subprocess.run([*rkmqtt, "ask", "Hello there", "--tokens", "8", "--broker", mosquitto.url,
+                              "--topic-prefix", prefix], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert ask.returncode == 0, ask.stderr
+        assert ask.stdout.strip()
+        assert "[stop;" in ask.stderr or "[length;" in ask.stderr
+    finally:
+        status.close()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "RKLLM runtime 1.3.0 (ABI 1.3) from build/librkllmrt.so" in out
