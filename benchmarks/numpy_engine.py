@@ -41,7 +41,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from rkmqtt.engines.base import ChatMessage, FinishEvent, GenerationRequest, SamplingParams  # noqa: E402
+from rkmqtt.engines.base import ChatMessage, FinishEvent, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.numpy.engine import NumpyEngine  # noqa: E402
 
 GAPS = "1.0,0.5,0.25"  # mean seconds between arrivals (exponential): light, busy, overloaded on this VM
@@ -66,9 +66,9 @@ TOPICS = [
 ]
 
 
-def story(i: int, max_new: int) -> GenerationRequest:
+def story(i: int, max_new: int) -> Generation:
     text = f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}."
-    return GenerationRequest(f"r{i}", (ChatMessage("user", text),), max_new, SamplingParams())
+    return Generation(f"r{i}", (ChatMessage("user", text),), max_new, SamplingParams())
 
 
 # -- decode throughput -----------------------------------------------------------------------------
@@ -77,10 +77,7 @@ def story(i: int, max_new: int) -> GenerationRequest:
 def decode_throughput(engine: NumpyEngine, batch: int, new_tokens: int) -> float:
     """Aggregate tok/s: `batch` / the median time of the steps in which all `batch` slots
     decode (the median keeps other processes' bursts on a shared machine out of the figure)."""
-    reqs = [story(i, new_tokens) for i in range(batch)]
-    for r in reqs:
-        engine.prepare(r)
-    engine.submit(reqs)
+    engine.submit([engine.prepare(story(i, new_tokens)) for i in range(batch)])
     steps: list[float] = []
     while engine.active():
         full = engine.decoding() == batch
@@ -97,17 +94,16 @@ def decode_throughput(engine: NumpyEngine, batch: int, new_tokens: int) -> float
 def prefill_rate(engine: NumpyEngine, n_tokens: int) -> tuple[float, int]:
     words = "The quick brown fox jumps over the lazy dog near the river bank. "
     text = words * (n_tokens // 12)
-    req = GenerationRequest("p", (ChatMessage("user", text),), 1, SamplingParams())
-    n = engine.prepare(req) or 0
+    prepared = engine.prepare(Generation("p", (ChatMessage("user", text),), 1, SamplingParams()))
+    n = prepared.prompt_tokens or 0
     # trim the text until the prompt is n_tokens long
     while n > n_tokens:
         text = text[: -max(1, (n - n_tokens) * 3)]
-        req = GenerationRequest("p", (ChatMessage("user", text),), 1, SamplingParams())
-        engine.cancel("p")
-        n = engine.prepare(req) or 0
+        prepared = engine.prepare(Generation("p", (ChatMessage("user", text),), 1, SamplingParams()))
+        n = prepared.prompt_tokens or 0
     reuse, engine.reuse_prefix = engine.reuse_prefix, False  # a cold prompt: nothing reused from the last run
     try:
-        engine.submit([req])
+        engine.submit([prepared])
         t = time.perf_counter()
         while engine.active():
             engine.poll(0.0)
@@ -122,7 +118,7 @@ def prefill_rate(engine: NumpyEngine, n_tokens: int) -> tuple[float, int]:
 @dataclass
 class Arrival:
     at: float
-    req: GenerationRequest
+    req: Generation
 
 
 def arrivals(n: int, interval: float, seed: int) -> list[Arrival]:
@@ -152,9 +148,7 @@ def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[fl
         if waiting and can_submit:
             take = waiting[: engine.free_slots()]
             del waiting[: len(take)]
-            for a in take:
-                engine.prepare(a.req)
-            engine.submit([a.req for a in take])
+            engine.submit([engine.prepare(a.req) for a in take])
         if engine.active() == 0:
             if pending:
                 time.sleep(max(0.0, pending[0].at - (time.perf_counter() - start)))
@@ -179,15 +173,12 @@ def rss_child(n_batch: int, max_context: int, threads: int) -> dict[str, Any]:
     reqs = []
     for i in range(n_batch):
         text = f"({i}) " + words * (max_context // 16)
-        r = GenerationRequest(f"m{i}", (ChatMessage("user", text),), 10_000, SamplingParams())
         while True:
             try:
-                engine.prepare(r)
+                reqs.append(engine.prepare(Generation(f"m{i}", (ChatMessage("user", text),), 10_000, SamplingParams())))
                 break
             except Exception:
                 text = text[: int(len(text) * 0.9)]
-                r = GenerationRequest(f"m{i}", (ChatMessage("user", text),), 10_000, SamplingParams())
-        reqs.append(r)
     engine.submit(reqs)
     totals: dict[str, int] = {}
     while engine.active():

@@ -48,11 +48,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.standin.build import build_standin  # noqa: E402
 
-from rkmqtt.engines.base import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
+from rkmqtt.core import CoreConfig  # noqa: E402
+from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.rkllm.engine import RkllmEngine  # noqa: E402
 from rkmqtt.outbox import Outbox  # noqa: E402
 from rkmqtt.protocol import OkReply  # noqa: E402
-from rkmqtt.request import Job, job_key  # noqa: E402
+from rkmqtt.replies import Replies  # noqa: E402
+from rkmqtt.request import Request, RequestKey, Route  # noqa: E402
 from rkmqtt.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from rkmqtt.settings import Settings  # noqa: E402
 
@@ -106,36 +108,28 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
     engine.load()
     outbox = Outbox(100_000)
     config = SchedulerConfig(
-        n_batch=n_batch,
-        max_queue=64,
-        batch_window_s=settings.batch_window_ms / 1000,
-        dedup_window_s=60,
+        core=CoreConfig(
+            n_batch=n_batch,
+            continuous=False,
+            max_queue=64,
+            batch_window_s=settings.batch_window_ms / 1000,
+            dedup_window_s=60,
+        ),
         stats_interval_s=3600,
         stats_topic=None,
-        model_name=engine.model_name,
     )
-    scheduler = Scheduler(engine, config, outbox)
+    scheduler = Scheduler(engine, config, outbox, Replies(engine.model_name))
     scheduler.start()
     t0 = time.monotonic()
     for u in range(USERS):
-        client, rid = f"user{u}", f"q{u}"
-        gen = GenerationRequest(
-            key=job_key(client, rid),
+        key = RequestKey(f"user{u}", f"q{u}")
+        gen = Generation(
+            key=key,
             messages=(ChatMessage("user", prompt_for(u)),),
             max_new_tokens=256,
             sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
         )
-        scheduler.submit(
-            Job(
-                client=client,
-                id=rid,
-                reply_topic=f"bench/reply/{client}/{rid}",
-                stream=False,
-                correlation=None,
-                gen=gen,
-                arrival=t0,
-            )
-        )
+        scheduler.submit(Request(key, Route(f"bench/reply/{key}", stream=False), gen, arrival=t0))
     replies: list[OkReply] = []
     last = t0
     deadline = t0 + 60

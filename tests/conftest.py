@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +14,16 @@ from rkmqtt.engines.base import Engine
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
 from tests.mqtt_probe import Probe
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's bridges (in-process or `rkmqtt run` processes that inherit the environment)
+    keep their journal and the private broker's data in a directory of their own."""
+    monkeypatch.setenv("RKMQTT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+_bridges = itertools.count()
 
 
 @pytest.fixture
@@ -38,6 +49,8 @@ def bridge_settings(url: str, prefix: str, **overrides: Any) -> Settings:
         "discovery": False,
         "temperature": 0.0,
         "grace_period": 5,
+        # Its own session and journal: two bridges of one test must not share a client id.
+        "node_name": f"{prefix}-{next(_bridges)}",
     }
     flags.update(overrides)
     return load_settings(flags)

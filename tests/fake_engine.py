@@ -23,7 +23,8 @@ from rkmqtt.engines.base import (
     EngineEvent,
     ErrorEvent,
     FinishEvent,
-    GenerationRequest,
+    Generation,
+    Prepared,
     TokenEvent,
 )
 from rkmqtt.errors import RequestRejected
@@ -32,7 +33,7 @@ from rkmqtt.protocol import ErrorCode
 
 @dataclass
 class _Slot:
-    req: GenerationRequest
+    req: Generation
     slot: int
     words: list[str]
     pos: int = 0
@@ -67,16 +68,16 @@ class FakeEngine(Engine):
     def info(self) -> dict[str, Any]:
         return {"kv_cache_bytes": 0, "runtime_version": None}
 
-    def _last_user(self, req: GenerationRequest) -> str:
+    def _last_user(self, req: Generation) -> str:
         return next((m.content for m in reversed(req.messages) if m.role == "user"), "")
 
-    def prepare(self, req: GenerationRequest) -> int | None:
-        text = self._last_user(req)
+    def prepare(self, gen: Generation) -> Prepared:
+        text = self._last_user(gen)
         if "toolong" in text:
             raise RequestRejected(ErrorCode.TOO_LONG, "prompt does not fit the context")
-        return sum(len(m.content.split()) for m in req.messages)
+        return Prepared(gen, sum(len(m.content.split()) for m in gen.messages), self.batch_key(gen))
 
-    def batch_key(self, req: GenerationRequest) -> Hashable:
+    def batch_key(self, req: Generation) -> Hashable:
         return (req.sampling.temperature, req.sampling.top_k) if not self.continuous else None
 
     def free_slots(self) -> int:
@@ -87,8 +88,9 @@ class FakeEngine(Engine):
     def active(self) -> int:
         return len(self._slots)
 
-    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
-        assert len(reqs) <= self.free_slots(), "scheduler over-filled the engine"
+    def submit(self, batch: Sequence[Prepared]) -> None:
+        assert len(batch) <= self.free_slots(), "scheduler over-filled the engine"
+        reqs = [p.gen for p in batch]
         used = {s.slot for s in self._slots.values()}
         free = [i for i in range(self.n_batch) if i not in used]
         for req, slot in zip(reqs, free, strict=False):
@@ -96,7 +98,7 @@ class FakeEngine(Engine):
             m = re.search(r"tokens:(\d+)", text)
             words = [f"t{i} " for i in range(int(m.group(1)))] if m else [w + " " for w in text.split()]
             self._slots[req.key] = _Slot(req, slot, words, explode="explode" in text)
-        self.batches.append([r.key for r in reqs])
+        self.batches.append([str(r.key) for r in reqs])
         if not self.continuous:
             self._batch_running = True
 
@@ -123,8 +125,8 @@ class FakeEngine(Engine):
             self._batch_running = False
         return events
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: Hashable) -> None:
         if self._slots.pop(key, None) is not None:
-            self.cancelled.append(key)
+            self.cancelled.append(str(key))
         if not self._slots:
             self._batch_running = False

@@ -16,7 +16,7 @@ from rkmqtt.engines.base import (
     Engine,
     ErrorEvent,
     FinishEvent,
-    GenerationRequest,
+    Generation,
     SamplingParams,
     TokenEvent,
 )
@@ -35,11 +35,9 @@ def smollm_path() -> Path:
     return default_model_path()
 
 
-def req(
-    key: str, prompt: str, max_new_tokens: int = 16, system: str | None = None, **sampling: Any
-) -> GenerationRequest:
+def req(key: str, prompt: str, max_new_tokens: int = 16, system: str | None = None, **sampling: Any) -> Generation:
     msgs = ((ChatMessage("system", system),) if system else ()) + (ChatMessage("user", prompt),)
-    return GenerationRequest(key, msgs, max_new_tokens, SamplingParams(**sampling), bool(sampling))
+    return Generation(key, msgs, max_new_tokens, SamplingParams(**sampling), bool(sampling))
 
 
 @dataclass
@@ -52,7 +50,7 @@ class Result:
 
 def drive(
     engine: Engine,
-    reqs: Sequence[GenerationRequest],
+    reqs: Sequence[Generation],
     one_per_step: bool = False,
     on_step: Callable[[int, dict[str, Result]], None] | None = None,
     max_steps: int = 10_000,
@@ -64,8 +62,7 @@ def drive(
     for step in range(max_steps):
         while waiting and engine.free_slots() > 0:
             r = waiting.pop(0)
-            engine.prepare(r)
-            engine.submit([r])
+            engine.submit([engine.prepare(r)])
             if one_per_step:
                 break
         if not waiting and engine.active() == 0:

@@ -18,7 +18,7 @@ import yaml
 from rkmqtt import reference
 from rkmqtt.broker import Mosquitto
 from rkmqtt.cli import build_parser
-from rkmqtt.protocol import ErrorReply, Info, OkReply, Request, Stats, StreamChunk
+from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
 from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
 from tests.mqtt_probe import Probe
 
@@ -104,8 +104,8 @@ def test_every_setting_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch)
     assert load_settings({"topic_prefix": "from-flag"}).topic_prefix == "from-flag"
 
 
-MODELS = {"request": Request, "final reply (ok)": OkReply, "final reply (error)": ErrorReply, "chunk": StreamChunk,
-          "P/stats": Stats, "P/info": Info}  # fmt: skip
+MODELS = {"request": RequestPayload, "final reply (ok)": OkReply, "final reply (error)": ErrorReply,
+          "chunk": StreamChunk, "P/stats": Stats, "P/info": Info}  # fmt: skip
 
 
 def test_every_json_example_in_the_readme_validates() -> None:
@@ -159,6 +159,7 @@ def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, pref
     assert len(lines) == 3 and lines[2].startswith("./dev run --engine rkllm ")
     (tmp_path / "tests").symlink_to(REPO / "tests")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env["RKMQTT_STATE_DIR"] = str(tmp_path / "state")
     for line in lines[:2]:
         done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, line + "\n" + done.stderr

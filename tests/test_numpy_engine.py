@@ -113,23 +113,19 @@ def test_too_long_is_refused_before_taking_a_slot(smol: NumpyEngine) -> None:
     assert smol.free_slots() == 3
     # the rule: the prompt plus min(max_new_tokens, max_context // 4) must fit
     fits = req("fits", "word " * 300, 100)
-    n = smol.prepare(fits)
+    n = smol.prepare(fits).prompt_tokens
     assert n is not None and n + 100 <= 512
-    smol.cancel("fits")
     # a long answer is not refused while a quarter of the context (128) is left for it
-    assert smol.prepare(req("big", "word " * 300, 10_000)) == n
-    smol.cancel("big")
+    assert smol.prepare(req("big", "word " * 300, 10_000)).prompt_tokens == n
     with pytest.raises(RequestRejected):
         smol.prepare(req("bigger", "word " * 400, 10_000))
-    assert smol.prepare(req("short", "word " * 400, 50)) is not None
-    smol.cancel("short")
+    assert smol.prepare(req("short", "word " * 400, 50)).prompt_tokens is not None
+    assert smol.free_slots() == 3  # preparing takes nothing from the engine
 
 
 def test_cancel_frees_the_slot_at_once(smol: NumpyEngine) -> None:
     a, b = req("a", "Write a long poem about autumn.", 200), req("b", "What is 2+2?", 8)
-    smol.prepare(a)
-    smol.prepare(b)
-    smol.submit([a, b])
+    smol.submit([smol.prepare(a), smol.prepare(b)])
     assert smol.free_slots() == 1
     for _ in range(3):
         smol.poll(0.0)
@@ -168,14 +164,14 @@ def test_long_prompt_prefill_is_chunked_while_others_decode(smol: NumpyEngine) -
     """A joining request with a long prompt does not stall the slot that is decoding: the
     decoding slot gets a token on every step while the prompt goes in by chunks."""
     first = req("first", "Write a long poem about autumn.", 30)
-    smol.prepare(first)
-    smol.submit([first])
+    smol.submit([smol.prepare(first)])
     while not any(isinstance(e, TokenEvent) for e in smol.poll(0.0)):
         pass
     joiner = req("join", "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 20, 4)
-    n = smol.prepare(joiner)
+    prepared = smol.prepare(joiner)
+    n = prepared.prompt_tokens
     assert n is not None and n > 3 * smol.prefill_chunk
-    smol.submit([joiner])
+    smol.submit([prepared])
     steps_with_first_token = 0
     for _ in range(n // smol.prefill_chunk):
         events = smol.poll(0.0)
@@ -236,7 +232,7 @@ def test_utf8_is_held_back_until_whole(chain_model: Path) -> None:
 
 def test_generation_stops_at_the_context_end(chain_model: Path) -> None:
     engine = chain_engine(chain_model, n_batch=1, max_context=64)
-    n = engine.prepare(req("c", "hi", 10_000))
+    n = engine.prepare(req("c", "hi", 10_000)).prompt_tokens
     assert n is not None
     res = drive(engine, [req("c", "hi", 10_000)])["c"]
     assert res.finish is not None and res.finish.reason == "length"
@@ -260,7 +256,7 @@ def test_a_failing_step_still_delivers_the_finish_of_a_request_that_ended_in_it(
     slot, then sampling the second fails. The first still gets its FinishEvent, the second an
     ErrorEvent, and no slot's cached tokens survive the failed step."""
     engine = chain_engine(chain_model)
-    engine.submit([req("done", "hi", 1), req("bad", "ho", 5)])
+    engine.submit([engine.prepare(req("done", "hi", 1)), engine.prepare(req("bad", "ho", 5))])
     bad = engine._running["bad"]
 
     def boom(logits: object, history: object) -> int:

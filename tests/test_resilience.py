@@ -194,7 +194,8 @@ def test_ctrl_c_with_the_embedded_broker_keeps_the_last_replies(tmp_path: Path) 
     whole foreground process group: the broker must not die with it before the bridge has sent the
     running requests' final replies; the bridge stops it afterwards."""
     port, prefix = free_port(), "ctrlc"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env.update(PYTHONPATH=str(REPO), RKMQTT_STATE_DIR=str(tmp_path / "state"))
     # A process group of its own, like a shell's foreground job; killpg below is the terminal's Ctrl-C.
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_RUN, str(port), prefix],
@@ -228,11 +229,12 @@ def test_ctrl_c_with_the_embedded_broker_keeps_the_last_replies(tmp_path: Path) 
     assert not port_answers("127.0.0.1", port), "the private broker stops with rkmqtt"
 
 
-def test_the_embedded_broker_does_not_outlive_a_killed_rkmqtt() -> None:
+def test_the_embedded_broker_does_not_outlive_a_killed_rkmqtt(tmp_path: Path) -> None:
     """In a session of its own the broker would survive a SIGKILLed rkmqtt (and hold the port);
     the parent-death signal ends it too."""
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env.update(PYTHONPATH=str(REPO), RKMQTT_STATE_DIR=str(tmp_path / "state"))
     proc = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_RUN, str(port), "killed"], env=env, cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rkmqtt.engines.base import ChatMessage, GenerationRequest, SamplingParams
+from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.errors import ConfigError
 from rkmqtt.fairqueue import FairQueue
-from rkmqtt.intake import Intake, RateLimiter, Refusal
+from rkmqtt.intake import Incoming, Intake, RateLimiter
 from rkmqtt.protocol import ErrorCode, parse_cancel_payload
-from rkmqtt.request import Job, RequestState
+from rkmqtt.replies import Refusal
+from rkmqtt.request import Request, RequestKey, RequestState, Route
 from rkmqtt.settings import load_settings
 from rkmqtt.topics import Topics
 
@@ -46,9 +47,10 @@ def test_topic_scheme() -> None:
     assert t.stream_of(t.reply("c", "i")) == "p/reply/c/i/stream"
 
 
-def _job(client: str, n: int, temp: float = 0.0) -> Job:
-    gen = GenerationRequest(f"{client}/{n}", (ChatMessage("user", "x"),), 8, SamplingParams(temperature=temp))
-    return Job(client=client, id=str(n), reply_topic="r", stream=True, correlation=None, gen=gen, arrival=float(n))
+def _job(client: str, n: int, temp: float = 0.0) -> Request:
+    key = RequestKey(client, str(n))
+    gen = Generation(key, (ChatMessage("user", "x"),), 8, SamplingParams(temperature=temp))
+    return Request(key=key, route=Route("r"), gen=gen, arrival=float(n))
 
 
 @given(st.lists(st.sampled_from("abcde"), min_size=1, max_size=60), st.integers(1, 8))
@@ -56,7 +58,7 @@ def test_fair_queue_serves_one_per_client_per_round(clients: list[str], n: int) 
     q = FairQueue()
     for i, c in enumerate(clients):
         q.push(_job(c, i))
-    taken: list[Job] = []
+    taken: list[Request] = []
     while len(q):
         batch = q.take(n)
         assert batch and len(batch) <= n
@@ -65,7 +67,7 @@ def test_fair_queue_serves_one_per_client_per_round(clients: list[str], n: int) 
         if max(per_client.values()) > 1:
             assert all(c in per_client for c in {j.client for j in q})
         taken.extend(batch)
-    assert sorted(j.gen.key for j in taken) == sorted(f"{c}/{i}" for i, c in enumerate(clients))
+    assert sorted(str(j.key) for j in taken) == sorted(f"{c}/{i}" for i, c in enumerate(clients))
     for c in set(clients):  # each client's own order is kept
         ids = [int(j.id) for j in taken if j.client == c]
         assert ids == sorted(ids)
@@ -106,17 +108,17 @@ def test_rate_limiter_refills() -> None:
 def test_intake_resolves_defaults_messages_and_expiry() -> None:
     s = load_settings({"temperature": 0.5, "default_new_tokens": 33})
     intake = Intake(s, Topics(s.topic_prefix))
-    job = intake.accept("dev", b'{"id": "a", "system": "be brief", "prompt": "hi", "expires_in": 5}', now=100.0)
+    job = intake.accept(Incoming("dev", b'{"id": "a", "system": "be brief", "prompt": "hi", "expires_in": 5}'), 100.0)
     assert not isinstance(job, Refusal)
     assert [m.role for m in job.gen.messages] == ["system", "user"]
     assert job.gen.max_new_tokens == 33 and job.gen.sampling.temperature == 0.5
     assert not job.gen.sampling_requested and job.deadline == 105.0
-    job = intake.accept("dev", b'{"prompt": "hi", "expires_in": 50, "seed": 3}', expiry_s=2.0, now=0.0)
+    job = intake.accept(Incoming("dev", b'{"prompt": "hi", "expires_in": 50, "seed": 3}', expiry_s=2.0), 0.0)
     assert not isinstance(job, Refusal) and job.deadline == 2.0 and job.gen.sampling_requested
-    job = intake.accept("dev", b'{"prompt": "hi", "expires_in": 2}', expiry_s=50.0, now=1.0)
+    job = intake.accept(Incoming("dev", b'{"prompt": "hi", "expires_in": 2}', expiry_s=50.0), 1.0)
     assert not isinstance(job, Refusal) and job.deadline == 51.0  # the MQTT 5 property wins
     msgs = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
-    job = intake.accept("dev", msgs, now=0.0)
+    job = intake.accept(Incoming("dev", msgs), 0.0)
     assert not isinstance(job, Refusal) and [m.content for m in job.gen.messages] == ["a", "b"]
 
 
@@ -129,8 +131,8 @@ def test_cancel_payloads() -> None:
 
 def test_refusal_goes_to_a_valid_reply_to_even_for_bad_fields() -> None:
     s = load_settings({"topic_prefix": "p"})
-    r = Intake(s, Topics("p")).accept("dev", b'{"id": "i1", "prompt": 5, "reply_to": "p/reply/dev/mine"}')
-    assert isinstance(r, Refusal) and r.code == ErrorCode.INVALID_REQUEST and r.reply_topic == "p/reply/dev/mine"
+    r = Intake(s, Topics("p")).accept(Incoming("dev", b'{"id": "i1", "prompt": 5, "reply_to": "p/reply/dev/mine"}'))
+    assert isinstance(r, Refusal) and r.code == ErrorCode.INVALID_REQUEST and r.route.topic == "p/reply/dev/mine"
 
 
 def test_settings_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

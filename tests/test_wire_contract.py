@@ -452,3 +452,39 @@ def test_engine_cancel_raising_does_not_lose_replies(
     probe.publish(f"{prefix}/request/dev", {"id": "c2", "prompt": "still fine"})
     assert probe.final(f"{prefix}/reply/dev/c2")["text"] == "still fine "
     assert svc.scheduler is not None and not svc.scheduler.stopped
+
+
+def test_stats_add_up_after_a_flood_with_bumping_cancels_and_expiries(
+    prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """Every way a request can end at once: served, bumped by a quiet device, refused busy,
+    cancelled while waiting and while running, expired, refused at intake, retried. Afterwards
+    `P/stats` adds up: requests_total = completed + errors = distinct final replies, and
+    `repeated` counts the finals sent again for retried ids."""
+    engine = FakeEngine(n_batch=2, continuous=True, step_s=0.02)
+    start_bridge(engine, max_queue=5, rate_limit=0, dedup_window=60)
+    probe = probe_factory([f"{prefix}/reply/#", f"{prefix}/stats"])
+    for i in range(12):
+        probe.publish(f"{prefix}/request/flood", {"id": f"f{i}", "prompt": "tokens:30", "stream": False}, wait=False)
+    for q in ("q1", "q2", "q3"):  # each bumps the flood's newest
+        probe.publish(f"{prefix}/request/{q}", {"id": "a", "prompt": "tokens:3", "stream": False}, wait=False)
+    probe.publish(f"{prefix}/request/late", {"id": "x", "prompt": "tokens:3", "expires_in": 0.05}, wait=False)
+    probe.publish(f"{prefix}/request/bad", b"{not json", wait=False)
+    probe.publish(f"{prefix}/cancel/flood", b"f0", wait=False)  # running
+    probe.publish(f"{prefix}/cancel/flood", b"f3", wait=False)  # waiting, if it was not bumped
+    expected = 12 + 3 + 1 + 1
+    finals = probe.wait_for(_is_final(prefix), count=expected, timeout=60)
+    probe.publish(f"{prefix}/request/q1", {"id": "a", "prompt": "tokens:3", "stream": False})  # a retry
+    probe.wait_for(lambda m: m.topic == f"{prefix}/reply/q1/a", count=2, timeout=20)
+    codes = [m.json().get("error", {}).get("code") or m.json()["finish_reason"] for m in finals]
+    assert {"busy", "expired", "invalid_request", "cancelled"} <= set(codes), codes
+    assert len({m.topic for m in finals}) == expected  # one final per request
+
+    def settled(m: Received) -> bool:
+        s = m.json() if m.topic == f"{prefix}/stats" else None
+        return bool(s) and s["repeated"] == 1 and s["active"] == 0 and s["queue_depth"] == 0
+
+    stats = probe.wait_for(settled, timeout=20)[0].json()
+    assert stats["requests_total"] == stats["completed"] + stats["errors"] == expected, stats
+    assert sum(stats["errors_by_code"].values()) == stats["errors"]
+    assert stats["completed"] == sum(1 for m in finals if m.json()["status"] == "ok")

@@ -100,6 +100,8 @@ def addon_layers(options_path: Path = OPTIONS_PATH) -> list[tuple[dict[str, Any]
         if value is None or (isinstance(value, str) and value.strip() == ""):
             continue
         layer[name] = value
+    # The Supervisor keeps /data across restarts and updates: the request journal lives there.
+    layer["state_dir"] = str(options_path.parent)
     return [(layer, f"add-on option in {options_path}")]
 
 

@@ -1,32 +1,40 @@
 """The MQTT side: one paho-mqtt 2.x client (callback API version 2).
 
 Threads: every `_on_*` method runs on paho's network thread ("paho-mqtt-client-…"). It only
-parses, validates (`Intake`) and enqueues — onto the scheduler's inbox or the outbox — and never
-waits on the engine. Outgoing replies are published by the publisher thread (`outbox.py`).
-On every (re)connect the bridge subscribes again and republishes `status`, `info` and the
-Home Assistant discovery; the Last Will turns `status` to `offline` when it vanishes.
+parses, validates (`Intake`), journals and enqueues — onto the scheduler's inbox or the outbox — and
+never waits on the engine. Outgoing replies are published by the publisher thread (`outbox.py`).
+
+The session is persistent (a stable client id, clean start off, `session_expiry`): requests sent
+while the bridge is away wait in the broker. QoS 1 requests are acknowledged by hand, after they
+are in the journal, so a crash cannot lose one the broker thinks delivered. On every (re)connect
+the bridge subscribes again and republishes `status`, `info` and the Home Assistant discovery; the
+Last Will turns `status` to `offline` when it vanishes. `link.py` says what goes wrong, once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
+import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from rkmqtt.connection import make_client
-from rkmqtt.intake import Intake, Refusal
+from rkmqtt.connection import connect_args, make_client, set_nodelay
+from rkmqtt.intake import Incoming, Intake
+from rkmqtt.journal import Delivered, Journal
+from rkmqtt.link import Link, describe_failure, describe_reason
 from rkmqtt.outbox import Outbox, Outgoing, Publisher
-from rkmqtt.protocol import ErrorBody, ErrorCode, ErrorReply, parse_cancel_payload
+from rkmqtt.protocol import ErrorCode, parse_cancel_payload
+from rkmqtt.replies import FINAL_QOS, Refusal, Replies
+from rkmqtt.request import Request, RequestKey
 from rkmqtt.scheduler import Scheduler
 from rkmqtt.settings import BrokerAddress, Settings
 from rkmqtt.topics import Topics
@@ -39,6 +47,21 @@ _BAD_CREDENTIALS = {134, 135, 4, 5}
 CredentialsProvider = Callable[[], "tuple[str | None, str | None] | None"]
 RetainedProvider = Callable[[], "list[tuple[str, bytes]]"]
 
+# First reconnect within half a second, then doubling up to a few seconds: a broker that restarts
+# is found again at once, and requests sent to it meanwhile reach this session quickly.
+RECONNECT_MIN_S = 0.25
+RECONNECT_MAX_S = 5.0
+
+
+class _QuietPaho(logging.Filter):
+    """paho logs 'Client is not connected' on every loop turn of an outage; `Link` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+logging.getLogger("paho").addFilter(_QuietPaho())
+
 
 class Bridge:
     def __init__(
@@ -50,6 +73,7 @@ class Bridge:
         retained_extra: RetainedProvider | None = None,
         extra_subscriptions: dict[str, Callable[[bytes], None]] | None = None,
         credentials_provider: CredentialsProvider | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
@@ -60,7 +84,9 @@ class Bridge:
         self._retained_extra = retained_extra
         self._extra_subs = extra_subscriptions or {}
         self._credentials_provider = credentials_provider
+        self.journal = journal
         self.address: BrokerAddress = settings.broker_url
+        self.link = Link(str(self.address))
         self.mqtt5 = settings.mqtt_version == "5"
         self._accepting = True
         self._stopping = False
@@ -71,12 +97,14 @@ class Bridge:
 
     # -- set-up -----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        client = make_client(self.settings, self.settings.effective_client_id(), self.address)
+        client_id = self.settings.effective_client_id()
+        client = make_client(self.settings, client_id, self.address, persistent=True, manual_ack=True)
         client.enable_logger(logging.getLogger("paho"))
         client.will_set(self.topics.status, b"offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_socket_open = self._on_socket_open
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)  # type: ignore[arg-type]
+        client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -85,31 +113,26 @@ class Bridge:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def taken_over(self) -> bool:
+        """Another client connected with our client id and the broker gave it our session."""
+        return self.link.taken_over
+
     def start(self) -> None:
         self.publisher.start()
-        host, port, keepalive = self.address.host, self.address.port, self.settings.keepalive
-        if self.mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-            self.client.connect_async(host, port, keepalive=keepalive, clean_start=True, properties=props)
-        else:
-            self.client.connect_async(host, port, keepalive=keepalive)
+        args = connect_args(self.settings, persistent=True)
+        self.client.connect_async(self.address.host, self.address.port, **args)
         self.client.loop_start()
-        _LOGGER.info("connecting to %s", self.address)
+        _LOGGER.info("connecting to %s as %s", self.address, self.settings.effective_client_id())
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
-    def stop_accepting(self, timeout: float = 3.0) -> None:
-        """Stop taking requests: unsubscribe (so the broker stops sending them, and with a shared
-        group hands them to the other bridges) and answer any still in flight `shutting_down`."""
+    def stop_accepting(self) -> None:
+        """Stop taking requests: the ones that arrive from now on are answered `shutting_down`.
+        The subscription stays in the persistent session: what is sent once the bridge is gone
+        waits in the broker for its next start (for `session_expiry` seconds)."""
         self._accepting = False
-        if not self.connected:
-            return
-        done = threading.Event()
-        self.client.on_unsubscribe = lambda *args: done.set()
-        self.client.unsubscribe(self.topics.request_subscription(self.settings.shared_group))
-        done.wait(timeout)
 
     def stop(self, flush_timeout: float = 10.0) -> None:
         """Flush replies, publish `offline`, disconnect. Replies still held by paho (published
@@ -127,8 +150,10 @@ class Bridge:
                 info.wait_for_publish(timeout=3)
             while self._unacked() and self.connected and time.monotonic() < end:
                 time.sleep(0.02)
+        self.publisher.sweep()  # record what the broker acknowledged while we waited
         if self._unacked():
-            _LOGGER.error("%d replies could not be delivered before exit", self._unacked())
+            later = "they are sent again at the next start" if self.journal else "they are lost"
+            _LOGGER.error("%d replies were not acknowledged by the broker before exit: %s", self._unacked(), later)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -137,23 +162,20 @@ class Bridge:
         return len(getattr(self.client, "_out_messages", ()))
 
     # -- paho callbacks (network thread) ----------------------------------------------------
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # Without TCP_NODELAY a request->reply round trip pays ~40-90 ms of Nagle/delayed-ACK timers.
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            _LOGGER.debug("TCP_NODELAY not set on %r", sock)
-
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
         if reason.is_failure:
-            _LOGGER.warning("broker %s refused the connection: %s", self.address, reason)
+            self.link.failed(describe_reason(int(reason.value)))
             if int(reason.value) in _BAD_CREDENTIALS and self._credentials_provider is not None:
                 self._refresh_credentials()
             return
         self.connects += 1
-        _LOGGER.info("connected to %s (connection %d)", self.address, self.connects)
+        resumed = bool(getattr(flags, "session_present", False))
+        self.link.up(session_present=resumed or self.connects == 1)
+        _LOGGER.info(
+            "connected to %s (connection %d, %s session)", self.address, self.connects, "resumed" if resumed else "new"
+        )
         if self._accepting:
             # A retained request is old news: it was answered when it was published (or it would be
             # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
@@ -188,21 +210,41 @@ class Bridge:
             self.address.username, self.address.password = username, password
             _LOGGER.info("broker credentials refreshed; the next connect uses them")
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its `except OSError` around the connect: the exception is current.
+        self.link.failed(describe_failure(sys.exc_info()[1]))
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was and not self._stopping:
-            _LOGGER.warning("disconnected from %s (%s); reconnecting", self.address, reason)
-        if int(getattr(reason, "value", 0)) in _BAD_CREDENTIALS and self._credentials_provider is not None:
+        code = int(getattr(reason, "value", 0))
+        if was:
+            self.link.lost(code if getattr(reason, "is_failure", False) else None, self._stopping)
+        if self.link.taken_over and not self._stopping:
+            _LOGGER.error(
+                "another client connected to %s with our client id %s and took this bridge's session: stopping "
+                "(give each bridge its own node_name, or client_id)",
+                self.address,
+                self.settings.effective_client_id(),
+            )
+            self._stopping = True
+            client.disconnect()  # no reconnect: two bridges would take the session from each other forever
+            return
+        if code in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self._dispatch(msg)
         except Exception:  # never let one message kill the network thread
-            _LOGGER.exception("message on %s could not be handled", msg.topic)
+            _LOGGER.error("a message of %d bytes could not be handled", len(msg.payload), exc_info=True)
+        finally:
+            # Manual acknowledgement: only now, with the request in the journal, may the broker
+            # forget it.
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
 
     def _dispatch(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
@@ -225,33 +267,44 @@ class Bridge:
             _LOGGER.warning("ignoring a retained request on %s: publish requests without the retain flag", msg.topic)
             return
         props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        correlation = getattr(props, "CorrelationData", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-        result = self.intake.accept(
-            client, bytes(msg.payload), response_topic, correlation, float(expiry) if expiry is not None else None
+        incoming = Incoming(
+            client,
+            bytes(msg.payload),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation=getattr(props, "CorrelationData", None) if props else None,
+            expiry_s=float(expiry) if expiry is not None else None,
         )
+        accepted = self.intake.accept(incoming)
+        result: Request | Refusal | None = accepted
+        if isinstance(accepted, Request):
+            if not self._accepting:
+                result = Refusal(accepted.id, accepted.route, ErrorCode.SHUTTING_DOWN, "the bridge is shutting down")
+            else:
+                result = self._journal(incoming, accepted)
         if isinstance(result, Refusal):
-            self._send_refusal(result)
-            return
-        if not self._accepting:
-            self._send_refusal(
-                Refusal(
-                    result.id,
-                    result.reply_topic,
-                    ErrorCode.SHUTTING_DOWN,
-                    "the bridge is shutting down",
-                    result.correlation,
-                )
-            )
-            return
-        self.scheduler.submit(result)
+            self.outbox.put(Replies.refusal(result))
+            self.scheduler.refused(result.code)
+            _LOGGER.warning("request %s/%s: %s: %s", client, result.id, result.code.value, result.message)
+        elif result is not None:
+            self.scheduler.submit(result)
 
-    def _send_refusal(self, r: Refusal) -> None:
-        reply = ErrorReply(id=r.id, error=ErrorBody(code=r.code, message=r.message))
-        self.outbox.put(Outgoing(r.reply_topic, reply.model_dump_json().encode(), 1, False, r.correlation))
-        self.scheduler.note_rejection(r.code)
-        _LOGGER.warning("request %s (%s): %s: %s", r.id, r.reply_topic, r.code.value, r.message)
+    def _journal(self, incoming: Incoming, req: Request) -> Request | Refusal | None:
+        """Journal an accepted request; None when it is a retried id answered from the journal."""
+        if self.journal is None:
+            return req
+        try:
+            row = self.journal.admit(incoming, req.key)
+        except sqlite3.Error as e:
+            _LOGGER.error("the journal cannot record request %s: %s", req.key, e)
+            return Refusal(req.id, req.route, ErrorCode.BUSY, "the bridge cannot record requests now; try again later")
+        if isinstance(row, Delivered):
+            _LOGGER.info("request %s: retried after it ran; its recorded final reply is sent again", req.key)
+            self.outbox.put(Outgoing(req.route.topic, row.final, FINAL_QOS, False, req.route.correlation))
+            self.scheduler.repeated()
+            return None
+        req.journal_seq = row
+        return req
 
     def _on_cancel(self, client: str, payload: bytes) -> None:
         try:
@@ -260,4 +313,4 @@ class Bridge:
             # A cancel has no reply topic of its own; say so in the log rather than drop it silently.
             _LOGGER.warning('cancel from %s: not an id or {"id": ...}: %s', client, str(e).splitlines()[0])
             return
-        self.scheduler.cancel(client, req.id)
+        self.scheduler.cancel(RequestKey(client, req.id))

@@ -1,4 +1,4 @@
-"""Turning an incoming MQTT request into a `Job` or a refusal (paho network thread; pure logic).
+"""Turning an incoming MQTT request into a `Request` or a `Refusal` (paho network thread; pure logic).
 
 Checks, in order: payload size, client name, UTF-8 and JSON and the request's fields, the reply
 topic's confinement, prompt length, `max_new_tokens`, the client's rate. Each failure has its
@@ -14,29 +14,19 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from rkmqtt.engines.base import ChatMessage, GenerationRequest, SamplingParams
+from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.protocol import (
     ErrorCode,
-    Request,
+    RequestPayload,
     describe_validation_error,
     extract_routing,
     new_request_id,
     parse_request_payload,
 )
-from rkmqtt.request import Job, job_key
+from rkmqtt.replies import Refusal
+from rkmqtt.request import Request, RequestKey, Route
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A request refused before it reached the scheduler; answered on `reply_topic`."""
-
-    id: str
-    reply_topic: str
-    code: ErrorCode
-    message: str
-    correlation: bytes | None
 
 
 class RateLimiter:
@@ -63,130 +53,119 @@ class RateLimiter:
             return ok
 
 
+@dataclass(frozen=True)
+class Incoming:
+    """One message on `P/request/<client>`: the payload and its MQTT 5 properties, if any
+    (they win over the payload's `reply_to` and `expires_in`)."""
+
+    client: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    expiry_s: float | None = None
+
+
 class Intake:
     def __init__(self, settings: Settings, topics: Topics) -> None:
         self.settings = settings
         self.topics = topics
         self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
 
-    def _defaults(self) -> SamplingParams:
-        s = self.settings
-        return SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repeat_penalty=s.repeat_penalty)
-
-    def accept(
-        self,
-        client: str,
-        payload: bytes,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
-        expiry_s: float | None = None,
-        now: float | None = None,
-    ) -> Job | Refusal:
-        """Validate one request published on `P/request/<client>`.
-
-        `response_topic`, `correlation` and `expiry_s` are the MQTT 5 properties, when present;
-        they win over the payload's `reply_to` and `expires_in`. Never raises: whatever cannot be
-        read is refused with `invalid_request`.
-        """
+    def accept(self, msg: Incoming, now: float | None = None, rate_limit: bool = True) -> Request | Refusal:
+        """Validate one request. Never raises: what cannot be read is refused with a code.
+        `rate_limit=False` for a request taken up from the journal: it was counted when it came."""
         now = time.monotonic() if now is None else now
         try:
-            return self._accept(client, payload, response_topic, correlation, expiry_s, now)
+            payload = self._read(msg)
+            if isinstance(payload, Refusal):
+                return payload
+            rid = payload.id or new_request_id()
+            route = self._route(msg, rid, payload.reply_to, payload.stream)
+            if isinstance(route, Refusal):
+                return route
+            problem = self._over_limits(msg.client, payload, now, rate_limit)
+            if problem is not None:
+                return Refusal(rid, route, *problem)
+            return self._request(msg, RequestKey(msg.client, rid), payload, route, now)
         except Exception as e:  # e.g. RecursionError on absurd nesting: refuse, never drop
             rid = new_request_id()
+            default = Route(self.topics.reply(msg.client, rid), msg.correlation)
             return Refusal(
-                rid,
-                self.topics.reply(client, rid),
-                ErrorCode.INVALID_REQUEST,
-                f"the request could not be read ({type(e).__name__})",
-                correlation,
+                rid, default, ErrorCode.INVALID_REQUEST, f"the request could not be read ({type(e).__name__})"
             )
 
-    def _accept(
-        self,
-        client: str,
-        payload: bytes,
-        response_topic: str | None,
-        correlation: bytes | None,
-        expiry_s: float | None,
-        now: float,
-    ) -> Job | Refusal:
+    def _read(self, msg: Incoming) -> RequestPayload | Refusal:
+        """The payload as a request, or its refusal (routed on a best-effort reading of it)."""
         s = self.settings
-
-        def unread(code: ErrorCode, message: str) -> Refusal:
-            # Not a valid request: its id and reply_to are read on a best-effort basis, only here,
-            # so that a good request's JSON is parsed once. The reply goes to the requested topic
-            # if that is allowed, else to the default one.
-            rid, reply_to = extract_routing(payload) if len(payload) <= s.max_payload_bytes else (None, None)
-            rid = rid or new_request_id()
-            wanted = response_topic or reply_to
-            ok = wanted is not None and self.topics.is_allowed_reply_topic(wanted, client)
-            topic = wanted if ok and wanted else self.topics.reply(client, rid)
-            return Refusal(rid, topic, code, message, correlation)
-
-        if len(payload) > s.max_payload_bytes:
-            return unread(
-                ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {s.max_payload_bytes}"
+        if len(msg.payload) > s.max_payload_bytes:
+            return self._unreadable(
+                msg,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"payload is {len(msg.payload)} bytes; the limit is {s.max_payload_bytes}",
+                parse=False,
             )
-        if not is_valid_client(client):
-            return unread(
-                ErrorCode.INVALID_CLIENT, "the client name in the topic must be 1-64 characters of A-Z a-z 0-9 _ -"
+        if not is_valid_client(msg.client):
+            return self._unreadable(
+                msg, ErrorCode.INVALID_CLIENT, "the client name in the topic must be 1-64 characters of A-Z a-z 0-9 _ -"
             )
         try:
-            req = parse_request_payload(payload)
+            return parse_request_payload(msg.payload)
         except UnicodeDecodeError:
-            return unread(ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8")
+            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8")
         except ValidationError as e:
-            return unread(ErrorCode.INVALID_REQUEST, describe_validation_error(e))
-        rid = req.id or new_request_id()
-        wanted = response_topic or req.reply_to
-        ok_topic = wanted if wanted and self.topics.is_allowed_reply_topic(wanted, client) else None
-        default_topic = self.topics.reply(client, rid)
+            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, describe_validation_error(e))
 
-        def refuse(code: ErrorCode, message: str, topic: str | None = None) -> Refusal:
-            return Refusal(rid, topic or default_topic, code, message, correlation)
+    def _unreadable(self, msg: Incoming, code: ErrorCode, message: str, parse: bool = True) -> Refusal:
+        # Not a valid request: its id and reply_to are read on a best-effort basis, only here, so
+        # that a good request's JSON is parsed once. The reply goes to the requested topic if that
+        # is allowed, else to the default one.
+        rid, reply_to = extract_routing(msg.payload) if parse else (None, None)
+        rid = rid or new_request_id()
+        route = self._route(msg, rid, reply_to, stream=False)
+        if isinstance(route, Refusal):
+            route = route.route
+        return Refusal(rid, route, code, message)
 
-        if wanted is not None and ok_topic is None:
-            return refuse(
+    def _route(self, msg: Incoming, rid: str, reply_to: str | None, stream: bool) -> Route | Refusal:
+        """Where the replies go: the Response Topic, else `reply_to`, else `P/reply/<client>/<id>`."""
+        default = Route(self.topics.reply(msg.client, rid), msg.correlation, stream)
+        wanted = msg.response_topic or reply_to
+        if wanted is None:
+            return default
+        if not self.topics.is_allowed_reply_topic(wanted, msg.client):
+            return Refusal(
+                rid,
+                default,
                 ErrorCode.INVALID_REPLY_TO,
-                f"reply topic {wanted!r} must lie under {self.topics.reply_root()}{client}/ without + or #",
+                f"reply topic {wanted!r} must lie under {self.topics.reply_root()}{msg.client}/ without + or #",
             )
-        reply_topic = ok_topic or default_topic
+        return Route(wanted, msg.correlation, stream)
+
+    def _over_limits(
+        self, client: str, req: RequestPayload, now: float, rate_limit: bool
+    ) -> tuple[ErrorCode, str] | None:
+        s = self.settings
         if req.prompt_chars() > s.max_prompt_chars:
-            return refuse(
-                ErrorCode.TOO_LONG,
-                f"prompt is {req.prompt_chars()} characters; the limit is {s.max_prompt_chars}",
-                reply_topic,
-            )
+            return ErrorCode.TOO_LONG, f"prompt is {req.prompt_chars()} characters; the limit is {s.max_prompt_chars}"
         if req.max_new_tokens is not None and req.max_new_tokens > s.max_new_tokens:
-            return refuse(
+            return (
                 ErrorCode.TOO_MANY_TOKENS,
                 f"max_new_tokens is {req.max_new_tokens}; the limit is {s.max_new_tokens}",
-                reply_topic,
             )
-        if not self.rate.allow(client, now):
-            return refuse(
+        if rate_limit and not self.rate.allow(client, now):
+            return (
                 ErrorCode.RATE_LIMITED,
                 f"more than {s.rate_burst} requests at once or {s.rate_limit:g} a minute from {client!r}",
-                reply_topic,
             )
-        return self._job(client, rid, req, reply_topic, correlation, expiry_s, now)
+        return None
 
-    def _job(
-        self,
-        client: str,
-        rid: str,
-        req: Request,
-        reply_topic: str,
-        correlation: bytes | None,
-        expiry_s: float | None,
-        now: float,
-    ) -> Job:
-        d = self._defaults()
+    def _request(self, msg: Incoming, key: RequestKey, req: RequestPayload, route: Route, now: float) -> Request:
+        s = self.settings
         sampling = SamplingParams(
-            temperature=d.temperature if req.temperature is None else req.temperature,
-            top_k=d.top_k if req.top_k is None else req.top_k,
-            top_p=d.top_p if req.top_p is None else req.top_p,
-            repeat_penalty=d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+            temperature=s.temperature if req.temperature is None else req.temperature,
+            top_k=s.top_k if req.top_k is None else req.top_k,
+            top_p=s.top_p if req.top_p is None else req.top_p,
+            repeat_penalty=s.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
             seed=req.seed,
         )
         requested = any(v is not None for v in (req.temperature, req.top_k, req.top_p, req.repeat_penalty, req.seed))
@@ -197,22 +176,18 @@ class Intake:
             messages.append(ChatMessage("user", req.prompt))
         else:
             messages.extend(ChatMessage(m.role, m.content) for m in req.messages or ())
-        expiries = [e for e in (expiry_s, req.expires_in) if e is not None]
         # The MQTT 5 property wins where both exist.
-        expires = expiry_s if expiry_s is not None else (min(expiries) if expiries else None)
-        gen = GenerationRequest(
-            key=job_key(client, rid),
+        expires = msg.expiry_s if msg.expiry_s is not None else req.expires_in
+        gen = Generation(
+            key=key,
             messages=tuple(messages),
-            max_new_tokens=req.max_new_tokens or self.settings.default_new_tokens,
+            max_new_tokens=req.max_new_tokens or s.default_new_tokens,
             sampling=sampling,
             sampling_requested=requested,
         )
-        return Job(
-            client=client,
-            id=rid,
-            reply_topic=reply_topic,
-            stream=req.stream,
-            correlation=correlation,
+        return Request(
+            key=key,
+            route=route,
             gen=gen,
             arrival=now,
             deadline=None if expires is None else now + expires,

@@ -31,6 +31,9 @@ class Outgoing:
     retain: bool = False
     correlation: bytes | None = None  # MQTT 5 Correlation Data to echo
     droppable: bool = False  # stream chunks may be dropped when the queue is full
+    # QoS 1: called on the publisher thread once the broker has acknowledged the message (a final
+    # reply's journal entry is closed then, not when it is merely handed to paho).
+    on_delivered: Callable[[], None] | None = None
 
 
 class Outbox:
@@ -96,6 +99,7 @@ class Publisher:
         self._is_connected = is_connected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rkmqtt-publisher", daemon=True)
+        self._awaiting: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
         self.published = 0
 
     def start(self) -> None:
@@ -105,6 +109,12 @@ class Publisher:
         self._stop.set()
         self._outbox.close()
         self._thread.join(timeout)
+        self.sweep()
+
+    @property
+    def awaiting(self) -> int:
+        """Messages with an `on_delivered` that the broker has not acknowledged yet."""
+        return len(self._awaiting)
 
     def _paho_backlog(self) -> int:
         """Packets paho has queued for the socket but not yet written."""
@@ -119,7 +129,8 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
-            msg = self._outbox.get(timeout=0.2)
+            msg = self._outbox.get(timeout=0.05 if self._awaiting else 0.2)
+            self.sweep()
             if msg is None:
                 if self._stop.is_set():
                     return
@@ -127,9 +138,25 @@ class Publisher:
             try:
                 self._publish(msg)
             except Exception:  # a bad message must not stop the publisher
-                _LOGGER.exception("publishing to %s failed", msg.topic)
+                _LOGGER.error("publishing a %d-byte message failed", len(msg.payload), exc_info=True)
             finally:
                 self._outbox.done()
+
+    def sweep(self) -> None:
+        """Call `on_delivered` of the messages the broker has acknowledged since the last sweep
+        (the publisher thread; the caller's once that thread has stopped)."""
+        if not self._awaiting:
+            return
+        still: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
+        for info, callback in self._awaiting:
+            if not info.is_published():
+                still.append((info, callback))
+                continue
+            try:
+                callback()
+            except Exception:
+                _LOGGER.exception("recording a delivered reply failed")
+        self._awaiting = still
 
     def _publish(self, msg: Outgoing) -> None:
         if msg.qos == 0 and not self._is_connected():
@@ -146,6 +173,8 @@ class Publisher:
             # reconnect (rc NO_CONN); only a full paho queue needs us to wait and retry.
             if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
                 self.published += 1
+                if msg.on_delivered is not None:
+                    self._awaiting.append((info, msg.on_delivered))
                 return
             if self._stop.is_set() and msg.qos == 0:
                 return

@@ -15,8 +15,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PROTOCOL_VERSION = 1
-
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
@@ -27,6 +25,7 @@ class ErrorCode(str, Enum):
     INVALID_REQUEST = "invalid_request"  # not UTF-8, bad JSON, unknown field, wrong type, out of range
     INVALID_CLIENT = "invalid_client"  # the <client> level of the request topic is not allowed
     INVALID_REPLY_TO = "invalid_reply_to"  # reply topic outside P/reply/ or with wildcards
+    DUPLICATE_ID = "duplicate_id"  # the id is in flight with replies going elsewhere
     PAYLOAD_TOO_LARGE = "payload_too_large"  # limit: max_payload_bytes
     TOO_LONG = "too_long"  # limit: max_prompt_chars, or the prompt does not fit the context
     TOO_MANY_TOKENS = "too_many_tokens"  # limit: max_new_tokens
@@ -50,7 +49,7 @@ class Message(_Strict):
     content: Annotated[str, Field(max_length=1_000_000, description="what is said")]
 
 
-class Request(_Strict):
+class RequestPayload(_Strict):
     """A request published on `P/request/<client>` as JSON (plain text is `{"prompt": text}`)."""
 
     id: Annotated[str | None, Field(pattern=ID_PATTERN, description="echoed on every reply; made when absent")] = None
@@ -79,7 +78,7 @@ class Request(_Strict):
     ] = None
 
     @model_validator(mode="after")
-    def _one_of_prompt_messages(self) -> Request:
+    def _one_of_prompt_messages(self) -> RequestPayload:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
@@ -110,12 +109,16 @@ class Timing(_Strict):
     ttft_ms: float | None = Field(description="from arrival to the first token; null when none came")
     total_ms: float = Field(description="from arrival to this reply")
     tokens_per_s: float = Field(description="completion tokens per second of generation (prefill excluded)")
+    prefill_ms: float | None = Field(
+        default=None, description="the engine's own prefill time (RKLLM: of the whole batch); null when not measured"
+    )
+    decode_ms: float | None = Field(
+        default=None, description="the engine's own decode time (RKLLM: of the whole batch); null when not measured"
+    )
 
 
 class BatchInfo(_Strict):
-    size: int = Field(
-        description="requests in the engine when it started, itself included (others may join or leave while it runs)"
-    )
+    size: int = Field(description="the most requests that shared the engine with it while it ran")
     slot: int | None = Field(description="its slot in the engine; null when it was cancelled before it ended")
 
 
@@ -196,10 +199,11 @@ class Stats(_Strict):
     active: int = Field(description="requests running")
     n_batch: int = Field(description="requests that run at once")
     tokens_per_s: float = Field(description="completion tokens per second over the last interval")
-    requests_total: int = Field(description="requests received, refused ones included")
-    completed: int = Field(description="requests answered ok")
-    errors: int = Field(description="requests answered with an error")
+    requests_total: int = Field(description="requests received; once none is in flight, completed + errors")
+    completed: int = Field(description="final replies with status ok")
+    errors: int = Field(description="final replies with status error, refusals included")
     errors_by_code: dict[str, int] = Field(description="errors counted by code")
+    repeated: int = Field(default=0, description="final replies sent again to a retried id")
     last_reply: str | None = Field(
         default=None, description="the text of the last reply to the Home Assistant dashboard's prompts"
     )
@@ -209,15 +213,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def parse_request_payload(payload: bytes) -> Request:
+def parse_request_payload(payload: bytes) -> RequestPayload:
     """Parse a request payload. Raises `ValueError` (not UTF-8) or `ValidationError`.
 
     JSON is meant when the payload starts with `{` after white space; anything else is the prompt.
     """
     text = payload.decode("utf-8")  # UnicodeDecodeError is a ValueError
     if text.lstrip().startswith("{"):
-        return Request.model_validate_json(text)
-    return Request(prompt=text)
+        return RequestPayload.model_validate_json(text)
+    return RequestPayload(prompt=text)
 
 
 def parse_cancel_payload(payload: bytes) -> CancelRequest:
@@ -237,10 +241,6 @@ def describe_validation_error(exc: ValidationError) -> str:
             msg = "unknown field"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
-
-
-def dumps(model: BaseModel) -> bytes:
-    return model.model_dump_json(exclude_none=False).encode()
 
 
 def extract_routing(payload: bytes) -> tuple[str | None, str | None]:

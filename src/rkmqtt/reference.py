@@ -31,7 +31,7 @@ from rkmqtt.protocol import (
     Info,
     Limits,
     OkReply,
-    Request,
+    RequestPayload,
     Stats,
     StreamChunk,
     Timing,
@@ -143,7 +143,7 @@ def _fields(model: type[BaseModel], incoming: bool = False) -> str:
 
 
 EXAMPLES: dict[str, BaseModel] = {
-    "request": Request(
+    "request": RequestPayload(
         id="kitchen-1", prompt="Turn the lights off in one sentence.", max_new_tokens=64, temperature=0.0
     ),
     "ok": OkReply(
@@ -214,7 +214,7 @@ Message Expiry Interval over `expires_in`; Correlation Data is echoed on every r
 
 ### `P/request/<client>` — request
 
-{_fields(Request, incoming=True)}
+{_fields(RequestPayload, incoming=True)}
 
 Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
@@ -284,6 +284,8 @@ _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_CLIENT: "the `<client>` level of the topic is not 1–64 of `[A-Za-z0-9_-]`",
     ErrorCode.INVALID_REPLY_TO: "`reply_to` / Response Topic outside `P/reply/` or with `+`/`#` "
     "(answered on the default reply topic)",
+    ErrorCode.DUPLICATE_ID: "the id is waiting or running with replies going to another topic or correlation; "
+    "the first request is still answered where it asked",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload over `max_payload_bytes`",
     ErrorCode.TOO_LONG: "prompt over `max_prompt_chars`, or it does not fit the model's context",
     ErrorCode.TOO_MANY_TOKENS: "`max_new_tokens` over the `max_new_tokens` setting",

@@ -1,16 +1,33 @@
-"""The request lifecycle inside the bridge (pure data).
+"""The request lifecycle inside the bridge (pure data; any thread until submitted).
 
-A `Job` is built by the paho network thread from a validated wire `Request`, handed to the
-scheduler through its inbox, and from then on touched only by the scheduler thread.
+A `Request` is built by the paho network thread (or the HTTP server) from a validated wire payload,
+handed to the scheduler thread through its inbox, and from then on touched only there: the
+scheduling core (`core.py`) moves it through the states below, and every terminal transition goes
+through its one `finish()`, which turns the request into an `Outcome`.
+
+Names: `protocol.RequestPayload` is what arrives on the wire, `engines.base.Generation` is what an
+engine sees, and `Request` is the bridge's mutable record of one accepted request; its one identity
+is its `RequestKey` (client, id), which is also the key the engine knows it by.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from rkmqtt.engines.base import GenerationRequest
+from rkmqtt.engines.base import Generation, Prepared
 from rkmqtt.protocol import ErrorCode, FinishReason
+
+
+class RequestKey(NamedTuple):
+    """Ids are unique per client, not globally."""
+
+    client: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.client}/{self.id}"
 
 
 class RequestState(enum.IntEnum):
@@ -38,18 +55,26 @@ _FINISH_REASONS: dict[RequestState, FinishReason] = {
 }
 
 
-@dataclass
-class Job:
-    """One accepted request, mutable, owned by the scheduler once submitted."""
+@dataclass(frozen=True)
+class Route:
+    """Where a request's replies go. The core only compares routes (a retried id from another
+    reply target is told `duplicate_id`); `replies.py` turns them into topics and properties."""
 
-    client: str
-    id: str
-    reply_topic: str
-    stream: bool
-    correlation: bytes | None
-    gen: GenerationRequest
+    topic: str  # the final reply's topic; stream chunks go to `<topic>/stream`
+    correlation: bytes | None = None  # MQTT 5 Correlation Data, echoed on every reply
+    stream: bool = True
+
+
+@dataclass
+class Request:
+    """One accepted request, mutable, owned by the scheduler thread once submitted."""
+
+    key: RequestKey
+    route: Route
+    gen: Generation
     arrival: float  # monotonic seconds
     deadline: float | None = None  # monotonic; not started by then -> expired
+    prepared: Prepared | None = None  # the engine's handle, from `prepare` until the request ends
     state: RequestState = RequestState.WAITING
     started: float | None = None
     first_token: float | None = None
@@ -59,22 +84,33 @@ class Job:
     seq: int = 0
     parts: list[str] = field(default_factory=list)
     slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
-    batch_size: int = 0
-    error: tuple[ErrorCode, str] | None = None
+    batch_size: int = 0  # the largest batch it ran in
+    perf: dict[str, float] = field(default_factory=dict)
+    journal_seq: int | None = None  # its row in the request journal, when there is one
 
     @property
-    def key(self) -> str:
-        return self.gen.key
+    def client(self) -> str:
+        return self.key.client
 
     @property
-    def stream_topic(self) -> str:
-        return f"{self.reply_topic}/stream"
+    def id(self) -> str:
+        return self.key.id
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
 
-def job_key(client: str, request_id: str) -> str:
-    """The scheduler's identity of a request: ids are unique per client, not globally."""
-    return f"{client}/{request_id}"
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended: made once, by the core's `finish()`, and answered once."""
+
+    request: Request
+    state: RequestState
+    finished: float  # monotonic seconds
+    error: tuple[ErrorCode, str] | None = None  # set exactly when state is FINISHED_ERROR
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -3,6 +3,9 @@ embedded broker and the health file together, and shuts them down in order.
 
 Threads it starts: "rkmqtt-scheduler" (owns the engine), paho's network thread, "rkmqtt-publisher",
 and "rkmqtt-health" (rewrites the health file once a second when `health_file` is set).
+
+At start, before connecting, it takes up what the request journal holds from the last run, in
+arrival order.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from typing import Any
 from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.broker import Mosquitto, port_answers
+from rkmqtt.core import CoreConfig
 from rkmqtt.engines import create_engine, default_temperature
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
+from rkmqtt.journal import Journal, journal_path
 from rkmqtt.outbox import Outbox
 from rkmqtt.protocol import Info, Limits
+from rkmqtt.replies import Refusal, Replies
 from rkmqtt.scheduler import Scheduler, SchedulerConfig
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
@@ -48,6 +54,7 @@ class Service:
         self.embedded: Mosquitto | None = None
         self.scheduler: Scheduler | None = None
         self.bridge: Bridge | None = None
+        self.journal: Journal | None = None
         self.info: Info | None = None
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
@@ -65,8 +72,10 @@ class Service:
             return
         if not s.embedded_broker:
             raise ConfigError(f"no broker set and none answers on localhost:{port}: set broker=mqtt://host:port")
+        # Persistence on: the bridge's session, and the requests queued in it, survive a restart.
         # Its own session: Ctrl-C reaches rkmqtt, which stops the broker after its last replies.
-        self.embedded = Mosquitto(port=port, own_session=True).start()
+        broker_dir = s.effective_state_dir() / "mosquitto"
+        self.embedded = Mosquitto(port=port, workdir=broker_dir, persistence=True, own_session=True).start()
         assert self.embedded.proc is not None
         _LOGGER.warning(
             "no broker set and none on localhost:%d: started a private Mosquitto (pid %d) on "
@@ -113,21 +122,30 @@ class Service:
             self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
             _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
         self.info = self._build_info(self.engine)
+        if s.journal:
+            path = journal_path(s.effective_state_dir(), s.effective_client_id())
+            self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
+            self.journal.prune()
         topics = Topics(s.topic_prefix)
         outbox = Outbox(s.outgoing_queue)
+        caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,
             SchedulerConfig(
-                n_batch=self.engine.capabilities.max_batch,
-                max_queue=s.max_queue,
-                batch_window_s=s.batch_window_ms / 1000.0,
-                dedup_window_s=s.dedup_window,
+                core=CoreConfig(
+                    n_batch=caps.max_batch,
+                    continuous=caps.continuous,
+                    max_queue=s.max_queue,
+                    batch_window_s=s.batch_window_ms / 1000.0,
+                    dedup_window_s=s.dedup_window,
+                ),
                 stats_interval_s=s.stats_interval,
                 stats_topic=topics.stats,
-                model_name=self.engine.model_name,
                 last_reply_client=self._last_reply_client(),
             ),
             outbox,
+            Replies(self.engine.model_name),
+            journal=self.journal,
         )
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
@@ -138,12 +156,35 @@ class Service:
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
+            journal=self.journal,
         )
         self.scheduler.start()
+        self._take_up()
         self.bridge.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
+
+    def _take_up(self) -> None:
+        """Submit what the journal holds from the last run, in arrival order: a request that had
+        started runs again from the start; its expiry still counts from its first arrival."""
+        journal, bridge, scheduler = self.journal, self.bridge, self.scheduler
+        if journal is None or bridge is None or scheduler is None:
+            return
+        pending = journal.pending()
+        if not pending:
+            return
+        now, wall = time.monotonic(), time.time()
+        for p in pending:
+            result = bridge.intake.accept(p.incoming, now - max(0.0, wall - p.arrived), rate_limit=False)
+            if isinstance(result, Refusal):  # the settings changed since: answer as they now say
+                journal.drop(p.seq)
+                bridge.outbox.put(Replies.refusal(result))
+                scheduler.refused(result.code)
+                continue
+            result.journal_seq = p.seq
+            scheduler.submit(result)
+        _LOGGER.warning("taking up %d requests from the journal %s", len(pending), journal.path)
 
     def _last_reply_client(self) -> str | None:
         if not self.settings.discovery:
@@ -202,9 +243,6 @@ class Service:
             _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish within the grace period, answer the
         rest `shutting_down`, publish `offline`, release everything."""
@@ -223,6 +261,8 @@ class Service:
             steps.append(("answer or finish requests", lambda: _drain(scheduler, grace)))
         if bridge is not None:
             steps.append(("flush replies and disconnect", bridge.stop))
+        if self.journal is not None:
+            steps.append(("close the journal", self.journal.close))
         if self.engine is not None:
             steps.append(("release the engine", self.engine.close))
         if self.embedded is not None:
@@ -253,6 +293,9 @@ class Service:
                 if self.scheduler is not None and self.scheduler.stopped:
                     _LOGGER.error("the scheduler stopped unexpectedly; exiting so that a supervisor restarts us")
                     status = 1
+                    break
+                if self.bridge is not None and self.bridge.taken_over:
+                    status = 1  # the bridge said why, in one line
                     break
         finally:
             self.stop()

@@ -50,8 +50,22 @@ class Settings(BaseSettings):
     password: Annotated[SecretStr | None, Field(description="Broker password (overrides the URL's).")] = None
     mqtt_version: Annotated[Literal["5", "3.1.1"], Field(description="MQTT protocol version.")] = "5"
     client_id: Annotated[
-        str | None, Field(description="MQTT client id. Empty: rkmqtt-<hostname>-<random>.", max_length=128)
+        str | None,
+        Field(
+            description="MQTT client id of the bridge's persistent session. Empty: rkmqtt-<node name>, stable "
+            "across restarts. Two bridges must not share one.",
+            max_length=128,
+        ),
     ] = None
+    session_expiry: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=4_294_967_295,
+            description="Seconds the broker keeps the bridge's session, and the requests sent to it, while the "
+            "bridge is away (MQTT 5); 0 is a clean session that forgets them.",
+        ),
+    ] = 86_400
     tls_ca: Annotated[Path | None, Field(description="CA certificate file for mqtts:// (empty: system CAs).")] = None
     tls_cert: Annotated[Path | None, Field(description="Client certificate file for mqtts://.")] = None
     tls_key: Annotated[Path | None, Field(description="Client key file for mqtts://.")] = None
@@ -151,6 +165,23 @@ class Settings(BaseSettings):
     embedded_broker: Annotated[
         bool, Field(description="Start a private Mosquitto when no broker is set and none answers on localhost:1883.")
     ] = True
+    state_dir: Annotated[
+        Path | None,
+        Field(
+            description="Directory of the request journal (and the private Mosquitto's data). Empty: "
+            "$XDG_STATE_HOME/rkmqtt or ~/.local/state/rkmqtt; /data for the add-on."
+        ),
+    ] = None
+    journal: Annotated[
+        bool,
+        Field(
+            description="Keep accepted requests in a journal (SQLite) until their final reply is delivered, so "
+            "that a restart takes them up again and a retried id gets its recorded reply."
+        ),
+    ] = True
+    journal_max_mb: Annotated[
+        float, Field(gt=0, le=100_000, description="Size above which the oldest finished journal entries go.")
+    ] = 64.0
     health_file: Annotated[
         Path | None,
         Field(description="File the service rewrites every second for `rkmqtt health` (container HEALTHCHECK)."),
@@ -206,6 +237,7 @@ class Settings(BaseSettings):
         "shared_group",
         "node_name",
         "username",
+        "state_dir",
         mode="before",
     )
     @classmethod
@@ -260,9 +292,14 @@ class Settings(BaseSettings):
         return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, self.password)
 
     def effective_client_id(self) -> str:
-        if self.client_id:
-            return self.client_id
-        return f"rkmqtt-{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
+        """The bridge's client id: stable, so that the broker keeps its session across restarts."""
+        return self.client_id or f"rkmqtt-{self.effective_node_name()}"
+
+    def effective_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        xdg = os.environ.get("XDG_STATE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rkmqtt"
 
     def effective_node_name(self) -> str:
         if self.node_name:

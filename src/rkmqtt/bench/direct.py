@@ -1,12 +1,11 @@
 """The same workload against an engine called directly, without MQTT (caller's thread owns the
 engine, as the scheduler thread does in the bridge).
 
-A tight loop plays the scheduler's part and nothing else: it admits waiting requests whenever the
-engine has free slots (static engines: when idle, up to `n_batch` sharing a batch key, after the
-same collection window as the bridge's `batch_window_ms`), polls the engine, and records what the
-devices would have seen. Closed-loop devices issue their next request the moment one finishes,
-open-loop requests arrive on the same Poisson schedule, bursts in the same rounds. The ratio of
-the bridge's tokens/s to this loop's is the bridge's cost: MQTT, the broker, JSON, the threads.
+A tight loop plays the scheduler loop's part with the bridge's own scheduling core (`core.py`): the
+same admission, batch window and fairness, with nothing between the devices and the engine. Closed-
+loop devices issue their next request the moment one finishes, open-loop requests arrive on the same
+Poisson schedule, bursts in the same rounds. The ratio of the bridge's tokens/s to this loop's is the
+bridge's cost: MQTT, the broker, JSON, the threads.
 """
 
 from __future__ import annotations
@@ -17,16 +16,10 @@ from collections.abc import Callable
 
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.workload import Workload
-from rkmqtt.engines.base import (
-    ChatMessage,
-    Engine,
-    ErrorEvent,
-    FinishEvent,
-    GenerationRequest,
-    SamplingParams,
-    TokenEvent,
-)
+from rkmqtt.core import CoreConfig, SchedulingCore, Step
+from rkmqtt.engines.base import ChatMessage, Engine, Generation, SamplingParams
 from rkmqtt.errors import RequestRejected
+from rkmqtt.request import Request, RequestKey, Route
 
 _STATIC_POLL_S = 0.05
 
@@ -43,11 +36,19 @@ class DirectDriver:
         self.engine = engine
         self.workload = workload
         self.sampling = sampling
-        self.batch_window_s = batch_window_s
         self.progress = progress
-        self._waiting: deque[tuple[RequestRecord, GenerationRequest]] = deque()
-        self._running: dict[str, RequestRecord] = {}
-        self._records: list[RequestRecord] = []
+        caps = engine.capabilities
+        self.core = SchedulingCore(
+            CoreConfig(
+                n_batch=caps.max_batch,
+                continuous=caps.continuous,
+                max_queue=10**9,  # the devices' own pace bounds the queue, as the bench sizes the bridge's
+                batch_window_s=batch_window_s,
+                dedup_window_s=0.0,
+            )
+        )
+        self._records: dict[RequestKey, RequestRecord] = {}
+        self._measured: list[RequestRecord] = []
         self._seqs = [0] * workload.devices
         self._issued = 0
         self._finished = 0
@@ -58,25 +59,51 @@ class DirectDriver:
         seq = self._seqs[device]
         self._seqs[device] += 1
         self._n += 1
-        key = f"direct-{self._n}"
+        rid = f"direct-{self._n}"
+        key = RequestKey(f"device-{device}", rid)
         pidx = w.prompt_index(device, seq)
-        rec = RequestRecord(device=device, seq=seq, id=key if measured else key + ".w", prompt_index=pidx, sent=0.0)
-        req = GenerationRequest(
+        rec = RequestRecord(device=device, seq=seq, id=rid if measured else rid + ".w", prompt_index=pidx, sent=0.0)
+        gen = Generation(
             key=key,
             messages=(ChatMessage("user", w.prompts[pidx]),),
             max_new_tokens=w.max_new_tokens,
             sampling=self.sampling,
         )
         if measured:
-            self._records.append(rec)
+            self._measured.append(rec)
+        self._records[key] = rec
         rec.sent = time.monotonic()
-        try:
-            rec.prompt_tokens = self.engine.prepare(req)
-        except RequestRejected as e:
-            rec.status, rec.error_code, rec.done = "error", e.code.value, time.monotonic()
+        self._carry_out(self.core.add(Request(key, Route(rid), gen, arrival=rec.sent), rec.sent))
+
+    def _carry_out(self, step: Step) -> None:
+        for req in step.prepare:
+            try:
+                self.core.prepared(req, self.engine.prepare(req.gen))
+            except RequestRejected as e:
+                self._carry_out(self.core.refuse(req, e.code, e.message, time.monotonic()))
+        if step.start:
+            self.engine.submit([r.prepared for r in step.start if r.prepared is not None])
+        for req in step.cancel:
+            self.engine.cancel(req.key)
+        for chunk in step.chunks:
+            rec = self._records[chunk.request.key]
+            rec.chunks += 1
+            rec.max_seq = chunk.seq
+        for outcome in step.outcomes:
+            req = outcome.request
+            rec = self._records.pop(req.key)
+            rec.done = outcome.finished
+            rec.first_token = req.first_token
+            rec.completion_tokens = req.completion_tokens
+            rec.prompt_tokens = req.prompt_tokens
+            rec.batch_size = req.batch_size or None
+            if req.started is not None:
+                rec.queued_ms = (req.started - req.arrival) * 1000.0
+            if outcome.error is None:
+                rec.status, rec.finish_reason = "ok", outcome.state.finish_reason
+            else:
+                rec.status, rec.error_code = "error", outcome.error[0].value
             self._record_done(rec)
-            return
-        self._waiting.append((rec, req))
 
     def _record_done(self, rec: RequestRecord) -> None:
         if rec.id.endswith(".w"):
@@ -88,75 +115,28 @@ class DirectDriver:
             self._issued += 1
             self._new(rec.device, measured=True)
 
-    def _admit(self, now: float) -> None:
-        if not self._waiting:
-            return
-        free = self.engine.free_slots()
-        if free <= 0:
-            return
-        caps = self.engine.capabilities
-        take: list[tuple[RequestRecord, GenerationRequest]] = []
-        if caps.continuous:
-            take = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        else:
-            oldest = self._waiting[0][0].sent
-            if len(self._waiting) < free and now - oldest < self.batch_window_s:
-                return
-            key = self.engine.batch_key(self._waiting[0][1])
-            keep: deque[tuple[RequestRecord, GenerationRequest]] = deque()
-            while self._waiting:
-                item = self._waiting.popleft()
-                if len(take) < free and self.engine.batch_key(item[1]) == key:
-                    take.append(item)
-                else:
-                    keep.append(item)
-            self._waiting = keep
-        size = len(take) + (len(self._running) if caps.continuous else 0)
-        for rec, req in take:
-            rec.queued_ms = (now - rec.sent) * 1000.0
-            rec.batch_size = size
-            self._running[req.key] = rec
-        self.engine.submit([req for _, req in take])
+    def _turn(self) -> None:
+        """Plan, start, and run one engine step (or wait for a static engine's events)."""
+        self._carry_out(self.core.plan(self.engine.free_slots(), time.monotonic()))
+        if self.core.running:
+            timeout = 0.0 if self.engine.capabilities.continuous else _STATIC_POLL_S
+            events = self.engine.poll(timeout)
+            if events:
+                self._carry_out(self.core.apply(events, time.monotonic()))
+        elif self.core.waiting:
+            time.sleep(0.001)  # a static engine's collection window
 
-    def _poll(self) -> None:
-        timeout = 0.0 if self.engine.capabilities.continuous else _STATIC_POLL_S
-        for ev in self.engine.poll(timeout):
-            rec = self._running.get(ev.key)
-            if rec is None:
-                continue
-            now = time.monotonic()
-            if isinstance(ev, TokenEvent):
-                if rec.first_token is None:
-                    rec.first_token = now
-                rec.completion_tokens += ev.tokens
-                if ev.text:
-                    rec.chunks += 1
-                    rec.max_seq += 1
-            elif isinstance(ev, FinishEvent):
-                del self._running[ev.key]
-                rec.status, rec.done, rec.finish_reason = "ok", now, ev.reason
-                rec.completion_tokens = max(rec.completion_tokens, ev.completion_tokens)
-                if ev.prompt_tokens is not None:
-                    rec.prompt_tokens = ev.prompt_tokens
-                self._record_done(rec)
-            elif isinstance(ev, ErrorEvent):
-                del self._running[ev.key]
-                rec.status, rec.done, rec.error_code = "error", now, ev.code.value
-                self._record_done(rec)
+    def _idle(self) -> bool:
+        return not self.core.running and not self.core.waiting
 
     def _drain(self, until: Callable[[], bool]) -> bool:
         deadline = time.monotonic() + self.workload.timeout_s
         while not until():
-            now = time.monotonic()
-            if now > deadline:
+            if time.monotonic() > deadline:
                 return False
-            self._admit(now)
-            if self._running:
-                self._poll()
-            elif self._waiting:
-                time.sleep(0.001)  # a static engine's collection window
-            else:
+            if self._idle():
                 return until()
+            self._turn()
         return True
 
     def _finished_at_least(self, n: int) -> Callable[[], bool]:
@@ -167,7 +147,7 @@ class DirectDriver:
         for _ in range(w.warmup):  # as through MQTT: every device sends one at once
             for d in range(w.devices):
                 self._new(d, measured=False)
-            self._drain(lambda: not self._running and not self._waiting)
+            self._drain(self._idle)
         self._seqs = [0] * w.devices
         if w.shape == "closed":
             first = min(w.devices, w.total)
@@ -184,22 +164,21 @@ class DirectDriver:
         else:
             start = time.monotonic()
             arrivals = deque(w.open_arrivals())
-            while arrivals or self._running or self._waiting:
+            while arrivals or not self._idle():
                 now = time.monotonic()
                 while arrivals and start + arrivals[0][0] <= now:
                     self._new(arrivals.popleft()[1], measured=True)
-                self._admit(now)
-                if self._running:
-                    self._poll()
+                if not self._idle():
+                    self._turn()
                 elif arrivals:
                     time.sleep(max(0.0, min(0.05, start + arrivals[0][0] - time.monotonic())))
-                elif self._waiting:
-                    time.sleep(0.001)
                 if now - start > w.timeout_s + (w.requests / w.rate):
                     break
-        for key in list(self._running):
-            self.engine.cancel(key)
-        for rec in self._records:
+        # What is still in flight is abandoned: cancel it on the engine; its records read "timeout".
+        stop = time.monotonic()
+        for req in self.core.shutdown(0.0, stop).merge(self.core.plan(0, stop)).cancel:
+            self.engine.cancel(req.key)
+        for rec in self._measured:
             if rec.status == "pending":
                 rec.status, rec.error_code = "timeout", "timeout"
-        return sorted(self._records, key=lambda r: r.sent)
+        return sorted(self._measured, key=lambda r: r.sent)

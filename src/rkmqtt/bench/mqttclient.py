@@ -5,20 +5,15 @@ credentials, TLS, MQTT 5 or 3.1.1, and TCP_NODELAY.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from rkmqtt.bench.netloop import NetLoop
+from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.errors import RkmqttError
 from rkmqtt.settings import Settings
 
@@ -43,41 +38,26 @@ class BenchClient:
         self.ready = threading.Event()
         self._on_message_cb = on_message
         self._pending_mid: int | None = None
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
-        )
-        addr = settings.broker_url
-        if addr.username is not None:
-            c.username_pw_set(addr.username, addr.password)
-        if addr.tls:
-            c.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None, cert_reqs=ssl.CERT_REQUIRED)
-            if settings.tls_insecure:
-                c.tls_insecure_set(True)
+        c = make_client(settings, client_id)
         c.max_inflight_messages_set(1000)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         self.client = c
         if netloop is not None:
-            netloop.attach(c, self._on_socket_open)
+            netloop.attach(c, set_nodelay)
         else:
-            c.on_socket_open = self._on_socket_open
+            c.on_socket_open = set_nodelay
 
     def start(self, timeout: float = 15.0) -> BenchClient:
         addr = self.settings.broker_url
-        connect_args: dict[str, Any] = {"keepalive": 30}
-        if self.mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0
-            connect_args.update(clean_start=True, properties=props)
+        args = connect_args(self.settings, keepalive=30)
         if self.netloop is None:
-            self.client.connect_async(addr.host, addr.port, **connect_args)
+            self.client.connect_async(addr.host, addr.port, **args)
             self.client.loop_start()
         else:
             try:  # the TCP (and TLS) handshake here; CONNECT goes out from the loop's thread
-                self.client.connect(addr.host, addr.port, **connect_args)
+                self.client.connect(addr.host, addr.port, **args)
             except (OSError, ValueError) as e:
                 raise RkmqttError(f"bench: could not connect to {addr}: {e}") from e
         if not self.ready.wait(timeout):
@@ -113,10 +93,6 @@ class BenchClient:
         return self.client.socket() is None
 
     # -- paho network thread ---------------------------------------------------------------
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             return

@@ -7,10 +7,14 @@ a queue that `poll()` drains. No engine ever does I/O on the network or calls pa
 
 Life of a request inside an engine:
 
-    prepare(req)            -> prompt tokens (or None); raises RequestRejected(too_long)
-    submit([req, ...])      the requests take slots (continuous: any free slots; static: one batch)
+    prepare(gen)            -> a `Prepared` handle (prompt tokens, batch key, the engine's own data);
+                               raises RequestRejected(too_long); the engine keeps nothing
+    submit([prepared, ...]) the requests take slots (continuous: any free slots; static: one batch)
     poll(timeout)           -> events: TokenEvent*, then exactly one FinishEvent or ErrorEvent per key
     cancel(key)             the request leaves at once; no more events for it are required
+
+A request that is prepared but never submitted (cancelled, expired, bumped while it waits) costs the
+engine nothing: its handle is dropped with the request.
 
 Two batching styles (`Capabilities.continuous`):
 
@@ -54,17 +58,36 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
+class Generation:
     """What an engine sees of a request. `messages` is already normalised: the `system`
     field (if any) first, then the conversation, or the single user prompt."""
 
-    key: str  # unique inside the bridge while the request lives
+    key: Hashable  # unique inside the bridge while the request lives; opaque to the engine
     messages: tuple[ChatMessage, ...]
     max_new_tokens: int
     sampling: SamplingParams
     # True when the device set any sampling field itself; an engine that cannot honour
     # per-request sampling says so in FinishEvent.warnings only then.
     sampling_requested: bool = False
+
+
+# Transitional name, until the RKLLM engine's files move to `Generation`.
+GenerationRequest = Generation
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `Engine.prepare` made of a request. The request carries it until `submit`; the engine
+    keeps no state for a prepared request, so one that never runs leaves nothing behind."""
+
+    gen: Generation
+    prompt_tokens: int | None  # tokens of the rendered prompt, when the engine can tell
+    batch_key: Hashable = None  # requests with equal keys may share a static batch
+    data: Any = None  # the engine's own, e.g. the numpy engine's prompt token ids
+
+    @property
+    def key(self) -> Hashable:
+        return self.gen.key
 
 
 @dataclass(frozen=True)
@@ -80,7 +103,7 @@ class TokenEvent:
     """New text for one request. `text` is always whole UTF-8 characters (an engine holds back
     a partial character until it is complete); `tokens` counts the tokens the text came from."""
 
-    key: str
+    key: Hashable
     text: str
     tokens: int = 1
 
@@ -90,12 +113,14 @@ class FinishEvent:
     """The request ended normally. Exactly one FinishEvent or ErrorEvent per submitted key
     (none is needed after `cancel`)."""
 
-    key: str
+    key: Hashable
     reason: Literal["stop", "length"]
     prompt_tokens: int | None
     completion_tokens: int
     slot: int = 0
-    perf: dict[str, float] = field(default_factory=dict)  # engine figures (RKLLM FINISH perf...)
+    # What the engine measured. `prefill_ms` and `decode_ms` go into the final reply's timing;
+    # other keys are the engine's own (logged at DEBUG). RKLLM's figures are for the whole batch.
+    perf: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
 
@@ -103,7 +128,7 @@ class FinishEvent:
 class ErrorEvent:
     """The request failed inside the engine; it is answered with `code` and `message`."""
 
-    key: str
+    key: Hashable
     code: ErrorCode
     message: str
 
@@ -131,12 +156,12 @@ class Engine(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Engine facts for the retained `info` message: runtime/driver versions, memory, KV cache size."""
 
-    def prepare(self, req: GenerationRequest) -> int | None:
-        """Check a request before it takes a slot; return its prompt token count if known.
-        Raise `RequestRejected(ErrorCode.TOO_LONG, ...)` when it cannot fit the context."""
-        return None
+    def prepare(self, gen: Generation) -> Prepared:
+        """Check a request before it takes a slot and return the handle `submit` takes. Raise
+        `RequestRejected(ErrorCode.TOO_LONG, ...)` when it cannot fit the context."""
+        return Prepared(gen, None, self.batch_key(gen))
 
-    def batch_key(self, req: GenerationRequest) -> Hashable:
+    def batch_key(self, req: Generation) -> Hashable:
         """Requests with equal keys may share a static batch. Continuous engines need not care."""
         return None
 
@@ -145,8 +170,8 @@ class Engine(abc.ABC):
         """Slots a new request could take now (static engines: max_batch when idle, else 0)."""
 
     @abc.abstractmethod
-    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
-        """Start the requests (len(reqs) <= free_slots())."""
+    def submit(self, batch: Sequence[Prepared]) -> None:
+        """Start the prepared requests (len(batch) <= free_slots())."""
 
     @abc.abstractmethod
     def poll(self, timeout: float) -> list[EngineEvent]:
@@ -154,7 +179,7 @@ class Engine(abc.ABC):
         at once); static engines wait up to `timeout` for their worker's events."""
 
     @abc.abstractmethod
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: Hashable) -> None:
         """End one request now and drop the rest of its tokens; its slot-mates go on."""
 
     def active(self) -> int:

@@ -1,34 +1,25 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
 
-The scheduler thread owns the engine and makes every call; the engine starts no threads. numpy's
-BLAS uses its own inside a matrix product: as many as it starts with (OpenBLAS: one per core, or
-OPENBLAS_NUM_THREADS), or `threads` (setting `numpy_threads`) for the whole process. One per core
-is fastest on an idle machine (+20-50 % with 2 cores here); where other processes keep the cores
-busy, OpenBLAS's threads wait on each other at every product and a step runs 2-3x slower than
-with one thread, so such machines want `numpy_threads: 1` (figures in docs/benchmarks.md).
+The scheduler thread makes every call; the engine starts no threads of its own (BLAS may, inside a
+matrix product: `threads`, setting `numpy_threads`; why one thread wins on a busy machine is in
+docs/benchmarks.md).
 
-One `poll()` is one step: every generating slot decodes one token, and a joining request's
-prompt advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others are
-decoding, so a long prompt does not stall them; `idle_prefill_chunk` when nobody is). A request
-takes a free slot at `submit` (below), joins at the next step and frees its slot the moment it
-ends or is cancelled.
+One `poll()` is one step: every generating slot decodes one token, and a joining request's prompt
+advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others decode, so a
+long prompt does not stall them; `idle_prefill_chunk` when nobody does). A request takes a free
+slot at `submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
 
-Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last. A new
-request takes the free slot whose held tokens share the longest prefix with its prompt (the lowest
-on a tie) and starts its prefill after that prefix (at most all but its last token, whose logits it
-needs). The KV of a token depends only on the tokens up to it, so the reused part holds what
-prefill would compute again (up to rounding: generated tokens' KV came from decode steps).
-Requests that share a system prompt skip it: SmolLM2's template adds one of 20 tokens, and a Home
-Assistant automation sends the same instructions every time.
+Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last; a new
+request takes the free slot whose held tokens share the longest prefix with its prompt and starts
+its prefill after that prefix (never its last token, whose logits it needs). A shared system
+prompt is then prefilled once.
 
 Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
-max_context // 4) <= max_context, that is when the whole answer fits or at least a quarter of the
-context is left for it; otherwise it is refused with `too_long` before it takes a slot. A
-generation that reaches max_context tokens in all (prompt + answer) ends with `length`.
+max_context // 4) <= max_context; otherwise it is refused `too_long` before it takes a slot. A
+generation that reaches max_context tokens in all ends with `length`.
 
-KV cache precision (`kv_dtype="auto"`): float32 while the whole cache (n_batch x max_context)
-takes at most `KV_FLOAT32_BUDGET` bytes, bfloat16 above that (half the memory: SmolLM2 with
-n_batch 8 and 2048-token contexts needs 755 MB in float32, 377 MB in bfloat16).
+KV cache precision (`kv_dtype="auto"`): float32 while the whole cache (n_batch x max_context) fits
+in `KV_FLOAT32_BUDGET` bytes, bfloat16 (half the memory) above that.
 """
 
 from __future__ import annotations
@@ -40,7 +31,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +45,8 @@ from rkmqtt.engines.base import (
     EngineEvent,
     ErrorEvent,
     FinishEvent,
-    GenerationRequest,
+    Generation,
+    Prepared,
     TokenEvent,
 )
 from rkmqtt.engines.numpy.chat import ChatTemplate
@@ -83,7 +75,7 @@ KV_FLOAT32_BUDGET = 512 * 2**20
 
 @dataclass
 class _Running:
-    key: str
+    key: Hashable
     slot: int
     prompt: list[int]
     max_new_tokens: int
@@ -132,10 +124,9 @@ class NumpyEngine(Engine):
         self._chat: ChatTemplate | None = None
         self._model: Transformer | None = None
         self._facts: dict[str, Any] = {}
-        self._prepared: dict[str, list[int]] = {}
-        self._running: dict[str, _Running] = {}
-        self._slots: list[str | None] = [None] * n_batch
-        self._join_order: list[str] = []
+        self._running: dict[Hashable, _Running] = {}
+        self._slots: list[Hashable | None] = [None] * n_batch
+        self._join_order: list[Hashable] = []
         self.steps = 0
 
     @classmethod
@@ -271,7 +262,7 @@ class NumpyEngine(Engine):
         )
 
     # -- requests -----------------------------------------------------------------------------
-    def encode_chat(self, req: GenerationRequest) -> list[int]:
+    def encode_chat(self, req: Generation) -> list[int]:
         """The prompt tokens of a request: its messages through the chat template."""
         tok = self.tokenizer
         if self._chat is None:
@@ -288,17 +279,16 @@ class NumpyEngine(Engine):
     def answer_room(self, max_new_tokens: int) -> int:
         return max(1, min(max_new_tokens, self._max_context // 4))
 
-    def prepare(self, req: GenerationRequest) -> int | None:
-        ids = self.encode_chat(req)
-        room = self.answer_room(req.max_new_tokens)
+    def prepare(self, gen: Generation) -> Prepared:
+        ids = self.encode_chat(gen)
+        room = self.answer_room(gen.max_new_tokens)
         if len(ids) + room > self._max_context:
             raise RequestRejected(
                 ErrorCode.TOO_LONG,
                 f"the prompt is {len(ids)} tokens; with room for {room} answer tokens it needs "
                 f"{len(ids) + room}, more than the context of {self._max_context}",
             )
-        self._prepared[req.key] = ids
-        return len(ids)
+        return Prepared(gen, len(ids), data=ids)
 
     def decoding(self) -> int:
         """Requests past their prompt (each makes one token a step)."""
@@ -307,30 +297,29 @@ class NumpyEngine(Engine):
     def free_slots(self) -> int:
         return sum(1 for s in self._slots if s is None)
 
-    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
-        if len(reqs) > self.free_slots():
-            raise EngineError(f"numpy engine: {len(reqs)} requests submitted but {self.free_slots()} slots free")
-        for req in reqs:
-            if req.key in self._running:
-                raise EngineError(f"numpy engine: request {req.key!r} is already running")
-            ids = self._prepared.pop(req.key, None)
-            if ids is None:
-                self.prepare(req)
-                ids = self._prepared.pop(req.key)
+    def submit(self, batch: Sequence[Prepared]) -> None:
+        if len(batch) > self.free_slots():
+            raise EngineError(f"numpy engine: {len(batch)} requests submitted but {self.free_slots()} slots free")
+        for prepared in batch:
+            gen, ids = prepared.gen, prepared.data
+            if gen.key in self._running:
+                raise EngineError(f"numpy engine: request {gen.key!r} is already running")
+            if not isinstance(ids, list):
+                raise EngineError(f"numpy engine: request {gen.key!r} was not prepared by this engine")
             slot, reuse = self._pick_slot(ids)
-            self._slots[slot] = req.key
+            self._slots[slot] = gen.key
             del self._kv_tokens[slot][reuse:]
             self.reused_prompt_tokens += reuse
-            self._running[req.key] = _Running(
-                key=req.key,
+            self._running[gen.key] = _Running(
+                key=gen.key,
                 slot=slot,
                 prompt=ids,
-                max_new_tokens=req.max_new_tokens,
-                sampler=Sampler(req.sampling),
+                max_new_tokens=gen.max_new_tokens,
+                sampler=Sampler(gen.sampling),
                 prefilled=reuse,
                 reused=reuse,
             )
-            self._join_order.append(req.key)
+            self._join_order.append(gen.key)
 
     def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with `ids` (the lowest on a
@@ -347,18 +336,16 @@ class NumpyEngine(Engine):
     def _forget_cached_prompts(self) -> None:
         self._kv_tokens = [[] for _ in range(self._n_batch)]
 
-    def cancel(self, key: str) -> None:
-        self._prepared.pop(key, None)
+    def cancel(self, key: Hashable) -> None:
         self._release(key)
 
     def close(self) -> None:
         for key in list(self._running):
             self._release(key)
-        self._prepared.clear()
         self._forget_cached_prompts()
         self._model = None
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: Hashable) -> None:
         run = self._running.pop(key, None)
         if run is not None:
             self._slots[run.slot] = None
@@ -417,7 +404,7 @@ class NumpyEngine(Engine):
         for slot, token in zip(plan.decode_slots, tokens, strict=False):
             self._kv_tokens[slot].append(token)
         for seg in plan.segments:
-            run = self._running[self._slots[seg.slot] or ""]
+            run = self._running[self._slots[seg.slot]]
             self._kv_tokens[seg.slot].extend(run.prompt[seg.start : seg.start + seg.length])
             run.prefilled += seg.length
         now = time.perf_counter()

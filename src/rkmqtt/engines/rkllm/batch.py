@@ -40,7 +40,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import queue
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,7 @@ class BatchEnded:
     """Internal marker: batch `batch_id`'s worker is done (the engine is idle again)."""
 
     batch_id: int
-    keys: tuple[str, ...]
+    keys: tuple[Hashable, ...]
 
 
 QueueItem = EngineEvent | AbortWanted | BatchEnded
@@ -98,7 +98,7 @@ class Batch:
         pad: bool,
         runtime_limit: int,
         sampling: tuple[int, float, float, float] | None,
-        warnings: dict[str, tuple[str, ...]],
+        warnings: dict[Hashable, tuple[str, ...]],
         out: queue.Queue[QueueItem],
     ) -> None:
         if not 1 <= len(reqs) <= n_batch:
@@ -161,7 +161,7 @@ class Batch:
         """Real requests still running (not ended, not cancelled)."""
         return sum(1 for s in self.slots if not s.done and s.index not in self.cancelled)
 
-    def cancel(self, key: str) -> bool:
+    def cancel(self, key: Hashable) -> bool:
         """Mark `key` cancelled; True when no real slot is left to run and the run is still on."""
         slot = self.by_key.get(key)
         if slot is None:

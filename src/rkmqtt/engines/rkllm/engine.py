@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, GenerationRequest, SamplingParams
+from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, GenerationRequest, Prepared, SamplingParams
 from rkmqtt.engines.rkllm.abi import LLMHandle, LLMResultCallback, cpu_mask
 from rkmqtt.engines.rkllm.batch import AbortWanted, Batch, BatchEnded, QueueItem
 from rkmqtt.engines.rkllm.library import RuntimeLibrary, locate_runtime
@@ -87,7 +87,7 @@ class RkllmEngine(Engine):
         self._events: queue.Queue[QueueItem] = queue.Queue()
         self._running: Batch | None = None
         self._worker: threading.Thread | None = None
-        self._cancelled: set[str] = set()
+        self._cancelled: set[Hashable] = set()
         self._ids = itertools.count(1)
         self._closing = threading.Event()
         self._recoveries = 0
@@ -153,7 +153,11 @@ class RkllmEngine(Engine):
         batch = self._running
         return batch.live_count() if batch is not None else 0
 
-    def submit(self, reqs: Sequence[GenerationRequest]) -> None:
+    def submit(self, batch: Sequence[Prepared]) -> None:
+        # TODO(issue 12 merge): transitional, the tests still submit bare requests.
+        self._submit([p.gen if isinstance(p, Prepared) else p for p in batch])
+
+    def _submit(self, reqs: Sequence[GenerationRequest]) -> None:
         if self._running is not None or self._handle is None:
             raise EngineError("submit while the RKLLM engine is busy or not initialised")
         if not 1 <= len(reqs) <= self._n_batch:
@@ -208,7 +212,7 @@ class RkllmEngine(Engine):
             except queue.Empty:
                 return out
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: Hashable) -> None:
         batch = self._running
         if batch is None or key not in batch.by_key:
             return

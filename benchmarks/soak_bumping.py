@@ -1,0 +1,137 @@
+"""Soak: the bridge's memory under a flood that keeps the queue full and bumps continuously
+(main thread; the MQTT clients run on paho's threads).
+
+    .venv/bin/python benchmarks/soak_bumping.py [--minutes 10] [--engine numpy] [--every 30]
+
+Starts a private Mosquitto and `rkmqtt run` (default engine and model, a small queue), then for
+`--minutes`: one device floods long prompts as fast as the bridge refuses them, and quiet devices
+each send a request a second, so every quiet request bumps a waiting flood request out of the
+full queue (a bumped request has been tokenized: before the scheduling core, its tokens stayed in
+the engine for good). Prints the bridge's RSS and its `P/stats` counters every `--every` seconds,
+and at the end the RSS growth over the second half of the run and whether the counters add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from rkmqtt.broker import Mosquitto  # noqa: E402
+
+PREFIX = "soak"
+LONG_PROMPT = "Summarise this, please: " + "the quick brown fox jumps over the lazy dog. " * 60
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--engine", default="numpy")
+    ap.add_argument("--every", type=float, default=30.0, help="seconds between samples")
+    ap.add_argument("--quiet-devices", type=int, default=4)
+    ap.add_argument("--flood-per-s", type=float, default=50.0)
+    args = ap.parse_args()
+
+    with Mosquitto() as broker:
+        env = {**os.environ, "RKMQTT_LOG_LEVEL": "WARNING"}
+        cmd = [sys.executable, "-m", "rkmqtt", "run", "--broker", broker.url, "--topic-prefix", PREFIX,
+               "--engine", args.engine, "--max-queue", "8", "--rate-limit", "0", "--no-discovery",
+               "--stats-interval", "2", "--max-new-tokens", "32", "--default-new-tokens", "8"]  # fmt: skip
+        log_path = broker.workdir / "bridge.log"
+        print(f"bridge log: {log_path}")
+        with log_path.open("wb") as log:
+            bridge = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+            try:
+                return soak(broker.url, bridge, args)
+            finally:
+                bridge.terminate()
+                bridge.wait(60)
+
+
+def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
+    port = int(url.rsplit(":", 1)[1])
+    lock = threading.Lock()
+    finals = 0
+    stats: dict[str, Any] = {}
+    online = threading.Event()
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal finals, stats
+        if msg.topic == f"{PREFIX}/status":
+            if msg.payload == b"online":
+                online.set()
+        elif msg.topic == f"{PREFIX}/stats":
+            with lock:
+                stats = json.loads(msg.payload)
+        elif not msg.topic.endswith("/stream"):
+            with lock:
+                finals += 1
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-driver", protocol=mqtt.MQTTv5)
+    c.max_queued_messages_set(0)
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.subscribe([(f"{PREFIX}/reply/#", 1), (f"{PREFIX}/stats", 0), (f"{PREFIX}/status", 1)])
+    c.loop_start()
+    if not online.wait(300):
+        print("the bridge did not come online within 300 s", file=sys.stderr)
+        return 1
+    proc = psutil.Process(bridge.pid)
+    rss0 = proc.memory_info().rss
+    print(f"bridge pid {bridge.pid}, RSS at start {rss0 / 2**20:.1f} MB; soaking for {args.minutes:g} min")
+    print(f"{'s':>6} {'RSS MB':>8} {'total':>8} {'ok':>7} {'errors':>7} {'busy':>7} {'finals seen':>11}")
+    start = time.monotonic()
+    end = start + args.minutes * 60
+    next_sample = start
+    samples: list[tuple[float, float]] = []
+    n = 0
+    flood_gap = 1.0 / args.flood_per_s
+    next_quiet = start
+    while time.monotonic() < end:
+        now = time.monotonic()
+        n += 1
+        c.publish(f"{PREFIX}/request/flood", json.dumps({"id": f"f{n}", "prompt": LONG_PROMPT, "stream": False}), 1)
+        if now >= next_quiet:
+            next_quiet += 1.0
+            for q in range(args.quiet_devices):
+                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": LONG_PROMPT}), 1)
+        if now >= next_sample:
+            next_sample += args.every
+            rss = proc.memory_info().rss / 2**20
+            samples.append((now - start, rss))
+            with lock:
+                s, f = dict(stats), finals
+            busy = s.get("errors_by_code", {}).get("busy", 0)
+            print(f"{now - start:6.0f} {rss:8.1f} {s.get('requests_total', 0):8d} {s.get('completed', 0):7d} "
+                  f"{s.get('errors', 0):7d} {busy:7d} {f:11d}", flush=True)  # fmt: skip
+        time.sleep(flood_gap)
+    time.sleep(20)  # let the last requests finish and a stats message come
+    with lock:
+        s, f = dict(stats), finals
+    c.disconnect()
+    c.loop_stop()
+    half = [rss for t, rss in samples if t >= args.minutes * 30]
+    growth = (half[-1] - half[0]) if len(half) > 1 else 0.0
+    adds_up = s.get("requests_total") == s.get("completed", 0) + s.get("errors", 0) == f
+    print(f"RSS over the second half: {half[0]:.1f} -> {half[-1]:.1f} MB ({growth:+.1f} MB)" if half else "no samples")
+    verdict = "adds up" if adds_up else "DOES NOT ADD UP"
+    print(f"requests {s.get('requests_total')}, ok {s.get('completed')}, errors {s.get('errors')} "
+          f"({s.get('errors_by_code')}), finals received {f}: {verdict}")  # fmt: skip
+    return 0 if adds_up else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
