@@ -22,6 +22,7 @@ class Received:
     payload: bytes
     retain: bool
     correlation: bytes | None
+    at: float = 0.0  # time.monotonic() when it arrived
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -71,7 +72,7 @@ class Probe:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props else None
         with self._cond:
-            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), corr))
+            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), corr, time.monotonic()))
             self._cond.notify_all()
 
     def wait_connected(self, timeout: float = 15) -> bool:

@@ -32,7 +32,7 @@ from rkmqtt.intake import Incoming, Intake
 from rkmqtt.journal import Delivered, Journal
 from rkmqtt.link import Link, describe_failure, describe_reason
 from rkmqtt.outbox import Outbox, Outgoing, Publisher
-from rkmqtt.protocol import ErrorCode, parse_cancel_payload
+from rkmqtt.protocol import ErrorCode, Info, parse_cancel_payload
 from rkmqtt.replies import FINAL_QOS, Refusal, Replies
 from rkmqtt.request import Request, RequestKey
 from rkmqtt.scheduler import Scheduler
@@ -69,7 +69,7 @@ class Bridge:
         settings: Settings,
         scheduler: Scheduler,
         outbox: Outbox,
-        info_payload: bytes,
+        info: Info,
         retained_extra: RetainedProvider | None = None,
         extra_subscriptions: dict[str, Callable[[bytes], None]] | None = None,
         credentials_provider: CredentialsProvider | None = None,
@@ -80,7 +80,9 @@ class Bridge:
         self.scheduler = scheduler
         self.outbox = outbox
         self.intake = Intake(settings, self.topics)
-        self.info_payload = info_payload
+        self.info = info
+        self.info_payload = info.model_dump_json().encode()
+        self._taken_over = False
         self._retained_extra = retained_extra
         self._extra_subs = extra_subscriptions or {}
         self._credentials_provider = credentials_provider
@@ -115,8 +117,8 @@ class Bridge:
 
     @property
     def taken_over(self) -> bool:
-        """Another client connected with our client id and the broker gave it our session."""
-        return self.link.taken_over
+        """A newer run of this node connected: this one must go (and not fight it for the session)."""
+        return self._taken_over
 
     def start(self) -> None:
         self.publisher.start()
@@ -137,6 +139,10 @@ class Bridge:
     def stop(self, flush_timeout: float = 10.0) -> None:
         """Flush replies, publish `offline`, disconnect. Replies still held by paho (published
         during an outage) get up to `flush_timeout` for the broker to come back."""
+        if self._taken_over:  # the newer run has the session; our connection is closed already
+            self.publisher.stop()
+            self.client.loop_stop()
+            return
         self.outbox.wait_empty(flush_timeout)
         self._stopping = True
         self.publisher.stop()
@@ -185,7 +191,9 @@ class Bridge:
                 client.subscribe([(topic, opts)])
             else:
                 client.subscribe(topic, 1)
-        client.subscribe([(self.topics.cancel_subscription(), 1), *((topic, 1) for topic in self._extra_subs)])
+        # Our own retained info: a newer run of this node announces itself there.
+        subs = [self.topics.cancel_subscription(), self.topics.info, *self._extra_subs]
+        client.subscribe([(topic, 1) for topic in subs])
         client.publish(self.topics.status, b"online", qos=1, retain=True)
         client.publish(self.topics.info, self.info_payload, qos=1, retain=True)
         self.publish_retained_extra()
@@ -222,15 +230,8 @@ class Bridge:
         code = int(getattr(reason, "value", 0))
         if was:
             self.link.lost(code if getattr(reason, "is_failure", False) else None, self._stopping)
-        if self.link.taken_over and not self._stopping:
-            _LOGGER.error(
-                "another client connected to %s with our client id %s and took this bridge's session: stopping "
-                "(give each bridge its own node_name, or client_id)",
-                self.address,
-                self.settings.effective_client_id(),
-            )
-            self._stopping = True
-            client.disconnect()  # no reconnect: two bridges would take the session from each other forever
+        if self.link.taken_over and not self._taken_over:
+            self._yield("another client connected with our client id")
             return
         if code in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()
@@ -246,8 +247,43 @@ class Bridge:
             if msg.qos > 0:
                 client.ack(msg.mid, msg.qos)
 
+    def _yield(self, why: str) -> None:
+        """A newer run of this node is on the broker: stop at once rather than take the session
+        (and the requests in it) from each other for ever."""
+        _LOGGER.error(
+            "%s: node %s (client id %s) is served by a newer run of rkmqtt; this one stops with exit status 3. "
+            "Give each bridge its own node_name",
+            why,
+            self.info.node,
+            self.settings.effective_client_id(),
+        )
+        self._taken_over = True
+        self._stopping = True
+        self.client.disconnect()
+
+    def _on_info(self, payload: bytes) -> None:
+        try:
+            other = Info.model_validate_json(payload)
+        except ValueError:
+            return
+        me = self.info
+        if (
+            other.node == me.node
+            and other.instance != me.instance
+            and (other.started, other.instance)
+            > (
+                me.started,
+                me.instance,
+            )
+        ):
+            self._yield(f"another bridge (host {other.host or '?'}) announced the same node")
+
     def _dispatch(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
+        if topic == self.topics.info:
+            if not self._taken_over:
+                self._on_info(bytes(msg.payload))
+            return
         handler = self._extra_subs.get(topic)
         if handler is not None:
             handler(bytes(msg.payload))

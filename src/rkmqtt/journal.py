@@ -49,6 +49,7 @@ CREATE INDEX IF NOT EXISTS requests_key ON requests (client, id);
 CREATE INDEX IF NOT EXISTS requests_delivered ON requests (delivered);
 """
 _PRUNE_EVERY = 500  # deliveries between two prunes
+_ROW_BYTES = "LENGTH(payload) + COALESCE(LENGTH(final), 0) + 100"  # what a row weighs against the size cap
 
 
 @dataclass(frozen=True)
@@ -154,21 +155,21 @@ class Journal:
         self._db.execute(
             "DELETE FROM requests WHERE delivered IS NOT NULL AND delivered < ?", (now - self.dedup_window_s,)
         )
-        size = self._size()
-        while size > self.max_bytes:
-            n = self._db.execute(
-                "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE delivered IS NOT NULL "
-                "ORDER BY seq LIMIT 1000)"
-            ).rowcount
-            if n == 0:
-                break  # only requests in flight are left: they are never dropped
-            size = self._size()
+        excess = self._size() - self.max_bytes
+        if excess <= 0:
+            return
+        cut, freed = None, 0
+        for seq, size in self._db.execute(
+            f"SELECT seq, {_ROW_BYTES} FROM requests WHERE delivered IS NOT NULL ORDER BY seq"
+        ):
+            cut, freed = seq, freed + size
+            if freed >= excess:
+                break
+        if cut is not None:  # requests in flight are never dropped, whatever the size
+            self._db.execute("DELETE FROM requests WHERE delivered IS NOT NULL AND seq <= ?", (cut,))
 
     def _size(self) -> int:
-        used = self._db.execute(
-            "SELECT COALESCE(SUM(LENGTH(payload) + COALESCE(LENGTH(final), 0) + 100), 0) FROM requests"
-        ).fetchone()[0]
-        return int(used)
+        return int(self._db.execute(f"SELECT COALESCE(SUM({_ROW_BYTES}), 0) FROM requests").fetchone()[0])
 
 
 def journal_path(state_dir: Path, client_id: str) -> Path:

@@ -2,8 +2,7 @@
 
 One line per outage, naming the broker and the cause — refused, unreachable, host name unknown,
 not authorised, bad credentials, certificate, host name mismatch — and one line when it is back.
-Repeated failures with the same cause stay quiet. A session taken over by another client with our
-client id is reported once and ends the bridge instead of a reconnect fight.
+Repeated failures with the same cause stay quiet.
 """
 
 from __future__ import annotations
@@ -77,8 +76,6 @@ class Link:
         self.broker = broker
         self._down_since: float | None = None
         self._cause: str | None = None
-        self._connected_at: float | None = None
-        self._quick_drops: list[float] = []
         self.taken_over = False
         self.outages = 0
 
@@ -93,7 +90,6 @@ class Link:
             )
         self._down_since = None
         self._cause = None
-        self._connected_at = now
 
     def failed(self, cause: str) -> None:
         """A connect attempt failed (socket, TLS, or a CONNACK that refused)."""
@@ -109,22 +105,10 @@ class Link:
 
     def lost(self, code: int | None, stopping: bool) -> None:
         """The connection dropped (`code`: the DISCONNECT reason, when the broker sent one)."""
-        now = time.monotonic()
         if code == TAKEN_OVER:
             self.taken_over = True
             return
         if stopping:
             return
-        if self._connected_at is not None and now - self._connected_at < 10:
-            # MQTT 3.1.1 has no reason code: a broker that keeps closing a fresh connection is most
-            # likely handing our client id to another client and back.
-            self._quick_drops = [t for t in self._quick_drops if now - t < 60] + [now]
-            if len(self._quick_drops) == 3:
-                _LOGGER.error(
-                    "broker %s keeps closing our connection right after it opens: is another bridge using the "
-                    "same client id? Give each bridge its own node_name (or client_id)",
-                    self.broker,
-                )
-        self._connected_at = None
         cause = "connection lost" if code is None or code == 0 else f"disconnected: {describe_reason(code)}"
         self.failed(cause)

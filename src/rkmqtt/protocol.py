@@ -178,6 +178,10 @@ class Info(BaseModel):
 
     v: Literal[1] = Field(1, description="protocol version")
     version: str = Field(description="rkmqtt's version")
+    node: str = Field(default="", description="the bridge's node name")
+    host: str = Field(default="", description="the machine it runs on")
+    started: float = Field(default=0.0, description="when this run of the bridge started, Unix seconds")
+    instance: str = Field(default="", description="this run's random id: two runs of one node tell each other apart")
     engine: str = Field(description="numpy, rkllm, or a custom engine's name")
     model: str = Field(description="the model it serves")
     n_batch: int = Field(description="requests that run at once")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,10 @@ _LOGGER = logging.getLogger(__name__)
 
 #: Where `rkmqtt run` looks for a broker when none is set, and starts its private one if none answers.
 EMBEDDED_PORT = 1883
+
+# Another run of this node took over: a supervisor should not start this one again (systemd:
+# RestartPreventExitStatus=3), or the two would take the node from each other in turn.
+EXIT_TAKEN_OVER = 3
 
 
 class Service:
@@ -91,6 +96,10 @@ class Service:
         einfo = engine.info()
         return Info(
             version=__version__,
+            node=self.settings.effective_node_name(),
+            host=socket.gethostname(),
+            started=round(time.time(), 3),
+            instance=os.urandom(6).hex(),
             engine=caps.name,
             model=engine.model_name,
             n_batch=caps.max_batch,
@@ -152,7 +161,7 @@ class Service:
             s,
             self.scheduler,
             outbox,
-            self.info.model_dump_json().encode(),
+            self.info,
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
@@ -295,7 +304,7 @@ class Service:
                     status = 1
                     break
                 if self.bridge is not None and self.bridge.taken_over:
-                    status = 1  # the bridge said why, in one line
+                    status = EXIT_TAKEN_OVER  # the bridge said why, in one line
                     break
         finally:
             self.stop()
