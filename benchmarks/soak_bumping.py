@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from rkmqtt.broker import Mosquitto  # noqa: E402
 
 PREFIX = "soak"
-LONG_PROMPT = "Summarise this, please: " + "the quick brown fox jumps over the lazy dog. " * 60
+SENTENCE = "the quick brown fox jumps over the lazy dog. "  # 10 tokens of SmolLM2's tokenizer
 
 
 def main() -> int:
@@ -41,12 +41,16 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--engine", default="numpy")
     ap.add_argument("--every", type=float, default=30.0, help="seconds between samples")
-    ap.add_argument("--quiet-devices", type=int, default=4)
+    ap.add_argument("--quiet-devices", type=int, default=4, help="each sends a request a second")
+    ap.add_argument("--prompt-tokens", type=int, default=600, help="about this many tokens per prompt")
     ap.add_argument("--flood-per-s", type=float, default=50.0)
+    ap.add_argument("--src", type=Path, help="run the bridge from this source tree (e.g. an older checkout's src/)")
     args = ap.parse_args()
 
     with Mosquitto() as broker:
-        env = {**os.environ, "RKMQTT_LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "RKMQTT_LOG_LEVEL": "WARNING", "RKMQTT_STATE_DIR": str(broker.workdir / "state")}
+        if args.src is not None:
+            env["PYTHONPATH"] = str(args.src.resolve())
         cmd = [sys.executable, "-m", "rkmqtt", "run", "--broker", broker.url, "--topic-prefix", PREFIX,
                "--engine", args.engine, "--max-queue", "8", "--rate-limit", "0", "--no-discovery",
                "--stats-interval", "2", "--max-new-tokens", "32", "--default-new-tokens", "8"]  # fmt: skip
@@ -62,6 +66,7 @@ def main() -> int:
 
 
 def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
+    long_prompt = "Summarise this, please: " + SENTENCE * max(1, args.prompt_tokens // 10)
     port = int(url.rsplit(":", 1)[1])
     lock = threading.Lock()
     finals = 0
@@ -103,11 +108,11 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
     while time.monotonic() < end:
         now = time.monotonic()
         n += 1
-        c.publish(f"{PREFIX}/request/flood", json.dumps({"id": f"f{n}", "prompt": LONG_PROMPT, "stream": False}), 1)
+        c.publish(f"{PREFIX}/request/flood", json.dumps({"id": f"f{n}", "prompt": long_prompt, "stream": False}), 1)
         if now >= next_quiet:
             next_quiet += 1.0
             for q in range(args.quiet_devices):
-                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": LONG_PROMPT}), 1)
+                c.publish(f"{PREFIX}/request/quiet{q}", json.dumps({"id": f"q{n}", "prompt": long_prompt}), 1)
         if now >= next_sample:
             next_sample += args.every
             rss = proc.memory_info().rss / 2**20
@@ -118,9 +123,13 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
             print(f"{now - start:6.0f} {rss:8.1f} {s.get('requests_total', 0):8d} {s.get('completed', 0):7d} "
                   f"{s.get('errors', 0):7d} {busy:7d} {f:11d}", flush=True)  # fmt: skip
         time.sleep(flood_gap)
-    time.sleep(20)  # let the last requests finish and a stats message come
-    with lock:
-        s, f = dict(stats), finals
+    settle_end = time.monotonic() + 300  # let the last requests finish and a stats message say so
+    while time.monotonic() < settle_end:
+        time.sleep(2.5)
+        with lock:
+            s, f = dict(stats), finals
+        if s.get("active") == 0 and s.get("queue_depth") == 0 and s.get("requests_total") == f:
+            break
     c.disconnect()
     c.loop_stop()
     half = [rss for t, rss in samples if t >= args.minutes * 30]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from rkmqtt.engines.base import (
     Engine,
     ErrorEvent,
     FinishEvent,
-    GenerationRequest,
+    Generation,
+    Prepared,
     SamplingParams,
     TokenEvent,
 )
@@ -57,17 +58,27 @@ def standin_fixture(tmp_path_factory: pytest.TempPathFactory) -> Standin:
 
 @pytest.fixture(name="standin_env")
 def standin_env_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No sleeping in the stand-in, default token size, no injected init failure."""
+    """No sleeping in the stand-in, its default behaviour otherwise (no option, no replay)."""
     monkeypatch.setenv("RKLLM_STANDIN_ZERO_DELAY", "1")
-    for name in (
-        "RKLLM_STANDIN_INIT_FAIL",
-        "RKLLM_STANDIN_TOKEN_BYTES",
-        "RKLLM_STANDIN_DECODE_MS",
-        "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN",
-        "RKLLM_STANDIN_BATCH_ALPHA",
-    ):
+    for name in STANDIN_OPTIONS:
         monkeypatch.delenv(name, raising=False)
     yield
+
+
+# Every environment variable of the stand-in but RKLLM_STANDIN_ZERO_DELAY (tests/standin/rkllm_standin.c).
+STANDIN_OPTIONS = (
+    "RKLLM_STANDIN_INIT_FAIL",
+    "RKLLM_STANDIN_TOKEN_BYTES",
+    "RKLLM_STANDIN_DECODE_MS",
+    "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN",
+    "RKLLM_STANDIN_BATCH_ALPHA",
+    "RKLLM_STANDIN_WAITING_TEXT",
+    "RKLLM_STANDIN_AFTER_ABORT",
+    "RKLLM_STANDIN_NULL_FINISH",
+    "RKLLM_STANDIN_EOS_STEP",
+    "RKLLM_STANDIN_REPLAY",
+    "RKLLM_STANDIN_REPLAY_SPEED",
+)
 
 
 def make_settings(standin: Standin, abi: str, **overrides: Any) -> Settings:
@@ -96,14 +107,20 @@ def request(
     messages: tuple[ChatMessage, ...] | None = None,
     sampling: SamplingParams | None = None,
     sampling_requested: bool = False,
-) -> GenerationRequest:
-    return GenerationRequest(
+) -> Generation:
+    return Generation(
         key=key,
         messages=messages if messages is not None else (ChatMessage("user", prompt or key),),
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingParams(),
         sampling_requested=sampling_requested,
     )
+
+
+def submit(engine: Engine, reqs: Sequence[Generation]) -> None:
+    """Submit as the tests always have: straight to the engine, without `prepare()`'s length check
+    (tests/test_rkllm_admission.py tests that)."""
+    engine.submit([Prepared(r, None, engine.batch_key(r)) for r in reqs])
 
 
 @dataclass
@@ -120,15 +137,20 @@ def drive(
 ) -> dict[str, Outcome]:
     """Poll until every key has its final event, then until the engine is idle again.
 
-    `cancel` maps a key to the number of TokenEvents after which it is cancelled.
+    `cancel` maps a key to the number of TokenEvents after which it is cancelled. Events of that key
+    later in the same poll() list came before the cancel and are dropped; any from a later poll() are
+    kept in `after_final` (the engine must send none).
     """
     out = {k: Outcome() for k in keys}
     cancel = dict(cancel or {})
     cancelled: set[str] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        cancelled_in_this_poll: set[str] = set()  # the rest of this list was polled before the cancel
         for ev in engine.poll(0.05):
             o = out[ev.key]
+            if ev.key in cancelled_in_this_poll:
+                continue
             if o.final is not None or ev.key in cancelled:
                 o.after_final.append(ev)
                 continue
@@ -136,9 +158,10 @@ def drive(
                 o.text += ev.text
                 o.tokens += ev.tokens
                 o.token_events += 1
-                if ev.key in cancel and o.token_events >= cancel[ev.key]:
+                if ev.key in cancel and o.token_events >= cancel[ev.key] and ev.key not in cancelled:
                     engine.cancel(ev.key)
                     cancelled.add(ev.key)
+                    cancelled_in_this_poll.add(ev.key)
             else:
                 o.final = ev
         if all(out[k].final is not None or k in cancelled for k in keys) and engine.free_slots() > 0:
@@ -163,7 +186,7 @@ def describe(lib: Path) -> dict[str, str]:
     fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     buf = ctypes.create_string_buffer(1 << 16)
     fn(buf, len(buf))
-    lines = buf.value.decode().splitlines()
+    lines = buf.value.decode("utf-8", errors="surrogateescape").splitlines()
     return dict(line.split("=", 1) for line in lines if "=" in line)
 
 

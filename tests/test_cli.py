@@ -111,6 +111,8 @@ def test_check_reports_broker_and_engine(mosquitto: Mosquitto) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[ok  ] broker: mqtt://127.0.0.1:" in out.stdout
     assert "[ok  ] engine:" in out.stdout and "all good" in out.stdout
+    assert "[ok  ] broker sessions: kept while a client is away" in out.stdout
+    assert "[note] broker settings: not visible from a client" in out.stdout
     mosquitto.kill()
     out = rkmqtt("check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine")
     assert out.returncode == 1 and "[FAIL] broker: cannot reach" in out.stdout
@@ -205,3 +207,10 @@ def test_health_says_unhealthy_at_once_after_a_clean_stop(
     svc.stop(grace_s=0)
     out = rkmqtt("health", "--health-file", str(health))
     assert out.returncode == 1 and out.stderr.strip() == "unhealthy: the service has stopped"
+
+
+def test_check_skips_the_session_check_when_sessions_are_off(mosquitto: Mosquitto) -> None:
+    out = rkmqtt(
+        "check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine", "--session-expiry", "0"
+    )
+    assert out.returncode == 0 and "[note] broker sessions: session_expiry is 0: not checked" in out.stdout

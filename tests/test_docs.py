@@ -183,3 +183,41 @@ def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, pref
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, out
     assert "RKLLM runtime 1.3.0 (ABI 1.3) from build/librkllmrt.so" in out
+
+
+SOURCES = [*REPO.glob("src/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("tests/standin/*.[ch]")]
+
+
+def test_every_document_the_code_cites_exists() -> None:
+    cited = {m for path in SOURCES for m in re.findall(r"\bdocs/[\w./-]+?\.md\b", path.read_text())}
+    assert "docs/rkllm-runtime.md" in cited
+    missing = sorted(c for c in cited if not (REPO / c).is_file())
+    assert missing == []
+
+
+def test_every_section_of_the_rkllm_facts_the_code_cites_is_there() -> None:
+    doc = (REPO / "docs/rkllm-runtime.md").read_text()
+    headings = [h.strip() for h in re.findall(r"^#+ (.+)$", doc, re.M)]
+    cited = set()
+    for path in SOURCES:
+        pattern = r'docs/rkllm-runtime\.md,\s*("[^"\n]+"(?:\s+and\s+"[^"\n]+")*)'
+        for block in re.findall(pattern, path.read_text()):
+            cited.update(re.findall(r'"([^"]+)"', block))
+    assert {"Struct layouts", "Functions", "Batched inference", "LLMCallState", "Probe traces"} <= cited
+    assert sorted(c for c in cited if not any(h.startswith(c) for h in headings)) == []
+
+
+def test_the_rkllm_layout_tables_are_the_documents() -> None:
+    """tests/rkllm_layout_tables.py (what the binding and the stand-in are checked against) says what
+    the facts document's tables say."""
+    from tests.rkllm_layout_tables import LAYOUTS
+
+    doc = (REPO / "docs/rkllm-runtime.md").read_text().split("## Struct layouts", 1)[1]
+    parts = dict(zip(("1.3", "1.2"), re.split(r"^### Runtime .*$", doc, flags=re.M)[1:], strict=True))
+    for abi, text in parts.items():
+        parsed: dict[str, tuple[int, int, list[tuple[str, int, int]]]] = {}
+        heading = r"^#### (\w+) — size (\d+), align (\d+)\n(.*?)(?=^#|\Z)"
+        for name, size, align, body in re.findall(heading, text, re.M | re.S):
+            rows = re.findall(r"^\| (\w+) \| `[^`]*` \| (\d+) \| (\d+) \|$", body, re.M)
+            parsed[name] = (int(size), int(align), [(f, int(o), int(n)) for f, o, n in rows])
+        assert parsed == LAYOUTS[abi], abi

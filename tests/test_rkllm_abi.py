@@ -146,14 +146,40 @@ def test_version_string_is_read_from_the_file(standin: Standin) -> None:
     assert read_runtime_version(extra_lib(standin, "1.3", "")) is None
 
 
-@pytest.mark.parametrize("version", ["1.1.2", "1.2.0", "1.3.1", "2.0.0"])
+@pytest.mark.parametrize("version", ["1.1.2", "1.2.0", "1.3.1", "2.0.0", "1.2.1b1", "1.3.0rc1", "1.2.3-beta"])
 def test_unsupported_versions_are_refused_in_one_line(standin: Standin, version: str) -> None:
     lib = extra_lib(standin, "1.3" if version >= "1.3" else "1.2", version)
+    assert read_runtime_version(lib) == version  # read whole, suffix included
     with pytest.raises(EngineError) as e:
         make_engine(standin, "1.3", rkllm_library=str(lib))
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"runtime {version}" in msg and "1.2.1, 1.2.2, 1.2.3 or 1.3.0" in msg
+    assert f"runtime {version}," in msg and "1.2.1, 1.2.2, 1.2.3 or 1.3.0" in msg and "rkllm_abi" in msg
+
+
+def test_the_public_1_2_1b1_build_is_not_taken_for_1_2_1(standin: Standin, caplog: pytest.LogCaptureFixture) -> None:
+    """1.2.1b1 has another ABI (56-byte RKLLMInput, no n_batch): reading it as 1.2.1 would crash on
+    the first request. It is refused, unless rkllm_abi names an ABI, which is then used with a warning."""
+    lib = extra_lib(standin, "1.2", "1.2.1b1")
+    with pytest.raises(EngineError, match=r"runtime 1\.2\.1b1, which rkmqtt does not support"):
+        locate_runtime(lib)
+    with caplog.at_level("WARNING"):
+        engine = make_engine(standin, "1.2", rkllm_library=str(lib), rkllm_abi="1.2")
+    try:
+        assert engine.info()["abi"] == "1.2" and engine.info()["runtime_version"] == "1.2.1b1"
+        assert any("1.2.1b1" in r.getMessage() and "rkllm_abi=1.2" in r.getMessage() for r in caplog.records)
+    finally:
+        engine.close()
+
+
+def test_a_version_followed_by_a_full_stop_or_a_comma(tmp_path: Path) -> None:
+    for text, version in [
+        (b"rkllm-runtime version: 1.2.3.\0", "1.2.3"),
+        (b"rkllm-runtime version: 1.3.0, rknpu", "1.3.0"),
+    ]:
+        lib = tmp_path / "librkllmrt.so"
+        lib.write_bytes(b"\0\0" + text)
+        assert read_runtime_version(lib) == version
 
 
 def test_abi_choice_rules(tmp_path: Path) -> None:
@@ -165,6 +191,9 @@ def test_abi_choice_rules(tmp_path: Path) -> None:
         choose_abi(p, None, "auto")
     with pytest.raises(ConfigError, match="contradicts"):
         choose_abi(p, "1.3.0", "1.2")
+    assert choose_abi(p, "1.4.0", "1.3") == "1.3"  # an unknown version: the setting decides (with a warning)
+    with pytest.raises(EngineError, match=r"runtime 1\.4\.0"):
+        choose_abi(p, "1.4.0", "auto")
 
 
 def test_library_without_version_uses_the_setting(standin: Standin) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from tests.rkllm_fixtures import (  # noqa: F401
     request,
     standin_env_fixture,
     standin_fixture,
+    submit,
     wait_idle,
 )
 
@@ -40,7 +43,7 @@ def test_every_slot_gets_its_own_text(standin: Standin, abi: str, n_batch: int) 
         engine = make_engine(standin, abi, n_batch=engine_batch)
         try:
             reqs = [request(f"r{i}", slot_prompt(i)) for i in range(n_batch)]
-            engine.submit(reqs)
+            submit(engine, reqs)
             out = drive(engine, [r.key for r in reqs])
             for i, r in enumerate(reqs):
                 o = out[r.key]
@@ -60,26 +63,59 @@ def test_every_slot_gets_its_own_text(standin: Standin, abi: str, n_batch: int) 
 
 
 @pytest.mark.parametrize("abi", ABIS)
-def test_split_utf8_characters_are_joined(standin: Standin, abi: str) -> None:
-    # 3-byte tokens over 2-, 3- and 4-byte characters: most characters straddle two tokens.
-    prompt = "é€😀ж€é😀 @len=30"
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+@pytest.mark.parametrize("token_bytes", [1, 2, 3])
+def test_split_utf8_characters_come_out_once_and_whole(
+    standin: Standin, abi: str, waiting_text: str, token_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Characters of 2, 3 and 4 bytes cut across tokens (WAITING steps), in both readings of WAITING
+    text: `repeat` (the default: the next text repeats the held bytes, as Rockchip's consumers imply)
+    and `split` (the next text continues them). A slot whose own text is complete in a batch-mate's
+    WAITING step keeps it too."""
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
+    monkeypatch.setenv("RKLLM_STANDIN_TOKEN_BYTES", str(token_bytes))
+    prompt = "é€😀ж€é😀 中文 @len=30"
     data = (prompt + " ").encode()
-    assert any((data[k] & 0xC0) == 0x80 for k in range(3, len(data), 3))  # really split
+    if token_bytes > 1:
+        assert any((data[k] & 0xC0) == 0x80 for k in range(token_bytes, len(data), token_bytes))  # really split
+    mate = "plain ascii mate @len=12"
     engine = make_engine(standin, abi, n_batch=2)
     try:
-        engine.submit([request("u", prompt), request("v", "plain ascii @len=9")])
+        submit(engine, [request("u", prompt), request("v", mate)])
         out = drive(engine, ["u", "v"])
-        assert out["u"].text == expected_text(prompt, natural_length(prompt))
-        assert "\ufffd" not in out["u"].text
-        assert out["v"].text == expected_text("plain ascii @len=9", 9)
+        n = natural_length(prompt, token_bytes)
+        assert out["u"].text == expected_text(prompt, n, token_bytes)
+        assert "\ufffd" not in out["u"].text and out["u"].tokens == n
+        assert out["v"].text == expected_text(mate, 12, token_bytes)
     finally:
         engine.close()
 
 
-def test_a_cut_inside_a_character_is_flushed_at_the_end(standin: Standin) -> None:
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+def test_split_characters_in_every_slot_of_a_full_batch(
+    standin: Standin, waiting_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
+    monkeypatch.setenv("RKLLM_STANDIN_TOKEN_BYTES", "2")
+    engine = make_engine(standin, "1.3", n_batch=4)
+    try:
+        prompts = {f"s{i}": f"{'ж' * i}slot {i} 😀€ 中文字 @len={9 + 5 * i}" for i in range(4)}
+        submit(engine, [request(k, p) for k, p in prompts.items()])
+        out = drive(engine, list(prompts))
+        for k, p in prompts.items():
+            assert out[k].text == expected_text(p, natural_length(p, 2), 2)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("waiting_text", ["repeat", "split"])
+def test_a_cut_inside_a_character_is_flushed_at_the_end(
+    standin: Standin, waiting_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RKLLM_STANDIN_WAITING_TEXT", waiting_text)
     engine = make_engine(standin, "1.3", n_batch=1)
     try:
-        engine.submit([request("c", "ab€€€ @len=40", max_new_tokens=1)])  # token 0 = "ab" + 1st byte of €
+        submit(engine, [request("c", "ab€€€ @len=40", max_new_tokens=1)])  # token 0 = "ab" + 1st byte of €
         out = drive(engine, ["c"])
         assert out["c"].text == "ab\ufffd"
         assert isinstance(out["c"].final, FinishEvent) and out["c"].final.reason == "length"
@@ -94,7 +130,7 @@ def test_each_slot_is_cut_at_its_own_max_new_tokens(standin: Standin, abi: str) 
         aborts = int(describe(standin.lib(abi))["aborts"])
         limits = {"a": 3, "b": 7, "c": 12}
         prompts = {k: f"{k}{k}{k} long reply @len=50" for k in limits}
-        engine.submit([request(k, prompts[k], max_new_tokens=n) for k, n in limits.items()])
+        submit(engine, [request(k, prompts[k], max_new_tokens=n) for k, n in limits.items()])
         out = drive(engine, list(limits))
         for k, n in limits.items():
             assert out[k].text == expected_text(prompts[k], n)
@@ -119,7 +155,7 @@ def test_perf_of_finish_goes_into_the_last_replies(standin: Standin, abi: str) -
     engine = make_engine(standin, abi, n_batch=2)
     try:
         p_short, p_long = "short one @len=3", "the longer prompt of the two @len=9"
-        engine.submit([request("s", p_short), request("l", p_long)])
+        submit(engine, [request("s", p_short), request("l", p_long)])
         out = drive(engine, ["s", "l"])
         early, last = out["s"].final, out["l"].final
         assert isinstance(early, FinishEvent) and isinstance(last, FinishEvent)
@@ -134,7 +170,7 @@ def test_perf_of_finish_goes_into_the_last_replies(standin: Standin, abi: str) -
 def test_without_padding_unused_slots_are_empty(standin: Standin, abi: str) -> None:
     engine = make_engine(standin, abi, n_batch=4, rkllm_pad_batch=False)
     try:
-        engine.submit([request("x", "only one @len=5")])
+        submit(engine, [request("x", "only one @len=5")])
         out = drive(engine, ["x"])
         assert out["x"].text == expected_text("only one @len=5", 5)
         assert describe(standin.lib(abi))["last_prompt_bytes"] == f"{len('only one @len=5')},0,0,0"
@@ -153,7 +189,7 @@ def test_cancelling_one_slot_leaves_its_batch_mates_intact(
     try:
         aborts = int(describe(standin.lib(abi))["aborts"])
         prompts = {k: f"{k} keeps going @len=40" for k in ("a", "b", "c")}
-        engine.submit([request(k, p) for k, p in prompts.items()])
+        submit(engine, [request(k, p) for k, p in prompts.items()])
         out = drive(engine, list(prompts), cancel={"b": 3})
         assert out["b"].final is None and not out["b"].after_final  # nothing after the cancel
         for k in ("a", "c"):
@@ -174,14 +210,14 @@ def test_abort_when_every_slot_is_cancelled(standin: Standin, abi: str, monkeypa
     try:
         aborts = int(describe(standin.lib(abi))["aborts"])
         keys = ["a", "b", "c"]
-        engine.submit([request(k, f"{k} would run for 5 s @len=1000", max_new_tokens=1000) for k in keys])
+        submit(engine, [request(k, f"{k} would run for 5 s @len=1000", max_new_tokens=1000) for k in keys])
         t0 = time.monotonic()
         out = drive(engine, keys, cancel={k: 1 for k in keys})
         assert time.monotonic() - t0 < 2.0  # 1000 steps x 5 ms would be 5 s
         assert all(o.final is None and not o.after_final for o in out.values())
         assert int(describe(standin.lib(abi))["aborts"]) == aborts + 1
         # The engine serves the next batch normally.
-        engine.submit([request("next", "after the abort @len=4")])
+        submit(engine, [request("next", "after the abort @len=4")])
         assert drive(engine, ["next"])["next"].text == expected_text("after the abort @len=4", 4)
     finally:
         engine.close()
@@ -192,7 +228,7 @@ def test_cancel_during_prefill_aborts_at_once(standin: Standin, monkeypatch: pyt
     monkeypatch.setenv("RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", "1000")  # a 3 s prefill
     engine = make_engine(standin, "1.3", n_batch=2)
     try:
-        engine.submit([request("p", "twelve bytes")])
+        submit(engine, [request("p", "twelve bytes")])
         time.sleep(0.05)
         t0 = time.monotonic()
         engine.cancel("p")
@@ -213,8 +249,8 @@ def test_sampling_per_run_on_1_3(standin: Standin) -> None:
         assert engine.batch_key(hot) != engine.batch_key(greedy)
         assert engine.batch_key(hot) == engine.batch_key(request("h2", sampling=hot.sampling))
         with pytest.raises(ValueError, match="batch_key"):
-            engine.submit([hot, greedy])
-        engine.submit([hot])
+            submit(engine, [hot, greedy])
+        submit(engine, [hot])
         out = drive(engine, ["h"])
         assert isinstance(out["h"].final, FinishEvent) and out["h"].final.warnings == ()
         info = describe(standin.lib("1.3"))
@@ -224,7 +260,7 @@ def test_sampling_per_run_on_1_3(standin: Standin) -> None:
             "0.8",
             "0.9",
         )
-        engine.submit([greedy])
+        submit(engine, [greedy])
         drive(engine, ["g"])
         assert describe(standin.lib("1.3"))["last_top_k"] == "1"  # greedy is top_k 1
     finally:
@@ -238,7 +274,7 @@ def test_sampling_fixed_at_init_on_1_2_is_reported(standin: Standin) -> None:
         asked = request("a", "asked @len=2", sampling=SamplingParams(temperature=1.5), sampling_requested=True)
         plain = request("p", "plain @len=2")
         assert engine.batch_key(asked) == engine.batch_key(plain)
-        engine.submit([asked, plain])
+        submit(engine, [asked, plain])
         out = drive(engine, ["a", "p"])
         fa, fp = out["a"].final, out["p"].final
         assert isinstance(fa, FinishEvent) and isinstance(fp, FinishEvent)
@@ -270,7 +306,7 @@ def test_settings_reach_rkllm_init(standin: Standin, abi: str) -> None:
         assert (info["n_batch"], info["max_context_len"], info["n_keep"]) == ("3", "4096", "64")
         assert (info["enabled_cpus_mask"], info["enabled_cpus_num"]) == ("7", "3")
         assert (info["base_domain_id"], info["embed_flash"], info["skip_special_token"]) == ("1", "1", "0")
-        engine.submit([request("k", "keep_history is 0 @len=1")])
+        submit(engine, [request("k", "keep_history is 0 @len=1")])
         drive(engine, ["k"])
         info = describe(standin.lib(abi))
         assert (info["last_keep_history"], info["last_roles"]) == ("0", "user,user,user")
@@ -291,7 +327,7 @@ def test_chat_template_setting_is_given_to_the_runtime(standin: Standin, abi: st
         info = describe(standin.lib(abi))
         assert (info["template_system"], info["template_prefix"]) == ("You are terse.", "<user> ")
         assert engine.info()["chat_template"] == "custom"
-        engine.submit([request("t", "hello @len=2")])
+        submit(engine, [request("t", "hello @len=2")])
         final = drive(engine, ["t"])["t"].final
         assert isinstance(final, FinishEvent)
         # The stand-in counts the template's text in the prompt, as the runtime tokenizes it too.
@@ -334,7 +370,7 @@ def test_multi_turn_messages_reach_the_runtime_rendered(standin: Standin, abi: s
     )
     engine = make_engine(standin, abi, n_batch=2)
     try:
-        engine.submit([request("m", messages=msgs), request("p", "plain @len=3")])
+        submit(engine, [request("m", messages=msgs), request("p", "plain @len=3")])
         out = drive(engine, ["m", "p"])
         assert out["m"].text == expected_text(render_prompt(msgs), 12)
     finally:
@@ -346,7 +382,7 @@ def test_many_batches_in_a_row(standin: Standin) -> None:
     try:
         for b in range(25):
             keys = [f"b{b}s{i}" for i in range((b % 4) + 1)]
-            engine.submit([request(k, f"{k} @len={1 + i}") for i, k in enumerate(keys)])
+            submit(engine, [request(k, f"{k} @len={1 + i}") for i, k in enumerate(keys)])
             out = drive(engine, keys)
             for i, k in enumerate(keys):
                 assert out[k].text == expected_text(f"{k} @len={1 + i}", 1 + i)
@@ -360,14 +396,29 @@ def test_submit_is_refused_while_busy(standin: Standin, monkeypatch: pytest.Monk
     monkeypatch.setenv("RKLLM_STANDIN_DECODE_MS", "5")
     engine = make_engine(standin, "1.3", n_batch=2)
     try:
-        engine.submit([request("x", "x @len=20")])
+        submit(engine, [request("x", "x @len=20")])
         assert engine.free_slots() == 0 and engine.active() == 1
         from rkmqtt.errors import EngineError
 
         with pytest.raises(EngineError):
-            engine.submit([request("y", "y")])
+            submit(engine, [request("y", "y")])
         out = drive(engine, ["x"])
         assert isinstance(out["x"].final, FinishEvent)
         assert not isinstance(out["x"].final, ErrorEvent)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_model_path_that_is_not_utf_8_reaches_the_runtime(standin: Standin, abi: str, tmp_path: Path) -> None:
+    """Linux file names are bytes: the path is passed with os.fsencode, not str.encode."""
+    raw = os.fsencode(tmp_path) + b"/mod\xe8le-latin1.rkllm"
+    with open(raw, "wb") as f:
+        f.write(b"stand-in model file\n")
+    engine = make_engine(standin, abi, model=os.fsdecode(raw))
+    try:
+        assert os.fsencode(describe(standin.lib(abi))["model_path"]) == raw
+        submit(engine, [request("m", "model path ok @len=2")])
+        assert isinstance(drive(engine, ["m"])["m"].final, FinishEvent)
     finally:
         engine.close()

@@ -17,6 +17,7 @@ from rkmqtt.engines.rkllm.platform import (
     looks_like_rockchip_npu_board,
     read_driver_version,
     run_checks,
+    runtime_cpus,
 )
 from rkmqtt.settings import Settings
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401
@@ -166,3 +167,39 @@ def test_model_checks(tmp_path: Path) -> None:
     good = tmp_path / "good.rkllm"
     good.write_bytes(b"x" * 10)
     assert check_model(settings_for(good)).ok
+
+
+@pytest.mark.parametrize(
+    ("compatible", "cpus"),
+    [
+        (b"radxa,rock-5b\0rockchip,rk3588\0", [4, 5, 6, 7]),  # four Cortex-A76 at CPU4-CPU7
+        (b"xunlong,orangepi-5\0rockchip,rk3588s\0", [4, 5, 6, 7]),
+        (b"rockchip,rk3576-evb\0rockchip,rk3576\0", [4, 5, 6, 7]),  # four Cortex-A72 at CPU4-CPU7
+        (b"rockchip,rk3562-evb\0rockchip,rk3562\0", [0, 1, 2, 3]),  # four Cortex-A53, its only cores
+    ],
+)
+def test_rkllm_cpus_auto_is_the_socs_big_cores(tmp_path: Path, compatible: bytes, cpus: list[int]) -> None:
+    assert runtime_cpus("auto", board(tmp_path, compatible=compatible)) == cpus
+
+
+def test_rkllm_cpus_explicit_and_off_a_board(tmp_path: Path) -> None:
+    assert runtime_cpus("auto", tmp_path) == [4, 5, 6, 7]  # no device tree: RK3588's (the stand-in)
+    assert runtime_cpus("2,0,2", tmp_path) == [0, 2]
+    assert Settings().rkllm_cpus == "auto"
+    with pytest.raises(ValueError, match="rkllm_cpus"):
+        Settings(rkllm_cpus="8")
+
+
+def test_the_engine_gives_the_runtime_the_socs_cores(tmp_path: Path, standin: Standin) -> None:
+    from rkmqtt.engines.rkllm.engine import RkllmEngine
+    from tests.rkllm_fixtures import describe, make_settings
+
+    root = board(tmp_path, compatible=b"rockchip,rk3562-evb\0rockchip,rk3562\0")
+    engine = RkllmEngine(make_settings(standin, "1.3"), root=root)
+    engine.load()
+    try:
+        info = describe(standin.lib("1.3"))
+        assert (info["enabled_cpus_mask"], info["enabled_cpus_num"]) == ("15", "4")
+        assert engine.info()["cpus"] == [0, 1, 2, 3]
+    finally:
+        engine.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from rkmqtt.broker import Mosquitto
 from rkmqtt.service import Service
@@ -15,17 +18,17 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
-def _make_certs(d: Path) -> None:
+def _make_certs(d: Path, san: str = "DNS:localhost,IP:127.0.0.1") -> None:
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
              "-subj", "/CN=rkmqtt test CA", cwd=d)  # fmt: skip
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
              "-subj", "/CN=localhost", cwd=d)  # fmt: skip
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "san.ext").write_text(f"subjectAltName={san}\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)  # fmt: skip
 
 
-def test_tls_with_password(tmp_path: Path) -> None:
+def test_tls_with_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _make_certs(tmp_path)
     pwfile = tmp_path / "passwd"
     pwfile.write_text("")
@@ -52,13 +55,29 @@ def test_tls_with_password(tmp_path: Path) -> None:
             assert '"text":"secure hello "' in out.stdout, out.stderr
         finally:
             svc.stop(grace_s=0)
-        # A wrong password is refused and said so; the bridge keeps trying rather than crashing.
-        bad = Service(bridge_settings(f"mqtts://bridge:wrong@localhost:{tls.port}", "tls",
-                                      tls_ca=str(tmp_path / "ca.crt")), engine=FakeEngine())  # fmt: skip
-        bad.start()
-        try:
-            assert bad.bridge is not None and not bad.bridge.wait_connected(3)
-        finally:
-            bad.stop(grace_s=0)
+        # A wrong password, a CA that did not sign the broker's certificate, a name the certificate is
+        # not for: each is refused, said once in one line naming the cause, and retried without a crash.
+        other = tmp_path / "other"
+        other.mkdir()
+        _make_certs(other, san="DNS:elsewhere.example")
+        conf = f"cafile {other / 'ca.crt'}\ncertfile {other / 'server.crt'}\nkeyfile {other / 'server.key'}\n"
+        misnamed = Mosquitto(workdir=tmp_path / "misnamed", extra_config=conf)
+        misnamed.start()
+        for url, ca, cause in (
+            (f"mqtts://bridge:wrong@localhost:{tls.port}", tmp_path / "ca.crt", "not authorised (check the user"),
+            (f"mqtts://bridge:s3cret@localhost:{tls.port}", other / "ca.crt", "certificate was not accepted"),
+            (f"mqtts://localhost:{misnamed.port}", other / "ca.crt", "certificate is not for this host name"),
+        ):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="rkmqtt.link"):
+                bad = Service(bridge_settings(url, "tls", tls_ca=str(ca)), engine=FakeEngine())
+                bad.start()
+                try:
+                    assert bad.bridge is not None and not bad.bridge.wait_connected(3)
+                finally:
+                    bad.stop(grace_s=0)
+            lines = [r.getMessage() for r in caplog.records if r.name == "rkmqtt.link"]
+            assert len(lines) == 1 and cause in lines[0] and url.rsplit(":", 1)[1] in lines[0], lines
+        misnamed.close()
     finally:
         tls.close()

@@ -52,6 +52,7 @@ class Mosquitto:
         persistence: bool = False,
         binary: str | None = None,
         own_session: bool = False,
+        nodelay: bool = True,
     ) -> None:
         self.binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
         if self.binary is None:
@@ -66,6 +67,7 @@ class Mosquitto:
         self.extra_config = extra_config
         self.persistence = persistence
         self.own_session = own_session
+        self.nodelay = nodelay
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +87,7 @@ class Mosquitto:
             "autosave_on_changes false",
             "max_queued_messages 100000",
             # Mosquitto's default Nagle delays small packets (a stream chunk) by up to ~40 ms.
-            "set_tcp_nodelay true",
+            f"set_tcp_nodelay {'true' if self.nodelay else 'false'}",
             # Run as whoever started us: as root, mosquitto would otherwise switch to the
             # `mosquitto` user, which cannot read our files (and cannot in a user namespace).
             f"user {getpass.getuser()}",

@@ -5,6 +5,7 @@ Exit 0 when everything needed to run is fine, 1 otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from rkmqtt.broker import port_answers
-from rkmqtt.connection import make_client
+from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.engines import create_engine, resolve_engine_name
 from rkmqtt.errors import RkmqttError
 from rkmqtt.settings import Settings
@@ -24,11 +25,17 @@ def _line(ok: bool | None, what: str, detail: str) -> None:
     print(f"[{mark}] {what}: {detail}")
 
 
+def _with_broker(settings: Settings) -> Settings:
+    """The settings with the broker `rkmqtt run` would use when none is set and one answers locally."""
+    if settings.broker is None and port_answers("127.0.0.1", 1883):
+        return settings.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
+    return settings
+
+
 def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None, str]:
+    settings = _with_broker(settings)
     if settings.broker is None:
-        if port_answers("127.0.0.1", 1883):
-            settings = settings.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
-        elif settings.embedded_broker:
+        if settings.embedded_broker:
             return None, "none set and none on localhost:1883; `rkmqtt run` will start a private Mosquitto"
         else:
             return False, "none set and none answers on localhost:1883: set broker=mqtt://host:port"
@@ -60,6 +67,116 @@ def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None,
         client.loop_stop()
 
 
+class _Client:
+    """A throw-away connection for the broker checks (its own paho thread)."""
+
+    def __init__(self, settings: Settings, client_id: str, subscribe: str | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.subscribe = subscribe
+        self.connected = threading.Event()
+        self.session_present = False
+        self.failure: str | None = None
+        self.messages: list[tuple[float, bytes]] = []
+        self.got = threading.Condition()
+
+    def open(self, persistent: bool, timeout: float = 5.0) -> bool:
+        c = make_client(self.settings, self.client_id, persistent=persistent)
+        c.on_socket_open = set_nodelay
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        self.client = c
+        addr = self.settings.broker_url
+        try:
+            c.connect(addr.host, addr.port, **connect_args(self.settings, keepalive=10, persistent=persistent))
+        except OSError as e:
+            self.failure = str(e)
+            return False
+        c.loop_start()
+        return self.connected.wait(timeout) and self.failure is None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:
+            self.failure = str(reason)
+        else:
+            self.session_present = bool(getattr(flags, "session_present", False))
+            if self.subscribe:
+                c.subscribe(self.subscribe, 1)
+        self.connected.set()
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.got:
+            self.messages.append((time.monotonic(), bytes(msg.payload)))
+            self.got.notify_all()
+
+    def wait_messages(self, n: int, timeout: float) -> bool:
+        with self.got:
+            return self.got.wait_for(lambda: len(self.messages) >= n, timeout)
+
+
+def check_broker_settings(settings: Settings) -> list[tuple[bool | None, str, str]]:
+    """What a client can see of the broker settings the promise needs: sessions kept while a client
+    is away, with its QoS 1 messages queued. Persistence across the broker's own restart and
+    `set_tcp_nodelay` cannot be seen from a client (Linux's quick ACKs hide Nagle's delay from a
+    probe): a note names them."""
+    if settings.session_expiry == 0:
+        sessions: tuple[bool | None, str, str] = (None, "broker sessions", "session_expiry is 0: not checked")
+        out = [sessions]
+    else:
+        out = [_check_sessions(settings)]
+    out.append(
+        (
+            None,
+            "broker settings",
+            "not visible from a client: the broker needs `persistence true` for requests to survive its restart "
+            "and `set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
+        )
+    )
+    return out
+
+
+def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
+    tag = uuid.uuid4().hex[:10]
+    topic = f"{settings.topic_prefix}/check/{tag}"
+    away = _Client(settings, f"rkmqtt-check-{tag}", subscribe=topic)
+    sender = _Client(settings, f"rkmqtt-check-{tag}-s")
+    try:
+        if not away.open(persistent=True):
+            return False, "broker sessions", f"could not connect: {away.failure or 'no answer'}"
+        time.sleep(0.2)  # the subscription is in place
+        away.close()
+        if not sender.open(persistent=False):
+            return False, "broker sessions", f"could not connect: {sender.failure or 'no answer'}"
+        sender.client.publish(topic, b"queued while away", qos=1).wait_for_publish(5)
+        sender.close()
+        if not away.open(persistent=True):
+            return False, "broker sessions", f"could not reconnect: {away.failure or 'no answer'}"
+        resumed = away.session_present
+        queued = away.wait_messages(1, 3.0)
+        away.close()
+        if resumed and queued:
+            return True, "broker sessions", "kept while a client is away, with its QoS 1 messages queued"
+        return (
+            False,
+            "broker sessions",
+            "the broker did not keep the session (or its queued message) of a client that went away: "
+            "requests sent while the bridge restarts would be lost "
+            "(check max_queued_messages and persistent_client_expiration)",
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        return False, "broker sessions", f"could not be checked: {e}"
+    finally:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):  # forget the check's session
+            cleanup = _Client(settings, f"rkmqtt-check-{tag}")
+            if cleanup.open(persistent=False):
+                cleanup.close()
+
+
 def run_checks(settings: Settings) -> int:
     failures = 0
     _line(
@@ -71,6 +188,10 @@ def run_checks(settings: Settings) -> int:
     ok, detail = check_broker(settings)
     _line(ok, "broker", detail)
     failures += ok is False
+    if ok:
+        for ok2, what, detail2 in check_broker_settings(_with_broker(settings)):
+            _line(ok2, what, detail2)
+            failures += ok2 is False
     name = resolve_engine_name(settings)
     if name == "rkllm" or settings.engine == "auto":
         from rkmqtt.engines.rkllm.platform import find_soc, run_checks

@@ -5,6 +5,7 @@
     rkmqtt check   self-check of settings, broker, engine (and the NPU on a board)
     rkmqtt health  exit 0 when the running service is healthy (container HEALTHCHECK)
     rkmqtt bench   the load generator and benchmark report
+    rkmqtt probe   run a fixed script against the RKLLM runtime; a trace and a summary to share
 
 Every setting is also a flag, `--<name-with-dashes>`; flags win over the environment and files.
 A wrong setting ends the command with exit status 2 and one line saying what to fix.
@@ -130,6 +131,9 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     add_settings_flags(health, ("health_file",))
 
     add_bench_parser(sub)
+    from rkmqtt.engines.rkllm.probe import add_probe_parser
+
+    add_probe_parser(sub)
     return parser, dict(sub.choices)
 
 
@@ -144,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             status: int = run_bench(args)
             return status
+        if args.command == "probe":
+            from rkmqtt.engines.rkllm.probe import run_probe
+
+            return run_probe(args)
         settings = settings_from_args(args)
         setup_logging(settings.log_level, getattr(args, "debug", False))
         if args.command == "run":

@@ -197,8 +197,13 @@ class Settings(BaseSettings):
         Field(description="Runtime ABI; auto reads the version string inside the library."),
     ] = "auto"
     rkllm_cpus: Annotated[
-        str, Field(pattern=r"^[0-7](,[0-7])*$", description="CPU cores for the runtime (RK3588 big cores: 4,5,6,7).")
-    ] = "4,5,6,7"
+        str,
+        Field(
+            pattern=r"^(auto|[0-7](,[0-7])*)$",
+            description="CPU cores for the runtime, e.g. 4,5,6,7; auto: the SoC's big cores (RK3588/RK3576: "
+            "4,5,6,7; RK3562: 0,1,2,3).",
+        ),
+    ] = "auto"
     rkllm_n_keep: Annotated[int, Field(ge=-1, le=131_072, description="Tokens kept when the context shifts.")] = -1
     rkllm_skip_special_token: Annotated[bool, Field(description="Drop special tokens from the output.")] = True
     rkllm_base_domain_id: Annotated[int, Field(ge=0, le=255, description="NPU memory domain of the model.")] = 0
@@ -209,6 +214,13 @@ class Settings(BaseSettings):
             description="Fill unused slots of a batch with a dummy prompt (the runtime may need all n_batch inputs)."
         ),
     ] = True
+    rkllm_tokenizer: Annotated[
+        Path | None,
+        Field(
+            description="The model's tokenizer.json, to count prompt tokens exactly and refuse an over-long prompt "
+            "(too_long) before it stops a whole batch; empty: a safe bound of one token per UTF-8 byte."
+        ),
+    ] = None
     rkllm_chat_template: Annotated[
         str | None,
         Field(
@@ -232,6 +244,7 @@ class Settings(BaseSettings):
         "broker",
         "model",
         "rkllm_library",
+        "rkllm_tokenizer",
         "rkllm_chat_template",
         "client_id",
         "shared_group",

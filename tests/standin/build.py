@@ -11,7 +11,9 @@ Importable too (tests, benchmarks/rkllm_standin.py):
     lib = build_standin("1.3", tmp_path / "librkllmrt.so")
 
 `version` is the `rkllm-runtime version: X.Y.Z` string embedded in the library's read-only data
-(default 1.2.3 for ABI 1.2, 1.3.0 for ABI 1.3); `version=""` embeds no version string at all.
+(default 1.2.3 for ABI 1.2, 1.3.0 for ABI 1.3; a suffix such as 1.2.1b1 is allowed); `version=""`
+embeds no version string at all. The source includes tests/standin/standin_json.h (the trace replay's
+JSON reader).
 Needs a C compiler (`cc`, or $CC) with pthreads.
 """
 
@@ -36,8 +38,8 @@ def build_standin(abi: str, out: Path, version: str | None = None, *, cc: str | 
     """
     if abi not in ABIS:
         raise ValueError(f"abi must be one of {', '.join(ABIS)}, not {abi!r}")
-    if version is not None and version != "" and not re.fullmatch(r"\d+\.\d+\.\d+", version):
-        raise ValueError(f"version must look like 1.2.3, not {version!r}")
+    if version is not None and version != "" and not re.fullmatch(r"\d+\.\d+\.\d+[0-9A-Za-z.+-]*", version):
+        raise ValueError(f"version must look like 1.2.3 (or 1.2.1b1), not {version!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler = shlex.split(cc or os.environ.get("CC") or "cc")

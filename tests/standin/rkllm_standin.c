@@ -10,7 +10,8 @@
  *     -DRKLLM_STANDIN_VERSION='"1.2.1"'   the version embedded in rodata (default 1.2.3 / 1.3.0)
  *     -DRKLLM_STANDIN_NO_VERSION          embed no version string at all
  *
- * (tests/standin/build.py does this: `python tests/standin/build.py --abi 1.3 -o build/librkllmrt.so`.)
+ * (tests/standin/build.py does this: `python tests/standin/build.py --abi 1.3 -o build/librkllmrt.so`;
+ * it compiles this file with standin_json.h, the small JSON reader the trace replay uses.)
  *
  * Behaviour
  * ---------
@@ -18,14 +19,26 @@
  * step with an array of n_batch RKLLMResult. Slot i's reply is the bytes of its prompt followed
  * by one space, repeated, cut into tokens of RKLLM_STANDIN_TOKEN_BYTES bytes (default 3), so
  * multibyte characters are split across tokens; a step in which any slot's token ends inside a
- * character is reported as RKLLM_RUN_WAITING. A slot ends at its natural length (default
+ * character is reported as RKLLM_RUN_WAITING. What a slot's text holds then depends on
+ * RKLLM_STANDIN_WAITING_TEXT (see the facts document, LLMCallState):
+ *     repeat (default)  what Rockchip's consumers imply: a slot whose bytes end inside a character
+ *                       gets all its bytes since its last complete character (the partial ones
+ *                       included) and gets them again, completed, in its next text; a consumer
+ *                       that prints only NORMAL text loses nothing
+ *     split             the header's literal reading: every text is the token's own bytes, and the
+ *                       rest of a split character comes at the start of the next text
+ * A slot ends at its natural length (default
  * 8 + fnv1a32(prompt) % 25 tokens, or `@len=N` in the prompt; either is extended to the next
  * character boundary, so that a natural end never splits a character): the step after its last token samples
  * "EOS" and reports token_id -1 with text NULL (that step costs decode time); a slot that reaches
  * max_new_tokens ends without an EOS step. Ended slots report -1/NULL until every slot has ended;
  * then one RKLLM_RUN_FINISH callback carries each slot's perf figures and rkllm_run returns 0.
  * An empty prompt is a slot that has ended from the start. rkllm_abort() (from any thread) stops
- * the run at the next step; FINISH is still delivered and rkllm_run returns 0.
+ * the run at the next step; then FINISH is delivered and rkllm_run returns 0, or, with
+ * RKLLM_STANDIN_AFTER_ABORT=error, one RKLLM_RUN_ERROR callback (no FINISH) and rkllm_run returns -1
+ * (what the real runtime does after an abort is undocumented). A prompt of more tokens than
+ * max_context_len fails the whole run at once: "the length of prompt is greater than max context"
+ * on stderr, no callback, rkllm_run returns -1.
  *
  * Prompt words that inject failures (per slot, anywhere in the prompt):
  *     @len=N        natural length N tokens
@@ -43,6 +56,14 @@
  *                                          still active in that step (default 0.10; an assumption:
  *                                          nobody has published multi-batch figures for RK3588)
  *     RKLLM_STANDIN_TOKEN_BYTES            bytes per output token (default 3)
+ *     RKLLM_STANDIN_WAITING_TEXT           repeat (default) or split: the text of a WAITING step (above)
+ *     RKLLM_STANDIN_AFTER_ABORT            finish (default) or error: how a run ends after rkllm_abort
+ *     RKLLM_STANDIN_NULL_FINISH=1          the FINISH callback gets a NULL result pointer
+ *     RKLLM_STANDIN_EOS_STEP=0             a slot's natural end is not a step of its own (token_id -1):
+ *                                          its last token is its last result, and when it is the batch's
+ *                                          last slot, FINISH follows at once
+ *     RKLLM_STANDIN_REPLAY=<trace.json>    replay a trace recorded by `rkmqtt probe` (below)
+ *     RKLLM_STANDIN_REPLAY_SPEED           factor on the recorded times (default 1; 0: no waiting)
  * Defaults are shaped on Rockchip's RK3588 figures for Qwen2.5-1.5B w8a8: 378 ms to the first
  * token for a 128-token prompt, 16.7 tokens/s at batch 1. Prefill is compute-bound, so a batch's
  * prefill costs the sum of its slots' prompt tokens (no batching gain). A prompt counts
@@ -55,6 +76,18 @@
  * rkllm_init also checks, through /proc/self/maps, that the callback argument is code (1.2) or an
  * RKLLMCallback whose result_callback is code (1.3): the clearest tell of a binding of the other
  * ABI, whose by-value RKLLMParam is also the wrong size (the facts document's warning).
+ *
+ * Replay: with RKLLM_STANDIN_REPLAY naming a trace written by `rkmqtt probe` (its "calls" list),
+ * each rkllm_init takes the trace's next "init" call (same n_batch, its return code) and each
+ * rkllm_run the next "run" call: its callbacks are delivered as recorded (state, per-slot token_id
+ * and text bytes, FINISH perf, a NULL result pointer) at the recorded times from the call, and the
+ * recorded return code is returned. Where the recording's binding called rkllm_abort, the replay
+ * waits (up to 10 s) for this binding's rkllm_abort before going on. The prompts are not read. So
+ * a trace from a board replays the board's runtime through the binding under test.
+ *
+ * Handles: a destroyed handle is poisoned and kept, not freed, so that a call on it is counted
+ * (invalid_handle_calls), not undefined; rkllm_abort while no rkllm_run call is in progress on the
+ * handle (before the call has begun or after it has returned) is counted too (idle_aborts).
  *
  * Extra symbols (not in the real runtime): rkllm_standin_layout() writes "name size align" and
  * "struct.field offset size" lines measured with sizeof/offsetof; rkllm_standin_describe() writes
@@ -71,6 +104,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "standin_json.h"
 
 #ifdef RKLLM_ABI_13
 #define STANDIN_ABI "1.3"
@@ -299,7 +334,9 @@ typedef struct {
     int error_at, fail_at;
     int produced;
     bool ended;
-    char buf[64];
+    char buf[64];      /* this step's token */
+    char pend[112];    /* repeat mode: the slot's bytes since its last complete character */
+    size_t pend_len;
 } Slot;
 
 typedef struct Runtime Runtime;
@@ -312,6 +349,7 @@ typedef struct {
     int tb; /* bytes per token */
     void *userdata;
     int rc;
+    const JVal *replay; /* the recorded "run" call to replay, or NULL */
 } Run;
 
 struct Runtime {
@@ -324,6 +362,7 @@ struct Runtime {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool running;
+    int in_call; /* rkllm_run calls between their entry and their return */
     bool abort_requested;
     int runs, aborts;
     /* what the last run received, for rkllm_standin_describe */
@@ -338,8 +377,12 @@ struct Runtime {
 
 static pthread_mutex_t global_mu = PTHREAD_MUTEX_INITIALIZER;
 static int pending_init_failures;
-static int init_calls, destroy_calls, total_aborts;
+static int init_calls, destroy_calls, total_aborts, idle_aborts, invalid_handle_calls;
 static Runtime *last_runtime;
+/* replay: the next call of the trace that rkllm_init / rkllm_run take (under global_mu) */
+static size_t replay_next_init, replay_next_run;
+static const JVal *replay_trace(bool *bad);
+static const JVal *replay_take(const JVal *doc, const char *fn, size_t *cursor);
 
 static void logf_(const char *fmt, ...) {
     va_list ap;
@@ -579,6 +622,22 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
         logf_("init: the result callback is not code (an RKLLMCallback* from a 1.3.0 binding?)"); return -1; }
 #endif
     if (check_param(param) != 0) return -1;
+    bool bad = false;
+    pthread_mutex_lock(&global_mu);
+    const JVal *trace = replay_trace(&bad);
+    const JVal *rec = trace ? replay_take(trace, "init", &replay_next_init) : NULL;
+    pthread_mutex_unlock(&global_mu);
+    if (bad) return -1;
+    if (trace && !rec) { logf_("replay: the trace has no more rkllm_init calls"); return -1; }
+    if (rec) {
+        int want = (int)jnum(jget(rec, "n_batch"), -1);
+        if (want != param->extend_param.n_batch) {
+            logf_("replay: this rkllm_init has n_batch %u, the recorded one %d", param->extend_param.n_batch, want);
+            return -1;
+        }
+        int rc = (int)jnum(jget(rec, "rc"), 0);
+        if (rc != 0) { logf_("replay: the recorded rkllm_init returned %d", rc); return rc; }
+    }
     Runtime *rt = calloc(1, sizeof *rt);
     if (!rt) return -1;
     rt->magic = HANDLE_MAGIC;
@@ -608,7 +667,13 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
 
 static Runtime *runtime_of(LLMHandle h) {
     Runtime *rt = (Runtime *)h;
-    if (!rt || rt->magic != HANDLE_MAGIC) { logf_("invalid handle"); return NULL; }
+    if (!rt || rt->magic != HANDLE_MAGIC) {
+        logf_("invalid handle (NULL or destroyed)");
+        pthread_mutex_lock(&global_mu);
+        invalid_handle_calls++;
+        pthread_mutex_unlock(&global_mu);
+        return NULL;
+    }
     return rt;
 }
 
@@ -623,12 +688,9 @@ int rkllm_destroy(LLMHandle handle) {
     destroy_calls++;
     if (last_runtime == rt) last_runtime = NULL;
     pthread_mutex_unlock(&global_mu);
-    rt->magic = 0;
-    for (int i = 0; i < 3; i++) free(rt->tmpl[i]);
-    free(rt->model_path);
-    pthread_cond_destroy(&rt->cv);
-    pthread_mutex_destroy(&rt->mu);
-    free(rt);
+    /* Poisoned and kept, not freed: a later call on this handle is counted, not undefined. */
+    rt->magic = 0xDEADu;
+    for (int i = 0; i < 3; i++) { free(rt->tmpl[i]); rt->tmpl[i] = NULL; }
     return 0;
 }
 
@@ -682,6 +744,46 @@ static bool make_token(Slot *s, int k, int tb) {
     return (stream_byte(s, start + tb) & 0xC0) == 0x80;
 }
 
+/* The text a slot reports for its token this step (RKLLM_STANDIN_WAITING_TEXT, see the header). */
+static const char *slot_text(Slot *s, int tb, bool repeat) {
+    if (!repeat) return s->buf;
+    if (s->pend_len + (size_t)tb >= sizeof s->pend) s->pend_len = 0; /* cannot happen with tb <= 32 */
+    memcpy(s->pend + s->pend_len, s->buf, (size_t)tb);
+    s->pend_len += (size_t)tb;
+    s->pend[s->pend_len] = '\0';
+    return s->pend;
+}
+
+/* One decode step's result for slot `s`; returns true when its token ends inside a character. */
+static bool step_slot(Slot *s, RKLLMResult *r, int tb, bool repeat, bool eos_step) {
+    r->text = NULL;
+    r->token_id = -1;
+    if (s->ended) return false;
+    if (s->produced >= s->target) {
+        s->ended = true; /* this step sampled EOS */
+        return false;
+    }
+    bool incomplete = make_token(s, s->produced, tb);
+    r->text = slot_text(s, tb, repeat);
+    r->token_id = 1000 + (int32_t)(fnv1a(s->buf) % 30000u);
+    s->produced++;
+    if (s->produced == s->target && (!s->eos_due || !eos_step)) s->ended = true;
+    return incomplete;
+}
+
+static void fill_perf(Run *run, RKLLMResult *res, double t_prefill, double t_gen) {
+    memset(res, 0, sizeof(RKLLMResult) * MAX_BATCH);
+    for (int i = 0; i < run->n; i++) {
+        res[i].text = NULL;
+        res[i].token_id = -1;
+        res[i].perf.prefill_time_ms = (float)t_prefill;
+        res[i].perf.prefill_tokens = run->slots[i].prompt_tokens;
+        res[i].perf.generate_time_ms = (float)t_gen;
+        res[i].perf.generate_tokens = run->slots[i].produced;
+        res[i].perf.memory_usage_mb = 1689.0f + 64.0f * (run->n - 1);
+    }
+}
+
 static void *generate(void *arg) {
     Run *run = arg;
     Runtime *rt = run->rt;
@@ -690,6 +792,11 @@ static void *generate(void *arg) {
     double prefill_ms = env_double("RKLLM_STANDIN_PREFILL_MS_PER_TOKEN", 378.0 / 128.0);
     double decode_ms = env_double("RKLLM_STANDIN_DECODE_MS", 1000.0 / 16.7);
     double alpha = env_double("RKLLM_STANDIN_BATCH_ALPHA", 0.10);
+    const char *mode = getenv("RKLLM_STANDIN_WAITING_TEXT");
+    bool repeat = !(mode && strcmp(mode, "split") == 0);
+    const char *after_abort = getenv("RKLLM_STANDIN_AFTER_ABORT");
+    const char *eos_env = getenv("RKLLM_STANDIN_EOS_STEP");
+    bool eos_step = !(eos_env && strcmp(eos_env, "0") == 0);
 
     double t0 = now_ms();
     int total_prompt = 0;
@@ -709,21 +816,12 @@ static void *generate(void *arg) {
             if (run->slots[i].fail_at >= 0 && step >= run->slots[i].fail_at) { run->rc = -1; return NULL; }
         if (step > 0 && sleep_abortable(rt, decode_ms * (1.0 + alpha * (active - 1)))) { aborted = true; break; }
         bool waiting = false, error = false;
+        bool incomplete[MAX_BATCH] = {false};
         memset(res, 0, sizeof res);
         for (int i = 0; i < run->n; i++) {
             Slot *s = &run->slots[i];
-            res[i].text = NULL;
-            res[i].token_id = -1;
-            if (s->ended) continue;
-            if (s->produced < s->target) {
-                waiting |= make_token(s, s->produced, tb);
-                res[i].text = s->buf;
-                res[i].token_id = 1000 + (int32_t)(fnv1a(s->buf) % 30000u);
-                s->produced++;
-                if (s->produced == s->target && !s->eos_due) s->ended = true;
-            } else {
-                s->ended = true; /* this step sampled EOS */
-            }
+            incomplete[i] = step_slot(s, &res[i], tb, repeat, eos_step);
+            waiting |= incomplete[i];
             if (s->error_at >= 0 && s->produced >= s->error_at) error = true;
         }
         if (error) {
@@ -733,20 +831,151 @@ static void *generate(void *arg) {
             return NULL;
         }
         rt->callback(res, run->userdata, waiting ? RKLLM_RUN_WAITING : RKLLM_RUN_NORMAL);
+        for (int i = 0; i < run->n; i++)
+            if (!incomplete[i]) run->slots[i].pend_len = 0; /* its character is complete: nothing to repeat */
     }
-    double t_gen = now_ms() - t1;
-    memset(res, 0, sizeof res);
-    for (int i = 0; i < run->n; i++) {
-        res[i].text = NULL;
-        res[i].token_id = -1;
-        res[i].perf.prefill_time_ms = (float)t_prefill;
-        res[i].perf.prefill_tokens = run->slots[i].prompt_tokens;
-        res[i].perf.generate_time_ms = (float)t_gen;
-        res[i].perf.generate_tokens = run->slots[i].produced;
-        res[i].perf.memory_usage_mb = 1689.0f + 64.0f * (run->n - 1);
+    if (aborted && after_abort && strcmp(after_abort, "error") == 0) {
+        memset(res, 0, sizeof res);
+        for (int i = 0; i < run->n; i++) { res[i].text = NULL; res[i].token_id = -1; }
+        rt->callback(res, run->userdata, RKLLM_RUN_ERROR);
+        run->rc = -1;
+        return NULL;
     }
-    rt->callback(res, run->userdata, RKLLM_RUN_FINISH);
+    fill_perf(run, res, t_prefill, now_ms() - t1);
+    rt->callback(env_true("RKLLM_STANDIN_NULL_FINISH") ? NULL : res, run->userdata, RKLLM_RUN_FINISH);
     run->rc = 0;
+    return NULL;
+}
+
+/* ---- replay of a recorded trace -------------------------------------------------------------- */
+
+static JVal *replay_doc;
+static char *replay_path;
+
+/* The trace named by RKLLM_STANDIN_REPLAY (parsed once per path), or NULL when it is not set. Sets
+ * *bad on a file that cannot be read or parsed. Called with global_mu held. */
+static const JVal *replay_trace(bool *bad) {
+    const char *path = getenv("RKLLM_STANDIN_REPLAY");
+    *bad = false;
+    if (!path || !*path) return NULL;
+    if (replay_doc && replay_path && strcmp(replay_path, path) == 0) return replay_doc;
+    FILE *f = fopen(path, "rb");
+    if (!f) { logf_("replay: cannot open %s: %s", path, strerror(errno)); *bad = true; return NULL; }
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = size >= 0 ? malloc((size_t)size + 1) : NULL;
+    size_t got = text ? fread(text, 1, (size_t)size, f) : 0;
+    fclose(f);
+    if (!text || got != (size_t)size) { logf_("replay: cannot read %s", path); free(text); *bad = true; return NULL; }
+    size_t err_at = 0;
+    JVal *doc = jparse(text, (size_t)size, &err_at);
+    free(text);
+    if (!doc || !jget(doc, "calls") || jget(doc, "calls")->t != J_ARR) {
+        logf_("replay: %s is not a trace written by `rkmqtt probe` (JSON error near byte %zu, or no \"calls\")", path,
+              err_at);
+        *bad = true;
+        return NULL;
+    }
+    free(replay_path);
+    replay_path = strdup(path);
+    replay_doc = doc;
+    replay_next_init = replay_next_run = 0;
+    return doc;
+}
+
+/* The trace's next call of function `fn` after *cursor (NULL when there is none). */
+static const JVal *replay_take(const JVal *doc, const char *fn, size_t *cursor) {
+    const JVal *calls = jget(doc, "calls");
+    while (*cursor < calls->n) {
+        const JVal *c = calls->items[(*cursor)++];
+        const char *name = jstr(jget(c, "fn"));
+        if (name && strcmp(name, fn) == 0) return c;
+    }
+    return NULL;
+}
+
+static void sleep_plain(double ms) {
+    if (ms <= 0 || env_true("RKLLM_STANDIN_ZERO_DELAY")) return;
+    struct timespec ts = {(time_t)(ms / 1e3), (long)((ms - 1e3 * (double)(time_t)(ms / 1e3)) * 1e6)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
+/* Wait until this binding calls rkllm_abort (the recording's binding did at this point). */
+static void replay_wait_for_abort(Runtime *rt, double timeout_ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long long ns = ts.tv_nsec + (long long)(timeout_ms * 1e6);
+    ts.tv_sec += ns / 1000000000LL;
+    ts.tv_nsec = ns % 1000000000LL;
+    pthread_mutex_lock(&rt->mu);
+    while (!rt->abort_requested)
+        if (pthread_cond_timedwait(&rt->cv, &rt->mu, &ts) == ETIMEDOUT) break;
+    bool got = rt->abort_requested;
+    pthread_mutex_unlock(&rt->mu);
+    if (!got) logf_("replay: the binding did not call rkllm_abort where the recording did; going on");
+}
+
+static char *unhex(const char *hex) {
+    size_t n = strlen(hex) / 2;
+    char *out = malloc(n + 1);
+    if (!out) return NULL;
+    for (size_t k = 0; k < n; k++) {
+        unsigned v = 0;
+        sscanf(hex + 2 * k, "%2x", &v);
+        out[k] = (char)v;
+    }
+    out[n] = '\0';
+    return out;
+}
+
+/* One recorded callback: [token_id, "hex" or null] per slot, perf rows on FINISH, or a NULL result. */
+static void replay_callback(Run *run, const JVal *e) {
+    RKLLMResult res[MAX_BATCH];
+    char *texts[MAX_BATCH] = {NULL};
+    int state = (int)jnum(jget(e, "state"), RKLLM_RUN_NORMAL);
+    const JVal *slots = jget(e, "slots");
+    if (!slots || slots->t != J_ARR) {
+        run->rt->callback(NULL, run->userdata, (LLMCallState)state);
+        return;
+    }
+    memset(res, 0, sizeof res);
+    const JVal *perf = jget(e, "perf");
+    for (int k = 0; k < run->n; k++) {
+        res[k].token_id = -1;
+        const JVal *item = (size_t)k < slots->n ? slots->items[k] : NULL;
+        if (item && item->t == J_ARR && item->n >= 2) {
+            res[k].token_id = (int32_t)jnum(item->items[0], -1);
+            const char *hex = jstr(item->items[1]);
+            if (hex) res[k].text = texts[k] = unhex(hex);
+        }
+        const JVal *row = perf && perf->t == J_ARR && (size_t)k < perf->n ? perf->items[k] : NULL;
+        if (row && row->t == J_ARR && row->n >= 5) {
+            res[k].perf.prefill_time_ms = (float)jnum(row->items[0], 0);
+            res[k].perf.prefill_tokens = (int)jnum(row->items[1], 0);
+            res[k].perf.generate_time_ms = (float)jnum(row->items[2], 0);
+            res[k].perf.generate_tokens = (int)jnum(row->items[3], 0);
+            res[k].perf.memory_usage_mb = (float)jnum(row->items[4], 0);
+        }
+    }
+    run->rt->callback(res, run->userdata, (LLMCallState)state);
+    for (int k = 0; k < run->n; k++) free(texts[k]);
+}
+
+static void *replay_generate(void *arg) {
+    Run *run = arg;
+    const JVal *events = jget(run->replay, "events");
+    double speed = env_double("RKLLM_STANDIN_REPLAY_SPEED", 1.0);
+    double t0 = now_ms();
+    for (size_t k = 0; events && events->t == J_ARR && k < events->n; k++) {
+        const JVal *e = events->items[k];
+        sleep_plain(t0 + jnum(jget(e, "t_ms"), 0) * speed - now_ms());
+        if (jget(e, "abort"))
+            replay_wait_for_abort(run->rt, 10000.0);
+        else
+            replay_callback(run, e);
+    }
+    run->rc = (int)jnum(jget(run->replay, "rc"), 0);
     return NULL;
 }
 
@@ -783,8 +1012,19 @@ static int check_run_args(Runtime *rt, RKLLMInput *input, RKLLMInferParam *infer
 
 static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata, bool async);
 
+static void count_call(LLMHandle handle, int delta) {
+    Runtime *rt = (Runtime *)handle;
+    if (!rt || rt->magic != HANDLE_MAGIC) return;
+    pthread_mutex_lock(&rt->mu);
+    rt->in_call += delta;
+    pthread_mutex_unlock(&rt->mu);
+}
+
 int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
-    return start_run(handle, input, infer, userdata, false);
+    count_call(handle, 1);
+    int rc = start_run(handle, input, infer, userdata, false);
+    count_call(handle, -1);
+    return rc;
 }
 
 int rkllm_run_async(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
@@ -801,7 +1041,8 @@ static void finish_run(Run *run) {
 }
 
 static void *async_main(void *arg) {
-    generate(arg);
+    Run *run = arg;
+    if (run->replay) replay_generate(arg); else generate(arg);
     finish_run(arg);
     free(arg);
     return NULL;
@@ -870,18 +1111,43 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
             s->eos_due = s->natural_len <= limit;
         }
     }
+    bool bad = false;
+    pthread_mutex_lock(&global_mu);
+    const JVal *trace = replay_trace(&bad);
+    if (trace) {
+        run->replay = replay_take(trace, "run", &replay_next_run);
+        pending_fail = 0; /* the recording decides what fails */
+    }
+    pthread_mutex_unlock(&global_mu);
+    if (bad || (trace && !run->replay)) {
+        if (!bad) logf_("replay: the trace has no more rkllm_run calls");
+        finish_run(run); free(run); return -1;
+    }
+    if (run->replay && (int)jnum(jget(run->replay, "n_batch"), -1) != run->n) {
+        logf_("replay: this rkllm_run has n_batch %d, the recorded one %d", run->n,
+              (int)jnum(jget(run->replay, "n_batch"), -1));
+        finish_run(run); free(run); return -1;
+    }
+    for (int i = 0; i < run->n && !run->replay; i++) {
+        if (run->slots[i].prompt_tokens > rt->param.max_context_len) {
+            logf_("run: the length of prompt is greater than max context (slot %d: %d > %d tokens)", i,
+                  run->slots[i].prompt_tokens, rt->param.max_context_len);
+            finish_run(run); free(run); return -1;
+        }
+    }
     if (pending_fail) {
         pthread_mutex_lock(&global_mu);
         pending_init_failures += pending_fail;
         pthread_mutex_unlock(&global_mu);
     }
+    void *(*body)(void *) = run->replay ? replay_generate : generate;
     pthread_t th;
     if (async) {
         if (pthread_create(&th, NULL, async_main, run) != 0) { finish_run(run); free(run); return -1; }
         pthread_detach(th);
         return 0;
     }
-    if (pthread_create(&th, NULL, generate, run) != 0) { finish_run(run); free(run); return -1; }
+    if (pthread_create(&th, NULL, body, run) != 0) { finish_run(run); free(run); return -1; }
     pthread_join(th, NULL);
     int rc = run->rc;
     finish_run(run);
@@ -893,7 +1159,9 @@ int rkllm_abort(LLMHandle handle) {
     Runtime *rt = runtime_of(handle);
     if (!rt) return -1;
     pthread_mutex_lock(&rt->mu);
-    if (rt->running) {
+    bool running = rt->running;
+    bool idle = !running && rt->in_call == 0;
+    if (running) {
         rt->abort_requested = true;
         rt->aborts++;
         pthread_cond_broadcast(&rt->cv);
@@ -901,6 +1169,7 @@ int rkllm_abort(LLMHandle handle) {
     pthread_mutex_unlock(&rt->mu);
     pthread_mutex_lock(&global_mu);
     total_aborts++;
+    if (idle) idle_aborts++;
     pthread_mutex_unlock(&global_mu);
     return 0;
 }
@@ -967,8 +1236,10 @@ size_t rkllm_standin_describe(char *buf, size_t len) {
     Runtime *rt = last_runtime;
     size_t n = 0;
 #define D(...) n += snprintf(buf + n, n < len ? len - n : 0, __VA_ARGS__)
-    D("abi=%s\nbanner=%s\ninit_calls=%d\ndestroy_calls=%d\naborts=%d\npending_init_failures=%d\n",
-      STANDIN_ABI, standin_banner, init_calls, destroy_calls, total_aborts, pending_init_failures);
+    D("abi=%s\nbanner=%s\ninit_calls=%d\ndestroy_calls=%d\naborts=%d\nidle_aborts=%d\ninvalid_handle_calls=%d\n"
+      "pending_init_failures=%d\n",
+      STANDIN_ABI, standin_banner, init_calls, destroy_calls, total_aborts, idle_aborts, invalid_handle_calls,
+      pending_init_failures);
     if (rt) {
         const RKLLMParam *p = &rt->param;
         const RKLLMExtendParam *e = &p->extend_param;

@@ -31,7 +31,7 @@ from rkmqtt.bench.report import (
     write_png,
     write_requests_csv,
 )
-from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, targets_suite
+from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, journal_suite, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
 from rkmqtt.flags import add_settings_flags
@@ -68,9 +68,10 @@ def add_bench_parser(sub: Any) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--suite",
-        choices=("targets",),
+        choices=("targets", "journal"),
         help="run a built-in set of scenarios instead: 'targets' = the CPU engine with 8 devices, the RK3588 "
-        "model with 4 users, and the zero-cost relay, with the engine-alone comparison",
+        "model with 4 users, and the zero-cost relay (with and without the request journal), with the "
+        "engine-alone comparison; 'journal' = only the relay with and without the journal",
     )
     what.add_argument(
         "--engines",
@@ -177,6 +178,8 @@ class _RichProgress:
 def _scenarios(args: argparse.Namespace, prompts: tuple[str, ...]) -> list[Scenario]:
     if args.suite == "targets":
         return targets_suite(prompts, rkllm_real=args.rkllm_library is not None)
+    if args.suite == "journal":
+        return journal_suite(prompts)
     try:
         w = Workload(
             args.shape,

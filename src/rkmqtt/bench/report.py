@@ -166,7 +166,27 @@ def targets(points: Sequence[Point]) -> list[Target]:
             None if top is None else top.stream_messages_per_s >= 5000,
         )
     )
+    out.append(journal_cost(points))
     return out
+
+
+def journal_cost(points: Sequence[Point]) -> Target:
+    """Requests/s and stream messages/s with the request journal, as a share of without (n_batch 8)."""
+    on, off = _find(points, "relay-zero-cost", 8), _find(points, "relay-journal-off", 8)
+    rq = _ratio(on.requests_per_s, off.requests_per_s) if on and off else None
+    st = _ratio(on.stream_messages_per_s, off.stream_messages_per_s) if on and off else None
+    measured = "-"
+    if on and off and rq is not None and st is not None:
+        measured = (
+            f"requests {on.requests_per_s:.1f} vs {off.requests_per_s:.1f}/s = {100 * rq:.1f} %; stream messages "
+            f"{on.stream_messages_per_s:.0f} vs {off.stream_messages_per_s:.0f}/s = {100 * st:.1f} %"
+        )
+    return Target(
+        "request journal, zero-cost engine, n_batch 8: with vs without",
+        ">= 90 % of requests/s and stream messages/s",
+        measured,
+        None if rq is None or st is None else min(rq, st) >= 0.9,
+    )
 
 
 def _f(x: float | None, nd: int = 0) -> str:

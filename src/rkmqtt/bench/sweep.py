@@ -78,6 +78,7 @@ class Scenario:
     # The private Mosquitto with `set_tcp_nodelay true` (its default is false: Nagle's algorithm
     # then holds small packets back for the peer's delayed ACK, ~40 ms). Ignored with --broker.
     broker_nodelay: bool = True
+    bridge_flags: Mapping[str, SettingValue] = field(default_factory=dict)  # settings of this scenario's bridges
 
 
 @dataclass
@@ -115,6 +116,23 @@ class Point:
         }
 
 
+def journal_suite(prompts: tuple[str, ...]) -> list[Scenario]:
+    """The request journal's cost: the zero-cost relay with the journal and without, side by side."""
+    w = Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts)
+    return [
+        Scenario("relay-zero-cost", "rkllm-zero", w, (8,), (), "stand-in with zero delays, with the journal"),
+        Scenario(
+            "relay-journal-off",
+            "rkllm-zero",
+            w,
+            (8,),
+            (),
+            "the same without the request journal",
+            bridge_flags={"journal": False},
+        ),
+    ]
+
+
 def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
     """The issue's four targets, measured side by side in one run."""
     rk = "rkllm"
@@ -150,6 +168,15 @@ def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
             (1, 4, 8),
             (8,),
             "stand-in with zero delays: what the bridge itself relays",
+        ),
+        Scenario(
+            "relay-journal-off",
+            "rkllm-zero",
+            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
+            (8,),
+            (),
+            "the same without the request journal",
+            bridge_flags={"journal": False},
         ),
         Scenario(
             "relay-zero-cost-nagle",
@@ -220,12 +247,21 @@ class Sweep:
             return {"engine": "rkllm", "rkllm_library": str(lib), "model": str(model)}, env
         raise ConfigError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
 
-    def point_flags(self, engine_flags: Mapping[str, SettingValue], n_batch: int, prefix: str) -> dict[str, Any]:
+    def point_flags(
+        self,
+        engine_flags: Mapping[str, SettingValue],
+        n_batch: int,
+        prefix: str,
+        scenario_flags: Mapping[str, SettingValue] | None = None,
+    ) -> dict[str, Any]:
         assert self.broker_url is not None
         flags: dict[str, Any] = dict(BRIDGE_DEFAULTS)
         flags.update(self.user_flags)
+        flags.update(scenario_flags or {})
         flags.update(engine_flags)
-        flags.update({"broker": self.broker_url, "topic_prefix": prefix, "n_batch": str(n_batch)})
+        # Each bridge its own node, session and journal: nothing of one point is taken up by the next.
+        flags.update({"broker": self.broker_url, "topic_prefix": prefix, "n_batch": str(n_batch), "node_name": prefix})
+        flags.setdefault("state_dir", str(self.workdir / "state"))
         return flags
 
     def _settings(self, flags: Mapping[str, Any]) -> Settings:
@@ -252,8 +288,7 @@ class Sweep:
             return "mqtt://127.0.0.1:1883"
         m = self._brokers.get(nodelay)
         if m is None:
-            conf = "set_tcp_nodelay true" if nodelay else ""
-            m = Mosquitto(workdir=self.workdir / f"mosquitto-{int(nodelay)}", extra_config=conf).start()
+            m = Mosquitto(workdir=self.workdir / f"mosquitto-{int(nodelay)}", nodelay=nodelay).start()
             self._brokers[nodelay] = m
             self.broker_notes.add(f"private Mosquitto ({'set_tcp_nodelay true' if nodelay else 'default config'})")
         return m.url
@@ -324,7 +359,7 @@ class Sweep:
             return gen.run(), gen.cpu
         engine_flags, env = self.engine_setup(sc.engine)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
-        flags = self.point_flags(engine_flags, p.n_batch, prefix)
+        flags = self.point_flags(engine_flags, p.n_batch, prefix, sc.bridge_flags)
         settings = self._settings(flags)
         if p.mode == "direct":
             return self._run_direct(settings, env, sc.workload), {}

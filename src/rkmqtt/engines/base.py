@@ -71,10 +71,6 @@ class Generation:
     sampling_requested: bool = False
 
 
-# Transitional name, until the RKLLM engine's files move to `Generation`.
-GenerationRequest = Generation
-
-
 @dataclass(frozen=True)
 class Prepared:
     """What `Engine.prepare` made of a request. The request carries it until `submit`; the engine

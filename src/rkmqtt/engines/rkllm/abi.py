@@ -65,12 +65,8 @@ class RKLLMInferMode(IntEnum):
     GET_LOGITS = 2
 
 
-# CPU mask bits: CPU0 = 1 << 0 ... CPU7 = 1 << 7 (RK3588's big A76 cores are CPU4-CPU7).
-CPU_BITS = {f"CPU{i}": 1 << i for i in range(8)}
-
-
 def cpu_mask(cpus: list[int]) -> int:
-    """The `enabled_cpus_mask` for CPU numbers 0-7."""
+    """The `enabled_cpus_mask` for CPU numbers 0-7 (bit i is CPUi; RK3588's big cores are CPU4-CPU7)."""
     mask = 0
     for cpu in cpus:
         if not 0 <= cpu <= 7:

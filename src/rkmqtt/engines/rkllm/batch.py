@@ -7,46 +7,54 @@ Threads:
   `queue.Queue` (unbounded: `put` never waits). It never raises, never blocks, never logs and
   never does I/O;
 * `run_returned` runs on the batch's worker thread once rkllm_run has returned;
-* `cancel` and `live_count` run on the scheduler thread. The only state shared with the
-  callback thread is `cancelled` (a set the scheduler adds to) and the slots' `done` flags (the
-  callback sets them); both are single reads/writes under the GIL, and every race between them
-  is harmless: a cancelled key's events are dropped by `RkllmEngine.poll` anyway, and the
-  abort decision is made on both sides.
+* `cancel` and `live_count` run on the scheduler thread. The state shared with the callback
+  thread is `cancelled` (a set the scheduler adds to), the slots' `done` flags (the callback
+  sets them) and `aborted`/`returned` (the engine sets them under its handle lock); each is a
+  single read or write under the GIL, and every race between them is harmless: a cancelled
+  key's events are dropped by `RkllmEngine.poll` anyway, the abort decision is made on both
+  sides, and the engine's lock decides whether an abort reaches the runtime (engine.py).
 
 Every object C can reach — the `RKLLMInput[n_batch]` array, the prompt bytes, the infer and
 sampling structs — is referenced from `self.keep` until the worker drops the batch, after
 rkllm_run has returned.
 
 How results map to replies (facts: docs/rkllm-runtime.md, "Batched inference"):
-* `result[i]` is slot i; a negative `token_id` ends slot i; `text` may be NULL.
-* Each slot has its own incremental UTF-8 decoder, so bytes of a character split across tokens
-  (a `WAITING` step) are joined with the next piece; `TokenEvent.text` is always whole characters.
+* `result[i]` is slot i; a negative `token_id` ends slot i; `text` may be NULL, and so may the
+  `result` pointer itself (then the step carries nothing; at FINISH there is no perf).
+* Each slot assembles its text in a `SlotText` (text.py): text that ends inside a character (a
+  `WAITING` step) is held, and the next text either repeats it (Rockchip's consumers' reading) or
+  continues it (a split character); `TokenEvent.text` is always whole characters.
 * A slot is cut at its own `max_new_tokens` (the run uses the batch's largest) and gets
   `FinishEvent(reason="length")` at once; its later tokens are dropped.
 * A slot that ends while batch-mates still run is answered at once (no perf: the runtime fills
-  perf only at FINISH). The slot(s) ending last are held for the `FINISH` callback, which comes
+  perf only at FINISH). The slot(s) ending last wait for the `FINISH` callback, which comes
   right after, and carry its perf: `prompt_tokens` = that slot's `perf.prefill_tokens` (what the
   runtime reports per slot in a batch is undocumented; the stand-in reports the slot's own).
+* Every slot has a `reported` flag (its final event is queued). Whatever happens in the callback
+  (an exception, a NULL pointer, no FINISH at all), `run_returned` answers every slot not yet
+  reported, so no request waits forever.
 * When no real slot is left (all ended or cancelled) but the runtime is still generating
   (padding slots, or 1.2.x's init-time `max_new_tokens` above every request's own), the engine is
   asked to `rkllm_abort` (an `AbortWanted` marker on the queue; the callback itself never calls
   into the runtime).
 * An `ERROR` state, `rkllm_run` != 0, or an exception in the callback answers every slot still
-  running with `engine_error`.
+  running with `engine_error` — except an `ERROR` or a non-zero return after our own abort with
+  no real slot left: that is how the runtime may end an aborted run, and nothing was lost.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import queue
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Generation, TokenEvent
 from rkmqtt.engines.rkllm.abi import Abi, LLMCallState, RKLLMInferMode, RKLLMInputType
 from rkmqtt.engines.rkllm.prompt import DUMMY_PROMPT, render_prompt
+from rkmqtt.engines.rkllm.text import SlotText
 from rkmqtt.protocol import ErrorCode
 
 
@@ -71,17 +79,18 @@ _PERF_FIELDS = ("prefill_time_ms", "prefill_tokens", "generate_time_ms", "genera
 
 
 class _Slot:
-    __slots__ = ("decoder", "done", "index", "key", "limit", "reason", "tokens", "unreported", "warnings")
+    __slots__ = ("done", "index", "key", "limit", "reason", "reported", "text", "tokens", "unreported", "warnings")
 
-    def __init__(self, index: int, req: GenerationRequest, warnings: tuple[str, ...]) -> None:
+    def __init__(self, index: int, req: Generation, warnings: tuple[str, ...]) -> None:
         self.index = index
         self.key = req.key
         self.limit = req.max_new_tokens
         self.warnings = warnings
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = SlotText()
         self.tokens = 0
         self.unreported = 0  # tokens counted but not yet carried by a TokenEvent
-        self.done = False
+        self.done = False  # its generation is over
+        self.reported = False  # its final event (FinishEvent or ErrorEvent) is queued
         self.reason = "stop"
 
 
@@ -91,7 +100,7 @@ class Batch:
     def __init__(
         self,
         batch_id: int,
-        reqs: Sequence[GenerationRequest],
+        reqs: Sequence[Generation],
         *,
         abi: Abi,
         n_batch: int,
@@ -112,11 +121,12 @@ class Batch:
         self.cancelled: set[int] = set()
         self.prompts = [render_prompt(r.messages) for r in reqs]
         self.runtime_tokens = [0] * n_batch  # tokens the runtime produced per slot (padding too)
-        self.held: list[_Slot] = []
         self.abort_wanted = False
-        self.aborted = False
-        self.returned = False
+        self.aborted = False  # set by the engine when it called rkllm_abort for this batch
+        self.returned = False  # set by the engine when rkllm_run has returned
         self.got_finish = False
+        self.got_error = False
+        self.called_back = threading.Event()  # the runtime has called back: its run is in progress
         self.failure: str | None = None
         self.callback_error: str | None = None
 
@@ -124,6 +134,7 @@ class Batch:
         pad_text = DUMMY_PROMPT if pad else ""
         prompt_bytes = [p.encode("utf-8") for p in self.prompts]
         prompt_bytes += [pad_text.encode()] * (n_batch - len(reqs))
+        self.inputs_text = tuple(prompt_bytes)
         role = b"user"
         inputs: Any = (abi.Input * n_batch)()
         for i, data in enumerate(prompt_bytes):
@@ -161,77 +172,96 @@ class Batch:
         """Real requests still running (not ended, not cancelled)."""
         return sum(1 for s in self.slots if not s.done and s.index not in self.cancelled)
 
+    def ending(self) -> bool:
+        """The runtime has sent FINISH or ERROR: its run is over, bar the return."""
+        return self.got_finish or self.got_error
+
     def cancel(self, key: Hashable) -> bool:
         """Mark `key` cancelled; True when no real slot is left to run and the run is still on."""
         slot = self.by_key.get(key)
         if slot is None:
             return False
         self.cancelled.add(slot.index)
-        return self.live_count() == 0 and not self.returned and not self.got_finish
+        return self.live_count() == 0 and not self.returned and not self.ending()
 
     # ---- callback thread ----------------------------------------------------------------------
 
     def on_result(self, results: Any, state: int) -> int:
         """The result callback's body for this batch. Always returns 0 (continue)."""
         try:
-            self._on_result(results, state)
-        except BaseException as e:  # nothing may escape into C; the worker reports it
+            self.called_back.set()
+            if not self.returned:
+                self._dispatch(results, state)
+        except BaseException as e:  # nothing may escape into C; run_returned answers what is open
             self.callback_error = f"{type(e).__name__}: {e}"
         return 0
 
-    def _on_result(self, results: Any, state: int) -> None:
-        if self.returned:
-            return
+    def _dispatch(self, results: Any, state: int) -> None:
         if state == LLMCallState.FINISH:
-            self.got_finish = True
-            for slot in self.slots:
-                if slot.index in self.cancelled or (slot.done and slot not in self.held):
-                    continue
-                if not slot.done:
-                    self._close_slot(slot, "length" if slot.tokens >= slot.limit else "stop")
-                self._finish(slot, _perf(results[slot.index].perf))
-            self.held.clear()
-            return
-        if state == LLMCallState.ERROR:
-            self._fail("the RKLLM runtime reported an error (RKLLM_RUN_ERROR) during the batch")
-            return
-        if state not in (LLMCallState.NORMAL, LLMCallState.WAITING):
-            return
+            self._on_finish(results)
+        elif state == LLMCallState.ERROR:
+            self._on_error()
+        elif state in (LLMCallState.NORMAL, LLMCallState.WAITING) and results:
+            self._on_step(results)
+
+    def _on_step(self, results: Any) -> None:
+        """One generation step: every slot's token (padding slots only count as runtime work)."""
         runtime_busy = False
         ended: list[_Slot] = []
         for i in range(self.n_batch):
             r = results[i]
-            if r.token_id >= 0:
-                self.runtime_tokens[i] += 1
-                if self.runtime_tokens[i] < self.runtime_limit:
-                    runtime_busy = True
-            if i >= len(self.slots):
-                continue  # padding: its output is discarded
-            slot = self.slots[i]
-            if slot.done or i in self.cancelled:
-                continue
-            if r.token_id < 0:
-                self._close_slot(slot, "stop")
+            runtime_busy |= self._count_runtime_token(i, r.token_id)
+            slot = self._running_slot(i)
+            if slot is not None and self._take_token(slot, r.token_id, r.text):
                 ended.append(slot)
-                continue
-            slot.tokens += 1
-            slot.unreported += 1
-            text = slot.decoder.decode(ctypes.string_at(r.text)) if r.text else ""
-            if slot.tokens >= slot.limit:
-                self._emit_text(slot, text)
-                self._close_slot(slot, "length")
-                ended.append(slot)
-            elif text:
-                self._emit_text(slot, text)
-        if ended:
-            if self.live_count() == 0:
-                self.held.extend(ended)  # the FINISH callback comes next and brings perf
-            else:
-                for slot in ended:
-                    self._finish(slot, {})
+        if ended and self.live_count() > 0:
+            for slot in ended:  # batch-mates run on: answer now (the FINISH perf is far off)
+                self._report(slot, {})
+        # (when none is left running, the FINISH callback comes next and brings perf)
         if self.live_count() == 0 and runtime_busy and not self.abort_wanted:
             self.abort_wanted = True
             self._out.put(AbortWanted(self.id))
+
+    def _count_runtime_token(self, index: int, token_id: int) -> bool:
+        """Count slot `index`'s token; True when the runtime will go on generating for it."""
+        if token_id < 0:
+            return False
+        self.runtime_tokens[index] += 1
+        return self.runtime_tokens[index] < self.runtime_limit
+
+    def _running_slot(self, index: int) -> _Slot | None:
+        """The real slot at `index` if it is still generating (None for padding, ended, cancelled)."""
+        if index >= len(self.slots) or index in self.cancelled:
+            return None
+        slot = self.slots[index]
+        return None if slot.done else slot
+
+    def _take_token(self, slot: _Slot, token_id: int, text_ptr: int | None) -> bool:
+        """Slot `slot`'s result of this step; True when its generation has just ended."""
+        if token_id < 0:
+            self._close_slot(slot, "stop")
+            return True
+        slot.tokens += 1
+        slot.unreported += 1
+        self._emit_text(slot, slot.text.take(ctypes.string_at(text_ptr) if text_ptr else b""))
+        if slot.tokens >= slot.limit:
+            self._close_slot(slot, "length")
+            return True
+        return False
+
+    def _on_finish(self, results: Any) -> None:
+        """FINISH: every slot not yet answered ends now and gets the perf the runtime reports."""
+        self.got_finish = True
+        for slot in self._unreported():
+            if not slot.done:
+                self._close_slot(slot, "length" if slot.tokens >= slot.limit else "stop")
+            self._report(slot, _perf(results, slot.index))
+
+    def _on_error(self) -> None:
+        self.got_error = True
+        if self.aborted and self.live_count() == 0:
+            return  # how the runtime may end a run we aborted: no request lost anything
+        self._fail("the RKLLM runtime reported an error (RKLLM_RUN_ERROR) during the batch")
 
     def _emit_text(self, slot: _Slot, text: str) -> None:
         if text:
@@ -239,14 +269,20 @@ class Batch:
             slot.unreported = 0
 
     def _close_slot(self, slot: _Slot, reason: str) -> None:
-        """The slot's generation is over: flush its decoder and mark it done."""
-        self._emit_text(slot, slot.decoder.decode(b"", final=True))
+        """The slot's generation is over: emit what it still holds and mark it done."""
+        self._emit_text(slot, slot.text.flush())
         slot.done = True
         slot.reason = reason
 
-    def _finish(self, slot: _Slot, perf: dict[str, float]) -> None:
-        if slot.index in self.cancelled:
+    def _unreported(self) -> list[_Slot]:
+        """Real slots that are not cancelled and have no final event yet."""
+        return [s for s in self.slots if not s.reported and s.index not in self.cancelled]
+
+    def _report(self, slot: _Slot, perf: dict[str, float]) -> None:
+        """Queue the slot's FinishEvent (once)."""
+        if slot.reported or slot.index in self.cancelled:
             return
+        slot.reported = True
         prompt_tokens = int(perf["prefill_tokens"]) if perf.get("prefill_tokens", 0) > 0 else None
         self._out.put(
             FinishEvent(
@@ -261,39 +297,45 @@ class Batch:
         )
 
     def _fail(self, message: str) -> None:
-        """Answer every real slot still running with engine_error; the engine re-initialises."""
+        """Answer every real slot still running with engine_error; those that ended keep their reply."""
         if self.failure is None:
             self.failure = message
-        for slot in self.slots:
-            if not slot.done and slot.index not in self.cancelled:
-                slot.done = True
-                self._out.put(
-                    ErrorEvent(key=slot.key, code=ErrorCode.ENGINE_ERROR, message=f"{message}; the engine restarts")
-                )
-        for slot in self.held:  # they had their whole answer before the failure
-            self._finish(slot, {})
-        self.held.clear()
+        for slot in self._unreported():
+            if slot.done:
+                self._report(slot, {})  # it had its whole answer before the failure
+                continue
+            slot.done = slot.reported = True
+            self._out.put(ErrorEvent(key=slot.key, code=ErrorCode.ENGINE_ERROR, message=f"{message}; try again"))
 
     # ---- worker thread ------------------------------------------------------------------------
 
+    def not_run(self, reason: str | None) -> str | None:
+        """The run was skipped: every request was cancelled before it began (`reason` None), or it
+        could not start (`reason`). Returns the failure, if any."""
+        if reason is not None:
+            self._fail(reason)
+        return self.failure
+
     def run_returned(self, rc: int) -> str | None:
-        """rkllm_run has returned `rc`: answer whatever is still open. Returns the failure, if any
-        (the engine then destroys and re-initialises the runtime)."""
+        """rkllm_run has returned `rc` (the engine has set `returned`): answer every slot still open.
+        Returns the failure, if any."""
         if self.callback_error is not None:
             self._fail(f"internal error in the result callback ({self.callback_error})")
         elif rc != 0 and not (self.aborted and self.live_count() == 0):
             self._fail(f"rkllm_run returned {rc}")
-        self.returned = True
-        for slot in self.slots:
-            if not slot.done and slot.index not in self.cancelled:
-                # The run ended without a negative token_id or FINISH for this slot.
+        for slot in self._unreported():
+            if not slot.done:  # the run ended without a negative token_id or FINISH for it
                 self._close_slot(slot, "length" if slot.tokens >= slot.limit else "stop")
-                self._finish(slot, {})
-        for slot in self.held:
-            self._finish(slot, {})
-        self.held.clear()
+            self._report(slot, {})
         return self.failure
 
 
-def _perf(perf: Any) -> dict[str, float]:
-    return {name: float(getattr(perf, name)) for name in _PERF_FIELDS}
+def _perf(results: Any, index: int) -> dict[str, float]:
+    """Slot `index`'s perf of a FINISH callback ({} when the result pointer is NULL)."""
+    if not results:
+        return {}
+    perf = results[index].perf
+    out = {name: float(getattr(perf, name)) for name in _PERF_FIELDS}
+    # The keys every engine reports (they go into the final reply's timing); the runtime's own stay.
+    out["prefill_ms"], out["decode_ms"] = out["prefill_time_ms"], out["generate_time_ms"]
+    return out

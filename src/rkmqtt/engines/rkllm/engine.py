@@ -3,18 +3,36 @@
 Threads:
 * every public method runs on the scheduler thread (the one thread that owns the engine);
 * each batch runs `rkllm_run` on a worker thread of its own, `rkllm-run-<n>`, which after the
-  call answers what is still open and, when the run failed, destroys and re-initialises the
-  runtime (tenacity backoff) before the engine is idle again;
+  call answers what is still open and, after a second failed run in a row, destroys and
+  re-initialises the runtime (tenacity backoff) before the engine is idle again;
 * the runtime calls the result callback on a thread of its own during `rkllm_run`; the
   callback (`Batch.on_result`) only copies and enqueues (see batch.py).
 The threads meet in one `queue.Queue` that `poll()` drains.
+
+One lock, `_handle_lock`, orders every call that touches the handle from two threads: the
+start and the end of a run (the worker), `rkllm_abort` (the scheduler), `rkllm_destroy` and the
+swap of a new handle (the worker's recovery, `close`). `rkllm_abort` is called only while a run
+of that batch is in progress (`_in_run`), never on an idle or destroyed handle. The lock is never
+held across `rkllm_run` or `rkllm_init`, and the callback never takes it.
+
+Between the worker calling `rkllm_run` and the runtime marking itself running there is a moment
+in which an abort would reach an idle handle (and be lost). So an abort asked for before the
+runtime's first callback is made by a short-lived thread, `rkllm-abort-<n>`, once the runtime
+shows it is running: `rkllm_is_running` differs from its value on the idle handle (read after
+init, so either polarity of the headers works), or it has called back; it gives up when the run
+ends, and aborts anyway after `ABORT_CONFIRM_S` if the runtime cannot tell.
 
 Life of a batch: `submit()` (engine idle, 1..n_batch requests with one `batch_key`) builds the
 `RKLLMInput[n_batch]` array (unused slots padded with a short dummy prompt, or left empty when
 `rkllm_pad_batch` is false) and one `RKLLMInferParam` and starts the worker. `cancel(key)` drops a
 request at once (its later events are filtered out) and calls `rkllm_abort` only when no real
 slot of the batch is left running; when all real slots have ended by themselves while padding
-slots still generate, the callback asks `poll()` to abort for the same reason.
+slots still generate, the callback asks `poll()` to abort for the same reason. A batch whose
+every request was cancelled before its run began is not run at all.
+
+Admission: `prepare()` refuses a prompt the context cannot hold with `too_long` (length.py):
+counted with the `rkllm_tokenizer` file when set, else bounded at one token per byte. Such a
+prompt would otherwise stop the run of its whole batch.
 
 Sampling: runtime 1.3.0 takes sampling parameters and `max_new_tokens` per run, so `batch_key`
 groups requests by their sampling, and the run's `max_new_tokens` is the batch's largest (each
@@ -24,10 +42,17 @@ its own limit, and a request that set sampling fields is told in `FinishEvent.wa
 (temperature 0) is sent as top_k=1, temperature=1.0, top_p=1.0. The runtime has no seed.
 
 Failures: `rkllm_init` failing at load raises EngineError naming what to check. An `ERROR` state
-or `rkllm_run` returning non-zero answers the batch's running requests `engine_error`; then the
-handle is destroyed and `rkllm_init` retried with exponential backoff until it works or the
-engine closes (the scheduler keeps queueing meanwhile: `free_slots()` is 0). Beware: runtime
-1.3.0 has been reported to segfault, not return -1, when a second init runs out of NPU memory.
+or `rkllm_run` returning non-zero answers the batch's running requests `engine_error` (not after
+our own abort with no request left: batch.py). A single failed run keeps the model: the next batch
+runs on the same handle. After `RELOAD_AFTER_FAILURES` failed runs in a row the handle is
+destroyed and `rkllm_init` retried with exponential backoff until it works or the engine closes
+(the scheduler keeps queueing meanwhile: `free_slots()` is 0). Beware: runtime 1.3.0 has been
+reported to segfault, not return -1, when a second init runs out of NPU memory.
+
+`recorder` (a trace.TraceRecorder, for `rkmqtt probe`) is told every call into the runtime and
+copies every callback; it does no I/O.
+
+Facts about the runtime: docs/rkllm-runtime.md.
 """
 
 from __future__ import annotations
@@ -35,20 +60,26 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, GenerationRequest, Prepared, SamplingParams
+from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, Generation, Prepared, SamplingParams
 from rkmqtt.engines.rkllm.abi import LLMHandle, LLMResultCallback, cpu_mask
 from rkmqtt.engines.rkllm.batch import AbortWanted, Batch, BatchEnded, QueueItem
+from rkmqtt.engines.rkllm.length import PromptLength
 from rkmqtt.engines.rkllm.library import RuntimeLibrary, locate_runtime
-from rkmqtt.engines.rkllm.prompt import parse_chat_template
-from rkmqtt.errors import ConfigError, EngineError
+from rkmqtt.engines.rkllm.platform import runtime_cpus
+from rkmqtt.engines.rkllm.prompt import parse_chat_template, render_prompt
+from rkmqtt.engines.rkllm.trace import TraceRecorder
+from rkmqtt.errors import ConfigError, EngineError, RequestRejected
+from rkmqtt.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from rkmqtt.settings import Settings
@@ -56,6 +87,12 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 SamplingTuple = tuple[int, float, float, float]  # top_k, top_p, temperature, repeat_penalty
+
+# Failed runs in a row after which the model is reloaded: one failure (an over-long prompt that
+# slipped through, a runtime hiccup) is not a reason to spend seconds on rkllm_init.
+RELOAD_AFTER_FAILURES = 2
+# How long an abort waits for the runtime to show that its run has begun (see the module docstring).
+ABORT_CONFIRM_S = 1.0
 
 
 def runtime_sampling(s: SamplingParams) -> SamplingTuple:
@@ -68,7 +105,15 @@ def runtime_sampling(s: SamplingParams) -> SamplingTuple:
 class RkllmEngine(Engine):
     """The RKLLM runtime behind the engine interface (see the module docstring)."""
 
-    def __init__(self, settings: Settings, *, backoff_s: float = 0.5, backoff_max_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        root: Path = Path("/"),
+        recorder: TraceRecorder | None = None,
+    ) -> None:
         if not 1 <= settings.n_batch <= 8:
             raise ConfigError(f"setting n_batch={settings.n_batch} is not allowed with engine rkllm: use 1 to 8")
         if not settings.model:
@@ -76,13 +121,18 @@ class RkllmEngine(Engine):
         self._settings = settings
         self._model = Path(settings.model)
         self._n_batch = settings.n_batch
-        self._cpus = sorted({int(c) for c in settings.rkllm_cpus.split(",")})
+        self._cpus = runtime_cpus(settings.rkllm_cpus, root)
         self._template = parse_chat_template(settings.rkllm_chat_template) if settings.rkllm_chat_template else None
+        self._length = PromptLength(None, self._template)  # the bound until load() reads rkllm_tokenizer
+        self._recorder = recorder
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
         self._runtime: RuntimeLibrary | None = None
         self._lib: Any = None
         self._handle: Any = None  # LLMHandle while initialised
+        self._handle_lock = threading.Lock()  # see the module docstring
+        self._in_run: Batch | None = None  # the batch whose rkllm_run is in progress (under the lock)
+        self._idle_running_value: int | None = None  # rkllm_is_running on the idle handle
         self._init_keep: tuple[Any, ...] = ()  # the param and callback structs of the live handle
         self._events: queue.Queue[QueueItem] = queue.Queue()
         self._running: Batch | None = None
@@ -91,6 +141,8 @@ class RkllmEngine(Engine):
         self._ids = itertools.count(1)
         self._closing = threading.Event()
         self._recoveries = 0
+        self._failed_runs = 0
+        self._failures_in_a_row = 0
         self._batches = 0
         # One C function pointer for the engine's lifetime: the runtime keeps it from init on.
         self._c_callback = LLMResultCallback(self._on_result)
@@ -115,6 +167,7 @@ class RkllmEngine(Engine):
         self._runtime = locate_runtime(s.rkllm_library, s.rkllm_abi)
         if not self._model.is_file():
             raise ConfigError(f"setting model={str(self._model)!r}: no such file; give the path of a .rkllm model")
+        self._length = PromptLength(s.rkllm_tokenizer, self._template)
         self._lib = self._runtime.load()
         self._handle = self._init_handle()
         _LOGGER.info(
@@ -137,11 +190,26 @@ class RkllmEngine(Engine):
             "cpus": self._cpus,
             "pad_batch": self._settings.rkllm_pad_batch,
             "chat_template": "custom" if self._template else "built-in",
+            "prompt_length": "counted (rkllm_tokenizer)" if self._settings.rkllm_tokenizer else "bounded",
             "batches": self._batches,
+            "failed_runs": self._failed_runs,
             "recoveries": self._recoveries,
         }
 
-    def batch_key(self, req: GenerationRequest) -> Hashable:
+    def prepare(self, req: Generation) -> Prepared:
+        """Refuse a prompt the context cannot hold (too_long); its token count when it was counted."""
+        measure = self._length.measure(render_prompt(req.messages))
+        limit = self._settings.max_context
+        if measure.tokens >= limit:
+            raise RequestRejected(
+                ErrorCode.TOO_LONG,
+                f"the prompt is {'' if measure.exact else 'up to '}{measure.tokens} tokens ({measure.describe()}), "
+                f"and the model's context is max_context={limit} tokens with room for the reply: shorten it",
+            )
+        tokens = measure.tokens if measure.exact and measure.allowance == 0 else None
+        return Prepared(req, tokens, self.batch_key(req))
+
+    def batch_key(self, req: Generation) -> Hashable:
         if self._runtime is not None and self._runtime.abi.per_run_sampling:
             return runtime_sampling(req.sampling)
         return "init-time-sampling"
@@ -153,11 +221,8 @@ class RkllmEngine(Engine):
         batch = self._running
         return batch.live_count() if batch is not None else 0
 
-    def submit(self, batch: Sequence[Prepared]) -> None:
-        # TODO(issue 12 merge): transitional, the tests still submit bare requests.
-        self._submit([p.gen if isinstance(p, Prepared) else p for p in batch])
-
-    def _submit(self, reqs: Sequence[GenerationRequest]) -> None:
+    def submit(self, prepared: Sequence[Prepared]) -> None:
+        reqs = [p.gen for p in prepared]
         if self._running is not None or self._handle is None:
             raise EngineError("submit while the RKLLM engine is busy or not initialised")
         if not 1 <= len(reqs) <= self._n_batch:
@@ -235,7 +300,7 @@ class RkllmEngine(Engine):
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _warnings(self, req: GenerationRequest, per_run: bool) -> tuple[str, ...]:
+    def _warnings(self, req: Generation, per_run: bool) -> tuple[str, ...]:
         out: list[str] = []
         if req.sampling_requested and not per_run:
             version = self._runtime.version if self._runtime and self._runtime.version else "1.2.x"
@@ -254,7 +319,7 @@ class RkllmEngine(Engine):
         assert self._runtime is not None
         abi, lib, s = self._runtime.abi, self._lib, self._settings
         param: Any = lib.rkllm_createDefaultParam()  # by value: restype is this ABI's RKLLMParam
-        model_path = str(self._model).encode()
+        model_path = os.fsencode(self._model)  # the file system's bytes, whatever the name's encoding
         param.model_path = model_path
         param.max_context_len = s.max_context
         param.max_new_tokens = s.max_new_tokens
@@ -284,6 +349,8 @@ class RkllmEngine(Engine):
         else:
             callback = self._c_callback
             rc = lib.rkllm_init(ctypes.byref(handle), ctypes.byref(param), callback)
+        if self._recorder is not None:
+            self._recorder.init(self._n_batch, rc)
         if rc != 0 or not handle.value:
             version = self._runtime.version or abi.name
             raise EngineError(
@@ -294,32 +361,76 @@ class RkllmEngine(Engine):
                 rc,
             )
         self._init_keep = (param, callback, model_path)
+        if "rkllm_is_running" not in self._runtime.missing:
+            self._idle_running_value = int(lib.rkllm_is_running(handle))
         if self._template is not None:
             system, prefix, postfix = (t.encode() for t in self._template)
             rc = lib.rkllm_set_chat_template(handle, system, prefix, postfix)
             if rc != 0:
-                lib.rkllm_destroy(handle)
+                self._call_destroy(handle)
                 raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting rkllm_chat_template", rc)
         return handle
 
+    def _call_destroy(self, handle: Any) -> None:
+        rc = self._lib.rkllm_destroy(handle)
+        if self._recorder is not None:
+            self._recorder.destroy(rc)
+        if rc != 0:
+            _LOGGER.warning("rkllm_destroy returned %d", rc)
+
     def _destroy_handle(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            rc = self._lib.rkllm_destroy(handle)
-            if rc != 0:
-                _LOGGER.warning("rkllm_destroy returned %d", rc)
-        self._init_keep = ()
+        """Destroy the handle (worker or scheduler thread): under the lock, so no abort races it."""
+        with self._handle_lock:
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                self._call_destroy(handle)
+            self._init_keep = ()
 
     def _abort(self, batch: Batch) -> None:
-        if batch.aborted or batch.returned or self._handle is None:
-            return
-        batch.aborted = True
-        rc = self._lib.rkllm_abort(self._handle)
+        """rkllm_abort for `batch`, once, only while its run is in progress (scheduler thread)."""
+        with self._handle_lock:
+            if self._in_run is not batch or batch.aborted or batch.ending():
+                return
+            batch.aborted = True
+            if batch.called_back.is_set():
+                self._call_abort(batch)
+                return
+        threading.Thread(
+            target=self._abort_when_running, args=(batch,), name=f"rkllm-abort-{batch.id}", daemon=True
+        ).start()
+
+    def _abort_when_running(self, batch: Batch) -> None:
+        """Abort thread: rkllm_abort as soon as the runtime shows `batch`'s run has begun."""
+        deadline = time.monotonic() + ABORT_CONFIRM_S
+        while True:
+            with self._handle_lock:
+                if self._in_run is not batch or batch.ending():
+                    return  # the run ended, or is ending by itself: nothing to abort
+                if batch.called_back.is_set() or self._runtime_running() or time.monotonic() >= deadline:
+                    self._call_abort(batch)
+                    return
+            batch.called_back.wait(0.002)
+
+    def _runtime_running(self) -> bool:
+        """Under the lock: whether rkllm_is_running says the handle is not idle (False if it cannot tell)."""
+        if self._idle_running_value is None:
+            return False
+        return int(self._lib.rkllm_is_running(self._handle)) != self._idle_running_value
+
+    def _call_abort(self, batch: Batch) -> None:
+        """Under the lock, with `batch`'s run in progress."""
+        handle = self._handle
+        if self._recorder is not None:
+            rc = self._recorder.abort(lambda: int(self._lib.rkllm_abort(handle)))
+        else:
+            rc = self._lib.rkllm_abort(handle)
         _LOGGER.debug("rkllm_abort for batch %d returned %d", batch.id, rc)
 
     def _on_result(self, result: Any, userdata: int | None, state: int) -> int:
         """The C result callback (runtime thread): hand the results to the running batch."""
         try:
+            if self._recorder is not None:
+                self._recorder.callback(result, self._n_batch, state)
             batch = self._running
             if batch is None or batch.returned or (userdata is not None and userdata != batch.id):
                 return 0
@@ -327,22 +438,63 @@ class RkllmEngine(Engine):
         except BaseException:  # never into C
             return 0
 
+    def _start_run(self, batch: Batch) -> Any:
+        """Under the lock: mark `batch` as running and return the handle, or None to skip the run
+        (every request was cancelled before it began, or there is no handle)."""
+        with self._handle_lock:
+            if self._handle is None or batch.live_count() == 0:
+                batch.returned = True
+                return None
+            self._in_run = batch
+            if self._recorder is not None:
+                self._recorder.run_start(self._n_batch, batch.inputs_text, batch.runtime_limit)
+            return self._handle
+
+    def _end_run(self, batch: Batch, rc: int) -> None:
+        """Under the lock: the run is over, so no abort may reach the handle from now on."""
+        with self._handle_lock:
+            self._in_run = None
+            batch.returned = True
+            if self._recorder is not None:
+                self._recorder.run_end(rc)
+
     def _run_batch(self, batch: Batch) -> None:
-        """Worker thread: one rkllm_run, then answer what is open and recover from a failure."""
-        rc = -1
-        try:
-            rc = self._lib.rkllm_run(self._handle, batch.inputs, ctypes.byref(batch.infer), ctypes.c_void_p(batch.id))
-        except Exception as e:  # ctypes argument errors: a bug, but the requests still get answers
-            batch.callback_error = f"{type(e).__name__}: {e}"
-        failure = batch.run_returned(rc)
-        if failure is not None:
-            _LOGGER.error("RKLLM batch %d failed: %s; re-initialising the runtime", batch.id, failure)
-            self._recover()
+        """Worker thread: one rkllm_run, then answer what is open and recover from repeated failures."""
+        handle = self._start_run(batch)
+        if handle is None:
+            failure = batch.not_run(None if batch.live_count() == 0 else "the RKLLM runtime is not initialised")
+        else:
+            rc = -1
+            try:
+                rc = self._lib.rkllm_run(handle, batch.inputs, ctypes.byref(batch.infer), ctypes.c_void_p(batch.id))
+            except Exception as e:  # ctypes argument errors: a bug, but the requests still get answers
+                batch.callback_error = f"{type(e).__name__}: {e}"
+            self._end_run(batch, rc)
+            failure = batch.run_returned(rc)
+        self._after_run(batch, failure)
         # Idle from here: every event of the batch is already queued, so a scheduler that submits the
         # next batch before draining them still sees them first. (The bridge's scheduler stops polling
         # once its jobs are answered, so the engine must become free without a poll.)
         self._running = None
         self._events.put(BatchEnded(batch.id, tuple(batch.by_key)))
+
+    def _after_run(self, batch: Batch, failure: str | None) -> None:
+        """Worker thread: count failed runs in a row; reload the model after RELOAD_AFTER_FAILURES."""
+        if failure is None:
+            self._failures_in_a_row = 0
+            return
+        self._failed_runs += 1
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row < RELOAD_AFTER_FAILURES:
+            _LOGGER.error("RKLLM batch %d failed: %s; the model stays loaded", batch.id, failure)
+            return
+        _LOGGER.error(
+            "RKLLM batch %d failed: %s (%d failed runs in a row); re-initialising the runtime",
+            batch.id,
+            failure,
+            self._failures_in_a_row,
+        )
+        self._recover()
 
     def _recover(self) -> None:
         """Worker thread: destroy the handle and rkllm_init again with backoff until it works."""
@@ -367,9 +519,12 @@ class RkllmEngine(Engine):
             reraise=True,
         )
         try:
-            self._handle = retrying(self._init_handle)
+            handle = retrying(self._init_handle)
         except EngineError as e:
             _LOGGER.error("RKLLM runtime not re-initialised (shutting down): %s", e)
             return
+        with self._handle_lock:
+            self._handle = handle
+        self._failures_in_a_row = 0
         self._recoveries += 1
         _LOGGER.info("RKLLM runtime re-initialised")

@@ -5,7 +5,10 @@ thread); `RuntimeLibrary.load` runs once, on the scheduler thread, when the engi
 
 Finding the library never loads it: the file is located, its bytes are searched for the
 `rkllm-runtime version: X.Y.Z` string the runtime carries in its read-only data, and the ABI is
-chosen from that version (or from the `rkllm_abi` setting when the string is absent). Only the
+chosen from that version (or from the `rkllm_abi` setting when the string is absent). The version
+is read whole: `1.2.1b1` (a public build with another ABI, docs/rkllm-runtime.md) is not `1.2.1`.
+A version that is not exactly one of SUPPORTED_VERSIONS is refused, unless `rkllm_abi` names the
+ABI to use anyway (with a warning: the wrong layout crashes on the first request). Only the
 engine's `load()` calls `ctypes.CDLL`, and then declares every function's argtypes and restype
 for the chosen ABI (`rkllm_createDefaultParam` returns its struct by value, so its restype is the
 whole `RKLLMParam` of that ABI).
@@ -44,7 +47,8 @@ SEARCH_DIRS = (
 SUPPORTED_VERSIONS: dict[str, AbiName] = {"1.2.1": "1.2", "1.2.2": "1.2", "1.2.3": "1.2", "1.3.0": "1.3"}
 SUPPORTED_TEXT = "1.2.1, 1.2.2, 1.2.3 or 1.3.0"
 
-_VERSION_RE = re.compile(rb"rkllm-runtime version: ?v?(\d+\.\d+\.\d+)")
+# The whole version token: digits and dots, then any suffix ("1.2.1b1", "1.3.0-rc1").
+_VERSION_RE = re.compile(rb"rkllm-runtime version: ?v?(\d+(?:\.\d+)*[0-9A-Za-z.+~_-]*)")
 
 
 def find_library(
@@ -79,14 +83,14 @@ def find_library(
 
 
 def read_runtime_version(path: Path) -> str | None:
-    """The `X.Y.Z` of the `rkllm-runtime version: X.Y.Z` string inside the file, or None."""
+    """The version of the `rkllm-runtime version: ...` string inside the file, whole, or None."""
     try:
         with path.open("rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return None
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 m = _VERSION_RE.search(data)
-                return m.group(1).decode() if m else None
+                return m.group(1).rstrip(b".").decode("ascii") if m else None  # (a sentence's full stop)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e.strerror}); check the path and its permissions") from e
 
@@ -94,15 +98,27 @@ def read_runtime_version(path: Path) -> str | None:
 def choose_abi(path: Path, version: str | None, setting: str) -> AbiName:
     """The ABI for a library of `version` (None: no version string) and the `rkllm_abi` setting.
 
-    Raises EngineError (unsupported version) or ConfigError (no version and no setting, or a
-    setting that contradicts the library), each with one line.
+    Raises EngineError (unsupported version and no ABI set) or ConfigError (no version and no
+    setting, or a setting that contradicts a supported version), each with one line. An
+    unsupported version with `rkllm_abi` set to 1.2 or 1.3 is used with that ABI and a warning.
     """
     if version is not None:
         abi = SUPPORTED_VERSIONS.get(version)
         if abi is None:
+            if setting in ("1.2", "1.3"):
+                _LOGGER.warning(
+                    "%s is RKLLM runtime %s, which rkmqtt does not support; using ABI %s because rkllm_abi=%s "
+                    "says so (a wrong layout crashes on the first request)",
+                    path,
+                    version,
+                    setting,
+                    setting,
+                )
+                return "1.3" if setting == "1.3" else "1.2"
             raise EngineError(
                 f"{path} is RKLLM runtime {version}, which rkmqtt does not support: install runtime "
-                f"{SUPPORTED_TEXT} (and a .rkllm model converted for that version)"
+                f"{SUPPORTED_TEXT} (and a .rkllm model converted for it), or set rkllm_abi to 1.2 or 1.3 "
+                "if you know its ABI"
             )
         if setting not in ("auto", abi):
             raise ConfigError(

@@ -33,6 +33,15 @@ SUPPORTED_SOCS = {
     "rockchip,rk3576": "RK3576",
     "rockchip,rk3562": "RK3562",
 }
+# The cores the runtime's CPU part uses when rkllm_cpus is auto: the big cores. RK3588(S): four
+# Cortex-A76 at CPU4-CPU7; RK3576: four Cortex-A72 at CPU4-CPU7 (its A53s are CPU0-CPU3); RK3562:
+# four Cortex-A53, CPU0-CPU3, its only cores. Off a board (the stand-in): RK3588's.
+DEFAULT_CPUS: dict[str, tuple[int, ...]] = {
+    "RK3588": (4, 5, 6, 7),
+    "RK3588S": (4, 5, 6, 7),
+    "RK3576": (4, 5, 6, 7),
+    "RK3562": (0, 1, 2, 3),
+}
 MIN_DRIVER = (0, 9, 8)
 _VERSION_RE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 
@@ -62,6 +71,13 @@ def find_soc(root: Path = Path("/")) -> str | None:
         if entry in SUPPORTED_SOCS:
             return SUPPORTED_SOCS[entry]
     return None
+
+
+def runtime_cpus(setting: str, root: Path = Path("/")) -> list[int]:
+    """The CPU numbers for `enabled_cpus_mask` from the `rkllm_cpus` setting ("auto" or "4,5,6,7")."""
+    if setting == "auto":
+        return list(DEFAULT_CPUS[find_soc(root) or "RK3588"])
+    return sorted({int(c) for c in setting.split(",")})
 
 
 def check_platform(root: Path = Path("/")) -> CheckResult:
