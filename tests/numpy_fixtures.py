@@ -1,10 +1,9 @@
 """Helpers for the numpy engine's tests: the packaged SmolLM2 file, small GGUF models written
-with the `gguf` package, the Hugging Face reference model, and a loop that drives an engine the
-way the scheduler does."""
+with the `gguf` package, and a loop that drives an engine the way the scheduler does. (The
+Hugging Face reference is tests/reference/.)"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,6 @@ from rkmqtt.engines.base import (
 )
 from rkmqtt.engines.numpy.gguf_file import default_model_path
 from rkmqtt.engines.numpy.tokenizer import byte_decoder
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("r", "e")]
@@ -266,44 +262,3 @@ def write_tiny_gguf(path: Path, spec: TinySpec) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-# -- the reference implementation ------------------------------------------------------------------------
-
-
-def hf_model(path: Path, rope_parameters: dict[str, Any] | None = None) -> Any:
-    """Hugging Face transformers' own model for a GGUF file: its config and its dequantized,
-    un-permuted weights (`load_gguf_checkpoint`), in float32. (`from_pretrained(..., gguf_file=)`
-    would do the same but insists on the `accelerate` package.) `rope_parameters` replace the
-    config's (its GGUF reader does not turn rope_freqs.weight into Llama 3 rope scaling)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if rope_parameters is not None:
-        config.rope_parameters = rope_parameters
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-    assert not unexpected, unexpected
-    assert set(missing) <= {"lm_head.weight"}, missing
-    if missing:
-        assert config.tie_word_embeddings
-        model.tie_weights()
-    model.eval()
-    return model
-
-
-def hf_logits(model: Any, ids: Sequence[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.tensor([list(ids)], dtype=torch.long)).logits[0]
-    return np.asarray(out.float().numpy(), dtype=np.float32)
-
-
-def hf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

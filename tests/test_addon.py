@@ -1,4 +1,4 @@
-"""The Home Assistant add-on: its files against the add-on linter's schema and extra rules, its
+"""The Home Assistant add-on: its files against the add-on linter's rules (tests/addon_rules.py), its
 options against the settings (both ways), options.json and the Supervisor's MQTT service
 reaching the settings, and the bridge connecting to a real Mosquitto with a password file using
 the Supervisor's credentials, picking up a changed password on the next connect."""
@@ -15,7 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
-import jsonschema
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
@@ -28,13 +27,12 @@ from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.errors import ConfigError
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
+from tests.addon_rules import lint_config
 from tests.fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 ADDON = ROOT / "addon"
 ADDON_DIR = ADDON / "rkmqtt"
-SUPPORTED_ARCH = {"aarch64", "amd64"}
 TOKEN = "test-supervisor-token"
 
 
@@ -49,57 +47,63 @@ def config() -> dict[str, Any]:
     return data
 
 
-# -- the add-on's files against the linter -------------------------------------------------------
+# -- the add-on's files against the linter's rules (tests/addon_rules.py) ------------------------------
 
 
-def lint(document: dict[str, Any], schema_file: str) -> list[str]:
-    """The add-on linter: its JSON schema, then its rules beyond the schema."""
-    schema = json.loads((SCHEMAS / schema_file).read_text())
-    validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER)
-    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
-    for key, value in document.items():
-        default = schema["properties"].get(key, {}).get("default", object())
-        if value == default:
-            problems.append(f"{key}: set to its default value {value!r}")
-    if schema_file == "addon-config.schema.json":
-        if "watchdog" in document:
-            problems.append("watchdog: use a Docker HEALTHCHECK instead")
-        if document.get("full_access") and document.get("devices"):
-            problems.append("full_access together with devices")
-        problems += [f"devices: {d!r} has ':'" for d in document.get("devices", []) if ":" in d]
-        problems += [f"arch: {a} is no longer supported" for a in document.get("arch", []) if a not in SUPPORTED_ARCH]
-    return problems
-
-
-def test_the_linter_catches_what_it_should() -> None:
+def test_the_linter_rules_catch_what_they_should() -> None:
     bad = {
         "name": "x",
-        "version": "1",
+        "version": 1,
         "slug": "x",
-        "description": "x",
-        "arch": ["armv7"],
+        "arch": ["armv7", "sparc"],
         "boot": "auto",
+        "startup": "whenever",
         "watchdog": "tcp://[HOST]:[PORT:80]",
         "full_access": True,
         "devices": ["/dev/rknpu:/dev/rknpu:rwm"],
+        "services": ["mqtt:maybe"],
+        "map": ["config:rw", {"type": "config"}, "nowhere"],
         "bogus": 1,
     }
-    problems = "\n".join(lint(bad, "addon-config.schema.json"))
-    for word in ("bogus", "boot", "watchdog", "full_access", "':'", "armv7"):
-        assert word in problems
+    problems = "\n".join(lint_config(bad))
+    for word in (
+        "description: required",
+        "version: must be of type str",
+        "bogus: unknown key",
+        "boot: set to its default value",
+        "startup: 'whenever' is not one of",
+        "watchdog: use a Docker HEALTHCHECK",
+        "full_access: not together with devices",
+        "has ':'",
+        "arch: armv7 is no longer supported",
+        "arch/1: 'sparc' is not one of",
+        "services/0: 'mqtt:maybe' does not match",
+        "map/2: 'nowhere' is not folder",
+        "map: entries must all be strings or all be mappings",
+    ):
+        assert word in problems, word
+    assert lint_config(["not", "a", "mapping"]) == ["config.yaml: must be a mapping of key: value"]
+    assert lint_config({"name": "x", "version": "1", "slug": "x", "description": "x", "arch": ["aarch64"]}) == []
 
 
-def test_config_yaml_passes_the_linter(config: dict[str, Any]) -> None:
-    assert lint(config, "addon-config.schema.json") == []
+def test_config_yaml_passes_the_linter_rules(config: dict[str, Any]) -> None:
+    assert lint_config(config) == []
 
 
-def test_build_yaml_passes_the_linter_if_there_is_one() -> None:
-    build = ADDON_DIR / "build.yaml"
-    if build.exists():
-        assert lint(load_yaml(build), "addon-build.schema.json") == []
-    else:
-        # Without build.yaml the Supervisor builds addon/rkmqtt/Dockerfile, whose FROM is fixed.
-        assert (ADDON_DIR / "Dockerfile").exists()
+def test_no_build_yaml() -> None:
+    # The Supervisor builds addon/rkmqtt/Dockerfile, whose base image is fixed in it. A build.yaml
+    # would need its own linter rules in tests/addon_rules.py first.
+    assert not (ADDON_DIR / "build.yaml").exists()
+    assert (ADDON_DIR / "Dockerfile").exists()
+
+
+def test_the_checks_use_only_the_repository() -> None:
+    """Tests, ./dev and CI read nothing outside the repository (a fresh clone has nothing beside it)."""
+    outside = re.compile(r"parents\[[2-9]\]|\.\./shared|shared/schemas")
+    files = [*ROOT.joinpath("tests").rglob("*.py"), ROOT / "dev", *ROOT.joinpath(".ci").iterdir()]
+    offenders = [f"{f.relative_to(ROOT)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+                 if outside.search(line) and "outside = re.compile" not in line]  # fmt: skip
+    assert offenders == []
 
 
 def test_config_has_what_the_issue_asks_for(config: dict[str, Any]) -> None:

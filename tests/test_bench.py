@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,34 @@ def test_running_bridge_and_errors(
     assert m["requests"] == 12 and m["ok"] + m["errors"] == 12
     assert m["errors"] > 0 and set(m["errors_by_code"]) == {"busy"}
     assert m["error_share"] == pytest.approx(m["errors"] / 12, abs=1e-4)
+
+
+def test_without_matplotlib_the_bench_writes_the_rest_and_says_how_to_plot(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    prefix: str,
+    start_bridge: Callable[..., Service],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`./dev run` installs rkmqtt without its `bench` extra (matplotlib): the bench still ends
+    with status 0, writes JSON, Markdown and CSV, and says in one line how to get the plot."""
+    start_bridge(FakeEngine(n_batch=2, step_s=0.002), rate_limit=0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    out = tmp_path / "out"
+    status = main(
+        [
+            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["--devices", "2", "--requests", "4", "--warmup", "0", "--no-progress", "--out", str(out)],
+        ]
+    )
+    assert status == 0
+    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.requests.csv"}
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("plot:")]
+    assert line == (
+        f"plot: not drawn, matplotlib is not installed: {sys.executable} -m pip install matplotlib, "
+        f"then rkmqtt bench --render {out / 'bench.json'}"
+    )
+    assert main(["bench", "--render", str(out / "bench.json")]) == 0
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not (out / "bench.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from rkmqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
+from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,10 +47,47 @@ def test_ask_json_and_error_exit(mosquitto: Mosquitto, prefix: str, start_bridge
     assert bad.stderr.strip().splitlines()[-1].startswith("rkmqtt: too_many_tokens: max_new_tokens is 500")
 
 
-def test_ask_without_a_bridge_says_so(mosquitto: Mosquitto, prefix: str) -> None:
-    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix, "--timeout", "1")
+def test_ask_without_a_bridge_says_so_at_once(mosquitto: Mosquitto, prefix: str) -> None:
+    """No retained status: no bridge ever ran with this prefix. `ask` says so without waiting out
+    its 300 s --timeout (the subprocess gets 60 s)."""
+    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
     assert out.returncode == 1
-    assert "no reply within 1 s" in out.stderr
+    assert out.stderr.strip() == (
+        f"rkmqtt: no rkmqtt bridge has run on this broker with topic_prefix {prefix!r} (no {prefix}/status): "
+        "start `rkmqtt run`, or check --broker and --topic-prefix"
+    )
+
+
+def test_ask_with_the_bridge_offline_says_so_at_once(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    start_bridge(FakeEngine()).stop(grace_s=0)  # its retained status is now `offline`
+    out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    assert out.returncode == 1
+    assert f"rkmqtt: the rkmqtt bridge with topic_prefix {prefix!r} is offline ({prefix}/status)" in out.stderr
+
+
+def test_ask_stops_waiting_when_the_bridge_goes_offline(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """A bridge that vanishes mid-answer never replies: its Last Will turns the status offline, and
+    `ask` gives up a few seconds later (this answer would take 150 s)."""
+    start_bridge(FakeEngine(step_s=0.5))
+    probe = probe_factory([f"{prefix}/reply/#"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rkmqtt", "ask", "tokens:300", "--broker", mosquitto.url, "--topic-prefix", prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        probe.wait_for(lambda m: m.topic.endswith("/stream"), 60)  # it is answering
+        probe.publish(f"{prefix}/status", "offline")  # what the broker publishes for its Last Will
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("rkmqtt: the bridge went offline: is `rkmqtt run` running")
 
 
 def test_wrong_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -96,6 +135,79 @@ def test_health_follows_the_service(
     out = rkmqtt("health", "--health-file", str(health))
     assert out.returncode == 1 and "not connected" in out.stderr
     svc.stop(grace_s=0)
+
+
+def test_help_is_for_users() -> None:
+    top = rkmqtt("--help")
+    assert top.returncode == 0
+    assert "serves a language model over MQTT" in top.stdout
+    assert "main thread" not in top.stdout and "wiring" not in top.stdout  # the module's docstring is for developers
+    run = rkmqtt("run", "--help").stdout
+    # every setting's default is in its help (values wrap with the text, so compare without spaces)
+    flat = "".join(run.split())
+    assert "(default:4)" in flat and "(default:rkmqtt)" in flat and "(default:30.0)" in flat  # n-batch, prefix, grace
+    assert "(default:themodel'sown,else0.7)" in flat
+    assert "(default: None)" not in run
+
+
+def test_a_wrong_flag_shows_the_commands_usage() -> None:
+    """`./dev run --bogus` runs `rkmqtt run --bogus`: the answer is run's usage, not the top level's."""
+    out = rkmqtt("run", "--bogus")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert (
+        lines[0].startswith("usage: rkmqtt run ") and lines[-1] == "rkmqtt run: error: unrecognized arguments: --bogus"
+    )
+    out = rkmqtt("ask", "hi", "--bogus", "1")
+    assert out.returncode == 2 and out.stderr.startswith("usage: rkmqtt ask ")
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Every import between rkmqtt's modules, those inside functions included, forms no cycle (the
+    command line and the bench's command line once imported each other)."""
+    src = REPO / "src"
+    names = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (src / "rkmqtt").rglob("*.py")}  # fmt: skip
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    for name, path in names.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in names and t != name}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(name) :], name]))
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert "rkmqtt.bench.cli" in graph["rkmqtt.cli"]
+
+
+def test_health_says_unhealthy_at_once_after_a_clean_stop(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], tmp_path: Path
+) -> None:
+    """The file is fresh (written within the last second), but the service is gone: a container
+    must not read "healthy" for the file's max age (30 s)."""
+    health = tmp_path / "health.json"
+    svc = start_bridge(FakeEngine(), health_file=str(health))
+    deadline = time.monotonic() + 10
+    while rkmqtt("health", "--health-file", str(health)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rkmqtt("health", "--health-file", str(health)).returncode == 0
+    svc.stop(grace_s=0)
+    out = rkmqtt("health", "--health-file", str(health))
+    assert out.returncode == 1 and out.stderr.strip() == "unhealthy: the service has stopped"
 
 
 def test_check_skips_the_session_check_when_sessions_are_off(mosquitto: Mosquitto) -> None:

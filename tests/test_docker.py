@@ -252,10 +252,59 @@ def test_addon_image_matches_the_top_level_image(top: list[Instruction], addon_i
     assert runs(a)[0] == runs(t)[0], "the same system packages and the same unprivileged user"
     assert entry_command(a) == ["/run.sh"]
     copies = [i.words() for i in a if i.keyword in ("COPY", "ADD")]
-    assert copies == [["run.sh", "/run.sh"]]
+    assert copies == [["dist/", "/tmp/dist/"], ["run.sh", "/run.sh"]]
     # run.sh ends in `exec ... rkmqtt run "$@"` on every path.
     execs = [ln.strip() for ln in RUN_SH.read_text().splitlines() if ln.strip().startswith("exec ")]
     assert execs and all(re.search(r'\brkmqtt run "\$@"$', e) for e in execs), execs
+
+
+def copied_sources(ins: list[Instruction]) -> list[str]:
+    """The build-context paths every COPY/ADD (not --from another stage) reads."""
+    out = []
+    for i in ins:
+        if i.keyword in ("COPY", "ADD") and not any(w.startswith("--from=") for w in i.words()):
+            out += [w for w in i.words() if not w.startswith("--")][:-1]
+    return out
+
+
+def test_every_path_the_top_level_image_copies_exists(top: list[Instruction]) -> None:
+    sources = copied_sources(top)
+    assert sources
+    for src in sources:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository does not have"
+
+
+def test_dev_addon_gives_the_addon_image_everything_it_copies_and_a_wheel_that_installs(
+    addon_image: list[Instruction], tmp_path: Path
+) -> None:
+    """`./dev addon` puts the rkmqtt wheel into the add-on's folder (the Supervisor builds from that
+    folder alone); the add-on Dockerfile installs exactly that file, and it installs into a clean
+    venv with a working `rkmqtt` command."""
+    done = subprocess.run([str(ROOT / "dev"), "addon"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for src in copied_sources(addon_image):
+        assert (ADDON_DOCKERFILE.parent / src).exists(), (
+            f"the add-on Dockerfile copies {src}: missing after ./dev addon"
+        )
+    runs = " ".join(i.args for i in final_stage(addon_image) if i.keyword == "RUN")
+    [pattern] = re.findall(r"pip install [^&]*?/tmp/dist/(\S+\.whl)", runs)
+    version = re.search(r'(?m)^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text())
+    assert version
+    [wheel] = (ADDON_DOCKERFILE.parent / "dist").glob(pattern)
+    assert wheel.name == f"rkmqtt-{version[1]}-py3-none-any.whl"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("RKMQTT_")}
+    help_out = subprocess.run(
+        [str(venv / "bin" / "rkmqtt"), "--help"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert help_out.returncode == 0, help_out.stderr
+    assert "run" in help_out.stdout and "ask" in help_out.stdout
 
 
 def fake_bin(tmp_path: Path, name: str, body: str) -> None:

@@ -4,16 +4,23 @@ JSON example in the README validates against the wire model of its section."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rkmqtt import reference
+from rkmqtt.broker import Mosquitto
 from rkmqtt.cli import build_parser
 from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
+from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -21,19 +28,69 @@ README = (REPO / "README.md").read_text()
 
 def test_config_yaml_is_generated_from_settings() -> None:
     assert (REPO / "config.yaml").read_text() == reference.render_config_yaml(), (
-        "run python -m rkmqtt.reference --write"
+        "run .venv/bin/python -m rkmqtt.reference --write"
     )
 
 
 def test_readme_reference_is_generated_from_models() -> None:
-    assert README == reference.render_readme(README), "run python -m rkmqtt.reference --write"
+    assert README == reference.render_readme(README), "run .venv/bin/python -m rkmqtt.reference --write"
     assert README.count("<!-- generated:settings -->\n| setting") == 1
     assert README.count("<!-- generated:topics -->\n`P`") == 1
 
 
+def field_rows(text: str) -> list[tuple[str, str, str]]:
+    """(field, type, notes) of every row of the generated field tables."""
+    section = text.split("<!-- generated:topics -->")[1].split("<!-- /generated -->")[0]
+    return re.findall(r"(?m)^\| `(\w+)` \| (.*?) \| (.*?) \|$", section)
+
+
+def test_the_generated_tables_have_every_type_and_description() -> None:
+    """No type lost in rendering (a Literal once came out as "one of ,"), and a note for every field."""
+    rendered = reference.render_topic_reference()
+    assert not re.search(r"one of\s*(?:[,|]|$)", rendered, re.M)
+    rows = field_rows(README)
+    assert len(rows) >= 40
+    for name, typ, notes in rows:
+        assert typ.strip() and "Literal" not in typ and "typing" not in typ and "[" not in typ, (name, typ)
+        assert notes.strip(), f"{name}: no description"
+    types = {name: typ for name, typ, _ in rows}
+    assert types["finish_reason"] == "one of `stop`, `length`, `cancelled`"
+    assert types["batching"] == "one of `static`, `continuous`"
+    assert types["v"] == "`1`"
+    assert "| `status` | `ok` |" in README and "| `status` | `error` |" in README
+    for line in ("- `usage`: ", "- `timing`: ", "- `batch`: ", "- `error`: ", "- `limits`: "):
+        assert line in README, line
+
+
+def test_an_empty_one_of_fails_the_drift_check() -> None:
+    broken = README.replace("one of `stop`, `length`, `cancelled`", "one of ", 1)
+    assert broken != README and reference.render_readme(broken) != broken
+
+
+def test_reference_writes_only_into_a_checkout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It never guesses where the sources are (an installed package has no README beside it)."""
+    assert reference.main(["--root", str(tmp_path)]) == 2
+    assert "is not the top of an rkmqtt checkout" in capsys.readouterr().err
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
+    (tmp_path / "README.md").write_text("x")
+    assert reference.main(["--write", "--root", str(tmp_path)]) == 2
+    assert not (tmp_path / "config.yaml").exists()
+    assert reference.main(["--root", str(REPO)]) == 0, "the committed files are up to date"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (copy / name).write_text((REPO / name).read_text())
+    assert reference.main(["--root", str(copy)]) == 1  # no config.yaml there yet
+    assert reference.main(["--write", "--root", str(copy)]) == 0
+    assert (copy / "config.yaml").read_text() == (REPO / "config.yaml").read_text()
+
+
 def test_config_yaml_lists_every_setting_with_its_default() -> None:
-    data = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert list(data) == list(Settings.model_fields)
+    text = (REPO / "config.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert list(data) == [n for n in Settings.model_fields if n not in MODEL_DEFAULTED]
+    for name in MODEL_DEFAULTED:  # shown, but commented out: a copy must not pin them
+        assert re.search(rf"(?m)^# {name}: \S", text), name
     assert load_settings(config_file=REPO / "config.yaml") == load_settings()
 
 
@@ -61,6 +118,71 @@ def test_every_json_example_in_the_readme_validates() -> None:
             json.loads(block)
             seen.add(model)
     assert seen == set(MODELS.values())
+
+
+def doc_files() -> list[Path]:
+    """What a user reads or runs: Markdown, the Dockerfiles, shell scripts and ./dev."""
+    found = [*REPO.glob("*.md"), *REPO.glob("docs/**/*.md"), *REPO.glob("addon/**/*.md"), *REPO.glob("**/Dockerfile")]
+    found += [*REPO.glob("addon/**/*.sh"), REPO / "dev"]
+    return [p for p in found if ".venv" not in p.parts]
+
+
+def test_no_doc_offers_rkmqtt_from_a_package_index() -> None:
+    """rkmqtt is not published on a package index: `pip install rkmqtt` cannot work (the top-level
+    Dockerfile's `--no-index --find-links=/wheels rkmqtt` installs the wheel its build stage made)."""
+    by_name = re.compile(r"pip3? install(?:\s+-\S+)*\s+[\"']?rkmqtt(?:[=<>~!\[\s\"']|$)", re.M)
+    offers = [
+        f"{p.relative_to(REPO)}: {m[0]}"
+        for p in doc_files()
+        for m in by_name.finditer(p.read_text())
+        if "--no-index" not in m[0]
+    ]
+    assert offers == []
+    assert by_name.search("sudo /opt/rkmqtt/bin/pip install -U rkmqtt\n")
+    assert not by_name.search("sudo /opt/rkmqtt/bin/pip install ./rkmqtt\n")
+
+
+def test_commands_say_python3() -> None:
+    """Debian and Ubuntu have `python3` and no `python` (the venv's `.venv/bin/python` is fine)."""
+    bare = re.compile(r"(?<![\w/.-])python(?=\s)")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in [REPO / "README.md", *REPO.glob("docs/*.md")]
+             for n, line in enumerate(p.read_text().splitlines(), 1) if bare.search(line)]  # fmt: skip
+    assert found == []
+    assert bare.search("run python -m x") and not bare.search(".venv/bin/python -m x")
+
+
+def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, prefix: str, tmp_path: Path) -> None:
+    """No board: the README's three lines build the stand-in runtime, make its model file and run
+    the bridge on the RKLLM engine (here with a test broker added), which answers."""
+    block = README.split("No board at hand?")[1].split("```sh\n")[1].split("```")[0]
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) == 3 and lines[2].startswith("./dev run --engine rkllm ")
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env["RKMQTT_STATE_DIR"] = str(tmp_path / "state")
+    for line in lines[:2]:
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, line + "\n" + done.stderr
+    flags = shlex.split(lines[2])[2:]
+    test_broker = ["--broker", mosquitto.url, "--topic-prefix", prefix, "--no-discovery"]
+    rkmqtt = [sys.executable, "-m", "rkmqtt"]
+    proc = subprocess.Popen([*rkmqtt, "run", *flags, *test_broker], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    status = Probe(mosquitto.url, [f"{prefix}/status"])
+    try:
+        status.wait_for(lambda m: m.payload == b"online", 60)
+        ask = subprocess.run([*rkmqtt, "ask", "Hello there", "--tokens", "8", "--broker", mosquitto.url,
+                              "--topic-prefix", prefix], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        assert ask.returncode == 0, ask.stderr
+        assert ask.stdout.strip()
+        assert "[stop;" in ask.stderr or "[length;" in ask.stderr
+    finally:
+        status.close()
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "RKLLM runtime 1.3.0 (ABI 1.3) from build/librkllmrt.so" in out
 
 
 SOURCES = [*REPO.glob("src/**/*.py"), *REPO.glob("tests/**/*.py"), *REPO.glob("tests/standin/*.[ch]")]

@@ -8,9 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rkmqtt.broker import Mosquitto
+from rkmqtt.engines.numpy.engine import NumpyEngine
+from rkmqtt.service import Service
+from tests.fake_engine import FakeEngine
 from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +54,38 @@ def test_rkmqtt_run_answers_mosquitto_pub_with_the_real_model(mosquitto: Mosquit
         if proc.poll() is None:
             proc.kill()
         probe.close()
+
+
+PARIS_TRIES = 32
+
+
+def paris_answers(start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str,
+                  **settings: Any) -> tuple[Service, int]:  # fmt: skip
+    """Ask the README's first question PARIS_TRIES times (seeds 0, 1, ...; no temperature in the
+    request, as `mosquitto_pub` sends it) of a bridge on the packaged SmolLM2; count the answers
+    that name Paris."""
+    svc = start_bridge(NumpyEngine(n_batch=8, max_context=256), rate_limit=0, **settings)
+    probe = probe_factory([f"{prefix}/reply/#"])
+    for seed in range(PARIS_TRIES):
+        probe.publish(f"{prefix}/request/kitchen", {"id": f"q{seed}", "prompt": "What is the capital of France?",
+                                                    "seed": seed, "max_new_tokens": 16, "stream": False})  # fmt: skip
+    finals = probe.wait_for(lambda m: m.topic.startswith(f"{prefix}/reply/kitchen/"), 300, PARIS_TRIES)
+    assert all(m.json()["status"] == "ok" for m in finals)
+    return svc, sum("Paris" in m.json()["text"] for m in finals)
+
+
+def test_the_readmes_first_question_at_the_default_temperature(
+    start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    """SmolLM2-135M at the usual 0.7 names Paris in about 2 of 3 tries (the rest is garbled French).
+    With no temperature set anywhere (`temperature=None` drops the test fixture's 0), the bridge
+    takes the packaged model's own default, 0.2, and nearly always does."""
+    svc, paris = paris_answers(start_bridge, probe_factory, prefix, temperature=None)
+    assert svc.settings.temperature == 0.2
+    assert paris >= PARIS_TRIES - 4, f"{paris} of {PARIS_TRIES}"  # (0.7: 18 of 32)
+
+
+def test_a_temperature_that_is_set_is_kept_and_other_models_get_0_7(start_bridge: Callable[..., Service]) -> None:
+    assert start_bridge(FakeEngine()).settings.temperature == 0.0  # the fixture sets it
+    assert start_bridge(FakeEngine(), temperature=0.9).settings.temperature == 0.9
+    assert start_bridge(FakeEngine(), temperature=None).settings.temperature == 0.7  # no advice from the engine

@@ -9,6 +9,7 @@ import ast
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,20 @@ def test_one_device_message_on_the_device_topic() -> None:
     assert "object_id" not in set(walk_keys(doc)), "object_id is retired: default_entity_id replaces it"
 
 
+def ha_slugify(text: str) -> str:
+    """Home Assistant's `slugify` (python-slugify with `_`) for ASCII text: lower case, every run of
+    characters other than a-z, 0-9 and `-` becomes `-`, runs of `-` one, stripped, then `-` -> `_`."""
+    text = re.sub(r"[^-a-z0-9]+", "-", text.lower())
+    return re.sub(r"-{2,}", "-", text).strip("-").replace("-", "_")
+
+
+def entity_id_before_2025_10(platform: str, device: dict[str, Any], component: dict[str, Any]) -> str:
+    """The entity id Home Assistant 2025.4 gives a discovered entity with a name and a device: it
+    ignores `default_entity_id` and slugs "<device name> <entity name>"."""
+    names = f"{device['name']} {component['name']}"
+    return f"{platform}.{ha_slugify(names)}"
+
+
 def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     s = make_settings()
     doc = payload_of(s, make_info())
@@ -128,11 +143,11 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     for key, c in doc["cmps"].items():
         assert c["p"] in {"sensor", "binary_sensor", "text"}, key
         assert c["unique_id"] == f"board_1_{key}"
-        assert c["default_entity_id"] == f"{c['p']}.board_1_{key}"
         assert re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", c["default_entity_id"]), c["default_entity_id"]
-        assert c["availability"] == [
-            {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
-        ]
+        if key != "connectivity":
+            assert c["availability"] == [
+                {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
+            ]
         if c["p"] == "text":
             assert c["command_topic"] == topics.request(ha.HA_CLIENT)
         else:
@@ -140,6 +155,44 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
         for t in ("json_attributes_topic",):
             if t in c:
                 assert c[t] in published_by_bridge
+
+
+def test_entity_ids_are_the_same_in_home_assistant_2025_4_and_2026_2() -> None:
+    """2026.2 takes `default_entity_id`; 2025.4 ignores it and derives the id from the device's and
+    the entity's names. Both must give the same ids (and the node name is in each)."""
+    for node in ("board_1", "rkmqtt_opi5", "Kitchen-NPU", "a--b__c"):
+        doc = payload_of(make_settings(node_name=node), make_info())
+        for key, c in doc["cmps"].items():
+            assert c["default_entity_id"] == entity_id_before_2025_10(c["p"], doc["dev"], c), (node, key)
+            assert c["default_entity_id"].split(".", 1)[1].startswith(ha_slugify(node) + "_"), (node, key)
+    ids = {c["default_entity_id"] for c in payload_of(make_settings(), make_info())["cmps"].values()}
+    assert ids == {
+        "binary_sensor.board_1_connectivity",
+        "sensor.board_1_queue_depth",
+        "sensor.board_1_active_requests",
+        "sensor.board_1_tokens_per_second",
+        "sensor.board_1_requests_answered",
+        "sensor.board_1_errors",
+        "sensor.board_1_last_reply",
+        "sensor.board_1_model",
+        "sensor.board_1_engine",
+        "sensor.board_1_batch_size",
+        "text.board_1_prompt",
+    }
+
+
+def test_the_device_has_a_friendly_name() -> None:
+    for node, name in (("board_1", "board 1"), ("rkmqtt_opi5", "rkmqtt opi5"), ("Kitchen-NPU", "Kitchen NPU")):
+        dev = payload_of(make_settings(node_name=node), make_info())["dev"]
+        assert dev["name"] == name and dev["ids"] == [node]
+
+
+def test_connectivity_can_show_offline() -> None:
+    """Its state is P/status: availability on that same topic would make it unavailable exactly
+    when it should read `off`."""
+    c = payload_of(make_settings(), make_info())["cmps"]["connectivity"]
+    assert "availability" not in c and "availability_topic" not in c
+    assert (c["state_topic"], c["payload_off"]) == ("rk/test/status", "offline")
 
 
 def test_the_entities_the_issue_asks_for() -> None:
@@ -253,8 +306,10 @@ def test_ids_are_stable_and_follow_the_node_name() -> None:
     assert ha.discovery_messages(plain, make_info()) == ha.discovery_messages(load_settings({}), make_info())
 
 
-def test_discovery_off_publishes_nothing() -> None:
-    assert ha.discovery_messages(make_settings(discovery=False), make_info()) == []
+def test_discovery_off_publishes_the_empty_config() -> None:
+    """The empty retained config is how Home Assistant is told to remove the device."""
+    s = make_settings(discovery=False, discovery_prefix="hass")
+    assert ha.discovery_messages(s, make_info()) == [("hass/device/board_1/config", b"")]
 
 
 def test_ha_status_topic_follows_the_prefix() -> None:
@@ -286,12 +341,12 @@ def test_the_text_entity_sends_a_valid_request_answered_on_the_dashboard_topic(p
 
 
 @pytest.fixture
-def ha_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[[], Service]]:
+def ha_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
     services: list[Service] = []
 
-    def start() -> Service:
+    def start(discovery: bool = True) -> Service:
         settings = bridge_settings(
-            mosquitto.url, prefix, discovery=True, discovery_prefix=f"ha{prefix}", node_name=f"node_{prefix}"
+            mosquitto.url, prefix, discovery=discovery, discovery_prefix=f"ha{prefix}", node_name=f"node_{prefix}"
         )
         svc = Service(settings, engine=FakeEngine(step_s=0.005))
         svc.start()
@@ -309,7 +364,7 @@ def discovery_of(probe: Probe, topic: str, count: int = 1) -> list[dict[str, Any
 
 
 def test_bridge_publishes_discovery_and_every_state_topic(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
@@ -346,7 +401,7 @@ def test_bridge_publishes_discovery_and_every_state_topic(
 
 
 def test_discovery_is_republished_when_home_assistant_comes_online(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
@@ -359,8 +414,25 @@ def test_discovery_is_republished_when_home_assistant_comes_online(
     assert len(probe.on(topic)) == 2, "offline must not republish"
 
 
+def test_turning_discovery_off_removes_the_device(
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
+) -> None:
+    svc = ha_bridge()
+    topic = f"ha{prefix}/device/node_{prefix}/config"
+    probe = probe_factory([topic])
+    discovery_of(probe, topic)
+    svc.stop(grace_s=1)
+    ha_bridge(discovery=False)
+    assert probe.wait_for(lambda m: m.topic == topic and m.payload == b"", 20)
+    # Nothing retained is left for Home Assistant to find: a new subscriber gets the retained
+    # status (asked for in the same SUBSCRIBE, after the config topic) and no config.
+    late = probe_factory([topic, f"{prefix}/status"])
+    assert late.wait_for(lambda m: m.topic == f"{prefix}/status" and m.retain, 20)
+    assert late.on(topic) == []
+
+
 def test_same_ids_after_a_restart(
-    ha_bridge: Callable[[], Service], probe_factory: Callable[..., Probe], prefix: str
+    ha_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
     svc = ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
@@ -381,26 +453,67 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "homeassistant"
 _HA_JINJA = jinja2.Environment(undefined=jinja2.ChainableUndefined)
 
 
-def ha_render(template: Any, variables: dict[str, Any]) -> Any:
+@dataclass
+class FakeHass:
+    """What the examples' templates ask of Home Assistant: entity states, each entity's integration
+    and its device's manufacturer (`integration_entities`, `is_state`, `device_attr`)."""
+
+    states: dict[str, str] = field(default_factory=dict)
+    integration: dict[str, str] = field(default_factory=dict)
+    manufacturer: dict[str, str] = field(default_factory=dict)
+
+    def add(self, entity_id: str, state: str, integration: str = "mqtt", manufacturer: str = "rkmqtt") -> FakeHass:
+        self.states[entity_id], self.integration[entity_id] = state, integration
+        self.manufacturer[entity_id] = manufacturer
+        return self
+
+    def template_globals(self) -> dict[str, Any]:
+        return {
+            "now": datetime.now,
+            "integration_entities": lambda domain: [e for e, d in self.integration.items() if d == domain],
+            "is_state": lambda entity, state: self.states.get(entity) == state,
+            "device_attr": lambda entity, attr: self.manufacturer.get(entity) if attr == "manufacturer" else None,
+        }
+
+    @classmethod
+    def from_discovery(cls, doc: dict[str, Any], retained: dict[str, bytes]) -> FakeHass:
+        """The binary sensors Home Assistant makes from a discovery document, with the state the
+        retained message on each one's state topic gives it (no message: unknown)."""
+        hass = cls()
+        for c in doc["cmps"].values():
+            if c["p"] != "binary_sensor":
+                continue
+            payload = retained.get(c["state_topic"])
+            state = "unknown"
+            if payload is not None:
+                state = {c["payload_on"]: "on", c["payload_off"]: "off"}.get(payload.decode(), "unknown")
+            hass.add(c["default_entity_id"], state, manufacturer=doc["dev"]["mf"])
+        return hass
+
+
+ONLINE = FakeHass().add("binary_sensor.rkmqtt_board_connectivity", "on")
+
+
+def ha_render(template: Any, variables: dict[str, Any], hass: FakeHass = ONLINE) -> Any:
     """Render like Home Assistant: templates in strings, nested in lists and mappings, and a
     result that reads as a Python literal becomes that value (its "native types")."""
     if isinstance(template, dict):
-        return {k: ha_render(v, variables) for k, v in template.items()}
+        return {k: ha_render(v, variables, hass) for k, v in template.items()}
     if isinstance(template, list):
-        return [ha_render(v, variables) for v in template]
+        return [ha_render(v, variables, hass) for v in template]
     if not isinstance(template, str):
         return template
-    text = _HA_JINJA.from_string(template).render(now=datetime.now, **variables).strip()
+    text = _HA_JINJA.from_string(template).render(**hass.template_globals(), **variables).strip()
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
 
 
-def render_variables(block: dict[str, Any], variables: dict[str, Any]) -> dict[str, Any]:
+def render_variables(block: dict[str, Any], variables: dict[str, Any], hass: FakeHass = ONLINE) -> dict[str, Any]:
     out = dict(variables)
     for name, template in block.items():  # in order: later ones see earlier ones
-        out[name] = ha_render(template, out)
+        out[name] = ha_render(template, out, hass)
     return out
 
 
@@ -412,20 +525,66 @@ def step_of(sequence: list[dict[str, Any]], key: str, value: Any = None) -> int:
     return next(i for i, s in enumerate(sequence) if key in s and (value is None or s[key] == value))
 
 
-def script_request(prompt: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """Run rkmqtt_ask's steps up to the wait: (variables, request topic, request payload)."""
+@dataclass
+class ScriptRun:
+    response: Any = None
+    published: list[tuple[str, str]] = field(default_factory=list)  # (topic, payload) as mqtt.publish sends them
+    waited_on: list[str] = field(default_factory=list)  # topics of wait_for_trigger
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
+def run_ask_script(
+    prompt: str, hass: FakeHass = ONLINE, reply: Callable[[str, ScriptRun], dict[str, Any] | None] | None = None
+) -> ScriptRun:
+    """Run script.rkmqtt_ask as Home Assistant does, step by step: `variables`, `if` with template
+    conditions, `script.turn_on` of rkmqtt_send (its mqtt.publish is recorded), `wait_for_trigger`
+    (`reply(topic, run)` gives the payload that arrives, None for a timeout) and `stop`."""
     scripts = load_example("scripts.yaml")
-    ask, send = scripts["rkmqtt_ask"], scripts["rkmqtt_send"]
-    seq = ask["sequence"]
-    variables = render_variables(seq[0]["variables"], {"prompt": prompt})
-    turn_on = seq[step_of(seq, "action", "script.turn_on")]
-    assert turn_on["target"]["entity_id"] == "script.rkmqtt_send"
-    sent = ha_render(turn_on["data"]["variables"], variables)
-    publish = send["sequence"][step_of(send["sequence"], "action", "mqtt.publish")]
-    topic = ha_render(publish["data"]["topic"], sent)
-    payload = publish["data"]["payload"]
-    raw = _HA_JINJA.from_string(payload).render(**sent)  # mqtt.publish sends the text as it renders
-    return variables, topic, json.loads(raw)
+    send = scripts["rkmqtt_send"]["sequence"]
+    run = ScriptRun()
+
+    def steps(sequence: list[dict[str, Any]], variables: dict[str, Any]) -> bool:
+        for step in sequence:
+            run.variables = variables
+            if "variables" in step:
+                variables = render_variables(step["variables"], variables, hass)
+            elif "if" in step:
+                conditions = step["if"]
+                assert all(c["condition"] == "template" for c in conditions)
+                holds = all(ha_render(c["value_template"], variables, hass) is True for c in conditions)
+                if steps(step["then"] if holds else step.get("else", []), dict(variables)):
+                    return True
+            elif step.get("action") == "script.turn_on":
+                assert step["target"]["entity_id"] == "script.rkmqtt_send"
+                sent = ha_render(step["data"]["variables"], variables, hass)
+                publish = send[step_of(send, "action", "mqtt.publish")]["data"]
+                # mqtt.publish sends the payload as it renders (a string, not a native type)
+                raw = _HA_JINJA.from_string(publish["payload"]).render(**sent)
+                run.published.append((ha_render(publish["topic"], sent, hass), raw))
+            elif "wait_for_trigger" in step:
+                [trigger] = step["wait_for_trigger"]
+                assert trigger["trigger"] == "mqtt"
+                topic = ha_render(trigger["topic"], variables, hass)
+                run.waited_on.append(topic)
+                payload = reply(topic, run) if reply is not None else None
+                variables = {**variables, "wait": {"trigger": None if payload is None else {"payload_json": payload}}}
+            elif "stop" in step:
+                run.response = variables[step["response_variable"]]
+                run.variables = variables
+                return True
+            else:
+                raise AssertionError(f"a step this runner does not know: {step}")
+        return False
+
+    assert steps(scripts["rkmqtt_ask"]["sequence"], {"prompt": prompt}), "the script ends with stop"
+    return run
+
+
+def script_request(prompt: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Run rkmqtt_ask with a bridge online up to its wait: (variables, request topic, request payload)."""
+    run = run_ask_script(prompt)
+    [(topic, raw)] = run.published
+    return run.variables, topic, json.loads(raw)
 
 
 def test_script_publishes_a_valid_request_with_id_and_reply_to() -> None:
@@ -457,10 +616,9 @@ def test_script_waits_before_it_publishes() -> None:
     send = scripts["rkmqtt_send"]["sequence"]
     assert step_of(send, "delay") < step_of(send, "action", "mqtt.publish")
     assert send[step_of(send, "delay")]["delay"]["seconds"] >= 1
-    variables, _, payload = script_request("hello")
-    [trigger] = seq[i_wait]["wait_for_trigger"]
-    assert trigger["trigger"] == "mqtt"
-    assert ha_render(trigger["topic"], variables) == payload["reply_to"]
+    run = run_ask_script("hello")
+    [(_, raw)] = run.published
+    assert run.waited_on == [json.loads(raw)["reply_to"]]
     assert seq[i_wait]["timeout"] and seq[i_wait]["continue_on_timeout"] is True
     assert seq[-1]["stop"] and seq[-1]["response_variable"] == "answer"
 
@@ -482,6 +640,46 @@ def test_script_answer_from_ok_error_and_timeout() -> None:
     }
     timed_out = ask_answer({"trigger": None})
     assert timed_out["status"] == "error" and timed_out["error"]["code"] == "timeout"
+    assert run_ask_script("x", reply=lambda topic, run: ok).response == {
+        "status": "ok",
+        "text": "Paris.",
+        "error": None,
+    }
+
+
+OFFLINE_ANSWER = {
+    "status": "error",
+    "text": "",
+    "error": {
+        "code": "offline",
+        "message": "rkmqtt is offline (no rkmqtt device in Home Assistant shows Connectivity on)",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "hass",
+    [
+        FakeHass(),
+        FakeHass().add("binary_sensor.rkmqtt_board_connectivity", "off"),
+        FakeHass().add("binary_sensor.rkmqtt_board_connectivity", "unavailable"),
+        FakeHass().add("binary_sensor.plug_connectivity", "on", manufacturer="Shelly"),
+        FakeHass().add("binary_sensor.zigbee_thing", "on", integration="zha"),
+        FakeHass().add("sensor.rkmqtt_board_queue_depth", "on"),
+    ],
+    ids=["no-device", "off", "unavailable", "another-makers-sensor", "another-integration", "not-a-binary-sensor"],
+)
+def test_script_answers_at_once_when_no_bridge_is_online(hass: FakeHass) -> None:
+    """Nothing would answer: no request goes out and the script does not wait two minutes."""
+    run = run_ask_script("hello", hass, reply=lambda topic, run: pytest.fail("it waited for a reply"))
+    assert run.response == OFFLINE_ANSWER
+    assert run.published == [] and run.waited_on == []
+
+
+def test_script_finds_a_bridge_among_several_devices() -> None:
+    hass = FakeHass().add("binary_sensor.rkmqtt_a_connectivity", "off").add("binary_sensor.rkmqtt_b_connectivity", "on")
+    hass.add("binary_sensor.plug_connectivity", "off", manufacturer="Shelly")
+    assert len(run_ask_script("hello", hass).published) == 1
 
 
 def test_assist_automation_answers_with_the_reply() -> None:
@@ -498,6 +696,8 @@ def test_assist_automation_answers_with_the_reply() -> None:
     assert ha_render(respond, ok) == "Rayleigh scattering."
     err = {"answer": {"status": "error", "text": "", "error": {"code": "busy", "message": "queue full"}}}
     assert "queue full" in ha_render(respond, err)
+    # With the bridge down the script answers at once, and Assist says why.
+    assert "rkmqtt is offline" in ha_render(respond, {"answer": run_ask_script("why", FakeHass()).response})
 
 
 def test_dashboard_reply_automation_is_always_subscribed_to_the_text_entitys_replies() -> None:
@@ -520,14 +720,36 @@ def test_dashboard_reply_automation_is_always_subscribed_to_the_text_entitys_rep
 
 
 def test_script_against_a_real_bridge(
-    start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+    start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
-    """What Home Assistant would do with the script, step by step, on a real broker and bridge."""
-    start_bridge(FakeEngine(step_s=0.005), topic_prefix="rkmqtt")
-    variables, topic, payload = script_request("the quick brown fox")
-    waiter = probe_factory([variables["reply_topic"]])  # wait_for_trigger subscribes first
-    waiter.publish(topic, json.dumps(payload), qos=1)  # then rkmqtt_send publishes
-    [msg] = waiter.wait_for(lambda m: m.topic == variables["reply_topic"], 20)
-    answer = ask_answer({"trigger": {"payload_json": msg.json()}})
+    """What Home Assistant would do with the script, step by step, on a real broker and bridge: the
+    Connectivity entity from the bridge's real discovery and retained status, then the request and
+    the reply; and once the bridge has stopped, the answer `offline` at once."""
+    node, disc = f"node_{prefix}", f"ha{prefix}"
+    svc = start_bridge(
+        FakeEngine(step_s=0.005), topic_prefix="rkmqtt", discovery=True, discovery_prefix=disc, node_name=node
+    )
+    watcher = probe_factory([f"{disc}/device/{node}/config", "rkmqtt/status"])
+
+    def hass_now(status: bytes) -> FakeHass:
+        [doc] = discovery_of(watcher, f"{disc}/device/{node}/config")
+        watcher.wait_for(lambda m: m.topic == "rkmqtt/status" and m.payload == status, 20)
+        return FakeHass.from_discovery(doc, {"rkmqtt/status": status})
+
+    hass = hass_now(b"online")
+    assert hass.states == {f"binary_sensor.{node}_connectivity": "on"}
+
+    def reply(topic: str, run: ScriptRun) -> dict[str, Any]:
+        waiter = probe_factory([topic])  # wait_for_trigger subscribes first
+        [(request_topic, raw)] = run.published
+        waiter.publish(request_topic, raw, qos=1)  # then rkmqtt_send publishes
+        [msg] = waiter.wait_for(lambda m: m.topic == topic, 20)
+        assert waiter.on(Topics.stream_of(topic)) == [], "stream: false"
+        return msg.json()  # type: ignore[no-any-return]
+
+    answer = run_ask_script("the quick brown fox", hass, reply).response
     assert answer["status"] == "ok" and answer["text"].strip() == "the quick brown fox"
-    assert waiter.on(Topics.stream_of(variables["reply_topic"])) == [], "stream: false"
+
+    svc.stop(grace_s=1)
+    offline = run_ask_script("anyone?", hass_now(b"offline"), reply=lambda t, r: pytest.fail("it waited"))
+    assert offline.response == OFFLINE_ANSWER and offline.published == []

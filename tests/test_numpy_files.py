@@ -16,14 +16,9 @@ from rkmqtt.engines.numpy.gguf_file import GGUFFile
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.errors import EngineError
 from rkmqtt.settings import Settings
-from tests.numpy_fixtures import TinySpec, drive, hf_tokenizer, req, smollm_path, write_tiny_gguf
-
-MIXED_TEXT = (
-    "Héllo wörld! Ça coûte 1234,56 € — naïve café, Zürich 2024-05-17 at 09:30. 日本語のテキスト.\n"
-    "Emoji: 😀🎉👍🏽 and ❤️.\n\n"
-    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 3.14159\n"
-    "\tif x >= 10 and y != 0x1F: print(f'{x!r:>8}')\n"
-)
+from tests import reference
+from tests.numpy_fixtures import TinySpec, drive, req, smollm_path, write_tiny_gguf
+from tests.reference import MIXED_TEXT, TOKEN_CASES
 
 
 def load_error(path: Path) -> str:
@@ -125,20 +120,25 @@ def test_dequantized_tensors_match_gguf(tmp_path: Path) -> None:
     f.close()
 
 
-def test_tokenizer_agrees_with_transformers() -> None:
+def smollm_tokenizer() -> GGUFTokenizer:
     path = smollm_path()
     f = GGUFFile(path)
-    ours = GGUFTokenizer(f.metadata, str(path))
-    f.close()
-    theirs = hf_tokenizer(path)
+    try:
+        return GGUFTokenizer(f.metadata, str(path))
+    finally:
+        f.close()
+
+
+def test_tokenizer_agrees_with_transformers() -> None:
+    ours = smollm_tokenizer()
     ids = ours.encode(MIXED_TEXT)
-    assert ids == theirs(MIXED_TEXT, add_special_tokens=False)["input_ids"]
+    assert ids == reference.tokens("smollm2-mixed", smollm_path())
     assert ours.decode(ids) == MIXED_TEXT
     # digits are split one by one (tokenizer.ggml.pre = smollm)
     assert [ours.token_text(i) for i in ours.encode("x 2024")] == ["x", "Ġ", "2", "0", "2", "4"]
     # special tokens written in the text are single tokens
-    chat = "<|im_start|>user\nhi<|im_end|>\n"
-    assert ours.encode(chat) == theirs(chat, add_special_tokens=False)["input_ids"]
+    chat = TOKEN_CASES["smollm2-chat"].text
+    assert ours.encode(chat) == reference.tokens("smollm2-chat", smollm_path())
     assert ours.encode(chat)[0] == 1 and 2 in ours.encode(chat)
     assert ours.eos_id == 2 and ours.stop_ids == {2} and not ours.add_bos
 
@@ -147,30 +147,28 @@ def test_smollm_pre_tokenizer_follows_the_model_not_transformers_gguf_default() 
     """Known difference: transformers' GGUF converter has no entry for `smollm`, so it splits
     with GPT-2's expression alone; SmolLM2's own tokenizer (and llama.cpp) split digits first.
     The two differ only on whitespace runs before a digit. Ours matches SmolLM2's own
-    pre-tokenizer (Digits(individual) then ByteLevel), set on transformers' tokenizer here."""
-    from tokenizers import pre_tokenizers
+    pre-tokenizer (Digits(individual) then ByteLevel), which the reference sets on transformers'
+    tokenizer for this case."""
+    case = TOKEN_CASES["smollm2-digits"]
+    assert case.digits_first and case.text.endswith("line\n 99 bottles\n\n  42")
+    assert smollm_tokenizer().encode(case.text) == reference.tokens("smollm2-digits", smollm_path())
 
-    path = smollm_path()
+
+def tiny_tokenizer(tmp_path: Path, name: str) -> GGUFTokenizer:
+    spec = TOKEN_CASES[name].model
+    assert isinstance(spec, TinySpec)
+    path = write_tiny_gguf(tmp_path / f"{name}.gguf", spec)
     f = GGUFFile(path)
-    ours = GGUFTokenizer(f.metadata, str(path))
-    f.close()
-    theirs = hf_tokenizer(path)
-    theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    text = MIXED_TEXT + "line\n 99 bottles\n\n  42"
-    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
-
-
-def test_tiny_tokenizer_agrees_with_transformers(tmp_path: Path) -> None:
-    for arch in ("llama", "qwen2"):
-        path = write_tiny_gguf(tmp_path / f"{arch}.gguf", TinySpec(arch=arch, seed=12))
-        f = GGUFFile(path)
-        ours = GGUFTokenizer(f.metadata, str(path))
+    try:
+        return GGUFTokenizer(f.metadata, str(path))
+    finally:
         f.close()
-        theirs = hf_tokenizer(path)
-        text = "the other one in there: 123 café 😀"
-        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_tiny_tokenizer_agrees_with_transformers(tmp_path: Path, name: str) -> None:
+    ours = tiny_tokenizer(tmp_path, name)
+    assert ours.encode(TOKEN_CASES[name].text) == reference.tokens(name, tmp_path / f"{name}.gguf")
 
 
 def test_chat_template_renders_prompt_system_and_turns(tmp_path: Path) -> None:
@@ -198,14 +196,9 @@ def test_directory_is_not_a_model(tmp_path: Path) -> None:
 def test_sentencepiece_tokenizer_agrees_with_transformers(tmp_path: Path) -> None:
     """tokenizer.ggml.model = llama (TinyLlama, Llama 2): SentencePiece BPE with byte fallback,
     merges recovered from the token scores."""
-    path = write_tiny_gguf(tmp_path / "spm.gguf", TinySpec(tokenizer="llama", seed=13))
-    f = GGUFFile(path)
-    ours = GGUFTokenizer(f.metadata, str(path))
-    f.close()
-    theirs = hf_tokenizer(path)
-    for text in ["the cat in the hat", "The cat, café 😀 123!  two  spaces\n", "<s>the</s> hat"]:
-        ids = ours.encode(text)
-        assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+    ours = tiny_tokenizer(tmp_path, "spm-cat")
+    for name in ("spm-cat", "spm-mixed", "spm-specials"):
+        assert ours.encode(TOKEN_CASES[name].text) == reference.tokens(name, tmp_path / "spm-cat.gguf"), name
     ids = ours.encode("the café 😀")
     assert [ours.token_text(i) for i in ids][:2] == ["▁the", "▁c"]
     assert ours.decode(ids) == " the café 😀"  # byte-fallback tokens rebuild the characters

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
@@ -177,3 +177,77 @@ def test_embedded_broker_when_none_is_configured(tmp_path: Path) -> None:
     assert '"text":"hi there "' in out.stdout, out.stdout + out.stderr + log
     assert "exit=0" in out.stdout and "broker-gone" in out.stdout, out.stdout + log
     assert "started a private Mosquitto" in log
+
+
+CTRL_C_RUN = """
+import sys
+import rkmqtt.service
+rkmqtt.service.EMBEDDED_PORT = int(sys.argv[1])  # where 1883 would be (never the system's broker)
+from rkmqtt.cli import main
+sys.exit(main(["run", "--engine", "tests.fake_engine:FakeEngine", "--no-discovery", "--grace-period", "30",
+               "--topic-prefix", sys.argv[2]]))
+"""
+
+
+def test_ctrl_c_with_the_embedded_broker_keeps_the_last_replies(tmp_path: Path) -> None:
+    """`rkmqtt run` with no broker starts its own Mosquitto. Ctrl-C in a terminal sends SIGINT to the
+    whole foreground process group: the broker must not die with it before the bridge has sent the
+    running requests' final replies; the bridge stops it afterwards."""
+    port, prefix = free_port(), "ctrlc"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env.update(PYTHONPATH=str(REPO), RKMQTT_STATE_DIR=str(tmp_path / "state"))
+    # A process group of its own, like a shell's foreground job; killpg below is the terminal's Ctrl-C.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_RUN, str(port), prefix],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    probe = None
+    try:
+        deadline = time.monotonic() + 60
+        while not port_answers("127.0.0.1", port) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.1)
+        probe = Probe(f"mqtt://127.0.0.1:{port}", [f"{prefix}/reply/#", f"{prefix}/status"])
+        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", 60)
+        probe.publish(f"{prefix}/request/dev", {"id": "last", "prompt": "tokens:200"})  # ~2 s of answer
+        probe.wait_for(lambda m: m.topic.endswith("/stream"), 30)
+        os.killpg(proc.pid, signal.SIGINT)
+        final = probe.final(f"{prefix}/reply/dev/last", 60)
+        assert final["status"] == "ok" and final["usage"]["completion_tokens"] == 200, final
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if probe is not None:
+            probe.close()
+    assert not port_answers("127.0.0.1", port), "the private broker stops with rkmqtt"
+
+
+def test_the_embedded_broker_does_not_outlive_a_killed_rkmqtt(tmp_path: Path) -> None:
+    """In a session of its own the broker would survive a SIGKILLed rkmqtt (and hold the port);
+    the parent-death signal ends it too."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}
+    env.update(PYTHONPATH=str(REPO), RKMQTT_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_RUN, str(port), "killed"], env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_answers("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert port_answers("127.0.0.1", port)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 20
+    while port_answers("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not port_answers("127.0.0.1", port)

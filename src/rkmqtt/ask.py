@@ -1,6 +1,10 @@
 """`rkmqtt ask` (main thread, plus paho's network thread for the callbacks): one request, its
 stream printed as it comes, timing at the end. Exit 0 on an ok reply, 1 on an error reply or
 no reply, with one line saying why.
+
+Before sending, it reads the bridge's retained status (`rkmqtt.presence`): with no bridge online
+it says so within seconds instead of waiting out `--timeout`; a bridge that goes offline while
+the request runs ends the wait a few seconds later.
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ import paho.mqtt.client as mqtt
 
 from rkmqtt.connection import make_client
 from rkmqtt.errors import ConfigError
+from rkmqtt.presence import bridge_online, is_status_topic, status_subscriptions
 from rkmqtt.protocol import ID_PATTERN, ErrorReply, OkReply, StreamChunk
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
+
+#: Seconds to wait after subscribing for the retained status (the broker sends it right after
+#: the SUBACK) before concluding that no bridge is online.
+STATUS_WAIT_S = 3.0
+#: Seconds a final reply may still take after the bridge's status turned offline (a bridge that
+#: stops cleanly answers before it says offline; one that vanished never will).
+OFFLINE_GRACE_S = 5.0
 
 
 def build_request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
@@ -55,7 +67,7 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
         if reason.is_failure:
             events.put(("connect-failed", str(reason).encode()))
             return
-        c.subscribe([(reply_topic, 1), (stream_topic, 0), (topics.status, 1)])
+        c.subscribe([(reply_topic, 1), (stream_topic, 0), *((t, 1) for t in status_subscriptions(topics))])
 
     def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: Any, p: Any) -> None:
         events.put(("subscribed", b""))
@@ -86,33 +98,47 @@ def _converse(
     stream_topic: str,
     request_id: str,
 ) -> int:
-    status = None
+    statuses: dict[str, bytes] = {}
     t0 = time.monotonic()
     deadline = t0 + args.timeout
+    status_deadline: float | None = None  # set at the SUBACK: when to give up on a bridge being online
     sent = False
+    went_offline = False
     next_seq = 0
     printed: list[str] = []
     pending: dict[int, str] = {}
     while True:
+        if not sent and status_deadline is not None:
+            online = bridge_online(statuses)
+            if online:
+                client.publish(topics.request(args.client), json.dumps(build_request(args, request_id)), qos=1)
+                t0 = time.monotonic()
+                deadline = t0 + args.timeout
+                sent = True
+            elif time.monotonic() >= status_deadline:
+                return _no_bridge(online, topics)
+        wait_until = deadline if sent or status_deadline is None else min(deadline, status_deadline)
         try:
-            topic, payload = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            topic, payload = events.get(timeout=max(0.01, wait_until - time.monotonic()))
         except queue.Empty:
-            hint = " (the bridge's status is offline)" if status == "offline" else ""
+            if not sent and status_deadline is not None and time.monotonic() < deadline:
+                continue  # the status wait is over: decided at the top of the loop
+            why = "the bridge went offline" if went_offline else f"no reply within {args.timeout:.0f} s"
             print(
-                f"\nrkmqtt: no reply within {args.timeout:.0f} s{hint}: is `rkmqtt run` running on this broker "
-                f"with topic_prefix {topics.prefix!r}?",
+                f"\nrkmqtt: {why}: is `rkmqtt run` running on this broker with topic_prefix {topics.prefix!r}?",
                 file=sys.stderr,
             )
             return 1
         if topic == "connect-failed":
             print(f"rkmqtt: the broker refused the connection: {payload.decode()}", file=sys.stderr)
             return 1
-        if topic == "subscribed" and not sent:
-            client.publish(topics.request(args.client), json.dumps(build_request(args, request_id)), qos=1)
-            t0 = time.monotonic()
-            sent = True
-        elif topic == topics.status:
-            status = payload.decode(errors="replace")
+        if topic == "subscribed" and status_deadline is None:
+            status_deadline = time.monotonic() + STATUS_WAIT_S
+        elif is_status_topic(topics, topic):
+            statuses[topic] = payload
+            if sent and not bridge_online(statuses) and not went_offline:
+                went_offline = True
+                deadline = min(deadline, time.monotonic() + OFFLINE_GRACE_S)
         elif topic == stream_topic and not args.json:
             try:
                 chunk = StreamChunk.model_validate_json(payload)
@@ -126,6 +152,15 @@ def _converse(
             sys.stdout.flush()
         elif topic == reply_topic:
             return _final(payload, args, "".join(printed), t0)
+
+
+def _no_bridge(online: bool | None, topics: Topics) -> int:
+    if online is None:
+        why = f"no rkmqtt bridge has run on this broker with topic_prefix {topics.prefix!r} (no {topics.status})"
+    else:
+        why = f"the rkmqtt bridge with topic_prefix {topics.prefix!r} is offline ({topics.status})"
+    print(f"rkmqtt: {why}: start `rkmqtt run`, or check --broker and --topic-prefix", file=sys.stderr)
+    return 1
 
 
 def _final(payload: bytes, args: argparse.Namespace, printed: str, t0: float) -> int:

@@ -1,12 +1,20 @@
 """A private Mosquitto child process (main thread): the embedded default of `rkmqtt run`, and the
 broker that the tests and `rkmqtt bench` start on free ports.
+
+The embedded broker of `rkmqtt run` runs in a session of its own (`own_session`): Ctrl-C in the
+terminal goes to the whole foreground process group, and the broker must outlive the bridge's
+last replies; the bridge stops it after those. It still ends with rkmqtt if rkmqtt is killed
+(Linux: the parent-death signal).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import getpass
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -43,6 +51,7 @@ class Mosquitto:
         extra_config: str = "",
         persistence: bool = False,
         binary: str | None = None,
+        own_session: bool = False,
         nodelay: bool = True,
         config: str | None = None,
     ) -> None:
@@ -58,6 +67,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_config = extra_config
         self.persistence = persistence
+        self.own_session = own_session
         self.nodelay = nodelay
         self.config = config  # a whole mosquitto.conf to use as it is (it must listen on `port`)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -98,7 +108,13 @@ class Mosquitto:
         conf = self._write_config()
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(self.binary), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            [str(self.binary), "-c", str(conf)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.own_session,
+            # (preexec_fn: the embedded broker starts before rkmqtt starts any thread)
+            preexec_fn=_end_with_parent if self.own_session else None,
         )
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -138,6 +154,14 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so that a broker in its own session does not outlive a killed rkmqtt."""
+    # Not Linux: a killed rkmqtt leaves the broker running, as any daemon would.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _sbin(name: str) -> str | None:

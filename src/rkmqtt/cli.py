@@ -16,18 +16,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from rkmqtt import __version__
+from rkmqtt.bench.cli import add_bench_parser
 from rkmqtt.errors import ConfigError, EngineError, RkmqttError
+from rkmqtt.flags import add_settings_flags
 from rkmqtt.settings import Settings, load_settings
 
 _LOGGER = logging.getLogger("rkmqtt")
+
+DESCRIPTION = (
+    "rkmqtt serves a language model over MQTT: devices publish prompts, the bridge batches them onto an "
+    "RK3588 NPU (RKLLM) or a CPU engine and streams each answer back on the device's reply topic."
+)
+EPILOG = (
+    "Every setting is also a flag (--<name-with-dashes>), an environment variable (RKMQTT_<NAME>) and a key "
+    "of the --config YAML file; `rkmqtt run --help` lists them with their defaults."
+)
+SETTINGS_USAGE = "[--config FILE] [--<setting> VALUE ...]"
 
 # Settings that `ask` needs: how to reach the broker and where the bridge listens.
 CONNECTION_SETTINGS = (
@@ -44,30 +52,6 @@ CONNECTION_SETTINGS = (
     "keepalive",
     "topic_prefix",
 )
-
-
-def _is_bool(annotation: Any) -> bool:
-    if annotation is bool:
-        return True
-    args = typing.get_args(annotation)
-    return isinstance(annotation, types.UnionType) and bool in args
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    """One flag per setting, `--<name-with-dashes>`; values stay strings and pydantic checks them."""
-    group = parser.add_argument_group("settings (also RKMQTT_<NAME> or the --config file)")
-    group.add_argument("--config", type=Path, default=None, help="YAML file of settings (see config.yaml)")
-    for name, field in Settings.model_fields.items():
-        if names is not None and name not in names:
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_text = (field.description or "").replace("%", "%%")
-        if _is_bool(field.annotation):
-            group.add_argument(
-                flag, dest=f"setting_{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            group.add_argument(flag, dest=f"setting_{name}", default=None, metavar="VALUE", help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -110,15 +94,30 @@ def setup_logging(level: str, debug: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rkmqtt", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (whose usage a mistake in that command shows)."""
+    parser = argparse.ArgumentParser(prog="rkmqtt", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"rkmqtt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the bridge service")
+    run = sub.add_parser(
+        "run",
+        help="run the bridge service",
+        description="Run the bridge until SIGTERM or Ctrl-C: running requests get grace_period seconds to finish.",
+        usage=f"rkmqtt run {SETTINGS_USAGE} [--debug]",
+    )
     run.add_argument("--debug", action="store_true", help="log everything, prompts and completions included")
     add_settings_flags(run)
 
-    ask = sub.add_parser("ask", help="send one prompt and stream the reply")
+    ask = sub.add_parser(
+        "ask",
+        help="send one prompt and stream the reply",
+        description="Send one prompt to the bridge on the broker and print its answer as it streams.",
+        usage=f"rkmqtt ask PROMPT [--system TEXT] [--tokens N] [--temp T] [--json] [--broker URL] {SETTINGS_USAGE}",
+    )
     ask.add_argument("prompt", help="the prompt; '-' reads it from standard input")
     ask.add_argument("--system", help="a system prompt")
     ask.add_argument("--client", default="cli", help="client name in the request topic (default: cli)")
@@ -127,34 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temp", type=float, dest="temperature_req", help="temperature of this request (0: greedy)")
     ask.add_argument("--seed", type=int, help="sampling seed")
     ask.add_argument("--json", action="store_true", help="print the raw final reply as JSON instead of streaming")
-    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the final reply")
-    ask.add_argument("--debug", action="store_true")
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the final reply (default: 300)")
+    ask.add_argument("--debug", action="store_true", help="log the MQTT traffic")
     add_settings_flags(ask, CONNECTION_SETTINGS)
 
-    check = sub.add_parser("check", help="check settings, broker, engine and NPU, in plain words")
-    check.add_argument("--debug", action="store_true")
+    check = sub.add_parser(
+        "check",
+        help="check settings, broker, engine and NPU, in plain words",
+        description="Check the settings, the broker, the engine and (on a board) the NPU, and say what to fix.",
+        usage=f"rkmqtt check {SETTINGS_USAGE}",
+    )
+    check.add_argument("--debug", action="store_true", help="log everything")
     add_settings_flags(check)
 
-    health = sub.add_parser("health", help="exit 0 if the running service is healthy (reads health_file)")
-    health.add_argument("--max-age", type=float, default=30.0, help="seconds after which the file is stale")
-    health.add_argument("--max-stall", type=float, default=120.0, help="seconds the engine may go without output")
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the running service is healthy (reads health_file)",
+        description="Exit 0 when the service that writes health_file is connected and its engine is not stuck "
+        "(a container's HEALTHCHECK).",
+        usage="rkmqtt health [--health-file FILE] [--max-age S] [--max-stall S]",
+    )
+    health.add_argument(
+        "--max-age", type=float, default=30.0, help="seconds after which the file is stale (default: 30)"
+    )
+    health.add_argument(
+        "--max-stall", type=float, default=120.0, help="seconds the engine may go without output (default: 120)"
+    )
     add_settings_flags(health, ("health_file",))
 
-    try:
-        from rkmqtt.bench.cli import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+    add_bench_parser(sub)
     from rkmqtt.engines.rkllm.probe import add_probe_parser
 
     add_probe_parser(sub)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = _build()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "bench":
             from rkmqtt.bench.cli import run_bench

@@ -21,6 +21,9 @@ def check_health(settings: Settings, max_age: float, max_stall: float) -> int:
         print(f"unhealthy: cannot read {path}: {e}", file=sys.stderr)
         return 1
     now = time.time()
+    if data.get("stopped"):
+        print("unhealthy: the service has stopped", file=sys.stderr)
+        return 1
     problems = []
     if now - float(data.get("updated", 0)) > max_age:
         problems.append(f"health file not updated for {now - float(data.get('updated', 0)):.0f} s")

@@ -16,16 +16,23 @@ One retained, device-based discovery message (`<discovery_prefix>/device/<node>/
 | Batch size        |               |                                |                                    |
 | Prompt            | text          | `P/request/homeassistant`      | JSON, `reply_to` the dashboard's   |
 
-Every entity is available while `P/status` is `online`. Unique ids and default entity ids are
-derived from the node name only, so they survive restarts. The bridge publishes these messages
-(retain, QoS 1) on every connect and again when Home Assistant announces `online` on
-`ha_status_topic(settings)`.
+Every entity but Connectivity is available while `P/status` is `online`; Connectivity reads that
+topic itself and shows `off` when the bridge is gone. Unique ids are `<node>_<key>`, from the node
+name only, so they survive restarts. Entity ids are the same whatever Home Assistant's version:
+`default_entity_id` (read by 2025.10 and later) is exactly what older versions, which ignore it,
+derive from the device's name and the entity's name: `<platform>.<slug of both>`. The device's
+name is the node name made readable (`rkmqtt_opi5` -> "rkmqtt opi5"), whose slug is the node name.
+
+The bridge publishes these messages (retain, QoS 1) on every connect and again when Home Assistant
+announces `online` on `ha_status_topic(settings)`. With discovery off it publishes the empty
+retained config instead, which removes a device that an earlier run announced.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from rkmqtt import __version__
@@ -77,16 +84,28 @@ def stats_expire_after(settings: Settings) -> int:
 
 
 def discovery_messages(settings: Settings, info: Info) -> list[tuple[str, bytes]]:
-    """Topic and payload of each retained discovery message; empty when discovery is off."""
+    """Topic and payload of each retained discovery message. With discovery off: the empty
+    payload on the same topic, which makes Home Assistant remove the device (no-op if none)."""
     if not settings.discovery:
-        return []
+        return [(discovery_topic(settings), b"")]
     payload = discovery_payload(settings, info)
     return [(discovery_topic(settings), json.dumps(payload, separators=(",", ":")).encode())]
+
+
+def slugify(text: str) -> str:
+    """Home Assistant's slug of an ASCII name: lower case, every run of other characters one `_`."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+
+
+def device_name(node: str) -> str:
+    """The device's friendly name: the node name with its `_` and `-` as spaces (slug: the node)."""
+    return re.sub(r"[_-]+", " ", node).strip() or node
 
 
 def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
     """The device-based discovery document (see the module's docstring for the entities)."""
     node = settings.effective_node_name()
+    name = device_name(node)
     topics = Topics(settings.topic_prefix)
     availability = [
         {
@@ -98,12 +117,13 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
     expire = stats_expire_after(settings)
     dashboard = dashboard_reply_topic(settings)
 
-    def entity(platform: str, key: str, name: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    def entity(platform: str, key: str, label: str, **options: Any) -> tuple[str, dict[str, Any]]:
         return key, {
             "p": platform,
-            "name": name,
+            "name": label,
             "unique_id": f"{node}_{key}",
-            "default_entity_id": f"{platform}.{node}_{key}",
+            # what Home Assistant before 2025.10 makes of the device's and the entity's names
+            "default_entity_id": f"{platform}.{slugify(f'{name} {label}')}",
             "availability": availability,
             **options,
         }
@@ -129,18 +149,21 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
             icon=icon,
         )
 
+    connectivity = entity(
+        "binary_sensor",
+        "connectivity",
+        "Connectivity",
+        state_topic=topics.status,
+        payload_on=PAYLOAD_ONLINE,
+        payload_off=PAYLOAD_OFFLINE,
+        device_class="connectivity",
+        entity_category="diagnostic",
+    )
+    # Its state is the availability topic: with availability it could only ever show `on`.
+    del connectivity[1]["availability"]
     components = dict(
         [
-            entity(
-                "binary_sensor",
-                "connectivity",
-                "Connectivity",
-                state_topic=topics.status,
-                payload_on=PAYLOAD_ONLINE,
-                payload_off=PAYLOAD_OFFLINE,
-                device_class="connectivity",
-                entity_category="diagnostic",
-            ),
+            connectivity,
             stat(
                 "queue_depth",
                 "Queue depth",
@@ -233,7 +256,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
 
     device: dict[str, Any] = {
         "ids": [node],
-        "name": node,
+        "name": name,
         "mf": "rkmqtt",
         "mdl": f"rkmqtt ({info.engine})",
         "sw": info.version,

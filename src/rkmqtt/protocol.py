@@ -53,8 +53,8 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Field(max_length=1_000_000)]
+    role: Annotated[Literal["system", "user", "assistant"], Field(description="who says it")]
+    content: Annotated[str, Field(max_length=1_000_000, description="what is said")]
 
 
 class RequestPayload(_Strict):
@@ -72,9 +72,17 @@ class RequestPayload(_Strict):
     ] = None
     top_k: Annotated[int | None, Field(ge=0, le=100_000, description="0 turns top-k off")] = None
     top_p: Annotated[
-        float | None, Field(gt=0.0, le=1.0, description=f"below {MIN_TOP_P:g} counts as {MIN_TOP_P:g}")
+        float | None,
+        Field(
+            gt=0.0,
+            le=1.0,
+            description=f"sample from the likeliest tokens up to this probability; below {MIN_TOP_P:g} counts as "
+            f"{MIN_TOP_P:g}",
+        ),
     ] = None
-    repeat_penalty: Annotated[float | None, Field(ge=0.1, le=10.0)] = None
+    repeat_penalty: Annotated[
+        float | None, Field(ge=0.1, le=10.0, description="1 is off; above 1 discourages repeating recent tokens")
+    ] = None
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1, description="same seed, same text")] = None
     stream: Annotated[bool, Field(description="publish token chunks on .../stream")] = True
     reply_to: Annotated[
@@ -113,7 +121,7 @@ class CancelRequest(_Strict):
 
 class Usage(_Strict):
     prompt_tokens: int | None = Field(description="tokens of the rendered prompt; null where the engine cannot tell")
-    completion_tokens: int
+    completion_tokens: int = Field(description="tokens generated")
 
 
 class Timing(_Strict):
@@ -135,32 +143,32 @@ class BatchInfo(_Strict):
 
 
 class ErrorBody(_Strict):
-    code: ErrorCode
-    message: str
+    code: ErrorCode = Field(description="what went wrong, for programs: see the table of codes")
+    message: str = Field(description="what went wrong and what to change, in words")
 
 
 class OkReply(_Strict):
     """The final reply of a request that ran: on `P/reply/<client>/<id>`, QoS 1."""
 
-    v: Literal[1] = 1
-    id: str
-    status: Literal["ok"] = "ok"
-    text: str
-    finish_reason: FinishReason
-    usage: Usage
-    timing: Timing
-    batch: BatchInfo
-    model: str
+    v: Literal[1] = Field(1, description="protocol version")
+    id: str = Field(description="the request's id (made by the bridge when the request had none)")
+    status: Literal["ok"] = Field("ok", description="the request ran")
+    text: str = Field(description="the whole answer, also what lost stream chunks left out")
+    finish_reason: FinishReason = Field(description="why it ended (below)")
+    usage: Usage = Field(description="token counts")
+    timing: Timing = Field(description="where the time went")
+    batch: BatchInfo = Field(description="the batch it ran in")
+    model: str = Field(description="the model that answered")
     warnings: list[str] = Field(default_factory=list, description="e.g. sampling fields the engine could not honour")
 
 
 class ErrorReply(_Strict):
     """The final reply of a request that did not run to the end: on `P/reply/<client>/<id>`, QoS 1."""
 
-    v: Literal[1] = 1
-    id: str
-    status: Literal["error"] = "error"
-    error: ErrorBody
+    v: Literal[1] = Field(1, description="protocol version")
+    id: str = Field(description="the request's id, when it could be read (else one the bridge made)")
+    status: Literal["error"] = Field("error", description="the request did not run, or did not run to the end")
+    error: ErrorBody = Field(description="`code` and `message`")
 
 
 FinalReply = OkReply | ErrorReply
@@ -169,20 +177,20 @@ FinalReply = OkReply | ErrorReply
 class StreamChunk(_Strict):
     """A piece of the completion on `P/reply/<client>/<id>/stream`, QoS 0; `seq` counts from 0."""
 
-    id: str
-    seq: int
-    text: str
+    id: str = Field(description="the request's id")
+    seq: int = Field(description="0, 1, 2, …: a gap is a lost chunk (QoS 0); the final reply has the whole text")
+    text: str = Field(description="the next piece of the answer")
 
 
 class Limits(_Strict):
-    max_payload_bytes: int
-    max_correlation_bytes: int
-    max_reply_topic_chars: int
-    max_prompt_chars: int
-    max_new_tokens: int
-    max_queue: int
-    rate_limit: float
-    rate_burst: int
+    max_payload_bytes: int = Field(description="the setting of that name")
+    max_correlation_bytes: int = Field(description="the setting of that name")
+    max_reply_topic_chars: int = Field(description="the setting of that name")
+    max_prompt_chars: int = Field(description="the setting of that name")
+    max_new_tokens: int = Field(description="the setting of that name")
+    max_queue: int = Field(description="the setting of that name")
+    rate_limit: float = Field(description="the setting of that name")
+    rate_burst: int = Field(description="the setting of that name")
 
 
 class Info(BaseModel):
@@ -190,35 +198,37 @@ class Info(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    v: Literal[1] = 1
-    version: str
+    v: Literal[1] = Field(1, description="protocol version")
+    version: str = Field(description="rkmqtt's version")
     node: str = Field(default="", description="the bridge's node name")
     host: str = Field(default="", description="the machine it runs on")
     started: float = Field(default=0.0, description="when this run of the bridge started, Unix seconds")
     instance: str = Field(default="", description="this run's random id: two runs of one node tell each other apart")
-    engine: str
-    model: str
-    n_batch: int
-    batching: Literal["static", "continuous"]
-    runtime_version: str | None = None
-    driver_version: str | None = None
-    limits: Limits
+    engine: str = Field(description="numpy, rkllm, or a custom engine's name")
+    model: str = Field(description="the model it serves")
+    n_batch: int = Field(description="requests that run at once")
+    batching: Literal["static", "continuous"] = Field(
+        description="static: a batch starts together; continuous: a request joins at the next step"
+    )
+    runtime_version: str | None = Field(None, description="the RKLLM runtime's version")
+    driver_version: str | None = Field(None, description="the NPU driver's version")
+    limits: Limits = Field(description="what a request may ask for: the settings of the same names")
     engine_info: dict[str, Any] = Field(default_factory=dict, description="engine specifics: memory, KV cache…")
 
 
 class Stats(_Strict):
     """Published on `P/stats` every `stats_interval` seconds, QoS 0."""
 
-    v: Literal[1] = 1
-    uptime_s: float
-    queue_depth: int
-    active: int
-    n_batch: int
+    v: Literal[1] = Field(1, description="protocol version")
+    uptime_s: float = Field(description="seconds since the bridge started")
+    queue_depth: int = Field(description="requests waiting for a slot")
+    active: int = Field(description="requests running")
+    n_batch: int = Field(description="requests that run at once")
     tokens_per_s: float = Field(description="completion tokens per second over the last interval")
     requests_total: int = Field(description="requests received; once none is in flight, completed + errors")
     completed: int = Field(description="final replies with status ok")
     errors: int = Field(description="final replies with status error, refusals included")
-    errors_by_code: dict[str, int]
+    errors_by_code: dict[str, int] = Field(description="errors counted by code")
     repeated: int = Field(default=0, description="final replies sent again to a retried id")
 
 

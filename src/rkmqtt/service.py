@@ -26,7 +26,7 @@ from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.broker import Mosquitto, port_answers
 from rkmqtt.core import CoreConfig
-from rkmqtt.engines import create_engine
+from rkmqtt.engines import create_engine, default_temperature
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.journal import Journal, journal_path
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from rkmqtt.http.server import HttpServer
 
 _LOGGER = logging.getLogger(__name__)
+
+#: Where `rkmqtt run` looks for a broker when none is set, and starts its private one if none answers.
+EMBEDDED_PORT = 1883
 
 # Another run of this node took over: a supervisor should not start this one again (systemd:
 # RestartPreventExitStatus=3), or the two would take the node from each other in turn.
@@ -72,20 +75,24 @@ class Service:
         s = self.settings
         if s.broker is not None:
             return
-        if port_answers("127.0.0.1", 1883):
-            _LOGGER.info("no broker set: using the one on localhost:1883")
-            self.settings = s.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
+        port = EMBEDDED_PORT
+        if port_answers("127.0.0.1", port):
+            _LOGGER.info("no broker set: using the one on localhost:%d", port)
+            self.settings = s.model_copy(update={"broker": f"mqtt://127.0.0.1:{port}"})
             return
         if not s.embedded_broker:
-            raise ConfigError("no broker set and none answers on localhost:1883: set broker=mqtt://host:port")
+            raise ConfigError(f"no broker set and none answers on localhost:{port}: set broker=mqtt://host:port")
         # Persistence on: the bridge's session, and the requests queued in it, survive a restart.
+        # Its own session: Ctrl-C reaches rkmqtt, which stops the broker after its last replies.
         broker_dir = s.effective_state_dir() / "mosquitto"
-        self.embedded = Mosquitto(port=1883, workdir=broker_dir, persistence=True).start()
+        self.embedded = Mosquitto(port=port, workdir=broker_dir, persistence=True, own_session=True).start()
         assert self.embedded.proc is not None
         _LOGGER.warning(
-            "no broker set and none on localhost:1883: started a private Mosquitto (pid %d) on "
-            "127.0.0.1:1883; it stops when rkmqtt stops",
+            "no broker set and none on localhost:%d: started a private Mosquitto (pid %d) on "
+            "127.0.0.1:%d; it stops when rkmqtt stops",
+            port,
             self.embedded.proc.pid,
+            port,
         )
         self.settings = s.model_copy(update={"broker": self.embedded.url})
 
@@ -123,6 +130,11 @@ class Service:
             time.monotonic() - t0,
             self.engine.capabilities.max_batch,
         )
+        if "temperature" not in s.model_fields_set:
+            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
+            # answers in garbled French at 0.7).
+            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
+            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
         self.info = self._build_info(self.engine)
         if s.journal:
             path = journal_path(s.effective_state_dir(), s.effective_client_id())
@@ -195,14 +207,18 @@ class Service:
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings
-        if not s.discovery or self.info is None:
+        if self.info is None:
             return None, {}
         from rkmqtt import homeassistant
 
         info = self.info
 
         def retained() -> list[tuple[str, bytes]]:
+            # With discovery off: the empty config, which removes a device an earlier run announced.
             return homeassistant.discovery_messages(s, info)
+
+        if not s.discovery:
+            return retained, {}
 
         def on_ha_status(payload: bytes) -> None:
             if payload.strip() == b"online" and self.bridge is not None:
@@ -225,15 +241,18 @@ class Service:
         }
 
     def _health_loop(self) -> None:
+        while not self._stop_requested.wait(1.0):
+            self._write_health(self.health())
+
+    def _write_health(self, data: dict[str, Any]) -> None:
         path = self.settings.health_file
         assert path is not None
-        while not self._stop_requested.wait(1.0):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            try:
-                tmp.write_text(json.dumps(self.health()))
-                os.replace(tmp, path)
-            except OSError as e:
-                _LOGGER.warning("cannot write health file %s: %s", path, e)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
+        except OSError as e:
+            _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
     def stop(self, grace_s: float | None = None) -> None:
@@ -269,6 +288,10 @@ class Service:
                 step()
             except Exception:
                 _LOGGER.exception("shutdown: could not %s", what)
+        if self._health_thread is not None:
+            # Unhealthy at once, not after the file's max age: a stopped service serves nobody.
+            self._health_thread.join(5)
+            self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
 
     def run_forever(self) -> int:

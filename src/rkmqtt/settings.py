@@ -25,6 +25,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 
 ENV_PREFIX = "RKMQTT_"
+
+#: Settings whose default depends on the engine's model when no layer (flag, environment, file,
+#: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
+#: shows them commented out, so that a copy of it does not pin them.
+MODEL_DEFAULTED = ("temperature",)
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 
@@ -125,7 +130,15 @@ class Settings(BaseSettings):
     default_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="max_new_tokens of a request that gives none.")
     ] = 256
-    temperature: Annotated[float, Field(ge=0, le=5, description="Default temperature (0 is greedy).")] = 0.7
+    temperature: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=5,
+            description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 0.2), else 0.7.",
+        ),
+    ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
     repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1

@@ -34,6 +34,7 @@ from rkmqtt.bench.report import (
 from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, journal_suite, targets_suite
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
+from rkmqtt.flags import add_settings_flags
 from rkmqtt.settings import Settings, load_settings
 
 _SWEPT = ("engine", "n_batch", "rkllm_library")  # the bench's own flags stand for these settings
@@ -58,8 +59,6 @@ def _engines(text: str) -> tuple[str, ...]:
 
 
 def add_bench_parser(sub: Any) -> None:
-    from rkmqtt.cli import add_settings_flags
-
     p: argparse.ArgumentParser = sub.add_parser(
         "bench",
         help="load generator and benchmark report",
@@ -244,8 +243,28 @@ def _render(args: argparse.Namespace) -> int:
     md.write_text(markdown(points))
     if not args.no_plot:
         cpu = (data.get("machine") or {}).get("cpu", "")
-        write_png(args.png or args.render.with_suffix(".png"), points, f"rkmqtt bench on {cpu}")
+        _plot(args.png or args.render.with_suffix(".png"), points, f"rkmqtt bench on {cpu}", args.render)
     return 0
+
+
+def _plot(png: Path, points: list[Point], title: str, json_path: Path) -> None:
+    """Draw the PNG, or say in one line how to get it: matplotlib is an extra (`rkmqtt[bench]`)
+    that the plain install (`./dev run`) leaves out, and everything else is written already."""
+    console = Console(stderr=True)
+    try:
+        write_png(png, points, title)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "matplotlib":
+            raise
+        console.print(
+            f"plot: not drawn, matplotlib is not installed: {sys.executable} -m pip install matplotlib, "
+            f"then rkmqtt bench --render {json_path}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+        return
+    console.print(f"plot: {png}", soft_wrap=True, markup=False, highlight=False)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -312,10 +331,9 @@ def run_bench(args: argparse.Namespace) -> int:
     md_path = json_path.with_suffix(".md")
     md_path.write_text(markdown(points))
     csv_path = write_requests_csv(json_path.with_suffix(".requests.csv"), points)
-    console.print(f"JSON: {json_path}; Markdown: {md_path}; every request: {csv_path}")
+    console.print(f"JSON: {json_path}; Markdown: {md_path}; every request: {csv_path}", soft_wrap=True, markup=False)
     if not args.no_plot:
-        png = write_png(args.png or args.out / "bench.png", points, f"rkmqtt bench on {data['machine']['cpu']}")
-        console.print(f"plot: {png}")
+        _plot(args.png or args.out / "bench.png", points, f"rkmqtt bench on {data['machine']['cpu']}", json_path)
     failed = [p for p in points if not p.runs]
     for p in points:
         for f in p.failures:

@@ -63,6 +63,11 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
+#: Default temperatures of models that answer badly at the usual 0.7, by a lower-case part of the
+#: model's name. SmolLM2-135M-Instruct at 0.7 answers "What is the capital of France?" with Paris
+#: in about 2 of 3 tries, often in garbled French; at 0.2 it nearly always does.
+MODEL_TEMPERATURES = {"smollm2-135m": 0.2}
+
 PREFILL_CHUNK = 32
 IDLE_PREFILL_CHUNK = 256
 KV_FLOAT32_BUDGET = 512 * 2**20
@@ -149,6 +154,12 @@ class NumpyEngine(Engine):
         if self._path is not None:
             return self._path.stem
         return Path(self._model_setting).stem if self._model_setting else "SmolLM2-135M-Instruct.Q4_1"
+
+    @property
+    def recommended_temperature(self) -> float | None:
+        """The default temperature this model answers well at, when the settings give none."""
+        name = self.model_name.lower()
+        return next((t for part, t in MODEL_TEMPERATURES.items() if part in name), None)
 
     @property
     def tokenizer(self) -> GGUFTokenizer:
