@@ -69,6 +69,7 @@ class Bridge:
         self,
         settings: Settings,
         scheduler: Scheduler,
+        replies: Replies,
         outbox: Outbox,
         info: Info,
         retained_extra: RetainedProvider | None = None,
@@ -77,8 +78,12 @@ class Bridge:
         journal: Journal | None = None,
     ) -> None:
         self.settings = settings
-        self.topics = Topics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
+        self.shared_group = settings.effective_shared_group()
+        self._peers: dict[str, bool] = {}  # other nodes of this prefix: online?
+        self._warned_peers: set[str] = set()
         self.scheduler = scheduler
+        self.replies = replies
         self.outbox = outbox
         self.intake = Intake(settings, self.topics)
         self.info = info
@@ -131,11 +136,25 @@ class Bridge:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
-    def stop_accepting(self) -> None:
+    @property
+    def peers_online(self) -> list[str]:
+        return sorted(node for node, online in self._peers.items() if online)
+
+    def stop_accepting(self, timeout: float = 3.0) -> None:
         """Stop taking requests: the ones that arrive from now on are answered `shutting_down`.
-        The subscription stays in the persistent session: what is sent once the bridge is gone
-        waits in the broker for its next start (for `session_expiry` seconds)."""
+
+        Alone, the bridge keeps its subscription in the persistent session: what is sent once it is
+        gone waits in the broker for its next start (for `session_expiry` seconds). With other nodes
+        online it leaves the shared subscription first, so that the broker hands new requests to
+        them rather than queue them for a bridge that is going away."""
         self._accepting = False
+        if self.shared_group is None or not self.peers_online or not self.connected:
+            return
+        done = threading.Event()
+        self.client.on_unsubscribe = lambda *args: done.set()
+        self.client.unsubscribe(self.topics.request_subscription(self.shared_group))
+        if done.wait(timeout):
+            _LOGGER.info("left the shared subscription: nodes %s take the new requests", ", ".join(self.peers_online))
 
     def stop(self, flush_timeout: float = 10.0) -> None:
         """Flush replies, publish `offline`, disconnect. Replies still held by paho (published
@@ -186,14 +205,20 @@ class Bridge:
         if self._accepting:
             # A retained request is old news: it was answered when it was published (or it would be
             # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
-            topic = self.topics.request_subscription(self.settings.shared_group)
+            topic = self.topics.request_subscription(self.shared_group)
             if self.mqtt5:
                 opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
                 client.subscribe([(topic, opts)])
             else:
                 client.subscribe(topic, 1)
-        # Our own retained info: a newer run of this node announces itself there.
-        subs = [self.topics.cancel_subscription(), self.topics.info, *self._extra_subs]
+        # Our own retained info: a newer run of this node announces itself there. Every node's
+        # status: who else serves this prefix.
+        subs = [
+            self.topics.cancel_subscription(),
+            self.topics.info,
+            self.topics.every_node("status"),
+            *self._extra_subs,
+        ]
         client.subscribe([(topic, 1) for topic in subs])
         client.publish(self.topics.status, b"online", qos=1, retain=True)
         client.publish(self.topics.info, self.info_payload, qos=1, retain=True)
@@ -291,6 +316,11 @@ class Bridge:
         if handler is not None:
             handler(bytes(msg.payload))
             return
+        node = self.topics.node_of(topic, "status")
+        if node is not None:
+            if node != self.topics.node:
+                self._on_peer_status(node, bytes(msg.payload))
+            return
         client = self.topics.client_of(topic, "request")
         if client is not None:
             self._on_request(client, msg)
@@ -300,6 +330,20 @@ class Bridge:
             self._on_cancel(client, bytes(msg.payload))
             return
         _LOGGER.debug("ignoring message on %s", clip(topic))
+
+    def _on_peer_status(self, node: str, payload: bytes) -> None:
+        online = payload.strip() == b"online"
+        was = self._peers.get(node)
+        self._peers[node] = online
+        if online and not was:
+            _LOGGER.info("node %s is online on this broker and prefix", clip(node, 64))
+        if online and self.shared_group is None and node not in self._warned_peers:
+            self._warned_peers.add(node)
+            _LOGGER.warning(
+                "node %s is also online on this broker and prefix, and share_requests is off here: both bridges "
+                "answer every request. Turn share_requests on (the default) on every bridge of the prefix",
+                clip(node, 64),
+            )
 
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:
         if msg.retain:
@@ -324,7 +368,7 @@ class Bridge:
             else:
                 result = self._journal(incoming, accepted)
         if isinstance(result, Refusal):
-            self.outbox.put(Replies.refusal(result))
+            self.outbox.put(self.replies.refusal(result))
             self.scheduler.refused(result.code)
             _LOGGER.warning("request %s/%s: %s: %s", clip(client, 64), result.id, result.code.value, result.message)
         elif result is not None:

@@ -152,6 +152,7 @@ class OkReply(_Strict):
     batch: BatchInfo
     model: str
     warnings: list[str] = Field(default_factory=list, description="e.g. sampling fields the engine could not honour")
+    node: str | None = Field(default=None, description="the bridge (node) that answered")
 
 
 class ErrorReply(_Strict):
@@ -161,6 +162,7 @@ class ErrorReply(_Strict):
     id: str
     status: Literal["error"] = "error"
     error: ErrorBody
+    node: str | None = Field(default=None, description="the bridge (node) that answered")
 
 
 FinalReply = OkReply | ErrorReply

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.topics import shared_group_of
 
 ENV_PREFIX = "RKMQTT_"
 DEFAULT_BROKER_PORT = 1883
@@ -82,11 +83,20 @@ class Settings(BaseSettings):
             description="Prefix P of every topic (P/request/<client>, P/reply/..., P/status).",
         ),
     ] = "rkmqtt"
+    share_requests: Annotated[
+        bool,
+        Field(
+            description="Share the requests with the other bridges on this broker and prefix, each request to "
+            "one of them (a shared subscription). Off: this bridge takes every request, and warns when another "
+            "node is online (both would answer)."
+        ),
+    ] = True
     shared_group: Annotated[
         str | None,
         Field(
             pattern=r"^[A-Za-z0-9_-]{1,64}$",
-            description="Subscribe $share/<group>/P/request/+ so several bridges share one broker's requests.",
+            description="Name of the shared subscription ($share/<group>/P/request/+). Empty: the topic prefix "
+            "(with _ for /), so bridges of one prefix share and bridges of two prefixes do not.",
         ),
     ] = None
     outgoing_queue: Annotated[
@@ -257,7 +267,12 @@ class Settings(BaseSettings):
     ] = "homeassistant"
     node_name: Annotated[
         str | None,
-        Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>)."),
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="This bridge's name among the bridges of a broker: its P/node/<node>/ topics, its Home "
+            "Assistant device, its MQTT session and journal. Empty: rkmqtt_<host> (with _<prefix> for another "
+            "topic prefix).",
+        ),
     ] = None
 
     # -- HTTP API (Ollama and OpenAI compatible) ----------------------------------------------
@@ -391,10 +406,19 @@ class Settings(BaseSettings):
         return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rkmqtt"
 
     def effective_node_name(self) -> str:
+        """The node name: the setting, else rkmqtt_<host> (and _<prefix> when the prefix is not the
+        default), unique per host and prefix so that two bridges never take each other's node."""
         if self.node_name:
             return self.node_name
-        host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())[:50]
-        return f"rkmqtt_{host}"
+        host = _name_part(socket.gethostname())
+        prefix = "" if self.topic_prefix == "rkmqtt" else "_" + _name_part(self.topic_prefix)
+        return f"rkmqtt_{host}"[: 64 - len(prefix[:32])] + prefix[:32]
+
+    def effective_shared_group(self) -> str | None:
+        """The shared subscription's group, or None when the bridge takes every request."""
+        if not self.share_requests:
+            return None
+        return self.shared_group or shared_group_of(self.topic_prefix)[:64]
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -434,6 +458,10 @@ class Settings(BaseSettings):
 def _read_password(path: Path) -> str:
     """The password in a password file: its text without the trailing line break."""
     return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def _name_part(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
 
 
 class BrokerAddress:
