@@ -27,6 +27,11 @@ class Received:
     def json(self) -> Any:
         return json.loads(self.payload)
 
+    def is_node(self, kind: str) -> bool:
+        """On a node's `P/node/<node>/<kind>` (status, info or stats)."""
+        parts = self.topic.split("/")
+        return len(parts) >= 3 and parts[-3] == "node" and parts[-1] == kind
+
 
 class Probe:
     def __init__(

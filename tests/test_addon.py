@@ -443,8 +443,8 @@ def test_options_and_supervisor_credentials_reach_a_real_broker(
     svc.start()
     try:
         assert svc.bridge is not None and svc.bridge.wait_connected(15)
-        assert wait_for_message(broker.url, "first-password", f"{prefix}/house/status") == b"online"
-        info = json.loads(wait_for_message(broker.url, "first-password", f"{prefix}/house/info"))
+        assert wait_for_message(broker.url, "first-password", f"{prefix}/house/node/+/status") == b"online"
+        info = json.loads(wait_for_message(broker.url, "first-password", f"{prefix}/house/node/+/info"))
         assert info["n_batch"] == 3
     finally:
         svc.stop(grace_s=1)
@@ -465,7 +465,7 @@ def test_a_refused_password_is_refreshed_from_the_supervisor(
     try:
         assert svc.bridge is not None and svc.bridge.wait_connected(20), "the refreshed password was not used"
         assert len(supervisor.requests) >= 2
-        assert wait_for_message(broker.url, "first-password", f"{prefix}/status") == b"online"
+        assert wait_for_message(broker.url, "first-password", f"{prefix}/node/+/status") == b"online"
 
         # The broker's password changes while the bridge is connected; the Supervisor knows the new
         # one. After the broker restarts, the old password is refused and the new one is fetched.
@@ -479,7 +479,7 @@ def test_a_refused_password_is_refreshed_from_the_supervisor(
             time.sleep(0.2)
         assert svc.bridge.connects >= 2 and svc.bridge.connected, "no reconnect with the new password"
         assert len(supervisor.requests) > asked
-        assert wait_for_message(broker.url, "second-password", f"{prefix}/status") == b"online"
+        assert wait_for_message(broker.url, "second-password", f"{prefix}/node/+/status") == b"online"
     finally:
         svc.stop(grace_s=1)
 

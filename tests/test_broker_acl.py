@@ -105,9 +105,9 @@ def secured(tmp_path: Path) -> Iterator[Callable[[bool], tuple[Mosquitto, Servic
 
 
 def device(broker: Mosquitto, user: str, subscriptions: list[str]) -> Probe:
-    probe = Probe(broker.url, [*subscriptions, f"{P}/status"], username=user, password=USERS[user])
+    probe = Probe(broker.url, [*subscriptions, f"{P}/node/+/status"], username=user, password=USERS[user])
     # Subscriptions are made at once with this one: the retained `online` proves they are active.
-    probe.wait_for(lambda m: m.topic == f"{P}/status" and m.payload == b"online", 15)
+    probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", 15)
     return probe
 
 
@@ -129,7 +129,7 @@ def test_devices_cannot_read_cancel_spoof_or_impersonate_each_other(
         alice.publish(f"{P}/reply/bob/long1", json.dumps(fake))
         alice.publish(f"{P}/request/bob", {"id": "as-bob", "prompt": "sent by alice"})
         # ... and tries to take the bridge offline for everyone.
-        alice.publish(f"{P}/status", "offline")
+        alice.publish(f"{P}/node/acl_node/status", "offline")
 
         # B gets its own answer, uncancelled and unspoofed, and nothing in its name.
         reply = bob.final(f"{P}/reply/bob/long1", 30)
@@ -152,7 +152,7 @@ def test_devices_cannot_read_cancel_spoof_or_impersonate_each_other(
         assert not [m for m in alice.messages if m.topic.startswith(f"{P}/reply/bob/")], "A read B's replies"
         assert not [m for m in alice.messages if m.topic.startswith(f"{P}/reply/homeassistant/")]
         assert not [m for m in alice.messages if m.topic.startswith("homeassistant/")]
-        assert {m.payload for m in alice.on(f"{P}/status")} == {b"online"}, "A could not spoof the status"
+        assert {m.payload for m in alice.on(f"{P}/node/acl_node/status")} == {b"online"}, "A could not spoof the status"
         stats = svc.scheduler.stats() if svc.scheduler is not None else None
         assert stats is not None and stats.requests_total == 3  # long1, a1, the dashboard's
         assert stats.errors == 0

@@ -53,7 +53,8 @@ def test_ask_without_a_bridge_says_so_at_once(mosquitto: Mosquitto, prefix: str)
     out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
     assert out.returncode == 1
     assert out.stderr.strip() == (
-        f"rkmqtt: no rkmqtt bridge has run on this broker with topic_prefix {prefix!r} (no {prefix}/status): "
+        f"rkmqtt: no rkmqtt bridge has run on this broker with topic_prefix {prefix!r} "
+        f"(nothing on {prefix}/node/+/status): "
         "start `rkmqtt run`, or check --broker and --topic-prefix"
     )
 
@@ -64,7 +65,7 @@ def test_ask_with_the_bridge_offline_says_so_at_once(
     start_bridge(FakeEngine()).stop(grace_s=0)  # its retained status is now `offline`
     out = rkmqtt("ask", "hi", "--broker", mosquitto.url, "--topic-prefix", prefix)
     assert out.returncode == 1
-    assert f"rkmqtt: the rkmqtt bridge with topic_prefix {prefix!r} is offline ({prefix}/status)" in out.stderr
+    assert f"rkmqtt: every rkmqtt bridge with topic_prefix {prefix!r} is offline ({prefix}/node/+/status)" in out.stderr
 
 
 def test_ask_stops_waiting_when_the_bridge_goes_offline(
@@ -72,7 +73,7 @@ def test_ask_stops_waiting_when_the_bridge_goes_offline(
 ) -> None:
     """A bridge that vanishes mid-answer never replies: its Last Will turns the status offline, and
     `ask` gives up a few seconds later (this answer would take 150 s)."""
-    start_bridge(FakeEngine(step_s=0.5))
+    svc = start_bridge(FakeEngine(step_s=0.5))
     probe = probe_factory([f"{prefix}/reply/#"])
     proc = subprocess.Popen(
         [sys.executable, "-m", "rkmqtt", "ask", "tokens:300", "--broker", mosquitto.url, "--topic-prefix", prefix],
@@ -81,7 +82,8 @@ def test_ask_stops_waiting_when_the_bridge_goes_offline(
     )  # fmt: skip
     try:
         probe.wait_for(lambda m: m.topic.endswith("/stream"), 60)  # it is answering
-        probe.publish(f"{prefix}/status", "offline")  # what the broker publishes for its Last Will
+        assert svc.bridge is not None
+        probe.publish(svc.bridge.topics.status, "offline")  # what the broker publishes for its Last Will
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

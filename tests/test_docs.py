@@ -105,7 +105,7 @@ def test_every_setting_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch)
 
 
 MODELS = {"request": RequestPayload, "final reply (ok)": OkReply, "final reply (error)": ErrorReply,
-          "chunk": StreamChunk, "P/stats": Stats, "P/info": Info}  # fmt: skip
+          "chunk": StreamChunk, "P/node/<node>/stats": Stats, "P/node/<node>/info": Info}  # fmt: skip
 
 
 def test_every_json_example_in_the_readme_validates() -> None:
@@ -168,7 +168,7 @@ def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, pref
     rkmqtt = [sys.executable, "-m", "rkmqtt"]
     proc = subprocess.Popen([*rkmqtt, "run", *flags, *test_broker], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    status = Probe(mosquitto.url, [f"{prefix}/status"])
+    status = Probe(mosquitto.url, [f"{prefix}/node/+/status"])
     try:
         status.wait_for(lambda m: m.payload == b"online", 60)
         ask = subprocess.run([*rkmqtt, "ask", "Hello there", "--tokens", "8", "--broker", mosquitto.url,

@@ -39,7 +39,7 @@ def finals(probe: Probe, prefix: str) -> list[Received]:
 
 
 def wait_online(probe: Probe, prefix: str, count: int = 1, timeout: float = 60) -> None:
-    probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", count=count, timeout=timeout)
+    probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", count=count, timeout=timeout)
 
 
 def test_kill_9_with_requests_running_and_waiting_and_more_sent_while_down(
@@ -48,7 +48,7 @@ def test_kill_9_with_requests_running_and_waiting_and_more_sent_while_down(
     """32 accepted requests from 8 devices (4 running, 28 waiting), kill -9, 8 more sent while the
     bridge is down, a restart: all 40 answered, at most one of them twice."""
     bridge = rkllm_bridge(standin, mosquitto.url, prefix, tmp_path / "bridge.log").start()
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/status"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/node/+/status"])
     try:
         wait_online(probe, prefix)
         for n in range(32):
@@ -81,7 +81,7 @@ def test_broker_outage_requests_queued_in_devices_clients_are_all_answered(
     broker = Mosquitto(workdir=tmp_path_factory.mktemp("broker"), persistence=True).start()
     bridge = rkllm_bridge(standin, broker.url, prefix, tmp_path / "bridge.log").start()
     devices = [Probe(broker.url, [f"{prefix}/reply/dev{i}/#"], client_id=f"dev{i}", persistent=True) for i in range(8)]
-    watcher = Probe(broker.url, [f"{prefix}/status"])
+    watcher = Probe(broker.url, [f"{prefix}/node/+/status"])
     try:
         wait_online(watcher, prefix)
         time.sleep(1.5)  # the broker's autosave has the bridge's session
@@ -114,7 +114,7 @@ def test_a_flood_neither_loses_nor_starves_quiet_devices(
     flood.max_inflight_messages_set(1000)
     flood.connect("127.0.0.1", mosquitto.port)
     flood.loop_start()
-    watcher = Probe(mosquitto.url, [f"{prefix}/status"])
+    watcher = Probe(mosquitto.url, [f"{prefix}/node/+/status"])
     try:
         wait_online(watcher, prefix)
 
@@ -162,7 +162,7 @@ def test_a_retried_id_gets_its_recorded_reply_after_a_restart(
 ) -> None:
     bridge = BridgeProcess(mosquitto.url, prefix, tmp_path / "bridge.log", "--engine", "tests.fake_engine:FakeEngine",
                            "--dedup-window", "600").start()  # fmt: skip
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/dev/#", f"{prefix}/status"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/dev/#", f"{prefix}/node/+/status"])
     try:
         wait_online(probe, prefix)
         probe.publish(f"{prefix}/request/dev", {"id": "once", "prompt": "only once please", "stream": False})
@@ -188,7 +188,7 @@ def test_a_damaged_journal_is_moved_aside_and_the_bridge_serves(
     (state / "journal-rkmqtt-damaged.sqlite3").write_bytes(b"this is not a database" * 100)
     bridge = BridgeProcess(mosquitto.url, prefix, tmp_path / "bridge.log", "--engine", "tests.fake_engine:FakeEngine",
                            "--state-dir", str(state), "--node-name", "damaged").start()  # fmt: skip
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/dev/#", f"{prefix}/status"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/dev/#", f"{prefix}/node/+/status"])
     try:
         wait_online(probe, prefix)
         probe.publish(f"{prefix}/request/dev", {"id": "x", "prompt": "still served"})
@@ -215,7 +215,7 @@ def test_a_second_bridge_with_the_same_client_id_ends_the_first_in_one_line(
 ) -> None:
     args = ("--engine", "tests.fake_engine:FakeEngine", "--node-name", "twin")
     first = BridgeProcess(mosquitto.url, prefix, tmp_path / "first.log", *args).start()
-    probe = Probe(mosquitto.url, [f"{prefix}/status", f"{prefix}/reply/dev/#"])
+    probe = Probe(mosquitto.url, [f"{prefix}/node/+/status", f"{prefix}/reply/dev/#"])
     second = BridgeProcess(mosquitto.url, prefix, tmp_path / "second.log", *args)
     try:
         wait_online(probe, prefix)

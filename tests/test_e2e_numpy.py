@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_rkmqtt_run_answers_mosquitto_pub_with_the_real_model(mosquitto: Mosquitto, prefix: str) -> None:
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/status", f"{prefix}/info"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/node/+/status", f"{prefix}/node/+/info"])
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rkmqtt", "run", "--broker", mosquitto.url, "--topic-prefix", prefix,
@@ -30,8 +30,8 @@ def test_rkmqtt_run_answers_mosquitto_pub_with_the_real_model(mosquitto: Mosquit
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )  # fmt: skip
     try:
-        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", timeout=120)
-        info = probe.wait_for(lambda m: m.topic == f"{prefix}/info")[0].json()
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", timeout=120)
+        info = probe.wait_for(lambda m: m.is_node("info"))[0].json()
         assert info["engine"] == "numpy" and info["batching"] == "continuous" and "SmolLM2" in info["model"]
         subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-t", f"{prefix}/request/kitchen",
                         "-m", "What is the capital of France?"], check=True, timeout=10)  # fmt: skip
@@ -48,7 +48,7 @@ def test_rkmqtt_run_answers_mosquitto_pub_with_the_real_model(mosquitto: Mosquit
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        assert probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"offline")
+        assert probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline")
         assert "What is the capital" not in out, "prompts must not be logged at INFO"
     finally:
         if proc.poll() is None:

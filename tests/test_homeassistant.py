@@ -136,7 +136,7 @@ def entity_id_before_2025_10(platform: str, device: dict[str, Any], component: d
 def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     s = make_settings()
     doc = payload_of(s, make_info())
-    topics = Topics(s.topic_prefix)
+    topics = Topics(s.topic_prefix, s.effective_node_name())
     published_by_bridge = {topics.status, topics.info, topics.stats, ha.dashboard_reply_topic(s)}
     unique_ids = [c["unique_id"] for c in doc["cmps"].values()]
     assert len(unique_ids) == len(set(unique_ids))
@@ -146,7 +146,11 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
         assert re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", c["default_entity_id"]), c["default_entity_id"]
         if key != "connectivity":
             assert c["availability"] == [
-                {"topic": "rk/test/status", "payload_available": "online", "payload_not_available": "offline"}
+                {
+                    "topic": "rk/test/node/board_1/status",
+                    "payload_available": "online",
+                    "payload_not_available": "offline",
+                }
             ]
         if c["p"] == "text":
             assert c["command_topic"] == topics.request(ha.HA_CLIENT)
@@ -192,7 +196,7 @@ def test_connectivity_can_show_offline() -> None:
     when it should read `off`."""
     c = payload_of(make_settings(), make_info())["cmps"]["connectivity"]
     assert "availability" not in c and "availability_topic" not in c
-    assert (c["state_topic"], c["payload_off"]) == ("rk/test/status", "offline")
+    assert (c["state_topic"], c["payload_off"]) == ("rk/test/node/board_1/status", "offline")
 
 
 def test_the_entities_the_issue_asks_for() -> None:
@@ -203,14 +207,14 @@ def test_the_entities_the_issue_asks_for() -> None:
     assert (cmps["connectivity"]["payload_on"], cmps["connectivity"]["payload_off"]) == ("online", "offline")
     for key in ("queue_depth", "active", "tokens_per_s", "requests_answered", "errors"):
         assert cmps[key]["p"] == "sensor"
-        assert cmps[key]["state_topic"] == "rk/test/stats"
+        assert cmps[key]["state_topic"] == "rk/test/node/board_1/stats"
     # The dashboard's replies are private: on Home Assistant's own reply topic, not on P/stats.
     assert cmps["last_reply"]["p"] == "sensor"
     assert cmps["last_reply"]["state_topic"] == "rk/test/reply/homeassistant/dashboard"
     assert cmps["last_reply"]["json_attributes_topic"] == "rk/test/reply/homeassistant/dashboard"
     for key in ("model", "engine", "n_batch"):
         assert cmps[key]["entity_category"] == "diagnostic"
-        assert cmps[key]["state_topic"] == "rk/test/info"
+        assert cmps[key]["state_topic"] == "rk/test/node/board_1/info"
     assert cmps["requests_answered"]["state_class"] == "total_increasing"
     assert cmps["errors"]["state_class"] == "total_increasing"
     assert cmps["prompt"]["p"] == "text"
@@ -237,8 +241,8 @@ def test_templates_read_real_stats_and_info() -> None:
 def test_every_template_field_exists_in_the_wire_models() -> None:
     doc = payload_of(make_settings(), make_info())
     fields = {
-        "rk/test/stats": set(Stats.model_fields),
-        "rk/test/info": set(Info.model_fields),
+        "rk/test/node/board_1/stats": set(Stats.model_fields),
+        "rk/test/node/board_1/info": set(Info.model_fields),
         "rk/test/reply/homeassistant/dashboard": set(OkReply.model_fields) | set(ErrorReply.model_fields),
     }
     for key, c in doc["cmps"].items():
@@ -328,7 +332,7 @@ def text_command(cmp: dict[str, Any], value: str) -> str:
 def test_the_text_entity_sends_a_valid_request_answered_on_the_dashboard_topic(prompt: str) -> None:
     s = make_settings()
     cmp = payload_of(s, make_info())["cmps"]["prompt"]
-    topics = Topics(s.topic_prefix)
+    topics = Topics(s.topic_prefix, s.effective_node_name())
     assert topics.client_of(cmp["command_topic"], "request") == ha.HA_CLIENT
     req = parse_request_payload(text_command(cmp, prompt).encode())
     assert req.prompt == prompt
@@ -378,24 +382,33 @@ def test_bridge_publishes_discovery_and_every_state_topic(
     cmps = doc["cmps"]
     dashboard = f"{prefix}/reply/{ha.HA_CLIENT}/{ha.DASHBOARD_REPLY}"
     state_topics = {c["state_topic"] for c in cmps.values() if "state_topic" in c}
-    assert state_topics == {f"{prefix}/status", f"{prefix}/info", f"{prefix}/stats", dashboard}
+    assert state_topics == {
+        f"{prefix}/node/node_{prefix}/status",
+        f"{prefix}/node/node_{prefix}/info",
+        f"{prefix}/node/node_{prefix}/stats",
+        dashboard,
+    }
     # The text entity's command, rendered as Home Assistant does, answered where Last reply reads.
     late.publish(cmps["prompt"]["command_topic"], text_command(cmps["prompt"], "ping pong"), qos=1)
     seen = {t: late.wait_for(lambda m, t=t: m.topic == t, 20)[0] for t in state_topics}
-    assert seen[f"{prefix}/status"].payload == b"online"
+    assert seen[f"{prefix}/node/node_{prefix}/status"].payload == b"online"
     for c in cmps.values():
-        if c.get("state_topic") in (f"{prefix}/info", f"{prefix}/stats", dashboard):
+        if c.get("state_topic") in (
+            f"{prefix}/node/node_{prefix}/info",
+            f"{prefix}/node/node_{prefix}/stats",
+            dashboard,
+        ):
             render(c["value_template"], seen[c["state_topic"]].json())
         if "json_attributes_template" in c:
             json.loads(render(c["json_attributes_template"], seen[c["json_attributes_topic"]].json()))
-    assert render(cmps["engine"]["value_template"], seen[f"{prefix}/info"].json()) == "fake"
+    assert render(cmps["engine"]["value_template"], seen[f"{prefix}/node/node_{prefix}/info"].json()) == "fake"
     reply = seen[dashboard].json()
     assert reply["status"] == "ok" and reply["text"].strip() == "ping pong"
     # (Home Assistant strips a rendered state, as render() does.)
     assert render(cmps["last_reply"]["value_template"], reply) == reply["text"][:255].strip()
     assert late.on(Topics.stream_of(dashboard)) == [], "the dashboard asks for no stream"
     # P/stats, which every device may read, carries no prompt or reply text.
-    stats = late.wait_for(lambda m: m.topic == f"{prefix}/stats" and m.json()["completed"] >= 1, 20)[0]
+    stats = late.wait_for(lambda m: m.is_node("stats") and m.json()["completed"] >= 1, 20)[0]
     assert b"ping" not in stats.payload and b"pong" not in stats.payload
     assert set(stats.json()) == set(Stats.model_fields)
 
@@ -426,8 +439,8 @@ def test_turning_discovery_off_removes_the_device(
     assert probe.wait_for(lambda m: m.topic == topic and m.payload == b"", 20)
     # Nothing retained is left for Home Assistant to find: a new subscriber gets the retained
     # status (asked for in the same SUBSCRIBE, after the config topic) and no config.
-    late = probe_factory([topic, f"{prefix}/status"])
-    assert late.wait_for(lambda m: m.topic == f"{prefix}/status" and m.retain, 20)
+    late = probe_factory([topic, f"{prefix}/node/+/status"])
+    assert late.wait_for(lambda m: m.is_node("status") and m.retain, 20)
     assert late.on(topic) == []
 
 
@@ -436,10 +449,10 @@ def test_same_ids_after_a_restart(
 ) -> None:
     svc = ha_bridge()
     topic = f"ha{prefix}/device/node_{prefix}/config"
-    probe = probe_factory([topic, f"{prefix}/status"])
+    probe = probe_factory([topic, f"{prefix}/node/+/status"])
     [before] = discovery_of(probe, topic)
     svc.stop(grace_s=1)
-    assert probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"offline")
+    assert probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline")
     ha_bridge()
     after = discovery_of(probe, topic, count=2)[1]
     ids = lambda doc: {k: (c["unique_id"], c["default_entity_id"]) for k, c in doc["cmps"].items()}  # noqa: E731
@@ -729,12 +742,13 @@ def test_script_against_a_real_bridge(
     svc = start_bridge(
         FakeEngine(step_s=0.005), topic_prefix="rkmqtt", discovery=True, discovery_prefix=disc, node_name=node
     )
-    watcher = probe_factory([f"{disc}/device/{node}/config", "rkmqtt/status"])
+    status_topic = f"rkmqtt/node/{node}/status"
+    watcher = probe_factory([f"{disc}/device/{node}/config", status_topic])
 
     def hass_now(status: bytes) -> FakeHass:
         [doc] = discovery_of(watcher, f"{disc}/device/{node}/config")
-        watcher.wait_for(lambda m: m.topic == "rkmqtt/status" and m.payload == status, 20)
-        return FakeHass.from_discovery(doc, {"rkmqtt/status": status})
+        watcher.wait_for(lambda m: m.topic == status_topic and m.payload == status, 20)
+        return FakeHass.from_discovery(doc, {status_topic: status})
 
     hass = hass_now(b"online")
     assert hass.states == {f"binary_sensor.{node}_connectivity": "on"}

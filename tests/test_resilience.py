@@ -50,9 +50,9 @@ def test_broker_killed_mid_generation_and_restarted(
             reply = probe.final(f"{prefix}/reply/dev/r{i}", timeout=30)
             assert reply["status"] == "ok" and reply["text"] == "".join(f"t{k} " for k in range(60))
         # Status and info were republished on reconnect, and new requests are served.
-        probe2 = Probe(mosquitto.url, [f"{prefix}/status", f"{prefix}/reply/#"])
+        probe2 = Probe(mosquitto.url, [f"{prefix}/node/+/status", f"{prefix}/reply/#"])
         try:
-            assert probe2.wait_for(lambda m: m.topic == f"{prefix}/status")[0].payload == b"online"
+            assert probe2.wait_for(lambda m: m.is_node("status"))[0].payload == b"online"
             probe2.publish(f"{prefix}/request/dev", {"id": "after", "prompt": "back again"})
             assert probe2.final(f"{prefix}/reply/dev/after")["text"] == "back again "
         finally:
@@ -66,7 +66,7 @@ def test_two_bridges_share_one_broker(mosquitto: Mosquitto, prefix: str) -> None
     engines = [FakeEngine(n_batch=2, step_s=0.01), FakeEngine(n_batch=2, step_s=0.01)]
     services = []
     for i, eng in enumerate(engines):
-        svc = Service(bridge_settings(mosquitto.url, prefix, shared_group="llm", rate_limit=0, client_id=f"b{i}"),
+        svc = Service(bridge_settings(mosquitto.url, prefix, shared_group="llm", rate_limit=0, node_name=f"b{i}"),
                       engine=eng)  # fmt: skip
         svc.start()
         assert svc.bridge is not None and svc.bridge.wait_connected(10)
@@ -99,10 +99,10 @@ def _run_bridge_process(url: str, prefix: str, *extra: str) -> subprocess.Popen[
 
 
 def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mosquitto, prefix: str) -> None:
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/status"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/node/+/status"])
     proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20")
     try:
-        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", timeout=30)
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", timeout=30)
         # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), four wait.
         for n in range(8):
             probe.publish(f"{prefix}/request/dev{n}", {"id": "x", "prompt": "tokens:150", "stream": False})
@@ -115,7 +115,7 @@ def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mos
         down = sorted(k for k, v in finals.items() if v["status"] == "error")
         assert len(ok) == 4 and all(finals[k]["finish_reason"] == "stop" for k in ok), finals
         assert len(down) == 4 and all(finals[k]["error"]["code"] == "shutting_down" for k in down)
-        assert probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"offline", timeout=10)
+        assert probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
         assert "SIGTERM received" in out
     finally:
         if proc.poll() is None:
@@ -124,10 +124,10 @@ def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mos
 
 
 def test_sigterm_grace_period_cuts_long_requests(mosquitto: Mosquitto, prefix: str) -> None:
-    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/status"])
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/#", f"{prefix}/node/+/status"])
     proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "0.5")
     try:
-        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", timeout=30)
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", timeout=30)
         probe.publish(f"{prefix}/request/dev", {"id": "long", "prompt": "tokens:100000", "max_new_tokens": 1000})
         probe.wait_for(lambda m: m.topic.endswith("/stream"), timeout=10)
         t0 = time.monotonic()
@@ -164,7 +164,7 @@ def test_embedded_broker_when_none_is_configured(tmp_path: Path) -> None:
         f"{sys.executable} -m rkmqtt run --engine tests.fake_engine:FakeEngine --no-discovery "
         "--topic-prefix emb > log.txt 2>&1 & pid=$!; "
         "for i in $(seq 1 100); do "
-        "mosquitto_sub -p 1883 -t emb/status -C 1 -W 1 2>/dev/null | grep -q online && break; "
+        "mosquitto_sub -p 1883 -t 'emb/node/+/status' -C 1 -W 1 2>/dev/null | grep -q online && break; "
         "sleep 0.1; done; "
         'mosquitto_rr -p 1883 -t emb/request/cli -e emb/reply/cli/one -m \'{"id":"one","prompt":"hi there"}\' -W 10; '
         "kill -TERM $pid; wait $pid; echo exit=$?; "
@@ -212,8 +212,8 @@ def test_ctrl_c_with_the_embedded_broker_keeps_the_last_replies(tmp_path: Path) 
         while not port_answers("127.0.0.1", port) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[0]
             time.sleep(0.1)
-        probe = Probe(f"mqtt://127.0.0.1:{port}", [f"{prefix}/reply/#", f"{prefix}/status"])
-        probe.wait_for(lambda m: m.topic == f"{prefix}/status" and m.payload == b"online", 60)
+        probe = Probe(f"mqtt://127.0.0.1:{port}", [f"{prefix}/reply/#", f"{prefix}/node/+/status"])
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", 60)
         probe.publish(f"{prefix}/request/dev", {"id": "last", "prompt": "tokens:200"})  # ~2 s of answer
         probe.wait_for(lambda m: m.topic.endswith("/stream"), 30)
         os.killpg(proc.pid, signal.SIGINT)

@@ -350,12 +350,12 @@ def test_status_info_retained_and_stats_periodic(
     prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
 ) -> None:
     start_bridge(FakeEngine(n_batch=3))
-    probe = probe_factory([f"{prefix}/status", f"{prefix}/info", f"{prefix}/stats"])
-    status = probe.wait_for(lambda m: m.topic == f"{prefix}/status")[0]
+    probe = probe_factory([f"{prefix}/node/+/status", f"{prefix}/node/+/info", f"{prefix}/node/+/stats"])
+    status = probe.wait_for(lambda m: m.is_node("status"))[0]
     assert status.payload == b"online" and status.retain
-    info = probe.wait_for(lambda m: m.topic == f"{prefix}/info")[0]
+    info = probe.wait_for(lambda m: m.is_node("info"))[0]
     assert info.retain and info.json()["n_batch"] == 3 and info.json()["limits"]["max_queue"] == 64
-    stats = probe.wait_for(lambda m: m.topic == f"{prefix}/stats", count=2, timeout=5)
+    stats = probe.wait_for(lambda m: m.is_node("stats"), count=2, timeout=5)
     assert {"queue_depth", "active", "tokens_per_s", "completed"} <= set(stats[0].json())
 
 
@@ -495,7 +495,7 @@ def test_stats_add_up_after_a_flood_with_bumping_cancels_and_expiries(
     `repeated` counts the finals sent again for retried ids."""
     engine = FakeEngine(n_batch=2, continuous=True, step_s=0.02)
     start_bridge(engine, max_queue=5, rate_limit=0, dedup_window=60)
-    probe = probe_factory([f"{prefix}/reply/#", f"{prefix}/stats"])
+    probe = probe_factory([f"{prefix}/reply/#", f"{prefix}/node/+/stats"])
     for i in range(12):
         probe.publish(f"{prefix}/request/flood", {"id": f"f{i}", "prompt": "tokens:30", "stream": False}, wait=False)
     for q in ("q1", "q2", "q3"):  # each bumps the flood's newest
@@ -513,7 +513,7 @@ def test_stats_add_up_after_a_flood_with_bumping_cancels_and_expiries(
     assert len({m.topic for m in finals}) == expected  # one final per request
 
     def settled(m: Received) -> bool:
-        s = m.json() if m.topic == f"{prefix}/stats" else None
+        s = m.json() if m.is_node("stats") else None
         return bool(s) and s["repeated"] == 1 and s["active"] == 0 and s["queue_depth"] == 0
 
     stats = probe.wait_for(settled, timeout=20)[0].json()

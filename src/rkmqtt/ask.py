@@ -156,9 +156,12 @@ def _converse(
 
 def _no_bridge(online: bool | None, topics: Topics) -> int:
     if online is None:
-        why = f"no rkmqtt bridge has run on this broker with topic_prefix {topics.prefix!r} (no {topics.status})"
+        why = (
+            f"no rkmqtt bridge has run on this broker with topic_prefix {topics.prefix!r} "
+            f"(nothing on {topics.every_node('status')})"
+        )
     else:
-        why = f"the rkmqtt bridge with topic_prefix {topics.prefix!r} is offline ({topics.status})"
+        why = f"every rkmqtt bridge with topic_prefix {topics.prefix!r} is offline ({topics.every_node('status')})"
     print(f"rkmqtt: {why}: start `rkmqtt run`, or check --broker and --topic-prefix", file=sys.stderr)
     return 1
 

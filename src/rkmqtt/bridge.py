@@ -38,6 +38,7 @@ from rkmqtt.replies import FINAL_QOS, Refusal, Replies
 from rkmqtt.request import Request, RequestKey
 from rkmqtt.scheduler import Scheduler
 from rkmqtt.settings import BrokerAddress, Settings
+from rkmqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
 from rkmqtt.topics import Topics, is_valid_client
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Bridge:
         self,
         settings: Settings,
         scheduler: Scheduler,
+        replies: Replies,
         outbox: Outbox,
         info: Info,
         retained_extra: RetainedProvider | None = None,
@@ -77,13 +79,17 @@ class Bridge:
         journal: Journal | None = None,
     ) -> None:
         self.settings = settings
-        self.topics = Topics(settings.topic_prefix)
+        self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
+        self.shared_group = settings.effective_shared_group()
+        self.sharing = Sharing(settings.share_requests)
+        self._sharing_lock = threading.Lock()  # never held while calling paho
         self.scheduler = scheduler
+        self.replies = replies
         self.outbox = outbox
         self.intake = Intake(settings, self.topics)
         self.info = info
-        self.info_payload = info.model_dump_json().encode()
         self._taken_over = False
+        self._decide_after: int | None = None  # the SUBACK after which `sharing` decides
         self._retained_extra = retained_extra
         self._extra_subs = extra_subscriptions or {}
         self._credentials_provider = credentials_provider
@@ -94,6 +100,7 @@ class Bridge:
         self._accepting = True
         self._stopping = False
         self._connected = threading.Event()
+        self._ready = threading.Event()  # connected, and taking requests (or handing them to the others)
         self.connects = 0
         self.client = self._make_client()
         self.publisher = Publisher(outbox, self.client, self.mqtt5, self._connected.is_set)
@@ -110,6 +117,7 @@ class Bridge:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     @property
@@ -129,13 +137,30 @@ class Bridge:
         _LOGGER.info("connecting to %s as %s", self.address, self.settings.effective_client_id())
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        """Wait until the bridge is connected and has its request subscription (or, joining other
+        nodes, knows that they take the requests): what its `online` status says."""
+        return self._ready.wait(timeout)
+
+    @property
+    def peers_online(self) -> list[str]:
+        with self._sharing_lock:
+            return self.sharing.online_peers
 
     def stop_accepting(self) -> None:
         """Stop taking requests: the ones that arrive from now on are answered `shutting_down`.
-        The subscription stays in the persistent session: what is sent once the bridge is gone
-        waits in the broker for its next start (for `session_expiry` seconds)."""
+
+        Alone, the bridge keeps its subscription in the persistent session: what is sent once it is
+        gone waits in the broker for its next start (for `session_expiry` seconds). With other nodes
+        online it leaves the shared subscription first, so that the broker hands new requests to
+        them rather than queue them for a bridge that is going away."""
         self._accepting = False
+        if not self.connected:
+            return
+        with self._sharing_lock:
+            actions = self.sharing.stopping()
+        self._carry_out(actions)
+        if actions:
+            _LOGGER.info("left the shared subscription: nodes %s take the new requests", ", ".join(self.peers_online))
 
     def stop(self, flush_timeout: float = 10.0) -> None:
         """Flush replies, publish `offline`, disconnect. Replies still held by paho (published
@@ -183,22 +208,33 @@ class Bridge:
         _LOGGER.info(
             "connected to %s (connection %d, %s session)", self.address, self.connects, "resumed" if resumed else "new"
         )
-        if self._accepting:
-            # A retained request is old news: it was answered when it was published (or it would be
-            # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
-            topic = self.topics.request_subscription(self.settings.shared_group)
-            if self.mqtt5:
-                opts = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-                client.subscribe([(topic, opts)])
-            else:
-                client.subscribe(topic, 1)
-        # Our own retained info: a newer run of this node announces itself there.
-        subs = [self.topics.cancel_subscription(), self.topics.info, *self._extra_subs]
-        client.subscribe([(topic, 1) for topic in subs])
-        client.publish(self.topics.status, b"online", qos=1, retain=True)
-        client.publish(self.topics.info, self.info_payload, qos=1, retain=True)
-        self.publish_retained_extra()
+        # Every node's status and info: who else serves this prefix, how it takes requests, and
+        # (our own info) whether a newer run of this node has started.
+        subs = [
+            self.topics.cancel_subscription(),
+            self.topics.every_node("status"),
+            self.topics.every_node("info"),
+            *self._extra_subs,
+        ]
+        _, mid = client.subscribe([(topic, 1) for topic in subs])
+        with self._sharing_lock:
+            kind = self.sharing.subscription() if self._accepting else None
+            decided = self.sharing.mode is not None
+        if kind is not None:
+            self._subscribe_requests(kind)
         self._connected.set()
+        self.publish_retained_extra()
+        if decided:
+            self._announce_online()
+        else:
+            self._decide_after = mid  # once the others' retained statuses and infos are in
+
+    def _announce_online(self) -> None:
+        """Status `online` and the info, after the request subscription: a device that sees the
+        status can send at once."""
+        self.client.publish(self.topics.info, self.info.model_dump_json().encode(), qos=1, retain=True)
+        self.client.publish(self.topics.status, b"online", qos=1, retain=True)
+        self._ready.set()
 
     def publish_retained_extra(self) -> None:
         if self._retained_extra is None:
@@ -228,6 +264,7 @@ class Bridge:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._ready.clear()
         code = int(getattr(reason, "value", 0))
         if was:
             self.link.lost(code if getattr(reason, "is_failure", False) else None, self._stopping)
@@ -264,11 +301,7 @@ class Bridge:
         self._stopping = True
         self.client.disconnect()
 
-    def _on_info(self, payload: bytes) -> None:
-        try:
-            other = Info.model_validate_json(payload)
-        except ValueError:
-            return
+    def _check_newer_run(self, other: Info) -> None:
         me = self.info
         if (
             other.node == me.node
@@ -283,13 +316,23 @@ class Bridge:
 
     def _dispatch(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
-        if topic == self.topics.info:
-            if not self._taken_over:
-                self._on_info(bytes(msg.payload))
+        node = self.topics.node_of(topic, "info")
+        if node is not None:
+            self._on_node_info(node, bytes(msg.payload))
             return
         handler = self._extra_subs.get(topic)
         if handler is not None:
             handler(bytes(msg.payload))
+            return
+        node = self.topics.node_of(topic, "status")
+        if node is not None:
+            if node != self.topics.node:
+                online = msg.payload.strip() == b"online"
+                with self._sharing_lock:
+                    actions = self.sharing.peer_status(node, online)
+                if online:
+                    _LOGGER.debug("node %s is online on this broker and prefix", clip(node, 64))
+                self._carry_out(actions)
             return
         client = self.topics.client_of(topic, "request")
         if client is not None:
@@ -300,6 +343,68 @@ class Bridge:
             self._on_cancel(client, bytes(msg.payload))
             return
         _LOGGER.debug("ignoring message on %s", clip(topic))
+
+    # -- sharing the requests with the other nodes (sharing.py decides) -------------------------
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        if mid == self._decide_after:
+            self._decide_after = None
+            # The broker sends retained messages right after the SUBACK; give them a moment.
+            timer = threading.Timer(0.5, self._decide)
+            timer.daemon = True
+            timer.start()
+
+    def _decide(self) -> None:
+        """Timer thread: alone, joining or shared, from what the other nodes said."""
+        with self._sharing_lock:
+            actions = self.sharing.decide() if self.sharing.mode is None else []
+        self._carry_out(actions)
+
+    def _on_node_info(self, node: str, payload: bytes) -> None:
+        try:
+            other = Info.model_validate_json(payload) if payload else None
+        except ValueError:
+            return
+        if other is None:
+            return
+        if node == self.topics.node:
+            if not self._taken_over:
+                self._check_newer_run(other)
+            return
+        with self._sharing_lock:
+            actions = self.sharing.peer_info(node, other.share or None)
+        self._carry_out(actions)
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Subscribe):
+                if self._accepting:
+                    self._subscribe_requests(action.kind)
+            elif isinstance(action, Unsubscribe):
+                self.client.unsubscribe(self._request_topic(action.kind))
+            elif isinstance(action, Announce):
+                self.info = self.info.model_copy(update={"share": action.mode})
+                self._announce_online()
+                _LOGGER.info(
+                    "requests: %s (%s)",
+                    action.mode,
+                    self._request_topic("shared" if action.mode in ("shared", "left") else "plain"),
+                )
+            else:
+                _LOGGER.warning("%s", action.message)
+
+    def _request_topic(self, kind: Kind) -> str:
+        return self.topics.request_subscription(self.shared_group if kind == "shared" else None)
+
+    def _subscribe_requests(self, kind: Kind) -> None:
+        # A retained request is old news: it was answered when it was published (or it would be
+        # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
+        topic = self._request_topic(kind)
+        if self.mqtt5:
+            self.client.subscribe(
+                [(topic, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))]
+            )
+        else:
+            self.client.subscribe(topic, 1)
 
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:
         if msg.retain:
@@ -324,7 +429,7 @@ class Bridge:
             else:
                 result = self._journal(incoming, accepted)
         if isinstance(result, Refusal):
-            self.outbox.put(Replies.refusal(result))
+            self.outbox.put(self.replies.refusal(result))
             self.scheduler.refused(result.code)
             _LOGGER.warning("request %s/%s: %s: %s", clip(client, 64), result.id, result.code.value, result.message)
         elif result is not None:

@@ -82,7 +82,7 @@ class Step:
 
 @dataclass
 class Counters:
-    """What `P/stats` reports. Once nothing is in flight, received = completed + errors; every
+    """What `P/node/<node>/stats` reports. Once nothing is in flight, received = completed + errors; every
     outcome and every repeat is one final reply published."""
 
     received: int = 0  # requests that reached the core (retries of a finished id not counted)

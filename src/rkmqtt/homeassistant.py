@@ -3,21 +3,22 @@
 One retained, device-based discovery message (`<discovery_prefix>/device/<node>/config`, with
 `dev`, `o` and `cmps`) makes a bridge appear in Home Assistant as one device with these entities:
 
-| entity            | platform      | reads / writes                 | notes                              |
-|-------------------|---------------|--------------------------------|------------------------------------|
-| Connectivity      | binary_sensor | `P/status` (retained)          | online / offline (the Last Will)   |
-| Queue depth       | sensor        | `P/stats`                      | expires when stats stop            |
-| Active requests   | sensor        | `P/stats`                      | expires when stats stop            |
-| Tokens per second | sensor        | `P/stats`                      | expires when stats stop            |
-| Requests answered | sensor        | `P/stats`                      | total_increasing                   |
-| Errors            | sensor        | `P/stats`                      | total_increasing, counts by code   |
-| Last reply        | sensor        | `P/reply/homeassistant/dashboard` | state cut to 255, text attribute |
-| Model, Engine,    | sensor        | `P/info` (retained)            | diagnostic                         |
-| Batch size        |               |                                |                                    |
-| Prompt            | text          | `P/request/homeassistant`      | JSON, `reply_to` the dashboard's   |
+| entity            | platform      | reads / writes                    | notes                              |
+|-------------------|---------------|-----------------------------------|------------------------------------|
+| Connectivity      | binary_sensor | `P/node/<node>/status` (retained) | online / offline (the Last Will)   |
+| Queue depth       | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
+| Active requests   | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
+| Tokens per second | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
+| Requests answered | sensor        | `P/node/<node>/stats`             | total_increasing                   |
+| Errors            | sensor        | `P/node/<node>/stats`             | total_increasing, counts by code   |
+| Last reply        | sensor        | `P/reply/homeassistant/dashboard` | state cut to 255, text attribute   |
+| Model, Engine,    | sensor        | `P/node/<node>/info` (retained)   | diagnostic                         |
+| Batch size        |               |                                   |                                    |
+| Prompt            | text          | `P/request/homeassistant`         | JSON, `reply_to` the dashboard's   |
 
-Every entity but Connectivity is available while `P/status` is `online`; Connectivity reads that
-topic itself and shows `off` when the bridge is gone. Unique ids are `<node>_<key>`, from the node
+Each node (bridge) is a device of its own, reading its own node's topics. Every entity but
+Connectivity is available while `P/node/<node>/status` is `online`; Connectivity reads that topic
+itself and shows `off` when the bridge is gone. Unique ids are `<node>_<key>`, from the node
 name only, so they survive restarts. Entity ids are the same whatever Home Assistant's version:
 `default_entity_id` (read by 2025.10 and later) is exactly what older versions, which ignore it,
 derive from the device's name and the entity's name: `<platform>.<slug of both>`. The device's
@@ -45,7 +46,7 @@ from rkmqtt.topics import Topics
 HA_CLIENT = "homeassistant"
 
 #: The last level of the topic the dashboard's prompts are answered on, `P/reply/homeassistant/dashboard`:
-#: a reply to a prompt typed on the dashboard is private to Home Assistant (never on `P/stats`).
+#: a reply to a prompt typed on the dashboard is private to Home Assistant (never on `P/node/<node>/stats`).
 DASHBOARD_REPLY = "dashboard"
 
 #: Home Assistant's state strings are limited to 255 characters.
@@ -106,7 +107,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
     """The device-based discovery document (see the module's docstring for the entities)."""
     node = settings.effective_node_name()
     name = device_name(node)
-    topics = Topics(settings.topic_prefix)
+    topics = Topics(settings.topic_prefix, settings.effective_node_name())
     availability = [
         {
             "topic": topics.status,

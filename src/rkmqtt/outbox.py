@@ -189,7 +189,7 @@ class Publisher:
             return
         still: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
         for info, callback in self._awaiting:
-            if not info.is_published():
+            if not _acknowledged(info):
                 still.append((info, callback))
                 continue
             try:
@@ -219,3 +219,11 @@ class Publisher:
             if self._stop.is_set() and msg.qos == 0:
                 return
             time.sleep(0.01)
+
+
+def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+    """The broker acknowledged the message. paho's `is_published()` raises for a message published
+    while disconnected (rc NO_CONN), though paho keeps it and sends it on reconnect: read the flag
+    that PUBACK sets instead."""
+    with info._condition:
+        return bool(info._published)

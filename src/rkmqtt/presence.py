@@ -1,7 +1,8 @@
 """Is a bridge serving topic prefix P? (any thread; pure functions, no I/O.)
 
-A bridge keeps its state in the retained `P/status` (`online`, and `offline` as its Last Will), so
-a client that subscribes learns at once whether a bridge serves P. `rkmqtt ask` asks here before
+Each bridge (node) keeps its state in its retained `P/node/<node>/status` (`online`, and `offline`
+as its Last Will), so a client that subscribes to every node's status learns at once whether any
+bridge serves P. `rkmqtt ask` asks here before
 it sends anything. This module is the one place that knows which topics carry that state and
 how to read them.
 """
@@ -17,16 +18,16 @@ ONLINE = b"online"
 
 def status_subscriptions(topics: Topics) -> list[str]:
     """The topic filters whose retained messages tell whether a bridge is online."""
-    return [topics.status]
+    return [topics.every_node("status")]
 
 
 def is_status_topic(topics: Topics, topic: str) -> bool:
-    return topic == topics.status
+    return topics.node_of(topic, "status") is not None
 
 
 def bridge_online(statuses: Mapping[str, bytes]) -> bool | None:
-    """From the status messages seen so far (topic -> payload): True when a bridge is online,
-    False when one was and is not any more, None when none ever was (no status at all)."""
+    """From the status messages seen so far (topic -> payload): True when any node is online,
+    False when nodes were and none is any more, None when none ever was (no status at all)."""
     if not statuses:
         return None
     return any(payload.strip() == ONLINE for payload in statuses.values())

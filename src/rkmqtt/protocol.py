@@ -160,6 +160,7 @@ class OkReply(_Strict):
     batch: BatchInfo = Field(description="the batch it ran in")
     model: str = Field(description="the model that answered")
     warnings: list[str] = Field(default_factory=list, description="e.g. sampling fields the engine could not honour")
+    node: str | None = Field(default=None, description="the bridge (node) that answered")
 
 
 class ErrorReply(_Strict):
@@ -169,6 +170,7 @@ class ErrorReply(_Strict):
     id: str = Field(description="the request's id, when it could be read (else one the bridge made)")
     status: Literal["error"] = Field("error", description="the request did not run, or did not run to the end")
     error: ErrorBody = Field(description="`code` and `message`")
+    node: str | None = Field(default=None, description="the bridge (node) that answered")
 
 
 FinalReply = OkReply | ErrorReply
@@ -194,7 +196,7 @@ class Limits(_Strict):
 
 
 class Info(BaseModel):
-    """Retained on `P/info`: what this bridge is and what it accepts."""
+    """Retained on `P/node/<node>/info`: what this bridge is and what it accepts."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -204,6 +206,9 @@ class Info(BaseModel):
     host: str = Field(default="", description="the machine it runs on")
     started: float = Field(default=0.0, description="when this run of the bridge started, Unix seconds")
     instance: str = Field(default="", description="this run's random id: two runs of one node tell each other apart")
+    share: str = Field(
+        default="", description="how it takes requests: alone, joining, shared (with other nodes), off or left"
+    )
     engine: str = Field(description="numpy, rkllm, or a custom engine's name")
     model: str = Field(description="the model it serves")
     n_batch: int = Field(description="requests that run at once")
@@ -217,7 +222,7 @@ class Info(BaseModel):
 
 
 class Stats(_Strict):
-    """Published on `P/stats` every `stats_interval` seconds, QoS 0."""
+    """Published on `P/node/<node>/stats` every `stats_interval` seconds, QoS 0."""
 
     v: Literal[1] = Field(1, description="protocol version")
     uptime_s: float = Field(description="seconds since the bridge started")

@@ -206,9 +206,15 @@ def render_topic_reference() -> str:
 | `P/reply/<client>/<id>` | bridge → device | 1 | no | exactly one final reply per request: ok or error |
 | `P/reply/<client>/<id>/stream` | bridge → device | 0 | no | stream chunks, when `stream` is true |
 | `P/cancel/<client>` | device → bridge | 1 | no | the request id, plain or `{{"id": "..."}}` |
-| `P/status` | bridge | 1 | yes | `online` / `offline` (the offline one is the Last Will) |
-| `P/info` | bridge | 1 | yes | what this bridge runs and accepts |
-| `P/stats` | bridge | 0 | no | counters, every `stats_interval` seconds |
+| `P/node/<node>/status` | bridge | 1 | yes | `online` / `offline` (the offline one is the Last Will) |
+| `P/node/<node>/info` | bridge | 1 | yes | what this bridge runs and accepts |
+| `P/node/<node>/stats` | bridge | 0 | no | counters, every `stats_interval` seconds |
+
+`<node>` is a bridge's `node_name`. The bridges of one broker and prefix share the requests through one
+shared subscription (`$share/<group>/P/request/+`, the group named after the prefix): each request is
+answered by one of them, named in its final reply's `node`. Every bridge hears every cancel and acts on the
+requests it holds. Each keeps its own status (with its Last Will), info and stats, and its own Home
+Assistant device.
 
 MQTT 5 properties win over payload fields: Response Topic over `reply_to` (still confined to
 `P/reply/<client>/`, at most `max_reply_topic_chars` long), Message Expiry Interval over `expires_in`;
@@ -260,13 +266,13 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
 {_example("chunk")}
 
-### `P/stats`
+### `P/node/<node>/stats`
 
 {_fields(Stats)}
 
 {_example("stats")}
 
-### `P/info` (retained)
+### `P/node/<node>/info` (retained)
 
 {_fields(Info)}
 

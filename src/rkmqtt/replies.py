@@ -40,15 +40,16 @@ class Refusal:
 
 
 class Replies:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, node: str | None = None) -> None:
         self.model_name = model_name
+        self.node = node  # named in every final reply: which bridge answered
 
     # -- wire models ----------------------------------------------------------------------------
     def reply(self, outcome: Outcome) -> FinalReply:
         req = outcome.request
         if outcome.error is not None:
             code, message = outcome.error
-            return ErrorReply(id=req.id, error=ErrorBody(code=code, message=message))
+            return ErrorReply(id=req.id, error=ErrorBody(code=code, message=message), node=self.node)
         reason = outcome.state.finish_reason
         assert reason is not None
         return OkReply(
@@ -60,6 +61,7 @@ class Replies:
             batch=BatchInfo(size=req.batch_size, slot=req.slot),
             model=self.model_name,
             warnings=list(outcome.warnings),
+            node=self.node,
         )
 
     # -- MQTT messages ----------------------------------------------------------------------------
@@ -73,11 +75,9 @@ class Replies:
         payload = StreamChunk(id=chunk.request.id, seq=chunk.seq, text=chunk.text).model_dump_json().encode()
         return Outgoing(Topics.stream_of(route.topic), payload, STREAM_QOS, False, route.correlation, droppable=True)
 
-    @staticmethod
-    def refusal(r: Refusal) -> Outgoing:
-        return _final(
-            r.route, ErrorReply(id=r.id, error=ErrorBody(code=r.code, message=r.message)).model_dump_json().encode()
-        )
+    def refusal(self, r: Refusal) -> Outgoing:
+        reply = ErrorReply(id=r.id, error=ErrorBody(code=r.code, message=r.message), node=self.node)
+        return _final(r.route, reply.model_dump_json().encode())
 
 
 def _final(route: Route, payload: bytes) -> Outgoing:

@@ -140,7 +140,8 @@ class Service:
             path = journal_path(s.effective_state_dir(), s.effective_client_id())
             self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
             self.journal.prune()
-        topics = Topics(s.topic_prefix)
+        topics = Topics(s.topic_prefix, s.effective_node_name())
+        self.replies = Replies(self.engine.model_name, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
         caps = self.engine.capabilities
         self.scheduler = Scheduler(
@@ -157,13 +158,14 @@ class Service:
                 stats_topic=topics.stats,
             ),
             outbox,
-            Replies(self.engine.model_name),
+            self.replies,
             journal=self.journal,
         )
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
             s,
             self.scheduler,
+            self.replies,
             outbox,
             self.info,
             retained_extra=retained,
@@ -198,7 +200,7 @@ class Service:
             result = bridge.intake.accept(p.incoming, now - max(0.0, wall - p.arrived), rate_limit=False)
             if isinstance(result, Refusal):  # the settings changed since: answer as they now say
                 journal.drop(p.seq)
-                bridge.outbox.put(Replies.refusal(result))
+                bridge.outbox.put(self.replies.refusal(result))
                 scheduler.refused(result.code)
                 continue
             result.journal_seq = p.seq

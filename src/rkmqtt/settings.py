@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.topics import shared_group_of
 
 ENV_PREFIX = "RKMQTT_"
 
@@ -84,14 +85,24 @@ class Settings(BaseSettings):
         Field(
             pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
             max_length=200,
-            description="Prefix P of every topic (P/request/<client>, P/reply/..., P/status).",
+            description="Prefix P of every topic (P/request/<client>, P/reply/..., P/node/<node>/status).",
         ),
     ] = "rkmqtt"
+    share_requests: Annotated[
+        Literal["auto", "on", "off"],
+        Field(
+            description="Share the requests with the other bridges (nodes) on this broker and prefix, each request "
+            "to one of them. auto: a plain subscription while this node is alone (Mosquitto keeps it across its "
+            "restarts), a shared one as soon as another node is online; on: always shared; off: this bridge takes "
+            "every request (a warning when another node is online: both would answer)."
+        ),
+    ] = "auto"
     shared_group: Annotated[
         str | None,
         Field(
             pattern=r"^[A-Za-z0-9_-]{1,64}$",
-            description="Subscribe $share/<group>/P/request/+ so several bridges share one broker's requests.",
+            description="Name of the shared subscription ($share/<group>/P/request/+). Empty: the topic prefix "
+            "(with _ for /), so bridges of one prefix share and bridges of two prefixes do not.",
         ),
     ] = None
     outgoing_queue: Annotated[
@@ -192,7 +203,9 @@ class Settings(BaseSettings):
     grace_period: Annotated[
         float, Field(ge=0, le=3600, description="On SIGTERM, seconds running requests get to finish.")
     ] = 30.0
-    stats_interval: Annotated[float, Field(ge=0.5, le=3600, description="Seconds between P/stats messages.")] = 5.0
+    stats_interval: Annotated[
+        float, Field(ge=0.5, le=3600, description="Seconds between P/node/<node>/stats messages.")
+    ] = 5.0
     dedup_window: Annotated[
         float, Field(ge=0, le=86_400, description="Seconds a finished reply is kept to answer a retried id.")
     ] = 300.0
@@ -270,7 +283,12 @@ class Settings(BaseSettings):
     ] = "homeassistant"
     node_name: Annotated[
         str | None,
-        Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Device node id in Home Assistant (empty: rkmqtt_<host>)."),
+        Field(
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="This bridge's name among the bridges of a broker: its P/node/<node>/ topics, its Home "
+            "Assistant device, its MQTT session and journal. Empty: rkmqtt_<host> (with _<prefix> for another "
+            "topic prefix).",
+        ),
     ] = None
 
     # -- HTTP API (Ollama and OpenAI compatible) ----------------------------------------------
@@ -404,10 +422,17 @@ class Settings(BaseSettings):
         return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rkmqtt"
 
     def effective_node_name(self) -> str:
+        """The node name: the setting, else rkmqtt_<host> (and _<prefix> when the prefix is not the
+        default), unique per host and prefix so that two bridges never take each other's node."""
         if self.node_name:
             return self.node_name
-        host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())[:50]
-        return f"rkmqtt_{host}"
+        host = _name_part(socket.gethostname())
+        prefix = "" if self.topic_prefix == "rkmqtt" else "_" + _name_part(self.topic_prefix)
+        return f"rkmqtt_{host}"[: 64 - len(prefix[:32])] + prefix[:32]
+
+    def effective_shared_group(self) -> str:
+        """The shared subscription's group."""
+        return self.shared_group or shared_group_of(self.topic_prefix)[:64]
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -447,6 +472,10 @@ class Settings(BaseSettings):
 def _read_password(path: Path) -> str:
     """The password in a password file: its text without the trailing line break."""
     return path.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+def _name_part(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
 
 
 class BrokerAddress:

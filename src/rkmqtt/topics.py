@@ -1,8 +1,10 @@
 """The topic scheme of wire contract version 1 (any thread; pure functions).
 
 `P` is the topic prefix (setting `topic_prefix`). Devices publish on `P/request/<client>`
-and `P/cancel/<client>`; the bridge answers on `P/reply/<client>/<id>` (final, QoS 1) and
-`P/reply/<client>/<id>/stream` (chunks, QoS 0), and keeps `P/status` and `P/info` retained.
+and `P/cancel/<client>`; a bridge answers on `P/reply/<client>/<id>` (final, QoS 1) and
+`P/reply/<client>/<id>/stream` (chunks, QoS 0). Each bridge is a node with topics of its own:
+`P/node/<node>/status` and `P/node/<node>/info` (retained) and `P/node/<node>/stats`. The
+bridges of one broker and prefix share the requests through one shared subscription.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ def has_wildcards(topic: str) -> bool:
     return "+" in topic or "#" in topic
 
 
+def shared_group_of(prefix: str) -> str:
+    """The default shared subscription group of a prefix (a group name has no '/')."""
+    return prefix.replace("/", "_")
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str
+    node: str = ""  # this bridge's node name: its status, info and stats topics
 
     # -- device -> bridge -------------------------------------------------------------
     def request(self, client: str) -> str:
@@ -53,17 +61,34 @@ class Topics:
     def stream_of(reply_topic: str) -> str:
         return f"{reply_topic}/stream"
 
+    # -- nodes: each bridge's own topics ---------------------------------------------
+    def node_topic(self, kind: str, node: str | None = None) -> str:
+        """`P/node/<node>/<kind>` for kind status, info or stats (this bridge's node by default)."""
+        return f"{self.prefix}/node/{node or self.node}/{kind}"
+
     @property
     def status(self) -> str:
-        return f"{self.prefix}/status"
+        return self.node_topic("status")
 
     @property
     def info(self) -> str:
-        return f"{self.prefix}/info"
+        return self.node_topic("info")
 
     @property
     def stats(self) -> str:
-        return f"{self.prefix}/stats"
+        return self.node_topic("stats")
+
+    def every_node(self, kind: str) -> str:
+        """The subscription to `kind` of every node: `P/node/+/<kind>`."""
+        return f"{self.prefix}/node/+/{kind}"
+
+    def node_of(self, topic: str, kind: str) -> str | None:
+        """The `<node>` of `P/node/<node>/<kind>`, or None when the topic is not of that shape."""
+        head, tail = f"{self.prefix}/node/", f"/{kind}"
+        if not topic.startswith(head) or not topic.endswith(tail):
+            return None
+        node = topic[len(head) : -len(tail)]
+        return node if node and "/" not in node else None
 
     # -- parsing ----------------------------------------------------------------------
     def client_of(self, topic: str, kind: str) -> str | None:

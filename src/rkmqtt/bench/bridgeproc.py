@@ -42,31 +42,44 @@ def as_flags(settings: Mapping[str, SettingValue]) -> list[str]:
 
 
 class _InfoWatcher:
-    """Collects the retained `P/status` and `P/info` of one prefix."""
+    """Collects the retained status and info of one node (the first node online when `node` is
+    None: a running bridge the bench attaches to)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, node: str | None = None) -> None:
         self.topics = Topics(settings.topic_prefix)
-        self.status: bytes | None = None
-        self.info: dict[str, Any] | None = None
-        self.client = BenchClient(
-            settings, f"rkmqtt-bench-watch-{uuid.uuid4().hex[:6]}", [self.topics.status, self.topics.info], self._on
-        )
+        self.node = node
+        self.statuses: dict[str, bytes] = {}
+        self.infos: dict[str, dict[str, Any]] = {}
+        subs = [self.topics.every_node("status"), self.topics.every_node("info")]
+        self.client = BenchClient(settings, f"rkmqtt-bench-watch-{uuid.uuid4().hex[:6]}", subs, self._on)
 
     def _on(self, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == self.topics.status:
-            self.status = bytes(msg.payload)
-        elif msg.topic == self.topics.info and msg.payload:
+        node = self.topics.node_of(msg.topic, "status")
+        if node is not None:
+            self.statuses[node] = bytes(msg.payload)
+            return
+        node = self.topics.node_of(msg.topic, "info")
+        if node is not None and msg.payload:
             try:
-                self.info = json.loads(msg.payload)
+                self.infos[node] = json.loads(msg.payload)
             except ValueError:
-                self.info = None
+                self.infos.pop(node, None)
+
+    def _online_node(self) -> str | None:
+        nodes = [self.node] if self.node else sorted(self.statuses)
+        return next((n for n in nodes if self.statuses.get(n) == b"online" and n in self.infos), None)
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        node = self._online_node()
+        return None if node is None else self.infos[node]
 
     def online(self) -> bool:
-        return self.status == b"online" and self.info is not None
+        return self._online_node() is not None
 
 
 def read_info(settings: Settings, timeout: float = 10.0) -> dict[str, Any]:
-    """The retained `P/info` of a running bridge; RkmqttError when it is not online."""
+    """The retained info of a running bridge (the first node online); RkmqttError when none is."""
     w = _InfoWatcher(settings)
     w.client.start()
     try:
@@ -95,7 +108,7 @@ class BridgeProcess:
         self.info: dict[str, Any] = {}
 
     def start(self, timeout: float = 180.0) -> BridgeProcess:
-        watcher = _InfoWatcher(self.settings)
+        watcher = _InfoWatcher(self.settings, self.settings.effective_node_name())
         watcher.client.start()
         try:
             with self.log_path.open("ab") as log:
@@ -143,7 +156,7 @@ class BridgeProcess:
         return proc.returncode
 
     def _clear_retained(self) -> None:
-        topics = Topics(self.settings.topic_prefix)
+        topics = Topics(self.settings.topic_prefix, self.settings.effective_node_name())
         try:
             c = BenchClient(self.settings, f"rkmqtt-bench-clear-{uuid.uuid4().hex[:6]}", [], lambda m: None).start(5)
         except RkmqttError:

@@ -31,7 +31,16 @@ from rkmqtt.bench.report import (
     write_png,
     write_requests_csv,
 )
-from rkmqtt.bench.sweep import BRIDGE_DEFAULTS, ENGINES, Point, Scenario, Sweep, journal_suite, targets_suite
+from rkmqtt.bench.sweep import (
+    BRIDGE_DEFAULTS,
+    ENGINES,
+    Point,
+    Scenario,
+    Sweep,
+    journal_suite,
+    scaleout_suite,
+    targets_suite,
+)
 from rkmqtt.bench.workload import SHAPES, Workload
 from rkmqtt.errors import ConfigError
 from rkmqtt.flags import add_settings_flags
@@ -68,10 +77,11 @@ def add_bench_parser(sub: Any) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--suite",
-        choices=("targets", "journal"),
+        choices=("targets", "journal", "scaleout"),
         help="run a built-in set of scenarios instead: 'targets' = the CPU engine with 8 devices, the RK3588 "
         "model with 4 users, and the zero-cost relay (with and without the request journal), with the "
-        "engine-alone comparison; 'journal' = only the relay with and without the journal",
+        "engine-alone comparison; 'journal' = only the relay with and without the journal; 'scaleout' = 1, 2 "
+        "and 3 bridges sharing one broker (the RK3588 model, 24 devices)",
     )
     what.add_argument(
         "--engines",
@@ -186,6 +196,8 @@ def _scenarios(args: argparse.Namespace, prompts: tuple[str, ...]) -> list[Scena
         return targets_suite(prompts, rkllm_real=args.rkllm_library is not None)
     if args.suite == "journal":
         return journal_suite(prompts)
+    if args.suite == "scaleout":
+        return scaleout_suite(prompts, rkllm_real=args.rkllm_library is not None)
     try:
         w = Workload(
             args.shape,

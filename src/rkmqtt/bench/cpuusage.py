@@ -14,15 +14,20 @@ import psutil
 
 class CpuMeter:
     """`start()` and `stop()` around the measured part; `stop()` returns {name: share of a core}
-    for the processes that were still there (a process that exited is left out)."""
+    for the processes that were still there (a process that exited is left out). A name may stand
+    for several processes (the bridges of a scale-out run): their shares add up."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._procs: dict[str, psutil.Process] = {}
-        for name, pid in pids.items():
-            try:
-                self._procs[name] = psutil.Process(pid)
-            except psutil.Error:
-                continue
+    def __init__(self, pids: dict[str, int | list[int]]) -> None:
+        self._procs: dict[str, list[psutil.Process]] = {}
+        for name, some in pids.items():
+            procs = []
+            for pid in some if isinstance(some, list) else [some]:
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.Error:
+                    continue
+            if procs:
+                self._procs[name] = procs
         self._t0 = 0.0
         self._cpu0: dict[str, float] = {}
 
@@ -42,10 +47,9 @@ class CpuMeter:
         return out
 
 
-def _cpu_s(p: psutil.Process) -> float | None:
-    """User and system seconds of all the process's threads (not its children)."""
+def _cpu_s(procs: list[psutil.Process]) -> float | None:
+    """User and system seconds of all the processes' threads (not their children)."""
     try:
-        t = p.cpu_times()
+        return float(sum(t.user + t.system for t in (p.cpu_times() for p in procs)))
     except psutil.Error:
         return None
-    return float(t.user + t.system)

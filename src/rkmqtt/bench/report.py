@@ -169,7 +169,24 @@ def targets(points: Sequence[Point]) -> list[Target]:
         )
     )
     out.append(journal_cost(points))
+    out.append(scale_out(points))
     return out
+
+
+def scale_out(points: Sequence[Point]) -> Target:
+    """Requests/s of 1, 2 and 3 bridges sharing one broker and prefix (scenarios scale-out-<n>)."""
+    rates = {n: m.requests_per_s for n in (1, 2, 3) if (m := _find(points, f"scale-out-{n}", 4)) is not None}
+    one = rates.get(1)
+    measured = "-"
+    if rates:
+        measured = "; ".join(
+            f"{n} bridge{'s' if n > 1 else ''}: {r:.2f} req/s" + (f" ({r / one:.2f}x)" if one and n > 1 else "")
+            for n, r in sorted(rates.items())
+        )
+    ok = None if one is None or len(rates) < 2 else all(r >= 0.8 * n * one for n, r in rates.items())
+    return Target(
+        "scale-out: bridges sharing one broker (RK3588 model, n_batch 4)", ">= 0.8 x n x one bridge", measured, ok
+    )
 
 
 def journal_cost(points: Sequence[Point]) -> Target:

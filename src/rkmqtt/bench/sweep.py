@@ -83,6 +83,7 @@ class Scenario:
     # then holds small packets back for the peer's delayed ACK, ~40 ms). Ignored with --broker.
     broker_nodelay: bool = True
     bridge_flags: Mapping[str, SettingValue] = field(default_factory=dict)  # settings of this scenario's bridges
+    bridges: int = 1  # bridges on one broker and prefix, sharing the requests (the scale-out curve)
 
 
 @dataclass
@@ -118,6 +119,17 @@ class Point:
             "bridge_info": self.bridge_info,
             "failures": self.failures,
         }
+
+
+def scaleout_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
+    """1, 2 and 3 bridges on one broker and prefix sharing the requests (each its own RK3588 model,
+    n_batch 4), under a closed loop of 24 devices: requests/s against the number of bridges."""
+    what = "runtime" if rkllm_real else "stand-in RK3588 timing model"
+    w = Workload("closed", devices=24, requests=96, max_new_tokens=32, prompts=prompts)
+    return [
+        Scenario(f"scale-out-{n}", "rkllm", w, (4,), (), f"{n} bridge(s), RKLLM {what}, shared requests", bridges=n)
+        for n in (1, 2, 3)
+    ]
 
 
 def journal_suite(prompts: tuple[str, ...]) -> list[Scenario]:
@@ -375,12 +387,15 @@ class Sweep:
             port = free_port()
             flags.update({"http_listen": f"127.0.0.1:{port}", "http_tokens": tokens_setting(sc.workload.devices)})
             settings = self._settings(flags)
-        log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}-{p.mode}.log"
-        bridge = BridgeProcess(settings, flags, env, log).start()
+        bridges: list[BridgeProcess] = []
         try:
-            p.bridge_info = bridge.info
+            for i in range(sc.bridges):  # one broker and prefix; each bridge a node of its own
+                node_flags = flags if sc.bridges == 1 else {**flags, "node_name": f"{prefix}-{i}"}
+                log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}-{p.mode}-{i}.log"
+                bridges.append(BridgeProcess(self._settings(node_flags), node_flags, env, log).start())
+            p.bridge_info = bridges[0].info
             t0 = time.monotonic()
-            meter = CpuMeter(self._pids(bridge))
+            meter = CpuMeter(self._pids(bridges))
             gen: LoadGenerator | HttpLoadGenerator
             if p.mode == "http":
                 gen = HttpLoadGenerator(f"http://127.0.0.1:{port}", sc.workload, self.progress.advance, meter)
@@ -389,16 +404,18 @@ class Sweep:
             records = gen.run()
             _LOGGER.debug("point took %.1f s", time.monotonic() - t0)
         finally:
-            rc = bridge.stop()
-            if rc not in (0, None):
-                p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
+            for bridge in bridges:
+                rc = bridge.stop()
+                if rc not in (0, None):
+                    p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
         return records, gen.cpu
 
-    def _pids(self, bridge: BridgeProcess) -> dict[str, int]:
-        """The processes whose CPU a run reports: this one, the bridge, and the broker if ours."""
-        pids = {"bench": os.getpid()}
-        if bridge.pid is not None:
-            pids["bridge"] = bridge.pid
+    def _pids(self, bridges: list[BridgeProcess]) -> dict[str, int | list[int]]:
+        """The processes whose CPU a run reports: this one, the bridges (together), and the broker if ours."""
+        pids: dict[str, int | list[int]] = {"bench": os.getpid()}
+        bridge_pids = [b.pid for b in bridges if b.pid is not None]
+        if bridge_pids:
+            pids["bridge"] = bridge_pids
         for m in self._brokers.values():
             if m.url == self.broker_url and m.proc is not None:
                 pids["broker"] = m.proc.pid

@@ -50,17 +50,22 @@ class StopScanner:
         if not self.stops:
             return text
         buf = self._held + text
-        cut, self.hit = cut_at_stop(buf, self.stops)
-        if self.hit:
-            self._held = ""
+        cut, found = cut_at_stop(buf, self.stops)
+        # Text from `pending` on could still become a stop sequence that starts before the one found
+        # (or, with none found, one at all): hold it back until the next piece decides.
+        pending = len(buf) - _partial_suffix(buf, self.stops)
+        if found and len(cut) <= pending:
+            self.hit, self._held = True, ""
             return cut
-        keep = _partial_suffix(buf, self.stops)
-        self._held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep]
+        self._held = buf[pending:]
+        return buf[:pending]
 
     def flush(self) -> str:
-        """The held-back end, once the text is complete."""
-        rest, self._held = ("" if self.hit else self._held), ""
+        """The held-back end, once the text is complete (it may hold a stop that waited for a longer one)."""
+        if self.hit:
+            return ""
+        rest, self.hit = cut_at_stop(self._held, self.stops)
+        self._held = ""
         return rest
 
 
