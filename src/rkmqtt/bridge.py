@@ -104,6 +104,7 @@ class Bridge:
         self.connects = 0
         self.client = self._make_client()
         self.publisher = Publisher(outbox, self.client, self.mqtt5, self._connected.is_set)
+        self.client.on_publish = self.publisher.acknowledged
 
     # -- set-up -----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -182,7 +183,6 @@ class Bridge:
                 info.wait_for_publish(timeout=3)
             while self._unacked() and self.connected and time.monotonic() < end:
                 time.sleep(0.02)
-        self.publisher.sweep()  # record what the broker acknowledged while we waited
         if self._unacked():
             later = "they are sent again at the next start" if self.journal else "they are lost"
             _LOGGER.error("%d replies were not acknowledged by the broker before exit: %s", self._unacked(), later)

@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +25,10 @@ from paho.mqtt.properties import Properties
 from rkmqtt.logtext import clip
 
 _LOGGER = logging.getLogger(__name__)
+
+# A PUBACK can overtake the registration of its message by microseconds; one older than this is for
+# another message (paho's message ids wrap after 65,535 publishes) and is forgotten.
+_EARLY_S = 0.5
 
 _STREAM_SUFFIX = "/stream"
 _FAILED_TOPICS_KEPT = 1024  # reply topics whose failure was logged, to log each once
@@ -121,7 +126,10 @@ class Publisher:
         self._is_connected = is_connected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rkmqtt-publisher", daemon=True)
-        self._awaiting: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
+        # QoS 1 messages with an `on_delivered`, by paho's message id, until the broker's PUBACK.
+        self._awaiting: dict[int, Callable[[], None]] = {}
+        self._early: dict[int, float] = {}  # PUBACKs that came before their message was registered
+        self._lock = threading.Lock()  # never held while calling paho or a callback
         self.published = 0
         self.failed = 0
         self._failed_topics: OrderedDict[str, None] = OrderedDict()
@@ -133,7 +141,6 @@ class Publisher:
         self._stop.set()
         self._outbox.close()
         self._thread.join(timeout)
-        self.sweep()
 
     @property
     def awaiting(self) -> int:
@@ -153,8 +160,7 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
-            msg = self._outbox.get(timeout=0.05 if self._awaiting else 0.2)
-            self.sweep()
+            msg = self._outbox.get(timeout=0.2)
             if msg is None:
                 if self._stop.is_set():
                     return
@@ -182,21 +188,30 @@ class Publisher:
             clip(str(error)),
         )
 
-    def sweep(self) -> None:
-        """Call `on_delivered` of the messages the broker has acknowledged since the last sweep
-        (the publisher thread; the caller's once that thread has stopped)."""
-        if not self._awaiting:
-            return
-        still: list[tuple[mqtt.MQTTMessageInfo, Callable[[], None]]] = []
-        for info, callback in self._awaiting:
-            if not _acknowledged(info):
-                still.append((info, callback))
-                continue
-            try:
-                callback()
-            except Exception:
-                _LOGGER.exception("recording a delivered reply failed")
-        self._awaiting = still
+    def acknowledged(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        """paho's `on_publish` (network thread): the broker has a QoS 1 message. Its `on_delivered`
+        runs here, at once: the shorter the time between the broker's PUBACK and the journal's
+        record, the smaller the window in which a crash makes a reply go out twice."""
+        now = time.monotonic()
+        with self._lock:
+            callback = self._awaiting.pop(mid, None)
+            if callback is None:
+                self._early[mid] = now
+                if len(self._early) > 64:
+                    self._early = {m: t for m, t in self._early.items() if now - t < _EARLY_S}
+        if callback is not None:
+            _delivered(callback)
+
+    def _register(self, mid: int, callback: Callable[[], None]) -> None:
+        """Publisher thread, right after paho took the message: its PUBACK may have come already."""
+        now = time.monotonic()
+        with self._lock:
+            t = self._early.pop(mid, None)
+            came = t is not None and now - t < _EARLY_S
+            if not came:
+                self._awaiting[mid] = callback
+        if came:
+            _delivered(callback)
 
     def _publish(self, msg: Outgoing) -> None:
         if msg.qos == 0 and not self._is_connected():
@@ -214,16 +229,15 @@ class Publisher:
             if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
                 self.published += 1
                 if msg.on_delivered is not None:
-                    self._awaiting.append((info, msg.on_delivered))
+                    self._register(info.mid, msg.on_delivered)
                 return
             if self._stop.is_set() and msg.qos == 0:
                 return
             time.sleep(0.01)
 
 
-def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
-    """The broker acknowledged the message. paho's `is_published()` raises for a message published
-    while disconnected (rc NO_CONN), though paho keeps it and sends it on reconnect: read the flag
-    that PUBACK sets instead."""
-    with info._condition:
-        return bool(info._published)
+def _delivered(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        _LOGGER.exception("recording a delivered reply failed")
