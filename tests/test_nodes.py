@@ -5,12 +5,14 @@ and a node killed with SIGKILL takes up its requests when it comes back."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from rkmqtt.broker import Mosquitto
-from tests.bridge_process import BridgeProcess
+from tests.bridge_process import REPO, BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401
 
@@ -124,4 +126,35 @@ def test_each_node_is_a_home_assistant_device_of_its_own(mosquitto: Mosquitto, p
     finally:
         for b in bridges:
             b.stop()
+        probe.close()
+
+
+def test_forget_node_ends_the_session_of_a_node_gone_for_good(
+    mosquitto: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    args = ("--engine", "tests.fake_engine:FakeEngine", "--node-name", "gone")
+    gone = BridgeProcess(mosquitto.url, prefix, tmp_path / "gone.log", *args).start()
+    probe = Probe(mosquitto.url, [f"{prefix}/node/+/status", f"{prefix}/node/+/info", f"{prefix}/reply/#"])
+    forget = [sys.executable, "-m", "rkmqtt", "forget-node", "gone", "--broker", mosquitto.url,
+              "--topic-prefix", prefix]  # fmt: skip
+    try:
+        online(probe, prefix, "gone")
+        refused = subprocess.run(forget, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert refused.returncode == 1 and "is online" in refused.stderr
+        gone.stop()
+        online(probe, prefix, "gone", b"offline")
+        probe.publish(f"{prefix}/request/dev", {"id": "meanwhile", "prompt": "queued for a node that is gone"})
+        out = subprocess.run(forget, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0 and "forgot node gone" in out.stdout, out.stderr
+        late = Probe(mosquitto.url, [f"{prefix}/node/gone/status", f"{prefix}/node/gone/info"])
+        time.sleep(1.0)
+        assert late.messages == [], "the retained status and info are cleared"
+        late.close()
+        gone.start()  # the same node again: a new session, so the request queued for the old one is gone
+        online(probe, prefix, "gone")
+        time.sleep(2.0)
+        assert probe.on(f"{prefix}/reply/dev/meanwhile") == []
+        assert "new session" in gone.output().rsplit("connecting to", 1)[1]
+    finally:
+        gone.stop()
         probe.close()

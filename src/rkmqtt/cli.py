@@ -154,6 +154,18 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     )
     add_settings_flags(health, ("health_file",))
 
+    forget = sub.add_parser(
+        "forget-node",
+        help="retire a node that is gone for good: its session, status, info and Home Assistant device",
+        description="End the persistent session of a node that will not come back (the broker queues requests "
+        "for it until then) and clear its retained status, info and Home Assistant device. Refused while the node "
+        "is online.",
+        usage=f"rkmqtt forget-node NODE [--broker URL] {SETTINGS_USAGE}",
+    )
+    forget.add_argument("node", help="the node's node_name")
+    forget.add_argument("--session", help="its MQTT client id, when it had its own client_id (default: rkmqtt-NODE)")
+    add_settings_flags(forget, (*CONNECTION_SETTINGS, "discovery_prefix"))
+
     add_bench_parser(sub)
     from rkmqtt.engines.rkllm.probe import add_probe_parser
 
@@ -198,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rkmqtt.check import run_checks
 
             return run_checks(settings)
+        if args.command == "forget-node":
+            from rkmqtt.forget import forget_node
+
+            return forget_node(settings, args.node, args.session)
         if args.command == "health":
             from rkmqtt.health import check_health
 
