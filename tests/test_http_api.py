@@ -99,8 +99,7 @@ def live(start_bridge: Callable[..., Service]) -> Iterator[Callable[..., Live]]:
 def _settled(live: Live) -> None:
     """Every request answered: P/stats adds up over both APIs."""
     live.wait(lambda: live.svc.scheduler is not None and live.svc.scheduler.core.running == 0)
-    c = live.counters()
-    assert c.received == c.completed + c.errors, c
+    live.wait(lambda: (c := live.counters()).received == c.completed + c.errors)
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -278,7 +277,7 @@ def test_tools_are_refused_when_the_model_takes_none(live: Callable[..., Live]) 
     with pytest.raises(openai.BadRequestError) as oe:
         lv.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=TOOLS)  # type: ignore[arg-type]
     assert "takes no tools" in str(oe.value)
-    assert lv.counters().by_code["invalid_request"] == 2
+    lv.wait(lambda: lv.counters().by_code["invalid_request"] == 2)  # counted on the scheduler thread
     _settled(lv)
 
 
@@ -332,6 +331,8 @@ def test_bad_inputs_get_clear_errors_with_http_statuses(live: Callable[..., Live
         list(lv.ollama().chat(MODEL, messages=[{"role": "user", "content": "a explode"}], stream=True))
     assert "engine_error" in oe.value.error
     _settled(lv)
+    expected = {"invalid_request": 16, "payload_too_large": 1, "too_many_tokens": 2, "too_long": 2, "engine_error": 2}
+    lv.wait(lambda: all(lv.counters().by_code[k] == n for k, n in expected.items()))  # refusals: counted async
     c = lv.counters()
     assert c.by_code["invalid_request"] == 16 and c.by_code["payload_too_large"] == 1
     assert c.by_code["too_many_tokens"] == 2 and c.by_code["too_long"] == 2 and c.by_code["engine_error"] == 2
