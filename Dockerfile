@@ -10,7 +10,7 @@
 #   docker run -d --name rkmqtt --restart unless-stopped \
 #     --device /dev/dri/renderD129 --group-add "$(stat -c %g /dev/dri/renderD129)" \
 #     -v /usr/lib/librkllmrt.so:/usr/lib/librkllmrt.so:ro \
-#     -v /opt/models:/models:ro \
+#     -v /opt/models:/models:ro -v rkmqtt-state:/var/lib/rkmqtt/state \
 #     -e RKMQTT_BROKER=mqtt://192.168.1.10:1883 -e RKMQTT_NODE_NAME=rkmqtt_opi5 \
 #     -e RKMQTT_MODEL=/models/Qwen2.5-1.5B-Instruct_W8A8_RK3588.rkllm \
 #     rkmqtt
@@ -37,7 +37,8 @@ ARG WITH_CPU_MODEL=true
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    RKMQTT_HEALTH_FILE=/run/rkmqtt/health.json
+    RKMQTT_HEALTH_FILE=/run/rkmqtt/health.json \
+    RKMQTT_STATE_DIR=/var/lib/rkmqtt/state
 
 # libgomp1: librkllmrt.so is linked against the GNU OpenMP runtime.
 RUN apt-get update \
@@ -46,8 +47,8 @@ RUN apt-get update \
     && groupadd --system --gid 10001 rkmqtt \
     && useradd --system --uid 10001 --gid rkmqtt --home-dir /var/lib/rkmqtt --create-home \
        --shell /usr/sbin/nologin rkmqtt \
-    && mkdir -p /run/rkmqtt \
-    && chown rkmqtt:rkmqtt /run/rkmqtt
+    && mkdir -p /run/rkmqtt /var/lib/rkmqtt/state \
+    && chown rkmqtt:rkmqtt /run/rkmqtt /var/lib/rkmqtt/state
 
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels rkmqtt \
@@ -56,6 +57,9 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels rkmqtt \
 
 WORKDIR /var/lib/rkmqtt
 USER rkmqtt
+# The request journal: accepted requests outlive the container only if this outlives it
+# (docker run -v rkmqtt-state:/var/lib/rkmqtt/state).
+VOLUME ["/var/lib/rkmqtt/state"]
 
 # `rkmqtt health` reads RKMQTT_HEALTH_FILE, which the service rewrites every second: it fails
 # when the bridge is not connected to the broker or the engine has stalled. The start period

@@ -222,6 +222,17 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
     return excluded
 
 
+def test_image_keeps_the_request_journal_in_a_volume_the_service_may_write(top: list[Instruction]) -> None:
+    stage = final_stage(top)
+    state = env_of(stage)["RKMQTT_STATE_DIR"]
+    volumes = [w.strip('[]",') for i in stage if i.keyword == "VOLUME" for w in i.words()]
+    assert state in volumes, "accepted requests must outlive the container"
+    made = next(i.args for i in stage if i.keyword == "RUN" and "useradd" in i.args)
+    assert re.search(rf"mkdir -p [^&]*{re.escape(state)}", made) and re.search(
+        rf"chown rkmqtt:rkmqtt [^&]*{state}", made
+    )
+
+
 def test_dockerignore_sends_only_the_sources() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
@@ -358,6 +369,7 @@ def test_entry_point_and_healthcheck_as_the_container_runs_them(
         **os.environ,
         **env_of(stage),
         "RKMQTT_HEALTH_FILE": str(health),
+        "RKMQTT_STATE_DIR": str(tmp_path / "state"),
         "RKMQTT_BROKER": mosquitto.url,
         "RKMQTT_TOPIC_PREFIX": prefix,
         "RKMQTT_ENGINE": "tests.fake_engine:FakeEngine",
