@@ -244,3 +244,9 @@ def test_settings_are_checked_before_loading(standin: Standin) -> None:
         from rkmqtt.engines.rkllm.engine import RkllmEngine
 
         RkllmEngine(make_settings(standin, "1.3", model=None))
+    # One rule for n_batch: validated settings refuse 9, and so does the engine given a copy that skipped
+    # validation (model_copy, as the probe makes them), with the same words.
+    with pytest.raises(ValueError, match="n_batch=9 is not allowed with engine rkllm: use 1 to 8"):
+        make_settings(standin, "1.3", n_batch=9)
+    with pytest.raises(ConfigError, match="n_batch=9 is not allowed with engine rkllm: use 1 to 8"):
+        RkllmEngine(make_settings(standin, "1.3").model_copy(update={"n_batch": 9}))

@@ -25,6 +25,16 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 from rkmqtt.topics import shared_group_of
 
+RKLLM_MAX_BATCH = 8  # the runtime's own limit on RKLLMParam.n_batch (docs/rkllm-runtime.md)
+
+
+def rkllm_n_batch_problem(n_batch: int) -> str | None:
+    """The one statement of the rule, for settings and for engines built from unvalidated copies."""
+    if 1 <= n_batch <= RKLLM_MAX_BATCH:
+        return None
+    return f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH}"
+
+
 ENV_PREFIX = "RKMQTT_"
 
 #: Settings whose default depends on the engine's model when no layer (flag, environment, file,
@@ -399,8 +409,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_new_tokens ({self.default_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
             )
-        if self.engine == "rkllm" and self.n_batch > 8:
-            raise ValueError(f"n_batch={self.n_batch} is not allowed with engine rkllm: use 1 to 8")
+        if self.engine == "rkllm" and (problem := rkllm_n_batch_problem(self.n_batch)):
+            raise ValueError(problem)
         return self
 
     # -- derived ------------------------------------------------------------------------------

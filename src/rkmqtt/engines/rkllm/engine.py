@@ -80,6 +80,7 @@ from rkmqtt.engines.rkllm.prompt import parse_chat_template, render_prompt
 from rkmqtt.engines.rkllm.trace import TraceRecorder
 from rkmqtt.errors import ConfigError, EngineError, RequestRejected
 from rkmqtt.protocol import ErrorCode
+from rkmqtt.settings import rkllm_n_batch_problem
 
 if TYPE_CHECKING:
     from rkmqtt.settings import Settings
@@ -114,8 +115,8 @@ class RkllmEngine(Engine):
         root: Path = Path("/"),
         recorder: TraceRecorder | None = None,
     ) -> None:
-        if not 1 <= settings.n_batch <= 8:
-            raise ConfigError(f"setting n_batch={settings.n_batch} is not allowed with engine rkllm: use 1 to 8")
+        if problem := rkllm_n_batch_problem(settings.n_batch):
+            raise ConfigError(f"setting {problem}")
         if not settings.model:
             raise ConfigError("engine rkllm needs setting model: the path of a .rkllm model file")
         self._settings = settings
