@@ -291,6 +291,21 @@ def test_a_request_cannot_finish_twice_and_the_handle_is_dropped() -> None:
         h.core._finish(Step(), req, RequestState.FINISHED_STOPPED, 1.0)
 
 
+def test_a_retry_is_answered_from_what_was_kept_and_the_prompt_is_not_kept() -> None:
+    h = Harness(cfg())
+    h.do(0.0, "add", "a/1")
+    h.do(0.0, "plan", 2)
+    h.do(0.1, "tokens", ("a/1", "Par"))
+    h.do(0.2, "tokens", ("a/1", "is"))
+    h.do(0.3, "finish", "a/1")
+    step = h.core.add(h.request("a/1", 1.0, topic="p/reply/a/again"), 1.0)
+    [(done, retry)] = step.repeats
+    assert retry.route.topic == "p/reply/a/again"
+    assert done.ok and done.request.text == "Paris" and done.request.completion_tokens == 2
+    assert done.request.started == 0.0 and done.request.first_token == 0.1 and done.request.route.topic == "p/reply/a/1"
+    assert done.request.gen.messages == () and done.request.prepared is None  # the prompt is not held for retries
+
+
 ACTIONS = st.sampled_from(["add", "add", "add", "plan", "tokens", "finish", "fail", "cancel", "shutdown"])
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
 from rkmqtt.fairqueue import FairQueue
@@ -107,9 +107,12 @@ class OutcomeLog:
     def add(self, outcome: Outcome) -> None:
         if self._window <= 0:
             return
-        key = outcome.request.key
-        self._items.pop(key, None)
-        self._items[key] = outcome
+        req = outcome.request
+        # A retry is answered from the route, text, counts and times: the prompt (up to max_prompt_chars
+        # a request, 10,000 requests) and the text's pieces are not kept for it.
+        slim = replace(req, gen=replace(req.gen, messages=(), tools=()), parts=[req.text], prepared=None)
+        self._items.pop(req.key, None)
+        self._items[req.key] = replace(outcome, request=slim)
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
