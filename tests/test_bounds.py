@@ -127,3 +127,24 @@ def test_a_failing_reply_topic_is_logged_once_without_a_traceback(caplog: pytest
     lines = [r for r in caplog.records if r.name == "rkmqtt.outbox"]
     assert len(lines) == 1 and lines[0].exc_info is None
     assert len(lines[0].getMessage()) < 400 and "ValueError" in lines[0].getMessage()
+
+
+def test_acknowledgements_nobody_waits_for_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho reports every QoS 0 chunk through on_publish as well: thousands a second that no final
+    reply waits for. Half a second of them is kept (a PUBACK may overtake its registration), no more.
+    (What keeping them costs per chunk shows in `rkmqtt bench`'s relay figures.)"""
+    import rkmqtt.outbox as outbox
+
+    now = [100.0]
+    monkeypatch.setattr(outbox.time, "monotonic", lambda: now[0])
+    publisher = Publisher(Outbox(maxsize=10), mqtt.Client(CallbackAPIVersion.VERSION2), True, lambda: True)
+    for mid in range(1, 3001):  # 3 s of chunks at 1000 a second
+        now[0] += 0.001
+        publisher.acknowledged(None, None, mid, None, None)  # type: ignore[arg-type]
+        assert len(publisher._early) <= 500
+    delivered: list[int] = []
+    publisher._register(3000, lambda: delivered.append(3000))  # its PUBACK came a moment ago
+    publisher._register(5, lambda: delivered.append(5))  # 3 s ago: that was another message with this id
+    assert delivered == [3000] and publisher.awaiting == 1
+    publisher.acknowledged(None, None, 5, None, None)  # type: ignore[arg-type]
+    assert delivered == [3000, 5] and publisher.awaiting == 0

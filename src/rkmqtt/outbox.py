@@ -128,7 +128,8 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="rkmqtt-publisher", daemon=True)
         # QoS 1 messages with an `on_delivered`, by paho's message id, until the broker's PUBACK.
         self._awaiting: dict[int, Callable[[], None]] = {}
-        self._early: dict[int, float] = {}  # PUBACKs that came before their message was registered
+        # PUBACKs that came before their message was registered, oldest first.
+        self._early: OrderedDict[int, float] = OrderedDict()
         self._lock = threading.Lock()  # never held while calling paho or a callback
         self.published = 0
         self.failed = 0
@@ -196,9 +197,12 @@ class Publisher:
         with self._lock:
             callback = self._awaiting.pop(mid, None)
             if callback is None:
+                # Also every QoS 0 chunk (paho calls on_publish once it is written): thousands a second,
+                # so the old ones go from the front, oldest first, never by a scan of them all.
                 self._early[mid] = now
-                if len(self._early) > 64:
-                    self._early = {m: t for m, t in self._early.items() if now - t < _EARLY_S}
+                self._early.move_to_end(mid)
+                while self._early and now - next(iter(self._early.values())) >= _EARLY_S:
+                    self._early.popitem(last=False)
         if callback is not None:
             _delivered(callback)
 
