@@ -280,6 +280,21 @@ def test_wake_at_names_the_next_deadline() -> None:
     assert h.core.stopped
 
 
+def test_a_continuous_engine_with_requests_waiting_is_planned_at_once() -> None:
+    """n_batch 1: when the running request ends, the next waiting one must start without waiting
+    for another arrival (the scheduler sleeps on its inbox until `wake_at`)."""
+    h = Harness(cfg(n_batch=1))
+    h.do(0.0, "add", "a/1")
+    h.do(0.0, "add", "b/1")
+    h.do(0.0, "plan", 1)
+    h.do(0.5, "finish", "a/1")
+    assert h.core.running == 0 and h.core.waiting == 1
+    assert h.core.wake_at(0.5) == pytest.approx(0.5)
+    h.do(0.5, "plan", 1)
+    h.do(0.9, "finish", "b/1")
+    assert h.core.wake_at(0.9) is None  # nothing waits: sleep until something arrives
+
+
 def test_a_request_cannot_finish_twice_and_the_handle_is_dropped() -> None:
     h = Harness(cfg())
     h.do(0.0, "add", "a/1")

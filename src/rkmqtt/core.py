@@ -159,18 +159,24 @@ class SchedulingCore:
         return self._live.get(key)
 
     def wake_at(self, now: float) -> float | None:
-        """When the core next needs `plan()` with no new input: the end of a batch window, the
-        first expiry, or the end of the shutdown grace period."""
+        """When the core next needs `plan()` with no new input: now when a continuous engine has
+        requests waiting (a slot may just have freed), the end of a batch window, the first expiry,
+        or the end of the shutdown grace period."""
         times: list[float] = []
         if self._deadlines:
             times.append(self._deadlines[0][0])
         if self._shutdown_at is not None:
             if self._running:
                 times.append(self._shutdown_at)
-        elif not self.config.continuous and len(self._waiting):
-            oldest = self._waiting.oldest_arrival()
-            if oldest is not None:
-                times.append(oldest + self.config.batch_window_s)
+        elif len(self._waiting):
+            if self.config.continuous:
+                # Without this the loop would sleep on its inbox until the next arrival or the idle
+                # wait (0.5 s) after the last running request ended, with requests still queued.
+                times.append(now)
+            else:
+                oldest = self._waiting.oldest_arrival()
+                if oldest is not None:
+                    times.append(oldest + self.config.batch_window_s)
         return min(times) if times else None
 
     # -- arrivals ---------------------------------------------------------------------------
