@@ -8,8 +8,9 @@ Starts a private Mosquitto and `rkmqtt run` (default engine and model, a small q
 send a request a second with a short expiry, so every quiet request bumps a waiting flood request
 out of the full queue and then expires, and the next one bumps again (a bumped request has been
 tokenized: before the scheduling core, its tokens stayed in the engine for good). Prints the
-bridge's RSS and its `P/stats` counters every `--every` seconds; at the end, the bumps (from the
-bridge's log), the RSS growth over the second half of the run and whether the counters add up.
+bridge's RSS and its stats counters (`P/node/soak/stats`) every `--every` seconds; at the end, the
+bumps (finals that say so), the RSS growth over the second half of the run and whether the counters
+add up.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from rkmqtt.broker import Mosquitto  # noqa: E402
+from rkmqtt.topics import Topics  # noqa: E402
 
 PREFIX = "soak"
+TOPICS = Topics(PREFIX, "soak")  # the bridge runs with --node-name soak
 SENTENCE = "the quick brown fox jumps over the lazy dog. "  # 10 tokens of SmolLM2's tokenizer
 
 
@@ -54,47 +57,47 @@ def main() -> int:
         if args.src is not None:
             env["PYTHONPATH"] = str(args.src.resolve())
         cmd = [sys.executable, "-m", "rkmqtt", "run", "--broker", broker.url, "--topic-prefix", PREFIX,
-               "--engine", args.engine, "--max-queue", "8", "--rate-limit", "0", "--no-discovery",
+               "--node-name", TOPICS.node, "--engine", args.engine, "--max-queue", "8", "--rate-limit", "0",
+               "--no-discovery",
                "--stats-interval", "2", "--max-new-tokens", "32", "--default-new-tokens", "8"]  # fmt: skip
         log_path = broker.workdir / "bridge.log"
         print(f"bridge log: {log_path}")
         with log_path.open("wb") as log:
             bridge = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
             try:
-                status = soak(broker.url, bridge, args)
+                return soak(broker.url, bridge, args)
             finally:
                 bridge.terminate()
                 bridge.wait(60)
-        bumps = log_path.read_text(errors="replace").count("holds the most places")
-        print(f"requests bumped out of the full queue: {bumps}")
-        return status
 
 
 def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) -> int:
     long_prompt = "Summarise this, please: " + SENTENCE * max(1, args.prompt_tokens // 10)
     port = int(url.rsplit(":", 1)[1])
     lock = threading.Lock()
-    finals = 0
+    finals = bumps = 0
     stats: dict[str, Any] = {}
     online = threading.Event()
 
     def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        nonlocal finals, stats
-        if msg.topic == f"{PREFIX}/status":
+        nonlocal finals, bumps, stats
+        if msg.topic == TOPICS.status:
             if msg.payload == b"online":
                 online.set()
-        elif msg.topic == f"{PREFIX}/stats":
+        elif msg.topic == TOPICS.stats:
             with lock:
                 stats = json.loads(msg.payload)
         elif not msg.topic.endswith("/stream"):
+            bumped = "holds the most places" in json.loads(msg.payload).get("error", {}).get("message", "")
             with lock:
                 finals += 1
+                bumps += bumped
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="soak-driver", protocol=mqtt.MQTTv5)
     c.max_queued_messages_set(0)
     c.on_message = on_message
     c.connect("127.0.0.1", port)
-    c.subscribe([(f"{PREFIX}/reply/#", 1), (f"{PREFIX}/stats", 0), (f"{PREFIX}/status", 1)])
+    c.subscribe([(f"{PREFIX}/reply/#", 1), (TOPICS.stats, 0), (TOPICS.status, 1)])
     c.loop_start()
     if not online.wait(300):
         print("the bridge did not come online within 300 s", file=sys.stderr)
@@ -141,6 +144,7 @@ def soak(url: str, bridge: subprocess.Popen[bytes], args: argparse.Namespace) ->
     half = [rss for t, rss in samples if t >= args.minutes * 30]
     growth = (half[-1] - half[0]) if len(half) > 1 else 0.0
     adds_up = s.get("requests_total") == s.get("completed", 0) + s.get("errors", 0) == f
+    print(f"requests bumped out of the full queue: {bumps}")
     print(f"RSS over the second half: {half[0]:.1f} -> {half[-1]:.1f} MB ({growth:+.1f} MB)" if half else "no samples")
     verdict = "adds up" if adds_up else "DOES NOT ADD UP"
     print(f"requests {s.get('requests_total')}, ok {s.get('completed')}, errors {s.get('errors')} "
