@@ -1,5 +1,6 @@
 """`rkmqtt check` (main thread): settings, broker reachability, engine readiness and, for the
-rkllm engine, the board (driver, NPU device, runtime library, model, platform), in plain words.
+rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai
+engine, the upstream server (reachable, model listed, one token generated), in plain words.
 Exit 0 when everything needed to run is fine, 1 otherwise.
 """
 
@@ -207,6 +208,15 @@ def run_checks(settings: Settings) -> int:
             for c in run_checks(settings):
                 _line(c.ok, c.name, c.message)
                 failures += not c.ok
+    if name == "openai":
+        from rkmqtt.engines.openai.check import check_upstream
+
+        for ok3, what, detail3 in check_upstream(settings):
+            _line(ok3, what, detail3)
+            failures += ok3 is False
+        if failures:  # the engine would only wait for the same server again
+            print(f"{failures} problem(s) found")
+            return 1
     t0 = time.monotonic()
     try:
         engine = create_engine(settings)
@@ -215,13 +225,17 @@ def run_checks(settings: Settings) -> int:
         _line(False, "engine", f"{name}: {e}")
         return 1
     info = engine.info()
+    problem = engine.problem()
     _line(
-        True,
+        problem is None,
         "engine",
-        f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
+        f"{name}: {problem}"
+        if problem is not None
+        else f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
         f"{engine.capabilities.max_batch} slots, {'continuous' if engine.capabilities.continuous else 'static'} "
         f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
     )
+    failures += problem is not None
     engine.close()
     print("all good" if failures == 0 else f"{failures} problem(s) found")
     return 0 if failures == 0 else 1

@@ -221,7 +221,15 @@ class Intake:
         if req.prompt is not None:
             messages.append(ChatMessage("user", req.prompt))
         else:
-            messages.extend(ChatMessage(m.role, m.content) for m in req.messages or ())
+            messages.extend(
+                ChatMessage(
+                    m.role,
+                    m.content,
+                    tuple(c.model_dump(exclude_none=True) for c in m.tool_calls or ()),
+                    m.tool_call_id,
+                )
+                for m in req.messages or ()
+            )
         # The MQTT 5 property wins where both exist.
         expires = msg.expiry_s if msg.expiry_s is not None else req.expires_in
         gen = Generation(
@@ -230,6 +238,7 @@ class Intake:
             max_new_tokens=req.max_new_tokens or s.default_new_tokens,
             sampling=sampling,
             sampling_requested=requested,
+            tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
         )
         return Request(
             key=key,

@@ -20,6 +20,7 @@ from rkmqtt.protocol import (
     OkReply,
     StreamChunk,
     Timing,
+    ToolCall,
     Usage,
 )
 from rkmqtt.request import Outcome, Request, Route
@@ -62,6 +63,7 @@ class Replies:
             model=self.model_name,
             warnings=list(outcome.warnings),
             node=self.node,
+            tool_calls=[ToolCall.model_validate(c, strict=False) for c in req.tool_calls],
         )
 
     # -- MQTT messages ----------------------------------------------------------------------------

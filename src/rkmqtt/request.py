@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from rkmqtt.engines.base import Generation, Prepared
 from rkmqtt.protocol import ErrorCode, FinalReply, FinishReason
@@ -98,6 +98,7 @@ class Request:
     slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
     batch_size: int = 0  # the largest batch it ran in
     perf: dict[str, float] = field(default_factory=dict)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the engine's structured calls (`FinishEvent.tool_calls`)
     journal_seq: int | None = None  # its row in the request journal, when there is one
 
     @property

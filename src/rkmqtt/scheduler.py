@@ -5,7 +5,8 @@ commands on its inbox and return at once. Each turn it feeds the inbox to the sc
 (`core.py`), asks the core for a plan, polls the engine, and carries out every `Step` the core
 returns: engine calls here, replies to the `Outbox` (never waiting on the network), or to the
 route's `ReplySink` for requests that came over HTTP. The policy lives in the core; this module
-only carries it out.
+only carries it out. An engine that takes the offer of `Engine.set_wake` (its work runs on threads
+of its own) wakes this thread through the inbox when it has events, instead of being polled.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _LOGGER = logging.getLogger(__name__)
 
 _STATIC_POLL_S = 0.05  # how long a static engine's poll may wait before the inbox is looked at again
 _IDLE_WAIT_S = 0.5
+# An engine that wakes the loop, full or unavailable, with requests waiting: it wakes the loop when a
+# slot frees; this bounds how late an expiry among the waiting ones is answered.
+_FULL_WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,14 @@ class _Shutdown:
     grace_s: float
 
 
-_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown
+@dataclass(frozen=True)
+class _Wake:
+    """The engine has events (or free slots): the turn that takes this off the inbox polls it."""
+
+
+_WAKE = _Wake()
+
+_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown | _Wake
 
 
 class Scheduler:
@@ -97,6 +108,8 @@ class Scheduler:
         self.active = 0
         self._last_stats = clock()
         self._tokens_at_stats = 0
+        self._engine_problem: str | None = None  # as the last stats said
+        self._woken = engine.set_wake(self._wake)  # the engine wakes this loop: no polling in a loop
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +129,10 @@ class Scheduler:
         """Count a retried id that another thread answered from the journal."""
         self._inbox.put(_Repeated())
 
+    def _wake(self) -> None:
+        """The engine's `wake` (any thread): never blocks."""
+        self._inbox.put(_WAKE)
+
     def shutdown(self, grace_s: float) -> None:
         """Answer waiting requests `shutting_down`, give running ones `grace_s` to finish."""
         self._inbox.put(_Shutdown(grace_s))
@@ -129,6 +146,11 @@ class Scheduler:
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    @property
+    def engine_problem(self) -> str | None:
+        """Why the engine cannot take requests, as the loop last saw it (None: it can)."""
+        return self._engine_problem
 
     def engine_stalled_s(self) -> float:
         """Seconds the engine has held requests without producing an event (0 when idle)."""
@@ -168,10 +190,12 @@ class Scheduler:
 
     def _inbox_timeout(self, now: float) -> float:
         core = self.core
-        if core.running:
+        if core.running and not self._woken:
             return 0.0
         if core.waiting and self.engine.free_slots() == 0:
-            return 0.005  # a static engine still winding down its batch: don't spin
+            # A static engine still winding down its batch: don't spin. One that wakes the loop
+            # (full, or its upstream unavailable) does so when a slot frees.
+            return _FULL_WAIT_S if self._woken else 0.005
         wait = min(_IDLE_WAIT_S, max(0.01, self._last_stats + self.config.stats_interval_s - now))
         wake = core.wake_at(now)
         return wait if wake is None else max(0.0, min(wait, wake - now))
@@ -191,6 +215,8 @@ class Scheduler:
                 self.core.refused_early(cmd.code)
             elif isinstance(cmd, _Repeated):
                 self.core.counters.repeated += 1
+            elif isinstance(cmd, _Wake):
+                pass  # the turn goes on to poll the engine
             else:
                 _LOGGER.info("shutting down: %d running get up to %.0f s", self.core.running, cmd.grace_s)
                 self._carry_out(self.core.shutdown(cmd.grace_s, now))
@@ -241,6 +267,13 @@ class Scheduler:
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
+        if req.gen.tools and not self.engine.capabilities.tools:
+            message = (
+                f"{self.engine.model_name} takes no tools (its chat template has no place for them, or the engine "
+                "does not pass them); send the request without tools"
+            )
+            self._carry_out(self.core.refuse(req, ErrorCode.INVALID_REQUEST, message, now))
+            return
         try:
             handle = self.engine.prepare(req.gen)
         except RequestRejected as e:
@@ -303,12 +336,17 @@ class Scheduler:
             errors=c.errors,
             errors_by_code=dict(c.by_code),
             repeated=c.repeated,
+            engine_ready=self._engine_problem is None,
+            engine_problem=self._engine_problem,
         )
 
     def _maybe_stats(self) -> None:
         now = self.clock()
-        if now - self._last_stats < self.config.stats_interval_s:
+        problem = self.engine.problem()
+        if now - self._last_stats < self.config.stats_interval_s and problem == self._engine_problem:
             return
+        # A change of the engine's readiness goes out at once (Home Assistant's engine connectivity).
+        self._engine_problem = problem
         if self.config.stats_topic:
             payload = self.stats(now).model_dump_json().encode()
             self.outbox.put(Outgoing(self.config.stats_topic, payload, 0, droppable=True))

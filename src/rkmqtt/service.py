@@ -239,6 +239,7 @@ class Service:
             "engine_stalled_s": round(sched.engine_stalled_s(), 1) if sched else 0.0,
             "queue_depth": sched.queue_depth if sched else 0,
             "active": sched.active if sched else 0,
+            "engine_problem": sched.engine_problem if sched else None,
             "updated": time.time(),
         }
 

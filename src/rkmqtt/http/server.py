@@ -23,6 +23,7 @@ from aiohttp import web
 
 from rkmqtt.errors import ConfigError
 from rkmqtt.intake import RateLimiter
+from rkmqtt.loopthread import run_loop
 from rkmqtt.protocol import Info
 from rkmqtt.scheduler import Scheduler
 from rkmqtt.settings import Settings
@@ -49,7 +50,7 @@ class HttpServer:
         self.auth = Auth(settings.http_token_names(), settings.http_client)
         self.gateway = Gateway(settings, scheduler, rate, self.auth, self.card.name, tools)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
+        self._thread = threading.Thread(target=run_loop, args=(self._loop,), name="rkmqtt-http", daemon=True)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -98,13 +99,6 @@ class HttpServer:
         return fut.result(timeout)
 
     # -- the event loop's thread ------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_payload_bytes,
