@@ -5,7 +5,8 @@
 * Tool calls in the Qwen/Hermes style, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
   are taken out of the text and returned as structured calls. A block that is not such JSON stays
   text; an unclosed block at the end counts when its JSON is whole (models often stop at the end
-  of the JSON instead of writing the closing tag).
+  of the JSON instead of writing the closing tag). An engine that returns its calls structured
+  (engine openai) has them in the final reply's `tool_calls`: `reply_calls` reads them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rkmqtt.protocol import OkReply
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -73,6 +76,12 @@ class StopScanner:
 class ToolCall:
     name: str
     arguments: dict[str, Any]
+    id: str | None = None  # the engine's id for it, when it gave one
+
+
+def reply_calls(reply: OkReply) -> list[ToolCall]:
+    """The calls an engine returned structured, in the final reply."""
+    return [ToolCall(c.function.name, c.function.arguments, c.id) for c in reply.tool_calls]
 
 
 def parse_call(body: str) -> ToolCall | None:
