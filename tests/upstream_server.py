@@ -97,6 +97,8 @@ class ScriptedServer:
         return self
 
     def close(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -7,6 +7,7 @@ An HTTP error for one request becomes that request's error code: 400/422 `invali
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -66,11 +67,9 @@ def connection_cause(e: BaseException) -> str:
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.strerror:
-            return cur.strerror
-        for sub in getattr(cur, "exceptions", ()):  # an ExceptionGroup (several addresses tried)
-            if isinstance(sub, OSError) and sub.strerror:
-                return sub.strerror
+        for err in (cur, *getattr(cur, "exceptions", ())):  # an ExceptionGroup: several addresses tried
+            if isinstance(err, OSError) and (err.errno or err.strerror):
+                return os.strerror(err.errno) if err.errno else str(err.strerror)
         if str(cur):
             best = str(cur)
         cur = cur.__cause__ or cur.__context__
