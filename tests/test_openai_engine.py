@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,7 +31,7 @@ from rkmqtt.service import Service
 from rkmqtt.settings import load_settings
 from tests.conftest import bridge_settings
 from tests.mqtt_probe import Probe
-from tests.upstream_server import ScriptedServer
+from tests.upstream_server import Device, Fronts, ScriptedServer
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -55,55 +54,9 @@ def scripted() -> Iterator[ScriptedServer]:
 
 @pytest.fixture
 def start_front(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
-    """start_front(url, **settings): an in-process bridge with engine openai on the test's broker."""
-    services: list[Service] = []
-
-    def start(url: str, **overrides: Any) -> Service:
-        settings = bridge_settings(mosquitto.url, prefix, **{"engine": "openai", "upstream_url": url, "n_batch": 3,
-                                                             **overrides})  # fmt: skip
-        svc = Service(settings)
-        services.append(svc)
-        svc.start()
-        assert svc.bridge is not None and svc.bridge.wait_connected(15), "bridge did not connect"
-        wait_online(mosquitto.url, prefix)
-        return svc
-
-    yield start
-    for svc in services:
-        svc.stop(grace_s=1)
-
-
-def wait_online(broker_url: str, prefix: str) -> None:
-    """Until the broker has the bridge's `online` status, published after its request subscription:
-    `wait_connected` returns once paho has queued them, and a request published at once can reach
-    the broker before the subscription does (it then goes nowhere)."""
-    probe = Probe(broker_url, [f"{prefix}/node/+/status"])
-    try:
-        probe.wait_for(lambda m: m.payload == b"online", 15)
-    finally:
-        probe.close()
-
-
-class Device:
-    """An MQTT device of the test: asks and waits for its final reply."""
-
-    def __init__(self, probe: Probe, prefix: str) -> None:
-        self.probe, self.prefix = probe, prefix
-
-    def send(self, payload: dict[str, Any]) -> str:
-        rid = payload.setdefault("id", uuid.uuid4().hex[:12])
-        self.probe.publish(f"{self.prefix}/request/dev", payload)
-        return str(rid)
-
-    def final(self, rid: str, timeout: float = 30) -> dict[str, Any]:
-        return self.probe.final(f"{self.prefix}/reply/dev/{rid}", timeout)
-
-    def ask(self, payload: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-        return self.final(self.send(payload), timeout)
-
-    def stats(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict[str, Any]:
-        found = self.probe.wait_for(lambda m: m.is_node("stats") and pred(m.json()), timeout)
-        return found[-1].json()  # type: ignore[no-any-return]
+    fronts = Fronts(mosquitto.url, prefix)
+    yield fronts.start
+    fronts.close()
 
 
 @pytest.fixture
@@ -273,7 +226,7 @@ def test_a_cancel_closes_the_upstream_response(
     scripted.handler = endless
     start_front(scripted.url)
     rid = device.send({"prompt": "count"})
-    device.probe.wait_for(lambda m: m.topic.endswith(f"/{rid}/stream"), 20)
+    device.first_chunk(rid, 20)
     device.probe.publish(f"{device.prefix}/cancel/dev", rid)
     reply = device.final(rid)
     assert reply["finish_reason"] == "cancelled" and reply["text"].startswith("0 ")

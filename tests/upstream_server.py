@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 from aiohttp import web
 
 from rkmqtt.broker import free_port, port_answers
+from rkmqtt.service import Service
 from tests.bridge_process import BridgeProcess
+from tests.conftest import bridge_settings
+from tests.mqtt_probe import Probe
 
 
 class UpstreamRkmqtt:
@@ -159,3 +163,62 @@ class ScriptedServer:
             {"choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]},
             {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}},
         ])  # fmt: skip
+
+
+class Fronts:
+    """In-process bridges with engine openai on a test's broker: `start(url, **settings)`."""
+
+    def __init__(self, broker_url: str, prefix: str) -> None:
+        self.broker_url, self.prefix = broker_url, prefix
+        self.services: list[Service] = []
+
+    def start(self, url: str, **overrides: Any) -> Service:
+        flags = {"engine": "openai", "upstream_url": url, "n_batch": 3, **overrides}
+        svc = Service(bridge_settings(self.broker_url, self.prefix, **flags))
+        self.services.append(svc)
+        svc.start()
+        assert svc.bridge is not None and svc.bridge.wait_connected(15), "bridge did not connect"
+        wait_online(self.broker_url, self.prefix)
+        return svc
+
+    def close(self) -> None:
+        for svc in self.services:
+            svc.stop(grace_s=1)
+
+
+def wait_online(broker_url: str, prefix: str) -> None:
+    """Until the broker has the bridge's `online` status, published after its request subscription:
+    `wait_connected` returns once paho has queued them, and a request published at once can reach
+    the broker before the subscription does (it then goes nowhere)."""
+    probe = Probe(broker_url, [f"{prefix}/node/+/status"])
+    try:
+        probe.wait_for(lambda m: m.payload == b"online", 15)
+    finally:
+        probe.close()
+
+
+class Device:
+    """An MQTT device of the test: asks and waits for its final reply, reads the bridge's stats."""
+
+    def __init__(self, probe: Probe, prefix: str) -> None:
+        self.probe, self.prefix = probe, prefix
+
+    def send(self, payload: dict[str, Any]) -> str:
+        rid = payload.setdefault("id", uuid.uuid4().hex[:12])
+        self.probe.publish(f"{self.prefix}/request/dev", payload)
+        return str(rid)
+
+    def final(self, rid: str, timeout: float = 30) -> dict[str, Any]:
+        return self.probe.final(f"{self.prefix}/reply/dev/{rid}", timeout)
+
+    def ask(self, payload: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        return self.final(self.send(payload), timeout)
+
+    def first_chunk(self, rid: str, timeout: float = 60) -> None:
+        """Until the request's first stream chunk came (its final reply first is a failure)."""
+        got = self.probe.wait_for(lambda m: m.topic.startswith(f"{self.prefix}/reply/dev/{rid}"), timeout)
+        assert got[0].topic.endswith("/stream"), f"no stream, but the final reply {got[0].payload!r}"
+
+    def stats(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> dict[str, Any]:
+        found = self.probe.wait_for(lambda m: m.is_node("stats") and pred(m.json()), timeout)
+        return found[-1].json()  # type: ignore[no-any-return]
