@@ -180,11 +180,15 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
 
 def run_checks(settings: Settings) -> int:
     failures = 0
+    served = (
+        f"upstream_model={settings.upstream_model or '(the first listed)'}"
+        if settings.engine == "openai"
+        else f"model={settings.model or '(default)'}"
+    )
     _line(
         True,
         "settings",
-        f"engine={settings.engine} model={settings.model or '(default)'} "
-        f"n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
+        f"engine={settings.engine} {served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
     )
     ok, detail = check_broker(settings)
     _line(ok, "broker", detail)
