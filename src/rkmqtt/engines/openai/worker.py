@@ -135,17 +135,8 @@ class Worker:
             self._emit(ticket, answer.finish())
         except asyncio.CancelledError:
             raise
-        except openai.APITimeoutError:
-            self._fail(ticket, key, ErrorCode.ENGINE_ERROR, self._silent(answer))
-        except openai.APIConnectionError as e:
-            cause = connection_cause(e)
-            if answer.pieces == 0 and not _got_response(e):
-                self.link.down(f"cannot connect ({cause})")
-                message = f"the upstream server {self.config.shown_url} cannot be reached ({cause})"
-            else:
-                self.link.look()
-                message = f"the connection to the upstream server broke after {answer.pieces} tokens ({cause})"
-            self._fail(ticket, key, ErrorCode.ENGINE_ERROR, message)
+        except openai.APIConnectionError as e:  # and APITimeoutError
+            self._broken(ticket, key, answer, e)
         except openai.APIStatusError as e:
             self._fail(ticket, key, *status_error(e.status_code, e.body, e.message))
         except openai.APIError as e:  # an error event inside the stream
@@ -156,20 +147,37 @@ class Worker:
         finally:
             self._tasks.pop(ticket, None)
 
-    def _silent(self, answer: Answer) -> str:
-        where = "before its first token" if answer.pieces == 0 else f"after {answer.pieces} tokens"
-        return f"the upstream server sent nothing for {self.config.timeout_s:g} s {where} (setting upstream_timeout)"
+    def _broken(self, ticket: int, key: Hashable, answer: Answer, e: openai.APIConnectionError) -> None:
+        """No connection (the server is down: the link says so, once), a connection that broke (is
+        the server gone? the link looks), or silence past upstream_timeout."""
+        timed_out = isinstance(e, openai.APITimeoutError)
+        if not _connected(e):
+            cause = f"no connection within {CONNECT_TIMEOUT_S:g} s" if timed_out else connection_cause(e)
+            self.link.down(f"cannot connect ({cause})")
+            message = f"the upstream server {self.config.shown_url} cannot be reached ({cause})"
+        elif timed_out:
+            where = "before its first token" if answer.pieces == 0 else f"after {answer.pieces} tokens"
+            message = (
+                f"the upstream server sent nothing for {self.config.timeout_s:g} s {where} (setting upstream_timeout)"
+            )
+        else:
+            self.link.look()
+            cause = connection_cause(e)
+            message = f"the connection to the upstream server broke after {answer.pieces} tokens ({cause})"
+        self._fail(ticket, key, ErrorCode.ENGINE_ERROR, message)
 
     def _fail(self, ticket: int, key: Hashable, code: ErrorCode, message: str) -> None:
         self._emit(ticket, ErrorEvent(key, code, message))
 
 
-def _got_response(e: BaseException) -> bool:
-    """Whether the server had answered before the connection broke (False: it never got there)."""
+def _connected(e: BaseException) -> bool:
+    """Whether the connection to the server was made (False: the request never reached it), by
+    the names of the HTTP library's exceptions (httpx and its successor httpx2 name them alike)."""
     cur: BaseException | None = e
-    while cur is not None:
-        name = type(cur).__name__
-        if name in ("ConnectError", "ConnectTimeout"):
+    for _ in range(20):
+        if cur is None:
+            return True
+        if type(cur).__name__ in ("ConnectError", "ConnectTimeout"):
             return False
         cur = cur.__cause__ or cur.__context__
     return True
