@@ -208,22 +208,7 @@ def test_a_silent_server_fails_the_request_after_upstream_timeout_and_is_left(
 def test_a_cancel_closes_the_upstream_response(
     scripted: ScriptedServer, start_front: Callable[..., Service], device: Device
 ) -> None:
-    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(6000):
-            data = {
-                "id": "x",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": "m",
-                **chunk({"content": f"{i} "}),
-            }
-            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
-            await asyncio.sleep(0.01)
-        return resp
-
-    scripted.handler = endless
+    scripted.handler = ScriptedServer.endless
     start_front(scripted.url)
     rid = device.send({"prompt": "count"})
     device.first_chunk(rid, 20)
@@ -231,6 +216,42 @@ def test_a_cancel_closes_the_upstream_response(
     reply = device.final(rid)
     assert reply["finish_reason"] == "cancelled" and reply["text"].startswith("0 ")
     _until(lambda: scripted.cancelled == 1, "the server saw the client leave")
+
+
+def test_no_more_than_n_batch_requests_are_in_flight_upstream(
+    scripted: ScriptedServer, start_front: Callable[..., Service], device: Device
+) -> None:
+    in_flight, most = 0, 0
+
+    async def slow(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.3)
+            return await scripted.answer_text(request, body)
+        finally:
+            in_flight -= 1
+
+    scripted.handler = slow
+    start_front(scripted.url, n_batch=2)
+    rids = [device.send({"prompt": f"hi {i}"}) for i in range(5)]
+    assert all(device.final(rid)["text"] == "Hello there" for rid in rids)
+    assert most == 2 and len(scripted.bodies) == 5
+
+
+def test_an_http_client_that_leaves_closes_the_upstream_response(
+    scripted: ScriptedServer, start_front: Callable[..., Service]
+) -> None:
+    scripted.handler = ScriptedServer.endless
+    port = free_port()
+    start_front(scripted.url, http_listen=f"127.0.0.1:{port}")
+    oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+    msgs: Any = [{"role": "user", "content": "count"}]
+    stream = oa.chat.completions.create(model="scripted-model", messages=msgs, stream=True)
+    assert any(c.choices and c.choices[0].delta.content for c in stream)  # the first text came
+    stream.close()  # the client leaves
+    _until(lambda: scripted.cancelled == 1, "the server saw the bridge leave")
 
 
 def test_a_server_down_at_start_is_waited_for_and_shown(

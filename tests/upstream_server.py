@@ -156,6 +156,18 @@ class ScriptedServer:
         await resp.write_eof()
         return resp
 
+    @staticmethod
+    async def endless(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """Counts "0 1 2 ..." a hundred a second, for a minute."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(6000):
+            delta = {"index": 0, "delta": {"content": f"{i} "}, "finish_reason": None}
+            data = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [delta]}
+            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
+            await asyncio.sleep(0.01)
+        return resp
+
     async def answer_text(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         return await self.sse(request, [
             {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
