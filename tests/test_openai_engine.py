@@ -30,8 +30,9 @@ from rkmqtt.protocol import ErrorCode
 from rkmqtt.service import Service
 from rkmqtt.settings import load_settings
 from tests.conftest import bridge_settings
+from tests.fake_engine import FakeEngine
 from tests.mqtt_probe import Probe
-from tests.upstream_server import Device, Fronts, ScriptedServer
+from tests.upstream_server import Device, Fronts, ScriptedServer, wait_online
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -311,6 +312,17 @@ def test_check_tries_the_server_in_plain_words(
     assert run_checks(settings.model_copy(update={"upstream_url": dead})) == 1
     out = capsys.readouterr().out
     assert f"[FAIL] upstream: cannot reach {dead} (Connection refused): start the server or fix upstream_url" in out
+
+
+def test_mqtt_tools_to_an_engine_that_takes_none_are_refused(
+    start_bridge: Callable[..., Service], device: Device, mosquitto: Mosquitto, prefix: str
+) -> None:
+    """The scheduler checks it, for both doors (the HTTP API refuses such requests before)."""
+    start_bridge(FakeEngine(tools=False))
+    wait_online(mosquitto.url, prefix)
+    refused = device.ask({"prompt": "call:get_weather", "tools": TOOLS})
+    assert refused["error"]["code"] == "invalid_request" and "takes no tools" in refused["error"]["message"]
+    assert device.ask({"prompt": "no tools here"})["status"] == "ok"
 
 
 # -- the pure parts -----------------------------------------------------------------------------
