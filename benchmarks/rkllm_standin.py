@@ -8,7 +8,7 @@ Scenario (issue 4): 4 users send at once; each request, served alone, takes 300 
 token and 2 s of generation. Sequential service (n_batch 1) then gives 2.3, 4.6, 6.9 and 9.2 s:
 5.75 s average latency and 0.43 requests/s. With n_batch 4 the four share one rkllm_run.
 
-The path measured is the bridge's own: `rkmqtt.scheduler.Scheduler` (fair queue, batch admission,
+The path measured is the bridge's own: `rkmqtt.sched.loop.Scheduler` (fair queue, batch admission,
 event handling, final replies built as on the wire) driving `RkllmEngine` over ctypes into the C
 stand-in (tests/standin/rkllm_standin.c, built here with ABI 1.3). Only MQTT is left out: the
 replies are read from the scheduler's outbox; latency is each reply's `timing.total_ms`
@@ -48,14 +48,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.standin.build import build_standin  # noqa: E402
 
-from rkmqtt.core import CoreConfig  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.rkllm.engine import RkllmEngine  # noqa: E402
-from rkmqtt.outbox import Outbox  # noqa: E402
+from rkmqtt.mqtt.outbox import Outbox  # noqa: E402
+from rkmqtt.mqtt.replies import Replies  # noqa: E402
 from rkmqtt.protocol import OkReply  # noqa: E402
-from rkmqtt.replies import Replies  # noqa: E402
-from rkmqtt.request import Request, RequestKey, Route  # noqa: E402
-from rkmqtt.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from rkmqtt.sched.loop import Scheduler, SchedulerConfig  # noqa: E402
+from rkmqtt.sched.policy import CoreConfig  # noqa: E402
+from rkmqtt.sched.request import Request, RequestKey, Route  # noqa: E402
 from rkmqtt.settings import Settings  # noqa: E402
 
 USERS = 4

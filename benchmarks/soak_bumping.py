@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from rkmqtt.broker import Mosquitto  # noqa: E402
+from rkmqtt.mqtt.broker import Mosquitto  # noqa: E402
 from rkmqtt.topics import Topics  # noqa: E402
 
 PREFIX = "soak"

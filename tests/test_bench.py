@@ -16,9 +16,9 @@ import pytest
 from rkmqtt.bench.metrics import RequestRecord, percentile, summarize
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
 from rkmqtt.bench.workload import Workload
-from rkmqtt.broker import Mosquitto
 from rkmqtt.cli import main
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
 

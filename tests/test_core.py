@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rkmqtt.core import CoreConfig, SchedulingCore, Step
 from rkmqtt.engines.base import ChatMessage, ErrorEvent, FinishEvent, Generation, Prepared, SamplingParams, TokenEvent
 from rkmqtt.protocol import ErrorCode
-from rkmqtt.request import Request, RequestKey, RequestState, Route
+from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
+from rkmqtt.sched.request import Request, RequestKey, RequestState, Route
 
 
 def key(text: str) -> RequestKey:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -236,7 +236,7 @@ def test_image_keeps_the_request_journal_in_a_volume_the_service_may_write(top: 
 def test_dockerignore_sends_only_the_sources() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
-    for kept in ("pyproject.toml", "README.md", "src/rkmqtt/cli.py", "src/rkmqtt/engines/base.py"):
+    for kept in ("pyproject.toml", "README.md", "src/rkmqtt/cli/main.py", "src/rkmqtt/engines/base.py"):
         assert not dockerignore_excludes(kept, patterns), kept
     for dropped in (
         ".venv/bin/python",

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from rkmqtt import reference
-from rkmqtt.broker import Mosquitto
 from rkmqtt.cli import build_parser
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
 from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
 from tests.mqtt_probe import Probe

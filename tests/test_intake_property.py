@@ -11,10 +11,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rkmqtt.intake import MAX_MESSAGE_CHARS, Incoming, Intake
+from rkmqtt.mqtt.intake import MAX_MESSAGE_CHARS, Incoming, Intake
+from rkmqtt.mqtt.replies import Refusal, Replies
 from rkmqtt.protocol import ErrorReply, RequestPayload
-from rkmqtt.replies import Refusal, Replies
-from rkmqtt.request import Request
+from rkmqtt.sched.request import Request
 from rkmqtt.settings import load_settings
 from rkmqtt.topics import Topics, has_wildcards
 

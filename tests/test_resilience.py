@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto, free_port, port_answers
+from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine

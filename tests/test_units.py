@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.errors import ConfigError
-from rkmqtt.fairqueue import FairQueue
-from rkmqtt.intake import Incoming, Intake, RateLimiter
+from rkmqtt.mqtt.intake import Incoming, Intake, RateLimiter
+from rkmqtt.mqtt.replies import Refusal
 from rkmqtt.protocol import ErrorCode, parse_cancel_payload
-from rkmqtt.replies import Refusal
-from rkmqtt.request import Request, RequestKey, RequestState, Route
+from rkmqtt.sched.fairqueue import FairQueue
+from rkmqtt.sched.request import Request, RequestKey, RequestState, Route
 from rkmqtt.settings import load_settings
 from rkmqtt.topics import Topics
 

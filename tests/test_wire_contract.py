@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorReply, OkReply, StreamChunk
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine

@@ -66,7 +66,7 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "log_level",
 )
 
-#: (user name, password) for the bridge's next connect (`rkmqtt.bridge.CredentialsProvider`).
+#: (user name, password) for the bridge's next connect (`rkmqtt.mqtt.bridge.CredentialsProvider`).
 Credentials = tuple[str | None, str | None]
 
 

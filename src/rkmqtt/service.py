@@ -23,17 +23,17 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.bridge import Bridge, CredentialsProvider
-from rkmqtt.broker import Mosquitto, port_answers
-from rkmqtt.core import CoreConfig
 from rkmqtt.engines import create_engine, default_temperature
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
-from rkmqtt.journal import Journal, journal_path
-from rkmqtt.outbox import Outbox
+from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
+from rkmqtt.mqtt.broker import Mosquitto, port_answers
+from rkmqtt.mqtt.journal import Journal, journal_path
+from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.replies import Refusal, Replies
 from rkmqtt.protocol import Info, Limits
-from rkmqtt.replies import Refusal, Replies
-from rkmqtt.scheduler import Scheduler, SchedulerConfig
+from rkmqtt.sched.loop import Scheduler, SchedulerConfig
+from rkmqtt.sched.policy import CoreConfig
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
@@ -211,13 +211,13 @@ class Service:
         s = self.settings
         if self.info is None:
             return None, {}
-        from rkmqtt import homeassistant
+        from rkmqtt.mqtt import discovery
 
         info = self.info
 
         def retained() -> list[tuple[str, bytes]]:
             # With discovery off: the empty config, which removes a device an earlier run announced.
-            return homeassistant.discovery_messages(s, info)
+            return discovery.discovery_messages(s, info)
 
         if not s.discovery:
             return retained, {}
@@ -227,7 +227,7 @@ class Service:
                 _LOGGER.info("Home Assistant came online: discovery published again")
                 self.bridge.publish_retained_extra()
 
-        return retained, {homeassistant.ha_status_topic(s): on_ha_status}
+        return retained, {discovery.ha_status_topic(s): on_ha_status}
 
     # -- health -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

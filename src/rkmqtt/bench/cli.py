@@ -42,8 +42,8 @@ from rkmqtt.bench.sweep import (
     targets_suite,
 )
 from rkmqtt.bench.workload import SHAPES, Workload
+from rkmqtt.cli.flags import add_settings_flags
 from rkmqtt.errors import ConfigError
-from rkmqtt.flags import add_settings_flags
 from rkmqtt.settings import Settings, load_settings
 
 _SWEPT = ("engine", "n_batch", "rkllm_library")  # the bench's own flags stand for these settings

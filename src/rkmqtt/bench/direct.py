@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.workload import Workload
-from rkmqtt.core import CoreConfig, SchedulingCore, Step
 from rkmqtt.engines.base import ChatMessage, Engine, Generation, SamplingParams
 from rkmqtt.errors import RequestRejected
-from rkmqtt.request import Request, RequestKey, Route
+from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
+from rkmqtt.sched.request import Request, RequestKey, Route
 
 _STATIC_POLL_S = 0.05
 

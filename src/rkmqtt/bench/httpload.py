@@ -23,8 +23,8 @@ import aiohttp
 from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.workload import Workload, device_name
-from rkmqtt.broker import port_answers
 from rkmqtt.errors import RkmqttError
+from rkmqtt.mqtt.broker import port_answers
 
 Progress = Callable[[int], None]
 

@@ -31,10 +31,10 @@ from rkmqtt.bench.httpload import HttpLoadGenerator, tokens_setting
 from rkmqtt.bench.load import LoadGenerator
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, median_of_runs, summarize
 from rkmqtt.bench.workload import Workload
-from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.settings import Settings, load_settings
 
 _LOGGER = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rkmqtt.engines.base import ChatMessage, Generation
-from rkmqtt.intake import RateLimiter, resolve_sampling
+from rkmqtt.mqtt.intake import RateLimiter, resolve_sampling
 from rkmqtt.protocol import ErrorCode, ErrorReply, FinalReply, OkReply, new_request_id
-from rkmqtt.request import Request, RequestKey, Route
-from rkmqtt.scheduler import Scheduler
+from rkmqtt.sched.loop import Scheduler
+from rkmqtt.sched.request import Request, RequestKey, Route
 from rkmqtt.settings import Settings
 
 from .auth import Auth

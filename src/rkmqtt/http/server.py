@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from rkmqtt.errors import ConfigError
-from rkmqtt.intake import RateLimiter
+from rkmqtt.mqtt.intake import RateLimiter
 from rkmqtt.protocol import Info
-from rkmqtt.scheduler import Scheduler
+from rkmqtt.sched.loop import Scheduler
 from rkmqtt.settings import Settings
 
 from . import ollama, openai

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rkmqtt.errors import ConfigError
-from rkmqtt.intake import Incoming
-from rkmqtt.request import RequestKey
+from rkmqtt.mqtt.intake import Incoming
+from rkmqtt.sched.request import RequestKey
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from rkmqtt.broker import port_answers
-from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.engines import create_engine, resolve_engine_name
 from rkmqtt.errors import RkmqttError
+from rkmqtt.mqtt.broker import port_answers
+from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.settings import Settings
 
 

@@ -28,9 +28,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
-from rkmqtt.fairqueue import FairQueue
 from rkmqtt.protocol import ErrorCode
-from rkmqtt.request import Outcome, Request, RequestKey, RequestState
+from rkmqtt.sched.fairqueue import FairQueue
+from rkmqtt.sched.request import Outcome, Request, RequestKey, RequestState
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rkmqtt.core import Chunk
-from rkmqtt.outbox import Outgoing
+from rkmqtt.mqtt.outbox import Outgoing
 from rkmqtt.protocol import (
     BatchInfo,
     ErrorBody,
@@ -22,7 +21,8 @@ from rkmqtt.protocol import (
     Timing,
     Usage,
 )
-from rkmqtt.request import Outcome, Request, Route
+from rkmqtt.sched.policy import Chunk
+from rkmqtt.sched.request import Outcome, Request, Route
 from rkmqtt.topics import Topics
 
 FINAL_QOS = 1

@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rkmqtt.core import CoreConfig, SchedulingCore, Step
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
-from rkmqtt.journal import Journal
-from rkmqtt.outbox import Outbox, Outgoing
+from rkmqtt.mqtt.journal import Journal
+from rkmqtt.mqtt.outbox import Outbox, Outgoing
+from rkmqtt.mqtt.replies import Replies
 from rkmqtt.protocol import ErrorCode, Stats
-from rkmqtt.replies import Replies
-from rkmqtt.request import Outcome, Request, RequestKey, Route
+from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
+from rkmqtt.sched.request import Outcome, Request, RequestKey, Route
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.logtext import clip
+from rkmqtt.mqtt.replies import Refusal
 from rkmqtt.protocol import (
     ErrorCode,
     RequestPayload,
@@ -28,8 +29,7 @@ from rkmqtt.protocol import (
     new_request_id,
     parse_request_payload,
 )
-from rkmqtt.replies import Refusal
-from rkmqtt.request import Request, RequestKey, Route
+from rkmqtt.sched.request import Request, RequestKey, Route
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from rkmqtt.connection import connect_args, make_client
 from rkmqtt.errors import RkmqttError
-from rkmqtt.homeassistant import discovery_topic
+from rkmqtt.mqtt.connection import connect_args, make_client
+from rkmqtt.mqtt.discovery import discovery_topic
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
 

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
-from rkmqtt.request import Request, RequestKey
+from rkmqtt.sched.request import Request, RequestKey
 
 _PRUNE_AT = 10_000  # clients whose last tag is remembered before the idle ones are forgotten
 

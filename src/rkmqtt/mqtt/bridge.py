@@ -27,18 +27,18 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from rkmqtt.connection import connect_args, make_client, set_nodelay
-from rkmqtt.intake import Incoming, Intake
-from rkmqtt.journal import Delivered, Journal
-from rkmqtt.link import Link, describe_failure, describe_reason
 from rkmqtt.logtext import clip
-from rkmqtt.outbox import Outbox, Outgoing, Publisher
+from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
+from rkmqtt.mqtt.intake import Incoming, Intake
+from rkmqtt.mqtt.journal import Delivered, Journal
+from rkmqtt.mqtt.link import Link, describe_failure, describe_reason
+from rkmqtt.mqtt.outbox import Outbox, Outgoing, Publisher
+from rkmqtt.mqtt.replies import FINAL_QOS, Refusal, Replies
+from rkmqtt.mqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
 from rkmqtt.protocol import ErrorCode, Info, parse_cancel_payload
-from rkmqtt.replies import FINAL_QOS, Refusal, Replies
-from rkmqtt.request import Request, RequestKey
-from rkmqtt.scheduler import Scheduler
+from rkmqtt.sched.loop import Scheduler
+from rkmqtt.sched.request import Request, RequestKey
 from rkmqtt.settings import BrokerAddress, Settings
-from rkmqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
 from rkmqtt.topics import Topics, is_valid_client
 
 _LOGGER = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 from rkmqtt import __version__
 from rkmqtt.bench.cli import add_bench_parser
+from rkmqtt.cli.flags import add_settings_flags
 from rkmqtt.errors import ConfigError, EngineError, RkmqttError
-from rkmqtt.flags import add_settings_flags
 from rkmqtt.settings import Settings, load_settings
 
 _LOGGER = logging.getLogger("rkmqtt")
@@ -193,29 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.log_level, getattr(args, "debug", False))
         warn_password_on_command_line(args)
         if args.command == "run":
-            from rkmqtt.addon import credentials_provider, is_addon, with_supervisor_broker
-            from rkmqtt.service import Service
+            from rkmqtt.cli.run import run
 
-            provider = None
-            if is_addon() and settings.broker is None:
-                # As a Home Assistant add-on with no broker set: the Supervisor's, refreshed on rejection.
-                settings = with_supervisor_broker(settings)
-                provider = credentials_provider()
-            return Service(settings, credentials_provider=provider).run_forever()
+            return run(settings)
         if args.command == "ask":
-            from rkmqtt.ask import ask
+            from rkmqtt.cli.ask import ask
 
             return ask(settings, args)
         if args.command == "check":
-            from rkmqtt.check import run_checks
+            from rkmqtt.cli.check import run_checks
 
             return run_checks(settings)
         if args.command == "forget-node":
-            from rkmqtt.forget import forget_node
+            from rkmqtt.cli.forget import forget_node
 
             return forget_node(settings, args.node, args.session)
         if args.command == "health":
-            from rkmqtt.health import check_health
+            from rkmqtt.cli.health import check_health
 
             return check_health(settings, args.max_age, args.max_stall)
     except (ConfigError, EngineError) as e:

@@ -2,7 +2,7 @@
 stream printed as it comes, timing at the end. Exit 0 on an ok reply, 1 on an error reply or
 no reply, with one line saying why.
 
-Before sending, it reads the bridge's retained status (`rkmqtt.presence`): with no bridge online
+Before sending, it reads the bridge's retained status (`rkmqtt.mqtt.presence`): with no bridge online
 it says so within seconds instead of waiting out `--timeout`; a bridge that goes offline while
 the request runs ends the wait a few seconds later.
 """
@@ -20,9 +20,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from rkmqtt.connection import make_client
 from rkmqtt.errors import ConfigError
-from rkmqtt.presence import bridge_online, is_status_topic, status_subscriptions
+from rkmqtt.mqtt.connection import make_client
+from rkmqtt.mqtt.presence import bridge_online, is_status_topic, status_subscriptions
 from rkmqtt.protocol import ID_PATTERN, ErrorReply, OkReply, StreamChunk
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
