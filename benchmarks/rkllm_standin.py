@@ -51,11 +51,13 @@ from tests.standin.build import build_standin  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.rkllm.engine import RkllmEngine  # noqa: E402
 from rkmqtt.mqtt.outbox import Outbox  # noqa: E402
-from rkmqtt.mqtt.replies import Replies  # noqa: E402
+from rkmqtt.mqtt.replies import MqttRoute, Replies  # noqa: E402
+from rkmqtt.mqtt.sink import MqttSink  # noqa: E402
 from rkmqtt.protocol import OkReply  # noqa: E402
+from rkmqtt.sched.finals import Finals  # noqa: E402
 from rkmqtt.sched.loop import Scheduler, SchedulerConfig  # noqa: E402
 from rkmqtt.sched.policy import CoreConfig  # noqa: E402
-from rkmqtt.sched.request import Request, RequestKey, Route  # noqa: E402
+from rkmqtt.sched.request import Request, RequestKey  # noqa: E402
 from rkmqtt.settings import Settings  # noqa: E402
 
 USERS = 4
@@ -116,9 +118,9 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
             dedup_window_s=60,
         ),
         stats_interval_s=3600,
-        stats_topic=None,
     )
-    scheduler = Scheduler(engine, config, outbox, Replies(engine.model_name))
+    sink = MqttSink(outbox, Replies(Finals(engine.model_name)))
+    scheduler = Scheduler(engine, config)
     scheduler.start()
     t0 = time.monotonic()
     for u in range(USERS):
@@ -129,7 +131,7 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
             max_new_tokens=256,
             sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
         )
-        scheduler.submit(Request(key, Route(f"bench/reply/{key}", stream=False), gen, arrival=t0))
+        scheduler.submit(Request(key, MqttRoute(f"bench/reply/{key}", sink, stream=False), gen, arrival=t0))
     replies: list[OkReply] = []
     last = t0
     deadline = t0 + 60

@@ -30,8 +30,11 @@ from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
 from rkmqtt.mqtt.journal import Journal, journal_path
 from rkmqtt.mqtt.outbox import Outbox
-from rkmqtt.mqtt.replies import Refusal, Replies
+from rkmqtt.mqtt.replies import Replies
+from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits
+from rkmqtt.sched.admission import Admission
+from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.loop import Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
 from rkmqtt.settings import Settings
@@ -141,8 +144,9 @@ class Service:
             self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
             self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
-        self.replies = Replies(self.engine.model_name, s.effective_node_name())
+        finals = Finals(self.engine.model_name, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
+        sink = MqttSink(outbox, Replies(finals), self.journal, topics.stats)
         caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,
@@ -155,57 +159,33 @@ class Service:
                     dedup_window_s=s.dedup_window,
                 ),
                 stats_interval_s=s.stats_interval,
-                stats_topic=topics.stats,
             ),
-            outbox,
-            self.replies,
-            journal=self.journal,
+            on_stats=sink.stats,
         )
+        # One admission for both doors: a client's rate is one budget over MQTT and HTTP.
+        admission = Admission(s, self.scheduler.refused, self.engine.model_name, caps.tools)
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
             s,
             self.scheduler,
-            self.replies,
-            outbox,
+            admission,
+            sink,
             self.info,
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
-            journal=self.journal,
         )
         self.scheduler.start()
-        self._take_up()
+        self.bridge.take_up()
         self.bridge.start()
         if s.http_listen is not None:
             from rkmqtt.http.server import HttpServer
 
-            # The same rate limiter as MQTT's intake: a client's rate is one budget over both APIs.
-            self.http = HttpServer(s, self.scheduler, self.info, self.bridge.intake.rate, caps.tools)
+            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools)
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
-
-    def _take_up(self) -> None:
-        """Submit what the journal holds from the last run, in arrival order: a request that had
-        started runs again from the start; its expiry still counts from its first arrival."""
-        journal, bridge, scheduler = self.journal, self.bridge, self.scheduler
-        if journal is None or bridge is None or scheduler is None:
-            return
-        pending = journal.pending()
-        if not pending:
-            return
-        now, wall = time.monotonic(), time.time()
-        for p in pending:
-            result = bridge.intake.accept(p.incoming, now - max(0.0, wall - p.arrived), rate_limit=False)
-            if isinstance(result, Refusal):  # the settings changed since: answer as they now say
-                journal.drop(p.seq)
-                bridge.outbox.put(self.replies.refusal(result))
-                scheduler.refused(result.code)
-                continue
-            result.journal_seq = p.seq
-            scheduler.submit(result)
-        _LOGGER.warning("taking up %d requests from the journal %s", len(pending), journal.path)
 
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings

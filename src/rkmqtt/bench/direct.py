@@ -13,15 +13,24 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.workload import Workload
 from rkmqtt.engines.base import ChatMessage, Engine, Generation, SamplingParams
 from rkmqtt.errors import RequestRejected
 from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
-from rkmqtt.sched.request import Request, RequestKey, Route
+from rkmqtt.sched.request import Chunk, Outcome, ReplySink, Request, RequestKey
 
 _STATIC_POLL_S = 0.05
+
+
+@dataclass(frozen=True, eq=False)
+class _Route:
+    """A request's route here: the driver is its sink (each request a reply target of its own)."""
+
+    sink: ReplySink
+    stream: bool = True
 
 
 class DirectDriver:
@@ -73,7 +82,7 @@ class DirectDriver:
             self._measured.append(rec)
         self._records[key] = rec
         rec.sent = time.monotonic()
-        self._carry_out(self.core.add(Request(key, Route(rid), gen, arrival=rec.sent), rec.sent))
+        self._carry_out(self.core.add(Request(key, _Route(self), gen, arrival=rec.sent), rec.sent))
 
     def _carry_out(self, step: Step) -> None:
         for req in step.prepare:
@@ -86,24 +95,37 @@ class DirectDriver:
         for req in step.cancel:
             self.engine.cancel(req.key)
         for chunk in step.chunks:
-            rec = self._records[chunk.request.key]
-            rec.chunks += 1
-            rec.max_seq = chunk.seq
+            chunk.request.route.sink.chunk(chunk)
         for outcome in step.outcomes:
-            req = outcome.request
-            rec = self._records.pop(req.key)
-            rec.done = outcome.finished
-            rec.first_token = req.first_token
-            rec.completion_tokens = req.completion_tokens
-            rec.prompt_tokens = req.prompt_tokens
-            rec.batch_size = req.batch_size or None
-            if req.started is not None:
-                rec.queued_ms = (req.started - req.arrival) * 1000.0
-            if outcome.error is None:
-                rec.status, rec.finish_reason = "ok", outcome.state.finish_reason
-            else:
-                rec.status, rec.error_code = "error", outcome.error[0].value
-            self._record_done(rec)
+            outcome.request.route.sink.final(outcome)
+
+    # -- the requests' sink (dedup_window_s is 0 and ids are unique: no repeats, nothing ignored) --
+    def chunk(self, chunk: Chunk) -> None:
+        rec = self._records[chunk.request.key]
+        rec.chunks += 1
+        rec.max_seq = chunk.seq
+
+    def final(self, outcome: Outcome) -> None:
+        req = outcome.request
+        rec = self._records.pop(req.key)
+        rec.done = outcome.finished
+        rec.first_token = req.first_token
+        rec.completion_tokens = req.completion_tokens
+        rec.prompt_tokens = req.prompt_tokens
+        rec.batch_size = req.batch_size or None
+        if req.started is not None:
+            rec.queued_ms = (req.started - req.arrival) * 1000.0
+        if outcome.error is None:
+            rec.status, rec.finish_reason = "ok", outcome.state.finish_reason
+        else:
+            rec.status, rec.error_code = "error", outcome.error[0].value
+        self._record_done(rec)
+
+    def repeat(self, outcome: Outcome, retry: Request) -> None:
+        raise AssertionError(f"request {retry.key} repeated: the direct driver's ids are unique")
+
+    def ignored(self, retry: Request) -> None:
+        raise AssertionError(f"request {retry.key} ignored: the direct driver's ids are unique")
 
     def _record_done(self, rec: RequestRecord) -> None:
         if rec.id.endswith(".w"):

@@ -22,8 +22,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from rkmqtt.errors import ConfigError
-from rkmqtt.mqtt.intake import RateLimiter
 from rkmqtt.protocol import Info
+from rkmqtt.sched.admission import Admission
+from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.loop import Scheduler
 from rkmqtt.settings import Settings
 
@@ -39,7 +40,9 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HttpServer:
-    def __init__(self, settings: Settings, scheduler: Scheduler, info: Info, rate: RateLimiter, tools: bool) -> None:
+    def __init__(
+        self, settings: Settings, scheduler: Scheduler, admission: Admission, finals: Finals, info: Info, tools: bool
+    ) -> None:
         address = settings.http_address
         if address is None:
             raise ConfigError("http_listen is not set")
@@ -47,7 +50,7 @@ class HttpServer:
         self.host, self.port = address
         self.card = ModelCard.from_info(info, tools)
         self.auth = Auth(settings.http_token_names(), settings.http_client)
-        self.gateway = Gateway(settings, scheduler, rate, self.auth, self.card.name, tools)
+        self.gateway = Gateway(settings, scheduler, admission, finals, self.auth)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
         self._runner: web.AppRunner | None = None

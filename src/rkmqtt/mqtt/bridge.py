@@ -30,12 +30,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from rkmqtt.logtext import clip
 from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.mqtt.intake import Incoming, Intake
-from rkmqtt.mqtt.journal import Delivered, Journal
+from rkmqtt.mqtt.journal import Delivered
 from rkmqtt.mqtt.link import Link, describe_failure, describe_reason
-from rkmqtt.mqtt.outbox import Outbox, Outgoing, Publisher
-from rkmqtt.mqtt.replies import FINAL_QOS, Refusal, Replies
+from rkmqtt.mqtt.outbox import Publisher
+from rkmqtt.mqtt.replies import Refusal, route_of
 from rkmqtt.mqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
-from rkmqtt.protocol import ErrorCode, Info, parse_cancel_payload
+from rkmqtt.mqtt.sink import MqttSink
+from rkmqtt.protocol import Info, parse_cancel_payload
+from rkmqtt.sched.admission import Admission, Refused
 from rkmqtt.sched.loop import Scheduler
 from rkmqtt.sched.request import Request, RequestKey
 from rkmqtt.settings import BrokerAddress, Settings
@@ -70,13 +72,12 @@ class Bridge:
         self,
         settings: Settings,
         scheduler: Scheduler,
-        replies: Replies,
-        outbox: Outbox,
+        admission: Admission,
+        sink: MqttSink,
         info: Info,
         retained_extra: RetainedProvider | None = None,
         extra_subscriptions: dict[str, Callable[[bytes], None]] | None = None,
         credentials_provider: CredentialsProvider | None = None,
-        journal: Journal | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
@@ -84,16 +85,17 @@ class Bridge:
         self.sharing = Sharing(settings.share_requests)
         self._sharing_lock = threading.Lock()  # never held while calling paho
         self.scheduler = scheduler
-        self.replies = replies
-        self.outbox = outbox
-        self.intake = Intake(settings, self.topics)
+        self.admission = admission
+        self.sink = sink  # replies and their journal rows
+        self.outbox = sink.outbox
+        self.journal = sink.journal
+        self.intake = Intake(settings, self.topics, admission, sink)
         self.info = info
         self._taken_over = False
         self._decide_after: int | None = None  # the SUBACK after which `sharing` decides
         self._retained_extra = retained_extra
         self._extra_subs = extra_subscriptions or {}
         self._credentials_provider = credentials_provider
-        self.journal = journal
         self.address: BrokerAddress = settings.broker_url
         self.link = Link(str(self.address))
         self.mqtt5 = settings.mqtt_version == "5"
@@ -103,7 +105,7 @@ class Bridge:
         self._ready = threading.Event()  # connected, and taking requests (or handing them to the others)
         self.connects = 0
         self.client = self._make_client()
-        self.publisher = Publisher(outbox, self.client, self.mqtt5, self._connected.is_set)
+        self.publisher = Publisher(self.outbox, self.client, self.mqtt5, self._connected.is_set)
         self.client.on_publish = self.publisher.acknowledged
 
     # -- set-up -----------------------------------------------------------------------------
@@ -424,16 +426,18 @@ class Bridge:
         accepted = self.intake.accept(incoming)
         result: Request | Refusal | None = accepted
         if isinstance(accepted, Request):
-            if not self._accepting:
-                result = Refusal(accepted.id, accepted.route, ErrorCode.SHUTTING_DOWN, "the bridge is shutting down")
-            else:
-                result = self._journal(incoming, accepted)
+            closed = not self._accepting
+            result = _refusal(accepted, Admission.shutting_down()) if closed else self._journal(incoming, accepted)
         if isinstance(result, Refusal):
-            self.outbox.put(self.replies.refusal(result))
-            self.scheduler.refused(result.code)
+            self._refuse(result)
             _LOGGER.warning("request %s/%s: %s: %s", clip(client, 64), result.id, result.code.value, result.message)
         elif result is not None:
             self.scheduler.submit(result)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a refusal now and count it (the scheduler never sees the request)."""
+        self.sink.refusal(refusal)
+        self.admission.refused(refusal.code)
 
     def _journal(self, incoming: Incoming, req: Request) -> Request | Refusal | None:
         """Journal an accepted request; None when it is a retried id answered from the journal."""
@@ -443,14 +447,33 @@ class Bridge:
             row = self.journal.admit(incoming, req.key)
         except sqlite3.Error as e:
             _LOGGER.error("the journal cannot record request %s: %s", req.key, e)
-            return Refusal(req.id, req.route, ErrorCode.BUSY, "the bridge cannot record requests now; try again later")
+            return _refusal(req, Admission.cannot_record())
         if isinstance(row, Delivered):
             _LOGGER.info("request %s: retried after it ran; its recorded final reply is sent again", req.key)
-            self.outbox.put(Outgoing(req.route.topic, row.final, FINAL_QOS, False, req.route.correlation))
+            self.sink.recorded(route_of(req), row.final)
             self.scheduler.repeated()
             return None
-        req.journal_seq = row
+        req.route = route_of(req).journaled(row)
         return req
+
+    def take_up(self) -> None:
+        """Main thread, before `start`: submit what the journal holds from the last run, in arrival
+        order. A request that had started runs again from the start; its expiry still counts from
+        its first arrival."""
+        journal = self.journal
+        pending = journal.pending() if journal is not None else []
+        if journal is None or not pending:
+            return
+        now, wall = time.monotonic(), time.time()
+        for p in pending:
+            result = self.intake.accept(p.incoming, now - max(0.0, wall - p.arrived), rate_limit=False)
+            if isinstance(result, Refusal):  # the settings changed since: answer as they now say
+                journal.drop(p.seq)
+                self._refuse(result)
+                continue
+            result.route = route_of(result).journaled(p.seq)
+            self.scheduler.submit(result)
+        _LOGGER.warning("taking up %d requests from the journal %s", len(pending), journal.path)
 
     def _on_cancel(self, client: str, payload: bytes) -> None:
         if not is_valid_client(client):  # no request of such a client can exist
@@ -465,3 +488,7 @@ class Bridge:
             )
             return
         self.scheduler.cancel(RequestKey(client, req.id))
+
+
+def _refusal(req: Request, refused: Refused) -> Refusal:
+    return Refusal(req.id, route_of(req), refused.code, refused.message)

@@ -1,26 +1,20 @@
-"""Turning an incoming MQTT request into a `Request` or a `Refusal` (paho network thread; pure logic).
+"""An incoming MQTT request read into a `Request` or a `Refusal` (paho network thread; pure logic).
 
-Checks, in order: payload size, client name, UTF-8 and JSON and the request's fields, the reply
-topic's length and confinement, the Correlation Data's size, prompt length, `max_new_tokens`,
-the client's rate. Each failure has its own error code. Nothing here waits on anything.
-
-What one request can cost is bounded here: its reply topic and its Correlation Data (echoed on
-every stream chunk) are capped, an oversized Correlation Data is never echoed, and the text of a
-refusal (which may quote the request) is cut to `MAX_MESSAGE_CHARS`.
+Wire parsing and routing only, each failure with its code: payload size, client name, UTF-8, JSON
+and fields, the reply topic's length and confinement, the Correlation Data's size (capped: it is
+echoed on every chunk). Then `Admission` checks the limits and builds the request.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
+from rkmqtt.engines.base import ChatMessage
 from rkmqtt.logtext import clip
-from rkmqtt.mqtt.replies import Refusal
+from rkmqtt.mqtt.replies import MqttRoute, Refusal
 from rkmqtt.protocol import (
     ErrorCode,
     RequestPayload,
@@ -29,56 +23,13 @@ from rkmqtt.protocol import (
     new_request_id,
     parse_request_payload,
 )
-from rkmqtt.sched.request import Request, RequestKey, Route
+from rkmqtt.sched.admission import Admission, Ask, Refused
+from rkmqtt.sched.request import ReplySink, Request, RequestKey
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
 
 #: The longest error message a refusal carries (a validation error may name every unknown field).
 MAX_MESSAGE_CHARS = 500
-
-
-class RateLimiter:
-    """Token bucket per client: `burst` at once, `per_minute` sustained. Thread-safe."""
-
-    def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000) -> None:
-        self._rate = per_minute / 60.0
-        self._burst = float(burst)
-        self._max = max_clients
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def allow(self, client: str, now: float | None = None) -> bool:
-        if self._rate <= 0:
-            return True
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, last = self._buckets.pop(client, (self._burst, now))
-            tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
-            ok = tokens >= 1.0
-            self._buckets[client] = (tokens - 1.0 if ok else tokens, now)
-            while len(self._buckets) > self._max:  # forget the longest-idle clients
-                self._buckets.popitem(last=False)
-            return ok
-
-
-def resolve_sampling(
-    s: Settings,
-    temperature: float | None,
-    top_k: int | None,
-    top_p: float | None,
-    repeat_penalty: float | None,
-    seed: int | None,
-) -> tuple[SamplingParams, bool]:
-    """A request's sampling fields over the settings' defaults, and whether it set any itself
-    (shared with the HTTP API, so that equal requests get equal sampling and batch keys)."""
-    sampling = SamplingParams(
-        temperature=s.temperature if temperature is None else temperature,
-        top_k=s.top_k if top_k is None else top_k,
-        top_p=s.top_p if top_p is None else top_p,
-        repeat_penalty=s.repeat_penalty if repeat_penalty is None else repeat_penalty,
-        seed=seed,
-    )
-    return sampling, any(v is not None for v in (temperature, top_k, top_p, repeat_penalty, seed))
 
 
 @dataclass(frozen=True)
@@ -94,10 +45,11 @@ class Incoming:
 
 
 class Intake:
-    def __init__(self, settings: Settings, topics: Topics) -> None:
+    def __init__(self, settings: Settings, topics: Topics, admission: Admission, sink: ReplySink) -> None:
         self.settings = settings
         self.topics = topics
-        self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.admission = admission
+        self.sink = sink  # where the replies of what it accepts go
 
     def accept(self, msg: Incoming, now: float | None = None, rate_limit: bool = True) -> Request | Refusal:
         """Validate one request. Never raises: what cannot be read is refused with a code.
@@ -111,13 +63,16 @@ class Intake:
             route = self._route(msg, rid, payload.reply_to, payload.stream)
             if isinstance(route, Refusal):
                 return route
-            problem = self._over_limits(msg.client, payload, now, rate_limit)
-            if problem is not None:
-                return Refusal(rid, route, *problem)
-            return self._request(msg, RequestKey(msg.client, rid), payload, route, now)
+            # The MQTT 5 property wins where both exist.
+            expires = msg.expiry_s if msg.expiry_s is not None else payload.expires_in
+            key = RequestKey(msg.client, rid)
+            admitted = self.admission.admit(key, _ask(payload), route, now, expires, rate_limit)
+            if isinstance(admitted, Refused):
+                return Refusal(rid, route, admitted.code, admitted.message)
+            return admitted
         except Exception as e:  # e.g. RecursionError on absurd nesting: refuse, never drop
             rid = new_request_id()
-            default = Route(self.topics.reply(msg.client, rid), self._correlation(msg))
+            default = self._to(self.topics.reply(msg.client, rid), self._correlation(msg))
             return Refusal(
                 rid, default, ErrorCode.INVALID_REQUEST, f"the request could not be read ({type(e).__name__})"
             )
@@ -162,12 +117,15 @@ class Intake:
         corr = msg.correlation
         return corr if corr is None or len(corr) <= self.settings.max_correlation_bytes else None
 
-    def _route(self, msg: Incoming, rid: str, reply_to: str | None, stream: bool) -> Route | Refusal:
+    def _to(self, topic: str, correlation: bytes | None, stream: bool = True) -> MqttRoute:
+        return MqttRoute(topic, self.sink, correlation, stream)
+
+    def _route(self, msg: Incoming, rid: str, reply_to: str | None, stream: bool) -> MqttRoute | Refusal:
         """Where the replies go: the Response Topic, else `reply_to`, else `P/reply/<client>/<id>`.
         A refusal goes to the requested topic when that one is fine, else to the default one."""
         s = self.settings
         corr = self._correlation(msg)
-        default = Route(self.topics.reply(msg.client, rid), corr, stream)
+        default = self._to(self.topics.reply(msg.client, rid), corr, stream)
         wanted = msg.response_topic or reply_to
         if wanted is not None and len(wanted) > s.max_reply_topic_chars:
             return Refusal(
@@ -184,7 +142,7 @@ class Intake:
                 f"reply topic '{clip(wanted)}' must lie under {self.topics.reply_root()}{msg.client[:64]}/ "
                 "without + or #",
             )
-        route = default if wanted is None else Route(wanted, corr, stream)
+        route = default if wanted is None else self._to(wanted, corr, stream)
         if corr is None and msg.correlation is not None:
             return Refusal(
                 rid,
@@ -194,47 +152,21 @@ class Intake:
             )
         return route
 
-    def _over_limits(
-        self, client: str, req: RequestPayload, now: float, rate_limit: bool
-    ) -> tuple[ErrorCode, str] | None:
-        s = self.settings
-        if req.prompt_chars() > s.max_prompt_chars:
-            return ErrorCode.TOO_LONG, f"prompt is {req.prompt_chars()} characters; the limit is {s.max_prompt_chars}"
-        if req.max_new_tokens is not None and req.max_new_tokens > s.max_new_tokens:
-            return (
-                ErrorCode.TOO_MANY_TOKENS,
-                f"max_new_tokens is {req.max_new_tokens}; the limit is {s.max_new_tokens}",
-            )
-        if rate_limit and not self.rate.allow(client, now):
-            return (
-                ErrorCode.RATE_LIMITED,
-                f"more than {s.rate_burst} requests at once or {s.rate_limit:g} a minute from {client!r}",
-            )
-        return None
 
-    def _request(self, msg: Incoming, key: RequestKey, req: RequestPayload, route: Route, now: float) -> Request:
-        s = self.settings
-        sampling, requested = resolve_sampling(s, req.temperature, req.top_k, req.top_p, req.repeat_penalty, req.seed)
-        messages: list[ChatMessage] = []
-        if req.system:
-            messages.append(ChatMessage("system", req.system))
-        if req.prompt is not None:
-            messages.append(ChatMessage("user", req.prompt))
-        else:
-            messages.extend(ChatMessage(m.role, m.content) for m in req.messages or ())
-        # The MQTT 5 property wins where both exist.
-        expires = msg.expiry_s if msg.expiry_s is not None else req.expires_in
-        gen = Generation(
-            key=key,
-            messages=tuple(messages),
-            max_new_tokens=req.max_new_tokens or s.default_new_tokens,
-            sampling=sampling,
-            sampling_requested=requested,
-        )
-        return Request(
-            key=key,
-            route=route,
-            gen=gen,
-            arrival=now,
-            deadline=None if expires is None else now + expires,
-        )
+def _ask(req: RequestPayload) -> Ask:
+    messages: list[ChatMessage] = []
+    if req.system:
+        messages.append(ChatMessage("system", req.system))
+    if req.prompt is not None:
+        messages.append(ChatMessage("user", req.prompt))
+    else:
+        messages.extend(ChatMessage(m.role, m.content) for m in req.messages or ())
+    return Ask(
+        tuple(messages),
+        max_new_tokens=req.max_new_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        repeat_penalty=req.repeat_penalty,
+        seed=req.seed,
+    )

@@ -1,17 +1,12 @@
-"""The scheduler loop: the one thread ("rkmqtt-scheduler") that owns the engine.
+"""The scheduler loop: the one thread ("rkmqtt-scheduler") that owns the engine and carries out the
+policy's `Step`s: engine calls here, replies to each request's route's sink (never waiting).
 
-Other threads talk to it only through `submit`, `cancel`, `refused` and `shutdown`, which put
-commands on its inbox and return at once. Each turn it feeds the inbox to the scheduling core
-(`core.py`), asks the core for a plan, polls the engine, and carries out every `Step` the core
-returns: engine calls here, replies to the `Outbox` (never waiting on the network), or to the
-route's `ReplySink` for requests that came over HTTP. The policy lives in the core; this module
-only carries it out.
+Other threads only put commands on its inbox (`submit`, `cancel`, `refused`, `repeated`,
+`shutdown`), which return at once. It knows no transport: the stats go to `on_stats`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import queue
 import threading
@@ -21,12 +16,9 @@ from dataclasses import dataclass
 
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
-from rkmqtt.mqtt.journal import Journal
-from rkmqtt.mqtt.outbox import Outbox, Outgoing
-from rkmqtt.mqtt.replies import Replies
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
-from rkmqtt.sched.request import Outcome, Request, RequestKey, Route
+from rkmqtt.sched.request import Outcome, Request, RequestKey
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,7 +30,6 @@ _IDLE_WAIT_S = 0.5
 class SchedulerConfig:
     core: CoreConfig
     stats_interval_s: float
-    stats_topic: str | None
 
 
 @dataclass(frozen=True)
@@ -74,16 +65,12 @@ class Scheduler:
         self,
         engine: Engine,
         config: SchedulerConfig,
-        outbox: Outbox,
-        replies: Replies,
-        journal: Journal | None = None,
+        on_stats: Callable[[Stats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.config = config
-        self.outbox = outbox
-        self.replies = replies
-        self.journal = journal
+        self.on_stats = on_stats  # who publishes the stats every `stats_interval_s` (MQTT's sink)
         self.clock = clock
         self.core = SchedulingCore(config.core)
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -113,7 +100,7 @@ class Scheduler:
         self._inbox.put(_Refused(code))
 
     def repeated(self) -> None:
-        """Count a retried id that another thread answered from the journal."""
+        """Count a retried id that a door answered from its own record of the final reply."""
         self._inbox.put(_Repeated())
 
     def shutdown(self, grace_s: float) -> None:
@@ -210,34 +197,15 @@ class Scheduler:
                 self.engine.cancel(req.key)
             except Exception:
                 _LOGGER.exception("request %s: engine cancel failed", req.key)
+        # Replies go to the sink of the route concerned, whichever transport it is.
         for chunk in step.chunks:
-            sink = chunk.request.route.sink
-            if sink is None:
-                self.outbox.put(self.replies.chunk(chunk))
-            else:
-                sink.chunk(chunk.seq, chunk.text)
+            chunk.request.route.sink.chunk(chunk)
         for outcome in step.outcomes:
             self._answer(outcome)
         for outcome, retry in step.repeats:
-            self._deliver(outcome, retry.route)
-        journal = self.journal
-        if journal is not None:
-            for req in [*step.ignored, *(retry for _, retry in step.repeats)]:
-                if req.journal_seq is not None:
-                    journal.drop(req.journal_seq)
-
-    def _deliver(self, outcome: Outcome, route: Route, journal_seq: int | None = None) -> None:
-        """The final reply: to the route's sink (the HTTP API), or to MQTT through the outbox. A
-        journaled request's entry closes when the broker has the reply, not when paho has it."""
-        if route.sink is not None:
-            route.sink.final(self.replies.reply(outcome))
-            return
-        msg: Outgoing = self.replies.final(outcome, route)
-        if self.journal is not None and journal_seq is not None:
-            started = outcome.request.started is not None
-            record = functools.partial(self.journal.delivered, journal_seq, msg.payload, started)
-            msg = dataclasses.replace(msg, on_delivered=record)
-        self.outbox.put(msg)
+            retry.route.sink.repeat(outcome, retry)
+        for retry in step.ignored:
+            retry.route.sink.ignored(retry)
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
@@ -270,7 +238,7 @@ class Scheduler:
 
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
-        self._deliver(outcome, req.route, req.journal_seq)
+        req.route.sink.final(outcome)
         if outcome.error is not None:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
@@ -309,8 +277,7 @@ class Scheduler:
         now = self.clock()
         if now - self._last_stats < self.config.stats_interval_s:
             return
-        if self.config.stats_topic:
-            payload = self.stats(now).model_dump_json().encode()
-            self.outbox.put(Outgoing(self.config.stats_topic, payload, 0, droppable=True))
+        if self.on_stats is not None:
+            self.on_stats(self.stats(now))
         self._tokens_at_stats = self.core.counters.tokens
         self._last_stats = now

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
 from rkmqtt.protocol import ErrorCode
 from rkmqtt.sched.fairqueue import FairQueue
-from rkmqtt.sched.request import Outcome, Request, RequestKey, RequestState
+from rkmqtt.sched.request import Chunk, Outcome, Request, RequestKey, RequestState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ class CoreConfig:
     batch_window_s: float
     dedup_window_s: float
     dedup_max: int = 10_000  # finished outcomes kept for de-duplication, at most
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of a streaming request's text, numbered from 0."""
-
-    request: Request
-    seq: int
-    text: str
 
 
 @dataclass

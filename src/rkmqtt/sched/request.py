@@ -1,13 +1,8 @@
-"""The request lifecycle inside the bridge (pure data; any thread until submitted).
+"""The request lifecycle (pure data): a `Request` from admission to its one `Outcome`, the `Route`
+its replies take and the transport's `ReplySink` that delivers them.
 
-A `Request` is built by the paho network thread (or the HTTP server) from a validated wire payload,
-handed to the scheduler thread through its inbox, and from then on touched only there: the
-scheduling core (`core.py`) moves it through the states below, and every terminal transition goes
-through its one `finish()`, which turns the request into an `Outcome`.
-
-Names: `protocol.RequestPayload` is what arrives on the wire, `engines.base.Generation` is what an
-engine sees, and `Request` is the bridge's mutable record of one accepted request; its one identity
-is its `RequestKey` (client, id), which is also the key the engine knows it by.
+Built on a door's thread (paho's, the HTTP event loop) by `admission.py`; once submitted, touched
+only on the scheduler thread. Its one identity, `RequestKey` (client, id), is also the engine's key.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from rkmqtt.engines.base import Generation, Prepared
-from rkmqtt.protocol import ErrorCode, FinalReply, FinishReason
+from rkmqtt.protocol import ErrorCode, FinishReason
 
 
 class RequestKey(NamedTuple):
@@ -55,26 +50,43 @@ _FINISH_REASONS: dict[RequestState, FinishReason] = {
 }
 
 
-class ReplySink(Protocol):
-    """Where the replies of a request that did not come over MQTT go (the HTTP API), instead of
-    the outbox. Called on the scheduler thread: an implementation only hands the (immutable) data
-    to its own thread, thread-safely, and never blocks."""
-
-    def chunk(self, seq: int, text: str) -> None: ...
-
-    def final(self, reply: FinalReply) -> None: ...
-
-
 @dataclass(frozen=True)
-class Route:
-    """Where a request's replies go. The core only compares routes (a retried id from another
-    reply target is told `duplicate_id`); `replies.py` turns them into topics and properties, or
-    the scheduler hands them to the route's `sink`."""
+class Chunk:
+    """A piece of a streaming request's text, numbered from 0."""
 
-    topic: str  # the final reply's topic; stream chunks go to `<topic>/stream` (with a sink: a label)
-    correlation: bytes | None = None  # MQTT 5 Correlation Data, echoed on every reply
-    stream: bool = True
-    sink: ReplySink | None = None  # set: chunks and the final reply go here, not to MQTT
+    request: Request
+    seq: int
+    text: str
+
+
+class ReplySink(Protocol):
+    """A transport's way out for replies (MQTT's outbox, one HTTP exchange's queue). Called on the
+    scheduler thread: an implementation hands the data to its own thread and never blocks."""
+
+    def chunk(self, chunk: Chunk) -> None: ...
+
+    def final(self, outcome: Outcome) -> None:
+        """The request's one final reply."""
+
+    def repeat(self, outcome: Outcome, retry: Request) -> None:
+        """A finished id retried: its final reply again, on the retry's route."""
+
+    def ignored(self, retry: Request) -> None:
+        """A retry of an id in flight, on the same route: nothing to answer."""
+
+
+class Route(Protocol):
+    """Where a request's replies go, in its transport's terms, and the sink that delivers them.
+
+    Each transport has its own route type. Equal routes are the same reply target: the core answers
+    a retried id that comes from another target `duplicate_id`, and ignores one from the same."""
+
+    @property
+    def sink(self) -> ReplySink: ...
+
+    @property
+    def stream(self) -> bool:
+        """Whether the text is wanted as it comes (chunks), not only in the final reply."""
 
 
 @dataclass
@@ -98,7 +110,6 @@ class Request:
     slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
     batch_size: int = 0  # the largest batch it ran in
     perf: dict[str, float] = field(default_factory=dict)
-    journal_seq: int | None = None  # its row in the request journal, when there is one
 
     @property
     def client(self) -> str:
@@ -115,7 +126,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a request ended: made once, by the core's `finish()`, and answered once."""
+    """How a request ended: made once, by the core's `_finish()`, and answered once."""
 
     request: Request
     state: RequestState
