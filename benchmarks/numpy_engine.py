@@ -36,6 +36,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -136,7 +137,7 @@ def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[fl
     start = time.perf_counter()
     waiting: list[Arrival] = []
     pending = list(schedule)
-    arrived_at: dict[str, float] = {}
+    arrived_at: dict[Hashable, float] = {}
     latencies: list[float] = []
     while pending or waiting or engine.active():
         now = time.perf_counter() - start
@@ -180,7 +181,7 @@ def rss_child(n_batch: int, max_context: int, threads: int) -> dict[str, Any]:
             except Exception:
                 text = text[: int(len(text) * 0.9)]
     engine.submit(reqs)
-    totals: dict[str, int] = {}
+    totals: dict[Hashable, int] = {}
     while engine.active():
         for ev in engine.poll(0.0):
             if isinstance(ev, FinishEvent):
@@ -217,7 +218,7 @@ def machine() -> str:
         pass
     blas = "?"
     try:
-        cfg = np.show_config(mode="dicts")  # type: ignore[no-untyped-call]
+        cfg = np.show_config(mode="dicts")  # type: ignore[no-untyped-call,unused-ignore]
         blas = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas']['version']}"
     except Exception:
         pass

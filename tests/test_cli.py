@@ -193,7 +193,7 @@ def test_the_package_has_no_import_cycle() -> None:
 
     for name in sorted(graph):
         visit(name, [])
-    assert "rkmqtt.bench.cli" in graph["rkmqtt.cli.main"]
+    assert "rkmqtt.cli.bench" in graph["rkmqtt.cli.main"] and "rkmqtt.bench.attach" in graph["rkmqtt.cli.bench"]
 
 
 def test_health_says_unhealthy_at_once_after_a_clean_stop(

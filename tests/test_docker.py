@@ -173,8 +173,8 @@ def test_image_runs_as_an_unprivileged_user(top: list[Instruction]) -> None:
 def test_image_entry_point_is_rkmqtt_run(top: list[Instruction]) -> None:
     assert entry_command(final_stage(top)) == ["rkmqtt", "run"]
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'(?m)^\[project\.scripts\]\s*\nrkmqtt = "rkmqtt\.cli:main"$', pyproject)
-    from rkmqtt.cli import build_parser
+    assert re.search(r'(?m)^\[project\.scripts\]\s*\nrkmqtt = "rkmqtt\.cli\.main:main"$', pyproject)
+    from rkmqtt.cli.main import build_parser
 
     assert build_parser().parse_args(["run"]).command == "run"
     assert build_parser().parse_args(["health"]).command == "health"

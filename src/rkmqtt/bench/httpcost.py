@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt.bench.metrics import percentile
-from rkmqtt.bench.sweep import Point
+from rkmqtt.bench.runner import Point
 
 
 def _sub(a: float | None, b: float | None) -> float | None:

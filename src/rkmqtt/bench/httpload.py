@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -29,20 +29,17 @@ from rkmqtt.mqtt.broker import port_answers
 Progress = Callable[[int], None]
 
 
-def device_tokens(devices: int) -> dict[str, str]:
-    """The bench's bearer tokens: device name -> token (`http_tokens` is `name:token,...`)."""
-    return {device_name(i): f"bench-token-{device_name(i)}" for i in range(devices)}
-
-
-def tokens_setting(devices: int) -> str:
-    return ",".join(f"{name}:{token}" for name, token in device_tokens(devices).items())
-
-
 class HttpLoadGenerator:
-    """Runs one workload against the HTTP API at `url` (http://host:port)."""
+    """Runs one workload against the HTTP API at `url` (http://host:port); `tokens` are the devices'
+    bearer tokens by device name, when the bridge wants them."""
 
     def __init__(
-        self, url: str, workload: Workload, progress: Progress | None = None, meter: CpuMeter | None = None
+        self,
+        url: str,
+        workload: Workload,
+        progress: Progress | None = None,
+        meter: CpuMeter | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.workload = workload
@@ -50,7 +47,7 @@ class HttpLoadGenerator:
         self.meter = meter
         self.cpu: dict[str, float] = {}
         self.tag = uuid.uuid4().hex[:6]
-        self._tokens = device_tokens(workload.devices)
+        self._tokens = tokens
         self._seq = [0] * workload.devices
         self._model = ""
         self._records: list[RequestRecord] = []
@@ -103,7 +100,7 @@ class HttpLoadGenerator:
         return sorted(self._records, key=lambda r: r.sent)
 
     def _auth(self, device: int) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._tokens[device_name(device)]}"}
+        return {} if self._tokens is None else {"Authorization": f"Bearer {self._tokens[device_name(device)]}"}
 
     async def _one(self, session: aiohttp.ClientSession, device: int, measured: bool) -> None:
         w = self.workload

@@ -18,6 +18,22 @@ from pydantic import SecretStr
 
 from rkmqtt.settings import MODEL_DEFAULTED, Settings
 
+# Settings that a client of the bridge needs (`ask`, `bench`): how to reach the broker and where the bridge listens.
+CONNECTION_SETTINGS = (
+    "broker",
+    "username",
+    "password",
+    "password_file",
+    "mqtt_version",
+    "client_id",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_insecure",
+    "keepalive",
+    "topic_prefix",
+)
+
 
 def _is_bool(annotation: Any) -> bool:
     if annotation is bool:
@@ -56,3 +72,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str] | N
             )
         else:
             group.add_argument(flag, dest=f"setting_{name}", default=None, metavar="VALUE", help=help_text)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (those left out are not there)."""
+    return {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from rkmqtt import __version__
-from rkmqtt.bench.cli import add_bench_parser
-from rkmqtt.cli.flags import add_settings_flags
-from rkmqtt.errors import ConfigError, EngineError, RkmqttError
+from rkmqtt.cli.bench import add_bench_parser
+from rkmqtt.cli.flags import CONNECTION_SETTINGS, add_settings_flags, flag_values
+from rkmqtt.errors import RkmqttError, exit_status
 from rkmqtt.settings import Settings, load_settings
 
 _LOGGER = logging.getLogger("rkmqtt")
@@ -37,28 +37,11 @@ EPILOG = (
 )
 SETTINGS_USAGE = "[--config FILE] [--<setting> VALUE ...]"
 
-# Settings that `ask` needs: how to reach the broker and where the bridge listens.
-CONNECTION_SETTINGS = (
-    "broker",
-    "username",
-    "password",
-    "password_file",
-    "mqtt_version",
-    "client_id",
-    "tls_ca",
-    "tls_cert",
-    "tls_key",
-    "tls_insecure",
-    "keepalive",
-    "topic_prefix",
-)
-
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    flags = {k.removeprefix("setting_"): v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
     from rkmqtt.addon import addon_layers
 
-    return load_settings(flags, config_file=args.config, file_layers=addon_layers())
+    return load_settings(flag_values(args), config_file=args.config, file_layers=addon_layers())
 
 
 def password_on_command_line(args: argparse.Namespace) -> bool:
@@ -180,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "bench":
-            from rkmqtt.bench.cli import run_bench
+            from rkmqtt.cli.bench import run_bench
 
             warn_password_on_command_line(args)
             status: int = run_bench(args)
@@ -212,12 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rkmqtt.cli.health import check_health
 
             return check_health(settings, args.max_age, args.max_stall)
-    except (ConfigError, EngineError) as e:
-        print(f"rkmqtt: {e}", file=sys.stderr)
-        return 2
     except RkmqttError as e:
         print(f"rkmqtt: {e}", file=sys.stderr)
-        return 1
+        return exit_status(e)
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")

@@ -1,20 +1,15 @@
-"""The stand-in RKLLM runtime for benchmarks (main thread): building it from the repository's C
-source, a model file for it to open, and its timing model.
-
-The stand-in (tests/standin/rkllm_standin.c) sleeps like an RK3588 running Qwen2.5-1.5B w8a8
-would: prefill costs PREFILL_MS_PER_TOKEN per prompt token, summed over a batch's slots (no
-batching gain); a decode step costs DECODE_MS * (1 + BATCH_ALPHA * (b - 1)) with b slots still
-generating. Its environment variables change the model; RKLLM_STANDIN_ZERO_DELAY=1 turns every
-sleep off (the "zero-cost engine" that shows what the bridge itself can relay).
-"""
+"""The stand-in RKLLM runtime for the harness (main thread): built from tests/standin/, a model file
+for it to open, its timing model (the C source's defaults, shaped on an RK3588 running Qwen2.5-1.5B
+w8a8; docs/benchmarks.md) and the environment that sets it, or turns every delay off (zero-cost)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tests.standin.build import build_standin
 
 from rkmqtt.errors import ConfigError
 
@@ -30,30 +25,12 @@ TIMING_DEFAULTS: dict[str, float] = {
 MODEL_NAME = "qwen2.5-1.5b-w8a8-standin.rkllm"
 
 
-def repo_root() -> Path | None:
-    """The repository this package runs from (an editable install), if its tests/ are there."""
-    root = Path(__file__).resolve().parents[3]
-    return root if (root / "tests" / "standin" / "build.py").is_file() else None
-
-
 def build_library(out_dir: Path) -> Path:
-    """Compile the stand-in (ABI 1.3) into `out_dir/librkllmrt.so` with the repository's builder."""
-    root = repo_root()
-    if root is None:
-        raise ConfigError(
-            "the stand-in RKLLM runtime is built from the repository's tests/standin/: run the bench from a "
-            "git checkout (pip install -e .), or give --rkllm-library with a real librkllmrt.so"
-        )
-    spec = importlib.util.spec_from_file_location("rkmqtt_bench_standin_build", root / "tests/standin/build.py")
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"cannot load {root / 'tests/standin/build.py'}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Compile the stand-in (ABI 1.3) into `out_dir/librkllmrt.so` with the tests' builder."""
     try:
-        path: Path = module.build_standin("1.3", out_dir / "librkllmrt.so")
+        return build_standin("1.3", out_dir / "librkllmrt.so")
     except (RuntimeError, ValueError) as e:
         raise ConfigError(f"building the stand-in RKLLM runtime failed: {e}") from e
-    return path
 
 
 def model_file(out_dir: Path) -> Path:

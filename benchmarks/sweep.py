@@ -1,13 +1,7 @@
-"""The sweep (main thread): scenarios × n_batch values × (through MQTT | through the HTTP API |
-engine called directly), repeated, against one broker (a private Mosquitto, or the given one).
-
-For every point through MQTT the bench starts a fresh bridge as a child process (see
-`bridgeproc`) with the point's engine and `n_batch` under a topic prefix of its own, runs the
-workload with simulated devices (`load`), and stops it. HTTP points do the same with the bridge's
-Ollama API on (`http_listen`, a token per device) and the same devices over HTTP (`httpload`),
-right after the MQTT point, for HTTP's cost against MQTT's. Direct points load the same engine in
-this process and drive it with the same workload (`direct`). Repeats are the outer loop, so a
-noisy minute on a shared machine spreads over every point instead of spoiling one.
+"""The harness's sweep (main thread): scenarios × n_batch × (MQTT | HTTP | the engine alone), each
+point on a fresh bridge it starts as a `rkmqtt run` child process under a topic prefix of its own,
+against a private Mosquitto (or the given broker). HTTP points turn the bridge's Ollama API on;
+direct points drive the same engine in this process (`direct.py`) for the bridge's cost.
 """
 
 from __future__ import annotations
@@ -21,16 +15,18 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
-from rkmqtt.bench import standin
-from rkmqtt.bench.bridgeproc import BridgeProcess, SettingValue, read_info
+from benchmarks import standin
+from benchmarks.bridgeproc import BridgeProcess, SettingValue
+from benchmarks.direct import DirectDriver
+from rkmqtt.bench import runner
 from rkmqtt.bench.cpuusage import CpuMeter
-from rkmqtt.bench.direct import DirectDriver
-from rkmqtt.bench.httpload import HttpLoadGenerator, tokens_setting
+from rkmqtt.bench.httpload import HttpLoadGenerator
 from rkmqtt.bench.load import LoadGenerator
-from rkmqtt.bench.metrics import RequestRecord, RunMetrics, median_of_runs, summarize
-from rkmqtt.bench.workload import Workload
+from rkmqtt.bench.metrics import RequestRecord
+from rkmqtt.bench.runner import Point, Runner
+from rkmqtt.bench.workload import Workload, device_name
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
@@ -40,7 +36,6 @@ from rkmqtt.settings import Settings, load_settings
 _LOGGER = logging.getLogger(__name__)
 
 ENGINES = ("numpy", "rkllm", "rkllm-zero")
-Mode = Literal["mqtt", "http", "direct"]
 
 # What the bench sets on the bridges it starts, unless its command line gives the setting:
 # no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
@@ -56,159 +51,30 @@ BRIDGE_DEFAULTS: dict[str, SettingValue] = {
 }
 
 
-class ProgressSink(Protocol):
-    def begin(self, description: str, total: int) -> None: ...
-
-    def advance(self, n: int) -> None: ...
-
-
-class NoProgress:
-    def begin(self, description: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-
 @dataclass(frozen=True)
-class Scenario:
-    name: str
-    engine: str  # one of ENGINES
-    workload: Workload
-    n_batch: tuple[int, ...]
-    direct_n_batch: tuple[int, ...] = ()
-    description: str = ""
+class Scenario(runner.Scenario):
+    """A scenario of the harness: also through HTTP and the engine alone, and the bridges' set-up."""
+
+    direct_n_batch: tuple[int, ...] = ()  # the engine alone, in this process, at these n_batch values
     http_n_batch: tuple[int, ...] = ()  # also through the HTTP API (Ollama's /api/chat) at these
     # The private Mosquitto with `set_tcp_nodelay true` (its default is false: Nagle's algorithm
-    # then holds small packets back for the peer's delayed ACK, ~40 ms). Ignored with --broker.
+    # then holds small packets back for the peer's delayed ACK). Ignored with --broker.
     broker_nodelay: bool = True
     bridge_flags: Mapping[str, SettingValue] = field(default_factory=dict)  # settings of this scenario's bridges
     bridges: int = 1  # bridges on one broker and prefix, sharing the requests (the scale-out curve)
 
 
-@dataclass
-class Point:
-    scenario: str
-    engine: str
-    label: str
-    n_batch: int
-    mode: Mode
-    workload: dict[str, Any]
-    runs: list[RunMetrics] = field(default_factory=list)
-    bridge_info: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    broker: str = ""
-    requests: list[dict[str, Any]] = field(default_factory=list)  # one row per request of every run
-
-    @property
-    def metrics(self) -> RunMetrics | None:
-        return median_of_runs(self.runs) if self.runs else None
-
-    def as_dict(self) -> dict[str, Any]:
-        m = self.metrics
-        return {
-            "scenario": self.scenario,
-            "engine": self.engine,
-            "label": self.label,
-            "n_batch": self.n_batch,
-            "mode": self.mode,
-            "workload": self.workload,
-            "median": m.as_dict() if m else None,
-            "runs": [r.as_dict() for r in self.runs],
-            "broker": self.broker,
-            "bridge_info": self.bridge_info,
-            "failures": self.failures,
-        }
+def device_tokens(devices: int) -> dict[str, str]:
+    """The devices' bearer tokens, device name -> token, on the bridges the harness starts."""
+    return {device_name(i): f"bench-token-{device_name(i)}" for i in range(devices)}
 
 
-def scaleout_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
-    """1, 2 and 3 bridges on one broker and prefix sharing the requests (each its own RK3588 model,
-    n_batch 4), under a closed loop of 24 devices: requests/s against the number of bridges."""
-    what = "runtime" if rkllm_real else "stand-in RK3588 timing model"
-    w = Workload("closed", devices=24, requests=96, max_new_tokens=32, prompts=prompts)
-    return [
-        Scenario(f"scale-out-{n}", "rkllm", w, (4,), (), f"{n} bridge(s), RKLLM {what}, shared requests", bridges=n)
-        for n in (1, 2, 3)
-    ]
+def tokens_setting(devices: int) -> str:
+    """The same as the setting `http_tokens` (name:token,...)."""
+    return ",".join(f"{name}:{token}" for name, token in device_tokens(devices).items())
 
 
-def journal_suite(prompts: tuple[str, ...]) -> list[Scenario]:
-    """The request journal's cost: the zero-cost relay with the journal and without, side by side."""
-    w = Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts)
-    return [
-        Scenario("relay-zero-cost", "rkllm-zero", w, (8,), (), "stand-in with zero delays, with the journal"),
-        Scenario(
-            "relay-journal-off",
-            "rkllm-zero",
-            w,
-            (8,),
-            (),
-            "the same without the request journal",
-            bridge_flags={"journal": False},
-        ),
-    ]
-
-
-def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
-    """The issue's four targets, measured side by side in one run."""
-    rk = "rkllm"
-    return [
-        Scenario(
-            "cpu-8-devices",
-            "numpy",
-            Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
-            (1, 2, 4, 8),
-            (1, 8),
-            "CPU engine, 8 devices in a closed loop",
-            http_n_batch=(8,),
-        ),
-        Scenario(
-            "rk3588-4-users",
-            rk,
-            Workload("closed", devices=4, requests=12, max_new_tokens=64, prompts=prompts),
-            (1, 2, 4),
-            (),
-            "RKLLM " + ("runtime" if rkllm_real else "stand-in RK3588 timing model") + ", 4 users, closed loop",
-        ),
-        Scenario(
-            "rk3588-4-at-once",
-            rk,
-            Workload("burst", devices=4, requests=12, max_new_tokens=64, prompts=prompts),
-            (1, 4),
-            (),
-            "RKLLM " + ("runtime" if rkllm_real else "stand-in RK3588 timing model") + ", 4 requests at once, 3 rounds",
-        ),
-        Scenario(
-            "relay-zero-cost",
-            "rkllm-zero",
-            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
-            (1, 4, 8),
-            (8,),
-            "stand-in with zero delays: what the bridge itself relays",
-            http_n_batch=(8,),
-        ),
-        Scenario(
-            "relay-journal-off",
-            "rkllm-zero",
-            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
-            (8,),
-            (),
-            "the same without the request journal",
-            bridge_flags={"journal": False},
-        ),
-        Scenario(
-            "relay-zero-cost-nagle",
-            "rkllm-zero",
-            Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts),
-            (8,),
-            (),
-            "the same, Mosquitto's default set_tcp_nodelay false",
-            broker_nodelay=False,
-        ),
-    ]
-
-
-class Sweep:
+class Sweep(Runner):
     def __init__(
         self,
         scenarios: list[Scenario],
@@ -217,18 +83,13 @@ class Sweep:
         repeat: int = 1,
         rkllm_library: Path | None = None,
         rkllm_model: Path | None = None,
-        attach: bool = False,
         workdir: Path | None = None,
-        progress: ProgressSink | None = None,
     ) -> None:
-        self.scenarios = scenarios
+        super().__init__(list(scenarios), repeat)
         self.user_flags = dict(user_flags)
         self.config_file = config_file
-        self.repeat = max(1, repeat)
         self.rkllm_library = rkllm_library
         self.rkllm_model = rkllm_model
-        self.attach = attach
-        self.progress: ProgressSink = progress or NoProgress()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="rkmqtt-bench-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -301,9 +162,6 @@ class Sweep:
         if given:
             self.broker_notes.add(f"given broker {given}")
             return str(given)
-        if self.attach:
-            self.broker_notes.add("broker on localhost:1883")
-            return "mqtt://127.0.0.1:1883"
         m = self._brokers.get(nodelay)
         if m is None:
             m = Mosquitto(workdir=self.workdir / f"mosquitto-{int(nodelay)}", nodelay=nodelay).start()
@@ -318,15 +176,18 @@ class Sweep:
     # -- running ----------------------------------------------------------------------------
     def plan(self) -> list[Point]:
         points: list[Point] = []
-        for sc in self.scenarios:
-            label = sc.engine if self.attach else self._label(sc.engine)
+        for sc in self._scenarios():
+            label = self._label(sc.engine)
             for nb in sc.n_batch:
                 points.append(Point(sc.name, sc.engine, label, nb, "mqtt", sc.workload.describe()))
-                if nb in sc.http_n_batch and not self.attach:
+                if nb in sc.http_n_batch:
                     points.append(Point(sc.name, sc.engine, label, nb, "http", sc.workload.describe()))
                 if nb in sc.direct_n_batch:
                     points.append(Point(sc.name, sc.engine, label, nb, "direct", sc.workload.describe()))
         return points
+
+    def _scenarios(self) -> list[Scenario]:
+        return [s for s in self.scenarios if isinstance(s, Scenario)]
 
     def _label(self, engine: str) -> str:
         if engine == "numpy":
@@ -336,47 +197,17 @@ class Sweep:
         return "rkllm stand-in, zero delay" if engine == "rkllm-zero" else "rkllm stand-in (RK3588 model)"
 
     def run(self, checkpoint: Callable[[list[Point]], None] | None = None) -> list[Point]:
-        """Run every point `repeat` times; `checkpoint(points)` after each run (to save partial results)."""
-        points = self.plan()
-        by_name = {s.name: s for s in self.scenarios}
         with self.brokers():
-            for rep in range(self.repeat):
-                for p in points:
-                    sc = by_name[p.scenario]
-                    self.broker_url = self._broker_for(sc.broker_nodelay)
-                    p.broker = (
-                        ("set_tcp_nodelay true" if sc.broker_nodelay else "Mosquitto default config")
-                        if not self.attach and not self.user_flags.get("broker")
-                        else self.broker_url
-                    )
-                    what = f"{p.label} n_batch {p.n_batch} {p.mode} ({sc.workload.label()})"
-                    if self.repeat > 1:
-                        what += f" [{rep + 1}/{self.repeat}]"
-                    self.progress.begin(what, sc.workload.total)
-                    try:
-                        records, cpu = self._run_point(p, sc)
-                    except Exception as e:  # one failed point must not lose the others
-                        _LOGGER.exception("bench point failed: %s", what)
-                        p.failures.append(f"{type(e).__name__}: {e}")
-                        continue
-                    m = summarize(records)
-                    m.cpu = cpu
-                    p.runs.append(m)
-                    start = min((r.sent for r in records), default=0.0)
-                    p.requests += [{"repeat": rep + 1, **r.row(start)} for r in records]
-                    if checkpoint is not None:
-                        checkpoint(points)
-        return points
+            return super().run(checkpoint)
 
-    def _run_point(self, p: Point, sc: Scenario) -> tuple[list[RequestRecord], dict[str, float]]:
+    def run_point(self, p: Point, sc: runner.Scenario) -> tuple[list[RequestRecord], dict[str, float]]:
         """One run of a point: its requests' records and its processes' CPU (MQTT and HTTP runs)."""
-        if self.attach:
-            settings = self._settings(self.user_flags | {"broker": self.broker_url})
-            p.bridge_info = read_info(settings)
-            p.n_batch = int(p.bridge_info.get("n_batch", 0))
-            p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
-            attached = LoadGenerator(settings, sc.workload, self.progress.advance, CpuMeter({"bench": os.getpid()}))
-            return attached.run(), attached.cpu
+        assert isinstance(sc, Scenario)
+        self.broker_url = self._broker_for(sc.broker_nodelay)
+        given = self.user_flags.get("broker")
+        p.broker = (
+            self.broker_url if given else ("set_tcp_nodelay true" if sc.broker_nodelay else "Mosquitto default config")
+        )
         engine_flags, env = self.engine_setup(sc.engine)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         flags = self.point_flags(engine_flags, p.n_batch, prefix, sc.bridge_flags)
@@ -398,7 +229,8 @@ class Sweep:
             meter = CpuMeter(self._pids(bridges))
             gen: LoadGenerator | HttpLoadGenerator
             if p.mode == "http":
-                gen = HttpLoadGenerator(f"http://127.0.0.1:{port}", sc.workload, self.progress.advance, meter)
+                url, tokens = f"http://127.0.0.1:{port}", device_tokens(sc.workload.devices)
+                gen = HttpLoadGenerator(url, sc.workload, self.progress.advance, meter, tokens)
             else:
                 gen = LoadGenerator(settings, sc.workload, self.progress.advance, meter)
             records = gen.run()
@@ -444,6 +276,15 @@ class Sweep:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+    def meta(self) -> dict[str, Any]:
+        uses_standin = self.rkllm_library is None and any(s.engine.startswith("rkllm") for s in self.scenarios)
+        return {
+            "broker": self.broker_note,
+            "bridge": "child process `rkmqtt run` per point",
+            "bridge_settings": {**BRIDGE_DEFAULTS, **{k: v for k, v in self.user_flags.items() if k != "password"}},
+            "standin_timing_model": standin.timing_model(standin.environment(False)) if uses_standin else None,
+        }
 
     def close(self) -> None:
         if self._tmp is not None:
