@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="the private Mosquitto sets set_tcp_nodelay true (default; Mosquitto's own default is false, which "
-        "delays small packets ~40 ms under load)",
+        "delays small packets by up to ~40 ms)",
     )
     where.add_argument("--rkllm-library", type=Path, default=None, help="a real librkllmrt.so for engine rkllm")
     where.add_argument("--rkllm-model", type=Path, default=None, help="the .rkllm model for --rkllm-library")

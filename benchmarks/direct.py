@@ -1,12 +1,6 @@
-"""The same workload against an engine called directly, without MQTT (caller's thread owns the
-engine, as the scheduler thread does in the bridge).
-
-A tight loop plays the scheduler loop's part with the bridge's own scheduling core (`core.py`): the
-same admission, batch window and fairness, with nothing between the devices and the engine. Closed-
-loop devices issue their next request the moment one finishes, open-loop requests arrive on the same
-Poisson schedule, bursts in the same rounds. The ratio of the bridge's tokens/s to this loop's is the
-bridge's cost: MQTT, the broker, JSON, the threads.
-"""
+"""The same workload against an engine called directly, without a transport (the caller's thread
+owns the engine, as the scheduler thread does in the bridge): a tight loop runs the bridge's own
+scheduling core and is its requests' sink. Its tokens/s against the bridge's is the bridge's cost."""
 
 from __future__ import annotations
 

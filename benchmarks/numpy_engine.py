@@ -1,22 +1,9 @@
-"""Benchmark of the numpy engine on SmolLM2-135M-Instruct (main thread; drives the engine as the
-scheduler would, with no MQTT).
+"""Benchmark of the numpy engine on SmolLM2-135M-Instruct, driven as the scheduler would, without MQTT
+(main thread): decode throughput per n_batch, prefill, peak RSS, continuous against static batching
+under staggered arrivals (docs/benchmarks.md, "The numpy engine alone"). It runs itself again
+without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unless --keep-openblas-env.
 
     .venv/bin/python benchmarks/numpy_engine.py [--repeats 3] [--quick] [--parts decode,rss,arrivals]
-        [--gaps 1.0,0.5,0.25] [--threads N]
-
-Prints one table:
-
-* engine-only decode throughput, aggregate and per sequence, for n_batch 1, 2, 4, 8, 16
-  (n_batch / the median time of the steps in which every slot decodes; then the median over
-  repeats, interleaved so that load from other processes spreads over all batch sizes);
-* prefill tokens/s for a 200-token prompt;
-* peak RSS of a process running n_batch 8 with 2048-token contexts filled to the end;
-* continuous against static batching under staggered arrivals at the same load, at three loads (`--gaps`): mean latency
-  (static: a batch of up to n_batch requests starts together and nothing joins until all of
-  it has finished, emulated with the same engine by submitting only when it is idle).
-
-OpenBLAS: when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set, the script runs itself again
-without them (they make current numpy slower on this machine); `--keep-openblas-env` keeps them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""The service behind `rkmqtt run` (main thread): wires the engine, scheduler, bridge, the
-embedded broker and the health file together, and shuts them down in order.
-
-Threads it starts: "rkmqtt-scheduler" (owns the engine), paho's network thread, "rkmqtt-publisher",
-"rkmqtt-http" (the HTTP API's event loop, when `http_listen` is set) and "rkmqtt-health"
-(rewrites the health file once a second when `health_file` is set).
-
-At start, before connecting, it takes up what the request journal holds from the last run, in
-arrival order.
-"""
+"""The service behind `rkmqtt run` (main thread): wires the engine, the scheduler, admission, the MQTT
+bridge and its sink, the HTTP server, the embedded broker and the health file; takes up the journal
+before connecting; shuts them down in order (its threads: docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Settings (main thread, at start-up): pydantic-settings, layered.
-
-Precedence, highest first: command-line flags > `RKMQTT_*` environment > the YAML file given
-with `--config` (or `RKMQTT_CONFIG`) > Home Assistant's `/data/options.json` (add-on only) > defaults.
-
-The field names are part of the product: each is `RKMQTT_<NAME>` in the environment and
-`--<name-with-dashes>` on the command line. `config.yaml` at the top of the repository lists
-every one with its default; `tests/test_settings.py` keeps the two in step.
-"""
+"""Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
+`--config` file > the add-on's options > defaults. Each field is also `RKMQTT_<NAME>` and
+`--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 

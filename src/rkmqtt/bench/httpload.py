@@ -1,13 +1,7 @@
-"""Simulated devices against a bridge over its Ollama HTTP API (the caller's thread runs one asyncio
-event loop that drives every device with aiohttp's client).
-
-The same workload as `load.py` over MQTT, so that the two can be compared point by point: the
-same device names (`dev00`, `dev01`, ... are the client names, through one bearer token each), the
-same prompts in the same order, `num_predict` = the workload's `max_new_tokens`, streaming on
-(`POST /api/chat`, NDJSON). Each device times its first non-empty piece (time to first token) and
-the final line, which carries the token counts. The bridge's own queueing and batch figures are
-not in Ollama's replies, so those columns stay empty for HTTP runs.
-"""
+"""Simulated devices against a bridge's Ollama HTTP API (the caller's thread runs one asyncio loop
+that drives them all with aiohttp): `load.py`'s workload, device by device and prompt by prompt,
+through `POST /api/chat` streamed, timing the first piece and the final line, which carries the
+token counts (docs/benchmarks.md, "HTTP against MQTT")."""
 
 from __future__ import annotations
 

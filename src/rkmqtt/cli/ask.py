@@ -1,11 +1,6 @@
-"""`rkmqtt ask` (main thread, plus paho's network thread for the callbacks): one request, its
-stream printed as it comes, timing at the end. Exit 0 on an ok reply, 1 on an error reply or
-no reply, with one line saying why.
-
-Before sending, it reads the bridge's retained status (`rkmqtt.mqtt.presence`): with no bridge online
-it says so within seconds instead of waiting out `--timeout`; a bridge that goes offline while
-the request runs ends the wait a few seconds later.
-"""
+"""`rkmqtt ask` (main thread; paho's network thread for the callbacks): one request, its stream
+printed as it comes, timing at the end; exit 0 on an ok reply, 1 on an error reply or none. It
+reads the bridges' retained status first (`mqtt/presence.py`): with none online it says so at once."""
 
 from __future__ import annotations
 

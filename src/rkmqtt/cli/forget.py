@@ -1,11 +1,6 @@
-"""`rkmqtt forget-node NODE` (main thread): retire a node that is gone for good.
-
-A node's persistent session keeps its request subscription while it is away, so the broker goes on
-queueing requests for it (its share of a shared subscription, or every request when it was alone)
-for `session_expiry` seconds; and its retained status, info and Home Assistant device stay. This
-command ends that session (a connection with its client id and a clean start), and clears the
-retained status, info and discovery config. It refuses while the node is online.
-"""
+"""`rkmqtt forget-node NODE` (main thread): retire a node that is gone for good, ending its persistent
+session and clearing its retained status, info and Home Assistant device; refused while it is
+online (docs/architecture.md, "Several nodes on one broker")."""
 
 from __future__ import annotations
 

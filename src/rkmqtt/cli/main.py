@@ -1,15 +1,7 @@
-"""The `rkmqtt` command (main thread): argument parsing and wiring only.
-
-    rkmqtt run     the service
-    rkmqtt ask     send one request, stream the reply to the terminal
-    rkmqtt check   self-check of settings, broker, engine (and the NPU on a board)
-    rkmqtt health  exit 0 when the running service is healthy (container HEALTHCHECK)
-    rkmqtt bench   the load generator and benchmark report
-    rkmqtt probe   run a fixed script against the RKLLM runtime; a trace and a summary to share
-
-Every setting is also a flag, `--<name-with-dashes>`; flags win over the environment and files.
-A wrong setting ends the command with exit status 2 and one line saying what to fix.
-"""
+"""The `rkmqtt` command (main thread): the parser, and the dispatch to `run`, `ask`, `check`, `health`,
+`forget-node`, `bench` and `probe`, each imported when it runs. Every setting is also a flag
+(`--<name-with-dashes>`); a wrong one ends the command with exit status 2 and one line saying what
+to fix."""
 
 from __future__ import annotations
 

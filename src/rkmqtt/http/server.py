@@ -1,14 +1,6 @@
-"""The HTTP server: aiohttp on an asyncio event loop in one thread of its own, "rkmqtt-http".
-
-Every handler runs on that thread and never waits on the engine: it validates, submits to the
-scheduler's inbox (`exchange.Gateway`) and awaits the replies that the scheduler thread hands to
-the request's sink. aiohttp runs with `handler_cancellation`, so a client that disconnects
-cancels its handler, whose `finally` cancels the request in the scheduler.
-
-The main thread calls `start`, `stop_accepting` and `stop` (they run coroutines on the loop and
-wait for them). Authentication (`auth.py`): with `http_tokens` set, every path but `/` needs
-`Authorization: Bearer <token>`; without it, listening beyond localhost logs a warning.
-"""
+"""The HTTP server: aiohttp on an asyncio event loop in a thread of its own, "rkmqtt-http". Handlers
+never wait on the engine, and a client that disconnects cancels its handler and its request. The
+main thread calls `start`, `stop_accepting` and `stop`, which run coroutines on the loop and wait."""
 
 from __future__ import annotations
 

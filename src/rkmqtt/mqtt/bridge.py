@@ -1,15 +1,7 @@
-"""The MQTT side: one paho-mqtt 2.x client (callback API version 2).
-
-Threads: every `_on_*` method runs on paho's network thread ("paho-mqtt-client-…"). It only
-parses, validates (`Intake`), journals and enqueues — onto the scheduler's inbox or the outbox — and
-never waits on the engine. Outgoing replies are published by the publisher thread (`outbox.py`).
-
-The session is persistent (a stable client id, clean start off, `session_expiry`): requests sent
-while the bridge is away wait in the broker. QoS 1 requests are acknowledged by hand, after they
-are in the journal, so a crash cannot lose one the broker thinks delivered. On every (re)connect
-the bridge subscribes again and republishes `status`, `info` and the Home Assistant discovery; the
-Last Will turns `status` to `offline` when it vanishes. `link.py` says what goes wrong, once.
-"""
+"""The MQTT door's client: one paho-mqtt 2.x client with a persistent session. Main thread: start,
+take-up, stop; paho's network thread: every `_on_*`, which parses, journals and enqueues and never
+waits on the engine. Why the session and the acknowledgement are as they are: docs/architecture.md,
+"The MQTT session"."""
 
 from __future__ import annotations
 

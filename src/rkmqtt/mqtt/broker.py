@@ -1,11 +1,6 @@
-"""A private Mosquitto child process (main thread): the embedded default of `rkmqtt run`, and the
-broker that the tests and `rkmqtt bench` start on free ports.
-
-The embedded broker of `rkmqtt run` runs in a session of its own (`own_session`): Ctrl-C in the
-terminal goes to the whole foreground process group, and the broker must outlive the bridge's
-last replies; the bridge stops it after those. It still ends with rkmqtt if rkmqtt is killed
-(Linux: the parent-death signal).
-"""
+"""A private Mosquitto child process (main thread): the embedded default of `rkmqtt run`, in a
+session of its own so that it outlives the bridge's last replies, and the broker the tests and the
+harness start on free ports."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ def make_client(
 
 
 def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """paho's `on_socket_open`: without TCP_NODELAY a request->reply round trip pays ~40-90 ms of
-    Nagle and delayed-ACK timers."""
+    """paho's `on_socket_open`: without TCP_NODELAY a small packet can wait for the peer's delayed
+    ACK, up to ~40 ms (docs/benchmarks.md, "What limits the relay rate")."""
     with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (a test's socketpair)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

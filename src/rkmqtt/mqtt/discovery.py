@@ -1,33 +1,6 @@
-"""Home Assistant MQTT discovery (any thread; pure functions, no I/O).
-
-One retained, device-based discovery message (`<discovery_prefix>/device/<node>/config`, with
-`dev`, `o` and `cmps`) makes a bridge appear in Home Assistant as one device with these entities:
-
-| entity            | platform      | reads / writes                    | notes                              |
-|-------------------|---------------|-----------------------------------|------------------------------------|
-| Connectivity      | binary_sensor | `P/node/<node>/status` (retained) | online / offline (the Last Will)   |
-| Queue depth       | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
-| Active requests   | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
-| Tokens per second | sensor        | `P/node/<node>/stats`             | expires when stats stop            |
-| Requests answered | sensor        | `P/node/<node>/stats`             | total_increasing                   |
-| Errors            | sensor        | `P/node/<node>/stats`             | total_increasing, counts by code   |
-| Last reply        | sensor        | `P/reply/homeassistant/dashboard` | state cut to 255, text attribute   |
-| Model, Engine,    | sensor        | `P/node/<node>/info` (retained)   | diagnostic                         |
-| Batch size        |               |                                   |                                    |
-| Prompt            | text          | `P/request/homeassistant`         | JSON, `reply_to` the dashboard's   |
-
-Each node (bridge) is a device of its own, reading its own node's topics. Every entity but
-Connectivity is available while `P/node/<node>/status` is `online`; Connectivity reads that topic
-itself and shows `off` when the bridge is gone. Unique ids are `<node>_<key>`, from the node
-name only, so they survive restarts. Entity ids are the same whatever Home Assistant's version:
-`default_entity_id` (read by 2025.10 and later) is exactly what older versions, which ignore it,
-derive from the device's name and the entity's name: `<platform>.<slug of both>`. The device's
-name is the node name made readable (`rkmqtt_opi5` -> "rkmqtt opi5"), whose slug is the node name.
-
-The bridge publishes these messages (retain, QoS 1) on every connect and again when Home Assistant
-announces `online` on `ha_status_topic(settings)`. With discovery off it publishes the empty
-retained config instead, which removes a device that an earlier run announced.
-"""
+"""Home Assistant MQTT discovery (any thread; pure): one retained device config per node, whose
+entities read the node's status, stats and info and send prompts (docs/architecture.md, "Home
+Assistant discovery")."""
 
 from __future__ import annotations
 

@@ -1,21 +1,7 @@
-"""The request journal: accepted requests kept in SQLite until their final reply is delivered.
-
-Threads: `admit` runs on the paho network thread (before the broker gets its acknowledgement),
-`delivered` on the paho network thread too (when the broker acknowledges the final reply), `drop`
-on the scheduler thread, `pending` and `close` on the main thread. One connection, one lock of
-ours around each statement; no paho call is made here.
-
-One row per request message the bridge accepted, in arrival order. A row ends in one of three ways:
-* its final reply is delivered and the request had started: the reply is kept, so that a retry of
-  the id within `dedup_window_s` gets the same reply, even after a restart;
-* its final reply is delivered and it had not started (refused, cancelled or expired while it
-  waited): the row goes, and the id may be sent again;
-* the scheduler found it a duplicate of a request in flight: the row goes.
-What is left after a crash is taken up again at the next start, in arrival order.
-
-WAL mode with `synchronous=NORMAL`: a commit survives the bridge's crash (kill -9) but the last
-commits may not survive a power cut of the machine.
-"""
+"""The request journal: accepted requests kept in SQLite until their final reply is delivered, and the
+recorded finals that answer a retried id. `admit` and `delivered` run on paho's network thread,
+`drop` on the scheduler thread, `pending` and `close` on the main thread. How a row ends:
+docs/architecture.md, "The request journal"."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""The outgoing queue and the publisher thread ("rkmqtt-publisher").
-
-The scheduler and the paho callbacks put `Outgoing` messages here and never wait; the
-publisher thread is the one that hands them to paho. The queue is bounded in messages and in
-bytes: past either bound, stream chunks (QoS 0) are dropped — their sequence numbers show the
-gap — while final replies are always kept, because every accepted request is owed exactly one.
-Our lock is never held while paho is called. A failed publish is logged once per reply topic,
-without a traceback (the topic is the client's choice; a failing stream would log per chunk).
-"""
+"""The outgoing queue, bounded in messages and in bytes (stream chunks dropped past either bound,
+final replies always kept), and the publisher thread ("rkmqtt-publisher"), the one that calls
+paho's `publish`. Putting never waits; our lock is never held while paho is called."""
 
 from __future__ import annotations
 
@@ -42,8 +36,8 @@ class Outgoing:
     retain: bool = False
     correlation: bytes | None = None  # MQTT 5 Correlation Data to echo
     droppable: bool = False  # stream chunks may be dropped when the queue is full
-    # QoS 1: called on the publisher thread once the broker has acknowledged the message (a final
-    # reply's journal entry is closed then, not when it is merely handed to paho).
+    # QoS 1: called once the broker has acknowledged the message, on paho's network thread (or on the
+    # publisher thread when the PUBACK overtook the registration): a final's journal row closes then.
     on_delivered: Callable[[], None] | None = None
 
     @property

@@ -1,11 +1,5 @@
-"""Is a bridge serving topic prefix P? (any thread; pure functions, no I/O.)
-
-Each bridge (node) keeps its state in its retained `P/node/<node>/status` (`online`, and `offline`
-as its Last Will), so a client that subscribes to every node's status learns at once whether any
-bridge serves P. `rkmqtt ask` asks here before
-it sends anything. This module is the one place that knows which topics carry that state and
-how to read them.
-"""
+"""Is a bridge serving topic prefix P? Which topics carry each node's retained status, and how to read
+them (any thread; pure). `rkmqtt ask` asks here before it sends anything."""
 
 from __future__ import annotations
 

@@ -1,24 +1,6 @@
-"""How a node takes requests: alone, or sharing them with the other nodes of its broker and prefix
-(paho network thread; pure logic: it returns actions and the bridge carries them out).
-
-Why not always a shared subscription: Mosquitto 2.0 does not restore shared subscriptions from its
-persistence file, so after a broker restart the requests that devices send before the bridge is
-back would have no subscriber. A plain subscription is restored. So with `share_requests: auto` a
-node that is alone takes requests through a plain subscription, and the nodes share as soon as
-there are two:
-
-    alone    plain subscription; when another node comes online, it subscribes the shared one, drops
-             the plain one and announces `shared` (in its retained info)
-    joining  a node that found another node online that is still `alone` (or `off`): it takes no
-             request until every online node announces `shared`, so no request is answered twice
-    shared   the shared subscription $share/<group>/P/request/+; it stays shared when the others go
-             (their sessions may still hold shares the broker queues for them)
-    off      `share_requests: off`: plain, whatever the others do (a warning when one is online)
-    left     a node that stopped cleanly while others were online: it left the shared subscription
-
-A message that reaches a node twice while it changes subscription (the plain and the shared one
-overlap for a moment) is the same request twice, which the scheduling core does not run again.
-"""
+"""How a node takes requests: alone, joining, shared with the other nodes of its broker and prefix,
+off or left (paho network thread; pure: it returns actions, the bridge carries them out). Why not
+always shared: docs/architecture.md, "Several nodes on one broker"."""
 
 from __future__ import annotations
 

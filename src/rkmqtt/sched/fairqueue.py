@@ -1,13 +1,6 @@
-"""Per-client waiting queues served by start-time fair queuing (scheduler thread only; no locking).
-
-Fairness rule: a request's place is its client's virtual start time. A client's next request
-starts one unit after its previous one; a client that was idle starts at the current virtual time
-(the tag of the request served last). So a device that floods runs ahead of itself, not of the
-others: a quiet device's one request is served before the flood's next, and one that has waited
-is served before devices that arrived after it, however many names they use. Ties go to the
-client served longest ago, then to the earlier arrival, so one `take()` serves every waiting
-client of a round before any client a second time.
-"""
+"""Per-client waiting queues served by start-time fair queuing (scheduler thread only; no locking):
+a client that floods runs ahead of itself, not of the others (docs/architecture.md, "The
+scheduling policy")."""
 
 from __future__ import annotations
 

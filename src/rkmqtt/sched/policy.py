@@ -1,24 +1,8 @@
 """The scheduling core: every request's life from arrival to its one outcome (scheduler thread; pure).
 
-No threads, engine calls, MQTT or JSON. Each method takes the time and returns a `Step`: what the
-scheduler loop must carry out (prepare these on the engine, start those together, cancel these,
-publish these chunks, answer these outcomes). Every terminal transition goes through `_finish()`,
-which removes the request from every structure, counts it, remembers it for de-duplication and
-emits its one `Outcome`.
-
-Policy:
-* Admission: a continuous engine takes waiting requests whenever it has free slots; a static one,
-  when idle, takes up to `n_batch` that share a batch key, after waiting `batch_window_s` for
-  batch-mates (unless enough are already waiting). Clients are served round-robin (`FairQueue`).
-* Full queue: a newcomer takes the place of the newest request of the client holding the most
-  places, when that client holds more than the newcomer's client would; otherwise it is refused.
-* De-duplication: a retried id while the request lives is not run again (from another reply
-  target it is answered `duplicate_id`); a retried id of a request that started, within
-  `dedup_window_s` of its end, gets the same outcome again.
-* Expiry: a request whose deadline passes before it starts is answered `expired`.
-* Shutdown: waiting requests are answered `shutting_down` at once; running ones get the grace
-  period, then are cut and answered `shutting_down`.
-"""
+No threads, engine calls, transport or JSON: each method takes the time and returns a `Step` for the
+loop to carry out, and every end goes through `_finish()`. The policy (batches, a full queue,
+retries, expiry, shutdown): docs/architecture.md, "The scheduling policy"."""
 
 from __future__ import annotations
 
@@ -161,8 +145,8 @@ class SchedulingCore:
                 times.append(self._shutdown_at)
         elif len(self._waiting):
             if self.config.continuous:
-                # Without this the loop would sleep on its inbox until the next arrival or the idle
-                # wait (0.5 s) after the last running request ended, with requests still queued.
+                # Without this the loop would sleep on its inbox until the next arrival or its idle
+                # wait after the last running request ended, with requests still queued.
                 times.append(now)
             else:
                 oldest = self._waiting.oldest_arrival()

@@ -1,46 +1,8 @@
-"""One `rkllm_run`: its C inputs, its slots, and the callback side that demultiplexes results.
+"""One `rkllm_run`: its C inputs, its slots, and the callback that demultiplexes the results.
 
-Threads:
-* `Batch(...)` is built on the scheduler thread (RkllmEngine.submit);
-* `on_result` runs on the runtime's callback thread while rkllm_run runs. It only copies bytes
-  out of the results, updates this batch's slot state and puts events on the engine's
-  `queue.Queue` (unbounded: `put` never waits). It never raises, never blocks, never logs and
-  never does I/O;
-* `run_returned` runs on the batch's worker thread once rkllm_run has returned;
-* `cancel` and `live_count` run on the scheduler thread. The state shared with the callback
-  thread is `cancelled` (a set the scheduler adds to), the slots' `done` flags (the callback
-  sets them) and `aborted`/`returned` (the engine sets them under its handle lock); each is a
-  single read or write under the GIL, and every race between them is harmless: a cancelled
-  key's events are dropped by `RkllmEngine.poll` anyway, the abort decision is made on both
-  sides, and the engine's lock decides whether an abort reaches the runtime (engine.py).
-
-Every object C can reach — the `RKLLMInput[n_batch]` array, the prompt bytes, the infer and
-sampling structs — is referenced from `self.keep` until the worker drops the batch, after
-rkllm_run has returned.
-
-How results map to replies (facts: docs/rkllm-runtime.md, "Batched inference"):
-* `result[i]` is slot i; a negative `token_id` ends slot i; `text` may be NULL, and so may the
-  `result` pointer itself (then the step carries nothing; at FINISH there is no perf).
-* Each slot assembles its text in a `SlotText` (text.py): text that ends inside a character (a
-  `WAITING` step) is held, and the next text either repeats it (Rockchip's consumers' reading) or
-  continues it (a split character); `TokenEvent.text` is always whole characters.
-* A slot is cut at its own `max_new_tokens` (the run uses the batch's largest) and gets
-  `FinishEvent(reason="length")` at once; its later tokens are dropped.
-* A slot that ends while batch-mates still run is answered at once (no perf: the runtime fills
-  perf only at FINISH). The slot(s) ending last wait for the `FINISH` callback, which comes
-  right after, and carry its perf: `prompt_tokens` = that slot's `perf.prefill_tokens` (what the
-  runtime reports per slot in a batch is undocumented; the stand-in reports the slot's own).
-* Every slot has a `reported` flag (its final event is queued). Whatever happens in the callback
-  (an exception, a NULL pointer, no FINISH at all), `run_returned` answers every slot not yet
-  reported, so no request waits forever.
-* When no real slot is left (all ended or cancelled) but the runtime is still generating
-  (padding slots, or 1.2.x's init-time `max_new_tokens` above every request's own), the engine is
-  asked to `rkllm_abort` (an `AbortWanted` marker on the queue; the callback itself never calls
-  into the runtime).
-* An `ERROR` state, `rkllm_run` != 0, or an exception in the callback answers every slot still
-  running with `engine_error` — except an `ERROR` or a non-zero return after our own abort with
-  no real slot left: that is how the runtime may end an aborted run, and nothing was lost.
-"""
+Built on the scheduler thread; `on_result` runs on the runtime's callback thread (it copies and
+enqueues, nothing else), `run_returned` on the batch's worker thread. How results map to replies:
+docs/rkllm-runtime.md, "Batched inference" and "Inside rkmqtt's binding"."""
 
 from __future__ import annotations
 

@@ -1,59 +1,8 @@
-"""RkllmEngine: requests batched into one `rkllm_run` on the Rockchip NPU (static micro-batches).
+"""`RkllmEngine`: requests batched into one `rkllm_run` on the Rockchip NPU (static micro-batches).
 
-Threads:
-* every public method runs on the scheduler thread (the one thread that owns the engine);
-* each batch runs `rkllm_run` on a worker thread of its own, `rkllm-run-<n>`, which after the
-  call answers what is still open and, after a second failed run in a row, destroys and
-  re-initialises the runtime (tenacity backoff) before the engine is idle again;
-* the runtime calls the result callback on a thread of its own during `rkllm_run`; the
-  callback (`Batch.on_result`) only copies and enqueues (see batch.py).
-The threads meet in one `queue.Queue` that `poll()` drains.
-
-One lock, `_handle_lock`, orders every call that touches the handle from two threads: the
-start and the end of a run (the worker), `rkllm_abort` (the scheduler), `rkllm_destroy` and the
-swap of a new handle (the worker's recovery, `close`). `rkllm_abort` is called only while a run
-of that batch is in progress (`_in_run`), never on an idle or destroyed handle. The lock is never
-held across `rkllm_run` or `rkllm_init`, and the callback never takes it.
-
-Between the worker calling `rkllm_run` and the runtime marking itself running there is a moment
-in which an abort would reach an idle handle (and be lost). So an abort asked for before the
-runtime's first callback is made by a short-lived thread, `rkllm-abort-<n>`, once the runtime
-shows it is running: `rkllm_is_running` differs from its value on the idle handle (read after
-init, so either polarity of the headers works), or it has called back; it gives up when the run
-ends, and aborts anyway after `ABORT_CONFIRM_S` if the runtime cannot tell.
-
-Life of a batch: `submit()` (engine idle, 1..n_batch requests with one `batch_key`) builds the
-`RKLLMInput[n_batch]` array (unused slots padded with a short dummy prompt, or left empty when
-`rkllm_pad_batch` is false) and one `RKLLMInferParam` and starts the worker. `cancel(key)` drops a
-request at once (its later events are filtered out) and calls `rkllm_abort` only when no real
-slot of the batch is left running; when all real slots have ended by themselves while padding
-slots still generate, the callback asks `poll()` to abort for the same reason. A batch whose
-every request was cancelled before its run began is not run at all.
-
-Admission: `prepare()` refuses a prompt the context cannot hold with `too_long` (length.py):
-counted with the `rkllm_tokenizer` file when set, else bounded at one token per byte. Such a
-prompt would otherwise stop the run of its whole batch.
-
-Sampling: runtime 1.3.0 takes sampling parameters and `max_new_tokens` per run, so `batch_key`
-groups requests by their sampling, and the run's `max_new_tokens` is the batch's largest (each
-slot is cut at its own). Runtime 1.2.x fixes both at `rkllm_init` (from the settings; its
-`max_new_tokens` is the `max_new_tokens` limit): every request shares a batch, each slot is cut at
-its own limit, and a request that set sampling fields is told in `FinishEvent.warnings`. Greedy
-(temperature 0) is sent as top_k=1, temperature=1.0, top_p=1.0. The runtime has no seed.
-
-Failures: `rkllm_init` failing at load raises EngineError naming what to check. An `ERROR` state
-or `rkllm_run` returning non-zero answers the batch's running requests `engine_error` (not after
-our own abort with no request left: batch.py). A single failed run keeps the model: the next batch
-runs on the same handle. After `RELOAD_AFTER_FAILURES` failed runs in a row the handle is
-destroyed and `rkllm_init` retried with exponential backoff until it works or the engine closes
-(the scheduler keeps queueing meanwhile: `free_slots()` is 0). Beware: runtime 1.3.0 has been
-reported to segfault, not return -1, when a second init runs out of NPU memory.
-
-`recorder` (a trace.TraceRecorder, for `rkmqtt probe`) is told every call into the runtime and
-copies every callback; it does no I/O.
-
-Facts about the runtime: docs/rkllm-runtime.md.
-"""
+Public methods run on the scheduler thread, each batch's `rkllm_run` on a worker thread, the result
+callback on the runtime's thread; they meet in one queue that `poll()` drains. The handle lock,
+aborts, sampling per ABI and recovery: docs/rkllm-runtime.md, "Inside rkmqtt's binding"."""
 
 from __future__ import annotations
 

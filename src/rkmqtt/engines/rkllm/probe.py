@@ -1,25 +1,8 @@
 """`rkmqtt probe`: the fixed script a board owner runs once against the real RKLLM runtime, and shares.
 
-Threads: the main thread drives an `RkllmEngine` as its scheduler thread would; the engine's own
-threads (worker, runtime callback) only record into a `TraceRecorder` (trace.py), no I/O.
-
-    rkmqtt probe --rkllm-library /usr/lib/librkllmrt.so --model ~/models/m.rkllm --out probe-rk3588
-
-The script (`SCRIPT_VERSION`), through the engine so that the binding is checked at the same time:
-
-    n_batch 1   speed-n1, chinese-n1, emoji-n1, cancel-all-prefill, over-long, after-over-long
-    n_batch 2   speed-n2, chinese+emoji-n2, cancel-one-slot, padding
-    n_batch 4   speed-n4
-    n_batch 8   speed-n8          (--n-batch chooses the speed points; 1 and 2 always run)
-
-`<out>/probe-trace.json` holds every call into the runtime and every callback (state, per-slot
-token id, raw text bytes in hex, time: trace.py), the scenarios as run and each request's reply;
-`<out>/probe-summary.md` a table to paste into an issue (probe_report.py); `<out>/runtime.log`
-what the runtime printed. With `--scenarios-from TRACE` the scenarios recorded in TRACE are run
-instead of the script: with the stand-in runtime replaying TRACE (RKLLM_STANDIN_REPLAY), a
-board's trace becomes a test (tests/test_rkllm_probe.py). docs/benchmarks.md says where board
-figures go; docs/rkllm-runtime.md which facts they would settle.
-"""
+The main thread drives an `RkllmEngine` as the scheduler would; the engine's threads only record.
+It writes probe-trace.json, probe-summary.md and runtime.log (docs/rkllm-runtime.md, "Inside
+rkmqtt's binding" and "Probe traces")."""
 
 from __future__ import annotations
 
@@ -440,7 +423,7 @@ def load_trace(path: Path) -> dict[str, Any]:
 
 
 def add_probe_parser(sub: Any) -> None:
-    """`rkmqtt probe`'s arguments (cli.py's one entry for it)."""
+    """`rkmqtt probe`'s arguments (cli/main.py's one entry for it)."""
     p = sub.add_parser(
         "probe",
         help="run a fixed script against the RKLLM runtime and write a trace and a summary to share",

@@ -1,13 +1,5 @@
-"""The Markdown summary of a `rkmqtt probe` trace: the tables a board owner pastes into an issue.
-
-Threads: the main thread, after the probe has run (pure functions of the trace dict, probe.py).
-
-Every figure comes from the trace's recorded callbacks (times from the start of each `rkllm_run`):
-time to first token = the first callback with a token; decode speed = tokens after the first
-one, over the time from the first to the last token, all slots together; prefill speed and memory
-= the FINISH perf of slot 0 (what perf holds per slot is undocumented). The behaviour rows say what
-the runtime did and whether rkmqtt's binding answered every request as it should.
-"""
+"""The Markdown summary of a `rkmqtt probe` trace: the tables a board owner pastes into an issue
+(main thread; pure functions of the trace; how each figure is made: docs/rkllm-runtime.md)."""
 
 from __future__ import annotations
 

@@ -1,34 +1,6 @@
-"""Turning a request's messages into the prompt string RKLLM expects.
-
-Threads: pure functions, called on the scheduler thread (RkllmEngine.submit / load).
-
-The RKLLM runtime tokenizes and applies the model's chat template itself: each batch slot takes
-one prompt string (`RKLLMInput.prompt_input`, `role = "user"`), which the runtime wraps as one
-user turn, either with the model's built-in template or with the system/prefix/postfix set by
-`rkllm_set_chat_template` (one template per handle, shared by every slot of a batch). There is
-no per-slot system prompt and no way to pass earlier turns as separate messages while
-`keep_history` is 0 (every request is independent). So:
-
-* a single user message without a system prompt is passed verbatim (the common case, and what
-  the runtime's own demos do);
-* otherwise the request is flattened into that one user turn, as plain text the model reads:
-
-      <system text>                     (each system message, blank-line separated)
-
-      Conversation so far:
-      User: <earlier user turn>
-      Assistant: <earlier assistant turn>
-      ...
-
-      <the last user message>
-
-  When the conversation ends with an assistant message (a continuation), the transcript ends
-  with it and nothing follows. The template's own system prompt (built-in or configured) stays in
-  place; a request's system text is read by the model as part of the user turn, not as a system
-  turn. This is a limitation of the runtime's interface, not a choice: a faithful multi-turn
-  rendering would need the template off (`rkllm_set_chat_template(h, "", "", "")`) and the model's
-  template re-implemented here, which the `.rkllm` file does not expose.
-"""
+"""A request's messages as the one prompt string the RKLLM runtime wraps in its chat template:
+verbatim for a lone user message, else flattened into one user turn (pure; scheduler thread;
+docs/rkllm-runtime.md, "Inside rkmqtt's binding")."""
 
 from __future__ import annotations
 

@@ -1,26 +1,6 @@
-"""A record of every call into the RKLLM runtime and every callback out of it (for `rkmqtt probe`).
-
-Threads: the engine calls `TraceRecorder` from the scheduler thread (init, abort), the batch's
-worker thread (run, init and destroy during recovery) and the runtime's callback thread
-(`callback`). Every method only copies values into lists under the recorder's own lock: no I/O,
-no logging, nothing that waits on anything but that lock.
-
-The record is the `calls` list of a probe trace (docs/rkllm-runtime.md, "Probe traces"), in the
-order the calls were made; the stand-in runtime replays it (tests/standin/rkllm_standin.c):
-
-    {"fn": "init", "t_ms": 12.5, "n_batch": 2, "rc": 0}
-    {"fn": "run", "t_ms": 950.1, "n_batch": 2, "inputs": ["<prompt>", ...], "max_new_tokens": 64,
-     "rc": 0, "duration_ms": 812.0, "events": [
-        {"t_ms": 130.2, "state": 1, "slots": [[15338, "e4b8"], [-1, null]]},
-        {"t_ms": 190.0, "abort": true, "rc": 0},
-        {"t_ms": 811.9, "state": 2, "slots": [...], "perf": [[p_ms, p_tok, g_ms, g_tok, mem_mb], ...]},
-        {"t_ms": 811.9, "state": 2, "slots": null}]}          <- a NULL result pointer
-    {"fn": "abort", "t_ms": ..., "rc": 0}                     <- outside a run (never, by design)
-    {"fn": "destroy", "t_ms": ..., "rc": 0}
-
-`t_ms` of a call counts from the recorder's creation, `t_ms` of an event from its run's start;
-`slots` holds, per slot, the token id and the text's raw bytes in hex (null for a NULL text).
-"""
+"""A record of every call into the RKLLM runtime and every callback out of it, for `rkmqtt probe`
+(called on the scheduler, worker and callback threads; it only copies, under its own lock). Its
+format, which the stand-in replays: docs/rkllm-runtime.md, "Probe traces"."""
 
 from __future__ import annotations
 
