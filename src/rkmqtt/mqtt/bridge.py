@@ -28,7 +28,7 @@ from rkmqtt.mqtt.outbox import Publisher
 from rkmqtt.mqtt.replies import Refusal, route_of
 from rkmqtt.mqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
 from rkmqtt.mqtt.sink import MqttSink
-from rkmqtt.protocol import Info, parse_cancel_payload
+from rkmqtt.protocol import ErrorCode, Info, parse_cancel_payload
 from rkmqtt.sched.admission import Admission, Refused
 from rkmqtt.sched.loop import Scheduler
 from rkmqtt.sched.request import Request, RequestKey
@@ -36,6 +36,9 @@ from rkmqtt.settings import BrokerAddress, Settings
 from rkmqtt.topics import Topics, is_valid_client
 
 _LOGGER = logging.getLogger(__name__)
+
+# The journal cannot take a request (a full or failing disk): it is refused rather than acknowledged.
+_CANNOT_RECORD = Refused(ErrorCode.BUSY, "the bridge cannot record requests now; try again later")
 
 # Reason codes that mean "your credentials are wrong": MQTT 5 (134, 135) and 3.1.1 (4, 5).
 _BAD_CREDENTIALS = {134, 135, 4, 5}
@@ -439,7 +442,7 @@ class Bridge:
             row = self.journal.admit(incoming, req.key)
         except sqlite3.Error as e:
             _LOGGER.error("the journal cannot record request %s: %s", req.key, e)
-            return _refusal(req, Admission.cannot_record())
+            return _refusal(req, _CANNOT_RECORD)
         if isinstance(row, Delivered):
             _LOGGER.info("request %s: retried after it ran; its recorded final reply is sent again", req.key)
             self.sink.recorded(route_of(req), row.final)

@@ -93,8 +93,8 @@ class Admission:
         expires_in: float | None = None,
         rate_limit: bool = True,
     ) -> Request | Refused:
-        """The request, or why not. `rate_limit=False` for one taken up from the journal: it was
-        counted when it came. Not counted here: the door counts what it answers (`refused`)."""
+        """The request, or why not. `rate_limit=False` for one a door takes up again after a restart:
+        it was counted when it came. Not counted here: the door counts what it answers (`refused`)."""
         now = time.monotonic() if now is None else now
         problem = self._over_limits(key.client, ask, now, rate_limit)
         if problem is not None:
@@ -128,11 +128,6 @@ class Admission:
     def shutting_down() -> Refused:
         """The door is closing: the bridge takes nothing new."""
         return Refused(ErrorCode.SHUTTING_DOWN, "the bridge is shutting down; try again later")
-
-    @staticmethod
-    def cannot_record() -> Refused:
-        """The request journal cannot take the request (a full or failing disk)."""
-        return Refused(ErrorCode.BUSY, "the bridge cannot record requests now; try again later")
 
     def _over_limits(self, client: str, ask: Ask, now: float, rate_limit: bool) -> Refused | None:
         s = self.settings
