@@ -28,6 +28,12 @@ no per-slot system prompt and no way to pass earlier turns as separate messages 
   turn. This is a limitation of the runtime's interface, not a choice: a faithful multi-turn
   rendering would need the template off (`rkllm_set_chat_template(h, "", "", "")`) and the model's
   template re-implemented here, which the `.rkllm` file does not expose.
+
+With `rkllm_chat_template` set (system|prefix|postfix), a request's system message equal to the
+template's system part is not repeated in the user turn: the template already carries it (Home
+Assistant sends its fixed prompt with every request). With `rkllm_prompt_cache` on, the runtime's
+template is switched off and `host_rendered` puts the template's parts around the prompt here,
+so that every input begins with the same system+prefix bytes the prompt cache holds.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ DUMMY_PROMPT = "Hi"
 _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
-def render_prompt(messages: Sequence[ChatMessage]) -> str:
-    """The one user-turn prompt string for a request's messages (see the module docstring)."""
-    system = [m.content for m in messages if m.role == "system"]
+def render_prompt(messages: Sequence[ChatMessage], template_system: str | None = None) -> str:
+    """The one user-turn prompt string for a request's messages (see the module docstring); a
+    system message equal to `template_system` (the configured template's) is left out."""
+    system = [m.content for m in messages if m.role == "system" and m.content != template_system]
     turns = [m for m in messages if m.role != "system"]
     if not system and len(turns) == 1 and turns[0].role == "user":
         return turns[0].content
@@ -61,6 +68,17 @@ def render_prompt(messages: Sequence[ChatMessage]) -> str:
     if last is not None:
         parts.append(last.content)
     return "\n\n".join(parts)
+
+
+def host_rendered(template: tuple[str, str, str], prompt: str) -> str:
+    """The runtime's whole input for `prompt` when its own template is off: system+prefix+prompt+postfix."""
+    system, prefix, postfix = template
+    return f"{system}{prefix}{prompt}{postfix}"
+
+
+def cached_prefix(template: tuple[str, str, str]) -> str:
+    """What the prompt cache holds: the part of every host-rendered input before the prompt."""
+    return template[0] + template[1]
 
 
 def parse_chat_template(value: str) -> tuple[str, str, str]:
