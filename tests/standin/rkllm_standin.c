@@ -122,8 +122,10 @@
  * the trace's next "init" call (same n_batch, its return code) and each rkllm_run the next "run"
  * call: its callbacks are delivered as recorded (state, per-slot token_id and text bytes, FINISH
  * perf, a NULL result pointer) at the recorded times from the call, and the recorded return code
- * is returned; a run recorded as killed by a signal ("died") raises that signal after its last
- * recorded callback, one that timed out never returns. Where the recording's binding called
+ * is returned; a run recorded as killed by a signal ("died") raises that signal 0.2 s after its
+ * last recorded callback, one that timed out never returns. The callbacks come from the thread the
+ * recording's came from (the caller's or one of the runtime's), and with RKLLM_LOG_LEVEL=1 a
+ * replayed run prints its recorded FINISH perf as timings. Where the recording's binding called
  * rkllm_abort, the replay waits (up to 10 s) for this binding's rkllm_abort before going on. The
  * recorded rkllm_get_kv_cache_size, rkllm_clear_kv_cache, rkllm_set_chat_template and
  * rkllm_load_prompt_cache calls give their results in order, rkllm_is_running the recorded idle
@@ -1184,8 +1186,10 @@ static void plan_lengths(Run *run) {
     for (int i = 0; i < run->n; i++) {
         Slot *s = &run->slots[i];
         if (run->b.slots_run_on && s->prompt_tokens > 0) s->natural_len = longest;
-        if (run->b.unequal_garbled && s->prompt_tokens > 0 && s->prompt_tokens < most_tokens)
+        if (run->b.unequal_garbled && s->prompt_tokens > 0 && s->prompt_tokens < most_tokens) {
             s->offset = (size_t)(most_tokens - s->prompt_tokens) * 4 % s->len;
+            while ((stream_byte(s, 0) & 0xC0) == 0x80) s->offset++; /* still whole characters */
+        }
         if (s->prompt_tokens == 0 || s->natural_len == 0) {
             s->ended = true;
             s->target = 0;
@@ -1317,6 +1321,10 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
     run->n = rt->param.extend_param.n_batch;
     run->userdata = userdata ? userdata : rt->callback_userdata;
     run->replay = rec;
+    if (rec) { /* the recorded thread of the callbacks */
+        const JVal *threads = jget(rec, "callback_threads");
+        run->b.callback_on_caller = jnum(jget(threads, "caller"), 0) > 0 && jnum(jget(threads, "other"), 0) == 0;
+    }
     run->crash = b.crash_at_run == nth;
     run->hang = b.hang_at_run == nth;
     int limit = rt->param.max_new_tokens;
@@ -1355,7 +1363,7 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         pthread_detach(th);
         return 0;
     }
-    if (b.callback_on_caller) {
+    if (run->b.callback_on_caller) {
         run_body(run);
     } else {
         if (pthread_create(&th, NULL, run_body, run) != 0) { finish_run(run, NULL); free(run); return -1; }
@@ -1558,10 +1566,22 @@ static void replay_generate_run(Run *run) {
             delivered++;
         }
     }
+    const JVal *finish = events && events->t == J_ARR && events->n ? events->items[events->n - 1] : NULL;
+    const JVal *perf = jget(finish, "perf");
+    if (run->b.log_level >= 1 && perf && perf->t == J_ARR && perf->n && perf->items[0]->t == J_ARR && perf->items[0]->n >= 5) {
+        const JVal *row = perf->items[0]; /* the recorded perf, as this stand-in prints timings */
+        fprintf(stderr, "I rkllm: replayed timings: prefill %.2f ms, %d tokens; generate %.2f ms, %d tokens; memory %.2f MB\n",
+                jnum(row->items[0], 0), (int)jnum(row->items[1], 0), jnum(row->items[2], 0), (int)jnum(row->items[3], 0),
+                jnum(row->items[4], 0));
+    }
     int sig = (int)jnum(jget(jget(run->replay, "died"), "signal"), 0);
     if (sig > 0) {
         logf_("replay: the recorded run died by signal %d here", sig);
         fflush(stderr);
+        /* A real crash may come at any moment; this one leaves the binding 0.2 s to pass on what it
+         * recorded, so that a replay ends with the same callbacks as its recording. */
+        struct timespec pause_ts = {0, 200 * 1000000L};
+        nanosleep(&pause_ts, NULL);
         raise(sig);
     }
     if (jget(run->replay, "timeout")) {

@@ -29,9 +29,9 @@ no per-slot system prompt and no way to pass earlier turns as separate messages 
   rendering would need the template off (`rkllm_set_chat_template(h, "", "", "")`) and the model's
   template re-implemented here, which the `.rkllm` file does not expose.
 
-With `rkllm_chat_template` set (system|prefix|postfix), a request's system message equal to the
-template's system part is not repeated in the user turn: the template already carries it (Home
-Assistant sends its fixed prompt with every request). With `rkllm_prompt_cache` on, the runtime's
+With `rkllm_chat_template` set (system|prefix|postfix), a request's system message that the
+template's system part already holds is not repeated in the user turn (Home Assistant sends its
+fixed prompt with every request). With `rkllm_prompt_cache` on, the runtime's
 template is switched off and `host_rendered` puts the template's parts around the prompt here,
 so that every input begins with the same system+prefix bytes the prompt cache holds.
 """
@@ -51,8 +51,10 @@ _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 def render_prompt(messages: Sequence[ChatMessage], template_system: str | None = None) -> str:
     """The one user-turn prompt string for a request's messages (see the module docstring); a
-    system message equal to `template_system` (the configured template's) is left out."""
-    system = [m.content for m in messages if m.role == "system" and m.content != template_system]
+    system message that `template_system` (the configured template's) holds is left out."""
+    system = [
+        m.content for m in messages if m.role == "system" and not (template_system and m.content in template_system)
+    ]
     turns = [m for m in messages if m.role != "system"]
     if not system and len(turns) == 1 and turns[0].role == "user":
         return turns[0].content
