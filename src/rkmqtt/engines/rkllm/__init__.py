@@ -10,8 +10,12 @@ Modules (each docstring says which thread runs it):
     engine        RkllmEngine, the Engine interface (base.py) over all of the above
     platform      board checks for `rkmqtt check` and engine=auto; the SoC's default CPU cores
     trace         a record of every call into the runtime and every callback (for the probe)
-    probe         `rkmqtt probe`: the fixed script a board owner runs, its trace and its replay
+    probe         `rkmqtt probe`: the command, its parts in child processes, the trace written as it goes
+    probe_script  the probe's prompts, scenarios and parts (what each part asks)
+    probe_child   one part of the probe, in a child process of its own
+    probe_readings what a trace says: speed figures and the answer to each open question
     probe_report  the probe's Markdown summary
+    board_state   clocks, governors, NPU memory and peak RSS, as the probe records them
 
 Facts about the runtime: docs/rkllm-runtime.md.
 

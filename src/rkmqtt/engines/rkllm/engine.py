@@ -350,7 +350,7 @@ class RkllmEngine(Engine):
     # ---- internals -----------------------------------------------------------------------------
 
     def _prompt_of(self, req: Generation) -> str:
-        """The request's one user turn (a system message equal to the template's is not repeated)."""
+        """The request's one user turn (a system message the template's system part holds is not repeated)."""
         return render_prompt(req.messages, self._template[0] if self._template else None)
 
     def _runtime_input(self, req: Generation) -> str:
