@@ -109,7 +109,7 @@ CHECKS = {
     "empty slot at n_batch 2",
     "token input at n_batch 2",
 }
-SMALL = ("--tokens", 12, "--max-context", 512, "--system-tokens", 100, "--timeout", 60)
+SMALL = ("--tokens", 12, "--max-context", 512, "--system-tokens", 400, "--timeout", 60)
 
 
 def probe(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -255,7 +255,7 @@ def test_a_hang_is_stopped_at_the_time_limit_and_the_probe_goes_on(standin: Stan
     out = tmp_path / "probe"
     proc = probe(
         "--rkllm-library", standin.lib("1.3"), "--model", standin.model, "--out", out, "--tokens", 12,
-        "--max-context", 512, "--system-tokens", 100, "--n-batch", "1,2", "--repeats", "1", "--timeout", "2",
+        "--max-context", 512, "--system-tokens", 400, "--n-batch", "1,2", "--repeats", "1", "--timeout", "2",
         env={**FAST, "RKLLM_STANDIN_HANG_AT_RUN": "6"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
