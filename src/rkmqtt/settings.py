@@ -19,14 +19,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 from rkmqtt.topics import shared_group_of
 
-RKLLM_MAX_BATCH = 8  # the runtime's own limit on RKLLMParam.n_batch (docs/rkllm-runtime.md)
+# Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
+# rkmqtt keeps to the recommendation, since nothing is known of larger batches (docs/rkllm-runtime.md).
+RKLLM_MAX_BATCH = 8
 
 
 def rkllm_n_batch_problem(n_batch: int) -> str | None:
     """The one statement of the rule, for settings and for engines built from unvalidated copies."""
     if 1 <= n_batch <= RKLLM_MAX_BATCH:
         return None
-    return f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH}"
+    return (
+        f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH} "
+        "(the RKLLM manual's recommended maximum)"
+    )
 
 
 ENV_PREFIX = "RKMQTT_"
@@ -136,7 +141,12 @@ class Settings(BaseSettings):
             description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."
         ),
     ] = None
-    n_batch: Annotated[int, Field(ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8.")] = 4
+    n_batch: Annotated[
+        int,
+        Field(
+            ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8, the RKLLM manual's recommendation."
+        ),
+    ] = 4
     batch_window_ms: Annotated[
         float,
         Field(ge=0, le=10_000, description="Static batching: wait this long for batch-mates after the first request."),
@@ -279,6 +289,14 @@ class Settings(BaseSettings):
             "(empty: the model's built-in template)."
         ),
     ] = None
+    rkllm_prompt_cache: Annotated[
+        Path | None,
+        Field(
+            description="File for the runtime's prompt cache of the fixed system prompt (the system part of "
+            "rkllm_chat_template): made at the first start, loaded at each. Empty: off (until `rkmqtt probe` on "
+            "your board shows it cuts the time to first token at your n_batch)."
+        ),
+    ] = None
 
     # -- Home Assistant -------------------------------------------------------------------
     discovery: Annotated[bool, Field(description="Publish Home Assistant MQTT discovery.")] = True
@@ -326,6 +344,7 @@ class Settings(BaseSettings):
         "rkllm_library",
         "rkllm_tokenizer",
         "rkllm_chat_template",
+        "rkllm_prompt_cache",
         "client_id",
         "shared_group",
         "node_name",

@@ -20,6 +20,7 @@ from ctypes import (
     c_size_t,
     c_uint8,
     c_uint32,
+    c_uint64,
     c_void_p,
 )
 from dataclasses import dataclass
@@ -139,10 +140,13 @@ class RKLLMResult(Structure):
 # int (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state)
 LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, c_int)
 
-# 1.3.0's optional tokenizer and embed callbacks: the facts document does not give their
-# signatures, and rkmqtt always passes NULL, so they are declared as opaque function pointers.
-LLMTokenizerCallback = c_void_p
-LLMGetEmbedCallback = c_void_p
+# 1.3.0's optional callbacks (the 1.3.0 header; rkmqtt passes NULL for both):
+# int (*LLMTokenizerCallback)(void* userdata, const char* text, int32_t text_len, int32_t* tokens,
+#                             int32_t n_tokens_max)   -> tokens written (>= 0), or < 0 on error
+# int (*LLMGetEmbedCallback)(void* userdata, int32_t* tokens, uint64_t num_tokens, void* embed,
+#                            uint64_t len)            -> 0 on success (len: the buffer's bytes)
+LLMTokenizerCallback = CFUNCTYPE(c_int, c_void_p, c_char_p, c_int32, POINTER(c_int32), c_int32)
+LLMGetEmbedCallback = CFUNCTYPE(c_int, c_void_p, POINTER(c_int32), c_uint64, c_void_p, c_uint64)
 
 _PARAM_HEAD: list[Any] = [
     ("model_path", c_char_p),

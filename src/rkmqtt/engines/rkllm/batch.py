@@ -9,14 +9,15 @@ from __future__ import annotations
 import ctypes
 import queue
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Generation, TokenEvent
-from rkmqtt.engines.rkllm.abi import Abi, LLMCallState, RKLLMInferMode, RKLLMInputType
+from rkmqtt.engines.rkllm.abi import Abi, LLMCallState, RKLLMInferMode, RKLLMInputType, RKLLMPromptCacheParam
 from rkmqtt.engines.rkllm.prompt import DUMMY_PROMPT, render_prompt
 from rkmqtt.engines.rkllm.text import SlotText
+from rkmqtt.engines.rkllm.trace import RunInput
 from rkmqtt.protocol import ErrorCode
 
 
@@ -71,6 +72,9 @@ class Batch:
         sampling: tuple[int, float, float, float] | None,
         warnings: dict[Hashable, tuple[str, ...]],
         out: queue.Queue[QueueItem],
+        render: Callable[[Generation], str] = lambda r: render_prompt(r.messages),
+        token_inputs: Mapping[Hashable, Sequence[int]] | None = None,
+        save_prompt_cache: bytes | None = None,
     ) -> None:
         if not 1 <= len(reqs) <= n_batch:
             raise ValueError(f"a batch takes 1 to {n_batch} requests, not {len(reqs)}")
@@ -81,7 +85,7 @@ class Batch:
         self.slots = [_Slot(i, r, warnings.get(r.key, ())) for i, r in enumerate(reqs)]
         self.by_key = {s.key: s for s in self.slots}
         self.cancelled: set[int] = set()
-        self.prompts = [render_prompt(r.messages) for r in reqs]
+        self.prompts = [render(r) for r in reqs]
         self.runtime_tokens = [0] * n_batch  # tokens the runtime produced per slot (padding too)
         self.abort_wanted = False
         self.aborted = False  # set by the engine when it called rkllm_abort for this batch
@@ -96,17 +100,35 @@ class Batch:
         pad_text = DUMMY_PROMPT if pad else ""
         prompt_bytes = [p.encode("utf-8") for p in self.prompts]
         prompt_bytes += [pad_text.encode()] * (n_batch - len(reqs))
-        self.inputs_text = tuple(prompt_bytes)
+        tokens = [list(token_inputs[r.key]) if token_inputs and r.key in token_inputs else None for r in reqs]
+        tokens += [None] * (n_batch - len(reqs))
+        self.inputs_text: tuple[RunInput, ...] = tuple(
+            {"tokens": t} if t is not None else p.decode("utf-8", errors="replace")
+            for p, t in zip(prompt_bytes, tokens, strict=True)
+        )
         role = b"user"
         inputs: Any = (abi.Input * n_batch)()
-        for i, data in enumerate(prompt_bytes):
+        token_arrays: list[Any] = []
+        for i, (data, ids) in enumerate(zip(prompt_bytes, tokens, strict=True)):
             inputs[i].role = role
             inputs[i].enable_thinking = False
-            inputs[i].input_type = RKLLMInputType.PROMPT
-            inputs[i].prompt_input = data
+            if ids is None:
+                inputs[i].input_type = RKLLMInputType.PROMPT
+                inputs[i].prompt_input = data
+            else:
+                array = (ctypes.c_int32 * len(ids))(*ids)
+                token_arrays.append(array)
+                inputs[i].input_type = RKLLMInputType.TOKEN
+                inputs[i].token_input.input_ids = ctypes.cast(array, ctypes.POINTER(ctypes.c_int32))
+                inputs[i].token_input.n_tokens = len(ids)
         infer: Any = abi.InferParam()
         infer.mode = RKLLMInferMode.GENERATE
         infer.keep_history = 0  # requests are independent
+        cache_param: Any = None
+        if save_prompt_cache is not None:
+            cache_param = RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=save_prompt_cache)
+            infer.prompt_cache_params = ctypes.pointer(cache_param)
+        self.saves_prompt_cache = save_prompt_cache is not None
         sampling_struct: Any = None
         if abi.SamplingParam is not None:
             infer.max_new_tokens = runtime_limit
@@ -126,7 +148,7 @@ class Batch:
                 infer.sampling_params = ctypes.pointer(sampling_struct)
         self.inputs = inputs
         self.infer = infer
-        self.keep: tuple[Any, ...] = (inputs, infer, sampling_struct, prompt_bytes, role)
+        self.keep: tuple[Any, ...] = (inputs, infer, sampling_struct, prompt_bytes, role, token_arrays, cache_param)
 
     # ---- scheduler thread ----------------------------------------------------------------------
 
@@ -214,10 +236,11 @@ class Batch:
     def _on_finish(self, results: Any) -> None:
         """FINISH: every slot not yet answered ends now and gets the perf the runtime reports."""
         self.got_finish = True
+        perf = _perf(results)
         for slot in self._unreported():
             if not slot.done:
                 self._close_slot(slot, "length" if slot.tokens >= slot.limit else "stop")
-            self._report(slot, _perf(results, slot.index))
+            self._report(slot, perf)
 
     def _on_error(self) -> None:
         self.got_error = True
@@ -245,7 +268,9 @@ class Batch:
         if slot.reported or slot.index in self.cancelled:
             return
         slot.reported = True
-        prompt_tokens = int(perf["prefill_tokens"]) if perf.get("prefill_tokens", 0) > 0 else None
+        # A batch's perf is one result's: whose prompt it counts is unknown above n_batch 1.
+        counted = self.n_batch == 1 and perf.get("prefill_tokens", 0) > 0
+        prompt_tokens = int(perf["prefill_tokens"]) if counted else None
         self._out.put(
             FinishEvent(
                 key=slot.key,
@@ -292,11 +317,11 @@ class Batch:
         return self.failure
 
 
-def _perf(results: Any, index: int) -> dict[str, float]:
-    """Slot `index`'s perf of a FINISH callback ({} when the result pointer is NULL)."""
+def _perf(results: Any) -> dict[str, float]:
+    """The perf of a FINISH callback, from its first result only ({} when the pointer is NULL)."""
     if not results:
         return {}
-    perf = results[index].perf
+    perf = results[0].perf
     out = {name: float(getattr(perf, name)) for name in _PERF_FIELDS}
     # The keys every engine reports (they go into the final reply's timing); the runtime's own stay.
     out["prefill_ms"], out["decode_ms"] = out["prefill_time_ms"], out["generate_time_ms"]

@@ -15,9 +15,12 @@ DUMMY_PROMPT = "Hi"
 _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
-def render_prompt(messages: Sequence[ChatMessage]) -> str:
-    """The one user-turn prompt string for a request's messages (see the module docstring)."""
-    system = [m.content for m in messages if m.role == "system"]
+def render_prompt(messages: Sequence[ChatMessage], template_system: str | None = None) -> str:
+    """The one user-turn prompt string for a request's messages (see the module docstring); a
+    system message that `template_system` (the configured template's) holds is left out."""
+    system = [
+        m.content for m in messages if m.role == "system" and not (template_system and m.content in template_system)
+    ]
     turns = [m for m in messages if m.role != "system"]
     if not system and len(turns) == 1 and turns[0].role == "user":
         return turns[0].content
@@ -33,6 +36,17 @@ def render_prompt(messages: Sequence[ChatMessage]) -> str:
     if last is not None:
         parts.append(last.content)
     return "\n\n".join(parts)
+
+
+def host_rendered(template: tuple[str, str, str], prompt: str) -> str:
+    """The runtime's whole input for `prompt` when its own template is off: system+prefix+prompt+postfix."""
+    system, prefix, postfix = template
+    return f"{system}{prefix}{prompt}{postfix}"
+
+
+def cached_prefix(template: tuple[str, str, str]) -> str:
+    """What the prompt cache holds: the part of every host-rendered input before the prompt."""
+    return template[0] + template[1]
 
 
 def parse_chat_template(value: str) -> tuple[str, str, str]:
