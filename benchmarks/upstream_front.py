@@ -1,25 +1,8 @@
-"""The front's cost: rkmqtt (MQTT devices -> a bridge with engine openai -> an OpenAI-compatible
-server) against that server alone (HTTP clients straight to it), the same load, side by side in
-one run (main thread; the load generators run their own threads and event loops).
+"""The front's cost: MQTT devices through a bridge with engine openai against HTTP clients straight
+to its server, the same load, side by side (main thread; docs/benchmarks.md, "The front's cost").
 
     .venv/bin/python benchmarks/upstream_front.py [--upstream rkmqtt|llamacpp|URL]
         [--devices 4] [--requests 32] [--max-new-tokens 64] [--repeats 3] [--out FILE.json]
-
-The upstream server is started here unless a URL is given: `rkmqtt` is `rkmqtt run` serving the
-numpy engine (SmolLM2-135M) over its HTTP API with n_batch = --devices; `llamacpp` is llama.cpp's
-server from the `llama-cpp-python` package (`--llamacpp-python`, a venv's python with
-`llama-cpp-python[server]`), on the same SmolLM2 GGUF, with `--interrupt_requests False` (that
-server runs one request at a time; a new one would cut the running one otherwise). A private
-Mosquitto and the front bridge (`rkmqtt run --engine openai`, n_batch = --devices) are started here.
-
-Both sides get the same closed-loop workload (rkmqtt's bench workload: N devices, each sends its
-next request when its last one is answered, the built-in prompts in the same order) and the same
-request body: the direct clients send what the front's engine sends (greedy, the same top_p, top_k
-and repeat penalty, max_tokens, streamed with usage). The runs alternate (direct, front, direct,
-front, ...) so that load from elsewhere spreads over both; the figures are medians over --repeats.
-Printed: tokens/s and median time to first token of each, their ratio and difference, against the
-targets (the front keeps >= 95 % of the server's tokens/s and adds <= 20 ms to the median time to
-first token), and the CPU share of the front's bridge and broker during the front's runs.
 """
 
 from __future__ import annotations
@@ -41,18 +24,19 @@ from typing import Any
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from rkmqtt.bench.bridgeproc import BridgeProcess  # noqa: E402
+from benchmarks.bridgeproc import BridgeProcess  # noqa: E402
 from rkmqtt.bench.cpuusage import CpuMeter  # noqa: E402
 from rkmqtt.bench.load import LoadGenerator  # noqa: E402
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, summarize  # noqa: E402
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS  # noqa: E402
 from rkmqtt.bench.workload import Workload  # noqa: E402
-from rkmqtt.broker import Mosquitto, free_port, port_answers  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.numpy.gguf_file import default_model_path  # noqa: E402
 from rkmqtt.engines.openai.body import request_body  # noqa: E402
+from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers  # noqa: E402
 from rkmqtt.settings import Settings, load_settings  # noqa: E402
 
 TARGET_RATIO = 0.95

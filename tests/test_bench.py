@@ -1,6 +1,6 @@
-"""`rkmqtt bench`: pure figures, then real short sweeps — the stand-in RKLLM runtime with zero
-delays behind bridges the bench starts as child processes on a private Mosquitto, and a bridge
-that is already running."""
+"""The bench: pure figures, then real short sweeps of the harness (`python -m benchmarks`) — the
+stand-in RKLLM runtime with zero delays behind bridges it starts as child processes on a private
+Mosquitto — and `rkmqtt bench` against a bridge that is already running."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks.cli import main as harness
 
 from rkmqtt.bench.metrics import RequestRecord, percentile, summarize
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
 from rkmqtt.bench.workload import Workload
-from rkmqtt.broker import Mosquitto
-from rkmqtt.cli import main
+from rkmqtt.cli.main import main
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
 
@@ -94,10 +95,9 @@ def _check_consistent(m: dict[str, Any]) -> None:
 
 def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    status = main(
+    status = harness(
         [
             *[
-                "bench",
                 "--engines",
                 "rkllm-zero",
                 "--n-batch",
@@ -171,10 +171,9 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
 def test_open_loop_and_bursts(tmp_path: Path) -> None:
     for shape, extra in (("open", ["--rate", "40"]), ("burst", [])):
         out = tmp_path / shape
-        status = main(
+        status = harness(
             [
                 *[
-                    "bench",
                     "--engines",
                     "rkllm-zero",
                     "--n-batch",
@@ -205,7 +204,7 @@ def test_running_bridge_and_errors(
     out = tmp_path / "out"
     status = main(
         [
-            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["bench", "--broker", mosquitto.url, "--topic-prefix", prefix],
             *["--devices", "6", "--requests", "12", "--warmup", "0", "--no-progress", "--out"],
             str(out),
         ]
@@ -235,7 +234,7 @@ def test_without_matplotlib_the_bench_writes_the_rest_and_says_how_to_plot(
     out = tmp_path / "out"
     status = main(
         [
-            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["bench", "--broker", mosquitto.url, "--topic-prefix", prefix],
             *["--devices", "2", "--requests", "4", "--warmup", "0", "--no-progress", "--out", str(out)],
         ]
     )

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rkmqtt.broker import Mosquitto
 from rkmqtt.engines.numpy.engine import NumpyEngine
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
 from tests.mqtt_probe import Probe

@@ -19,8 +19,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from rkmqtt import homeassistant as ha
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt import discovery as ha
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import (
     BatchInfo,
     ErrorBody,

@@ -18,14 +18,14 @@ import openai
 import pytest
 from aiohttp import web
 
-from rkmqtt.broker import Mosquitto, free_port
-from rkmqtt.check import run_checks
+from rkmqtt.cli.check import run_checks
 from rkmqtt.engines.base import ChatMessage
 from rkmqtt.engines.openai.answer import Answer
 from rkmqtt.engines.openai.body import chat_messages
 from rkmqtt.engines.openai.engine import OpenAiEngine
 from rkmqtt.engines.openai.errors import status_error
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.protocol import ErrorCode
 from rkmqtt.service import Service
 from rkmqtt.settings import load_settings
@@ -317,7 +317,7 @@ def test_check_tries_the_server_in_plain_words(
 def test_mqtt_tools_to_an_engine_that_takes_none_are_refused(
     start_bridge: Callable[..., Service], device: Device, mosquitto: Mosquitto, prefix: str
 ) -> None:
-    """The scheduler checks it, for both doors (the HTTP API refuses such requests before)."""
+    """Admission refuses them, for both doors, as the HTTP API does."""
     start_bridge(FakeEngine(tools=False))
     wait_online(mosquitto.url, prefix)
     refused = device.ask({"prompt": "call:get_weather", "tools": TOOLS})

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from rkmqtt.broker import Mosquitto, free_port
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
 from tests.mqtt_probe import Probe
 from tests.upstream_server import Device, Fronts, UpstreamRkmqtt

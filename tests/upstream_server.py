@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rkmqtt.broker import free_port, port_answers
+from rkmqtt.mqtt.broker import free_port, port_answers
 from rkmqtt.service import Service
 from tests.bridge_process import BridgeProcess
 from tests.conftest import bridge_settings

@@ -152,18 +152,6 @@ class RequestPayload(_Strict):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
-    def prompt_chars(self) -> int:
-        """Characters of text the model reads: prompt or messages, and system."""
-        n = len(self.system or "")
-        if self.prompt is not None:
-            n += len(self.prompt)
-        for m in self.messages or ():
-            n += len(m.content)
-            n += sum(len(json.dumps(c.function.arguments)) for c in m.tool_calls or ())
-        if self.tools:
-            n += len(json.dumps([t.model_dump(exclude_none=True) for t in self.tools]))
-        return n
-
 
 class CancelRequest(_Strict):
     """A cancel on `P/cancel/<client>`: `{"id": ...}` (a plain id is also accepted)."""

@@ -1,12 +1,6 @@
-"""Settings (main thread, at start-up): pydantic-settings, layered.
-
-Precedence, highest first: command-line flags > `RKMQTT_*` environment > the YAML file given
-with `--config` (or `RKMQTT_CONFIG`) > Home Assistant's `/data/options.json` (add-on only) > defaults.
-
-The field names are part of the product: each is `RKMQTT_<NAME>` in the environment and
-`--<name-with-dashes>` on the command line. `config.yaml` at the top of the repository lists
-every one with its default; `tests/test_settings.py` keeps the two in step.
-"""
+"""Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
+`--config` file > the add-on's options > defaults. Each field is also `RKMQTT_<NAME>` and
+`--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 
@@ -25,14 +19,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 from rkmqtt.topics import shared_group_of
 
-RKLLM_MAX_BATCH = 8  # the runtime's own limit on RKLLMParam.n_batch (docs/rkllm-runtime.md)
+# Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
+# rkmqtt keeps to the recommendation, since nothing is known of larger batches (docs/rkllm-runtime.md).
+RKLLM_MAX_BATCH = 8
 
 
 def rkllm_n_batch_problem(n_batch: int) -> str | None:
     """The one statement of the rule, for settings and for engines built from unvalidated copies."""
     if 1 <= n_batch <= RKLLM_MAX_BATCH:
         return None
-    return f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH}"
+    return (
+        f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH} "
+        "(the RKLLM manual's recommended maximum)"
+    )
 
 
 ENV_PREFIX = "RKMQTT_"
@@ -147,7 +146,8 @@ class Settings(BaseSettings):
         Field(
             ge=1,
             le=64,
-            description="Requests per batch (engine slots). rkllm: 1-8; openai: requests in flight upstream.",
+            description="Requests per batch (engine slots). rkllm: 1-8, the RKLLM manual's recommendation; "
+            "openai: requests in flight upstream.",
         ),
     ] = 4
     batch_window_ms: Annotated[
@@ -324,6 +324,14 @@ class Settings(BaseSettings):
             "(empty: the model's built-in template)."
         ),
     ] = None
+    rkllm_prompt_cache: Annotated[
+        Path | None,
+        Field(
+            description="File for the runtime's prompt cache of the fixed system prompt (the system part of "
+            "rkllm_chat_template): made at the first start, loaded at each. Empty: off (until `rkmqtt probe` on "
+            "your board shows it cuts the time to first token at your n_batch)."
+        ),
+    ] = None
 
     # -- Home Assistant -------------------------------------------------------------------
     discovery: Annotated[bool, Field(description="Publish Home Assistant MQTT discovery.")] = True
@@ -371,6 +379,7 @@ class Settings(BaseSettings):
         "rkllm_library",
         "rkllm_tokenizer",
         "rkllm_chat_template",
+        "rkllm_prompt_cache",
         "client_id",
         "shared_group",
         "node_name",

@@ -22,7 +22,7 @@ from rkmqtt import __version__
 from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
-from rkmqtt.bench.sweep import Point
+from rkmqtt.bench.runner import Point
 
 
 def machine() -> dict[str, Any]:

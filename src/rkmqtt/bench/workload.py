@@ -1,17 +1,7 @@
-"""What one benchmark run sends (any thread; pure data).
-
-Three load shapes:
-
-* `closed`: N devices, each sends its next request when the final reply of its last one arrives,
-  until `requests` have been sent in all;
-* `open`: requests arrive at `rate` per second with exponential gaps (a Poisson process), spread
-  over the N devices in turn, whether or not earlier ones were answered;
-* `burst`: all N devices send at the same moment, wait until every reply is in, and do it again,
-  `requests / N` rounds ("N users at once").
-
-Which prompt a request carries depends only on the device and its sequence number, so the
-MQTT run and the direct-engine run of one workload send the same prompts.
-"""
+"""What one benchmark run sends (any thread; pure data): devices, requests, prompts and one of three
+shapes, `closed` (each device sends again when answered), `open` (Poisson arrivals at `rate`) and
+`burst` (all at once, in rounds). A request's prompt depends only on its device and its sequence
+number, so every mode of a workload sends the same prompts."""
 
 from __future__ import annotations
 

@@ -1,30 +1,8 @@
-"""The engine interface: what the scheduler needs from a model runtime.
+"""The engine interface: what the scheduler needs from a model runtime (scheduler thread only).
 
-Threads: every method here is called by the scheduler thread only (the one thread that owns
-the engine). An engine may run work on threads of its own (RKLLM's `rkllm_run` runs on a worker
-thread and its callback on a runtime thread); such threads only copy data and push events onto
-a queue that `poll()` drains. No engine ever does I/O on the network or calls paho.
-
-Life of a request inside an engine:
-
-    prepare(gen)            -> a `Prepared` handle (prompt tokens, batch key, the engine's own data);
-                               raises RequestRejected(too_long); the engine keeps nothing
-    submit([prepared, ...]) the requests take slots (continuous: any free slots; static: one batch)
-    poll(timeout)           -> events: TokenEvent*, then exactly one FinishEvent or ErrorEvent per key
-    cancel(key)             the request leaves at once; no more events for it are required
-
-A request that is prepared but never submitted (cancelled, expired, bumped while it waits) costs the
-engine nothing: its handle is dropped with the request.
-
-Two batching styles (`Capabilities.continuous`):
-
-* continuous (numpy): `submit` may be called whenever `free_slots() > 0`; a joining request
-  enters at the next step. `poll()` runs one engine step (prefill chunk and/or decode) and
-  returns the events it produced.
-* static (RKLLM): `submit` is called only when the engine is idle (`free_slots() == max_batch`)
-  with up to `max_batch` requests that share one `batch_key`; they start together and the batch
-  ends when all of them end. `poll(timeout)` waits up to `timeout` seconds for events.
-"""
+`prepare -> Prepared`, `submit`, `poll`, `cancel`, and `Capabilities` (continuous or static batching).
+An engine's own threads only copy data and push events that `poll()` drains; no engine does network
+I/O. The life of a request in an engine: docs/architecture.md, "Engines"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""The Ollama API (the HTTP server's event-loop thread): `/api/version`, `/api/tags`, `/api/ps`,
-`/api/show`, `/api/chat` and `/api/generate`, streamed as NDJSON (Ollama's default) or not.
-
-Accepted as Ollama does: messages with roles system, user, assistant (with `tool_calls`) and tool;
-`options` temperature, top_p, top_k, num_predict, seed, repeat_penalty and stop (other options,
-such as num_ctx, are accepted and have no effect: the bridge's settings decide them);
-`keep_alive` (the model is always loaded); `tools`, rendered by the model's chat template when it
-takes them. Tool calls the model writes as `<tool_call>{...}</tool_call>` come back as
-`message.tool_calls`. Refused with 400: images, `format` (structured output), `think: true`,
-and `/api/generate`'s `raw`, `template`, `suffix` and `context`, which the engines cannot honour.
-"""
+"""The Ollama API (the HTTP event-loop thread): `/api/version`, `/api/tags`, `/api/ps`, `/api/show`,
+`/api/chat` and `/api/generate`, NDJSON-streamed or not. What it accepts, ignores and refuses:
+docs/architecture.md, "The HTTP API"."""
 
 from __future__ import annotations
 

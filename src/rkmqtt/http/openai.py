@@ -1,13 +1,6 @@
-"""The OpenAI API (the HTTP server's event-loop thread): `/v1/models` and `/v1/chat/completions`,
-streamed as server-sent events or not, with `usage` (in a last chunk when streaming asks for it
-with `stream_options.include_usage`).
-
-Accepted: messages with roles system (and developer), user, assistant (with `tool_calls`) and
-tool, text content or text parts; max_tokens / max_completion_tokens, temperature, top_p, seed,
-stop, tools with tool_choice auto or none, and the common extensions top_k and repeat_penalty.
-frequency_penalty and presence_penalty are accepted and have no effect. Refused with 400: n > 1,
-image parts, response_format other than text, logprobs, and a tool_choice that forces a tool.
-"""
+"""The OpenAI API (the HTTP event-loop thread): `/v1/models` and `/v1/chat/completions`, as
+server-sent events or not, with `usage`. What it accepts, ignores and refuses: docs/architecture.md,
+"The HTTP API"."""
 
 from __future__ import annotations
 

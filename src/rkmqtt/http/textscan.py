@@ -1,13 +1,6 @@
-"""What the HTTP API does to the model's text before a client sees it (the HTTP server's thread; pure).
-
-* Stop sequences (Ollama's `options.stop`, OpenAI's `stop`): the text ends before the first one.
-  While streaming, text that could be the start of one is held back until it is clear.
-* Tool calls in the Qwen/Hermes style, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-  are taken out of the text and returned as structured calls. A block that is not such JSON stays
-  text; an unclosed block at the end counts when its JSON is whole (models often stop at the end
-  of the JSON instead of writing the closing tag). An engine that returns its calls structured
-  (engine openai) has them in the final reply's `tool_calls`: `reply_calls` reads them.
-"""
+"""What the HTTP API does to the model's text before a client sees it (the HTTP thread; pure): cut
+at stop sequences (held back while it could be the start of one), and `<tool_call>` blocks taken
+out as structured calls (`reply_calls`: those an engine returned structured, engine openai)."""
 
 from __future__ import annotations
 

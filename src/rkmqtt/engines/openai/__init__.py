@@ -1,16 +1,7 @@
 """The `openai` engine: an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, another
-rkmqtt) behind the bridge. The server batches and generates; the bridge keeps its MQTT front.
-
-| module      | holds                                                                        |
-|-------------|------------------------------------------------------------------------------|
-| `config.py` | the settings it needs, the server's address as logs show it                  |
-| `body.py`   | a `Generation` as a chat-completions request (messages, tools, sampling)     |
-| `answer.py` | one streamed answer read into engine events (text, tool calls, usage)        |
-| `errors.py` | the server's errors as the bridge's error codes, and connection causes       |
-| `link.py`   | whether the server answers: one log line per change, retries while it is down |
-| `worker.py` | the engine's own thread and event loop, where every request streams          |
-| `engine.py` | the `Engine` the scheduler thread calls                                      |
-| `check.py`  | `rkmqtt check`'s look at the server                                          |
+rkmqtt) behind the bridge. `engine.py` is what the scheduler calls, `worker.py` and `link.py` run on
+its own event-loop thread; `body.py`, `answer.py` and `errors.py` translate (pure), `config.py` and
+`check.py` serve the settings and `rkmqtt check` (docs/architecture.md, "The openai engine").
 """
 
 from __future__ import annotations

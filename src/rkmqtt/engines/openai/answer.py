@@ -1,11 +1,5 @@
-"""One streamed answer read into engine events (the engine's event-loop thread; pure).
-
-Text deltas become `TokenEvent`s (a token each: servers send one per token; the count is set
-right from the usage the server sends last). Tool-call deltas are joined by their index into whole
-calls, whose JSON arguments are parsed at the end; a call whose arguments are not a JSON object
-is left out with a warning. llama.cpp's server adds `timings` to its last chunk: they become the
-reply's prefill and decode times.
-"""
+"""One streamed answer read into engine events: text deltas, tool calls joined by index, the usage
+and llama.cpp's timings (the engine's event-loop thread; pure)."""
 
 from __future__ import annotations
 

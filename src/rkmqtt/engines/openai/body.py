@@ -1,11 +1,5 @@
-"""A `Generation` as the keyword arguments of a streamed chat-completions request (the engine's
-event-loop thread; pure).
-
-Sampling goes through as the request resolved it (its fields over the settings' defaults):
-temperature, top_p and seed as the API names them; top_k and the repeat penalty, which the API
-lacks, as extra fields that llama.cpp's server (`repeat_penalty`) and vLLM (`repetition_penalty`)
-read and other servers ignore; neutral values (top_k 0, penalty 1) are left out.
-"""
+"""A `Generation` as the keyword arguments of a streamed chat-completions request: messages, tools
+and sampling, top_k and the repeat penalty as extra fields (the engine's event-loop thread; pure)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""The openai engine as the scheduler sees it (every method on the scheduler thread, but `load`
-and `close` on the main thread). Nothing here touches the network: requests are handed to the
-engine's own thread (`worker.py`), whose events wait in a queue for `poll()`.
-
-Continuous batching with `n_batch` slots: a request takes a slot when it starts streaming from the
-server and frees it when its answer ends, fails or is cancelled; the server batches what is in
-flight. While the server is unavailable (`Link.problem`) there are no free slots, so requests
-wait in the bridge's queue. Each submission has a ticket: a late event of a cancelled request
-(or of an earlier request with the same key) is dropped.
-"""
+"""The openai engine as the scheduler sees it (the scheduler thread; `load` and `close` on main).
+Nothing here touches the network: requests go to the worker's thread, whose events wait in a queue
+for `poll()`; no free slots while the server is down (docs/architecture.md, "The openai engine")."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Whether the upstream server answers (the engine's event-loop thread; `problem` is read by any).
-
-The server is down when a probe (GET /models) or a request cannot connect, times out, or is
-refused (401/403, 5xx on the probe). Going down is one WARNING line naming the URL and the cause,
-coming back one INFO line; the retries between (tenacity, exponential back-off up to
-`MAX_RETRY_WAIT_S`) log at DEBUG only. While it is down `problem` says why: the engine has no
-free slots, so requests wait in the bridge's queue (within their expiry), and the stats say so.
-An idle server is probed every `IDLE_PROBE_S` so that a dead one shows before the next request.
-"""
+"""Whether the upstream server answers: one log line per change, tenacity's retries while it is down,
+a probe when idle (the engine's event-loop thread; `problem` is read by any)."""
 
 from __future__ import annotations
 

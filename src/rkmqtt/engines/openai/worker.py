@@ -1,12 +1,6 @@
 """The openai engine's own thread, "rkmqtt-openai": an asyncio event loop where every request
-streams from the upstream server (AsyncOpenAI, over httpx) and the `Link` watches it.
-
-Other threads only schedule work here (`start`, `cancel`: `call_soon_threadsafe`, never waiting)
-and read what it pushes: each answer's events go to `emit`, which queues them for the engine's
-`poll()`. A cancelled request's task is cancelled: leaving the stream closes its HTTP response,
-so the server sees the client leave and stops generating. `call` (the main thread, at load and
-in `rkmqtt check`) runs a coroutine here and waits for it.
-"""
+streams from the upstream server (AsyncOpenAI, over httpx) and the `Link` watches it. Other threads
+only schedule work here (`start`, `cancel`, never waiting); `call` (main thread only) waits."""
 
 from __future__ import annotations
 
