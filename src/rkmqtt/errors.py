@@ -25,6 +25,10 @@ class EngineError(RkmqttError):
         self.returncode = returncode
 
 
+class PullError(RkmqttError):
+    """A model could not be had (download, checksum, disk); the message is one line naming the fix."""
+
+
 class RequestRejected(RkmqttError):
     """A request is refused; `code` is the wire error code sent back to the device."""
 

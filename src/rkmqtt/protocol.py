@@ -115,6 +115,21 @@ class RequestPayload(_Strict):
             "calls come in the reply's `tool_calls`",
         ),
     ] = None
+    model: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=256,
+            description="which of the bridge's models answers (its `info` lists them); absent: the default",
+        ),
+    ] = None
+    keep_alive: Annotated[
+        float | str | None,
+        Field(
+            description="how long the model stays loaded after this request: seconds or 5m, 1h; -1 for ever, 0 "
+            "unloads it once idle (absent: the keep_alive setting)"
+        ),
+    ] = None
     max_new_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="cap on generated tokens")] = None
     temperature: Annotated[
         float | None, Field(ge=0.0, le=5.0, description=f"0 is greedy, and so is anything below {MIN_TEMPERATURE:g}")
@@ -150,6 +165,8 @@ class RequestPayload(_Strict):
     def _one_of_prompt_messages(self) -> RequestPayload:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.keep_alive is not None:
+            parse_duration(self.keep_alive)
         return self
 
 
@@ -263,6 +280,9 @@ class Info(BaseModel):
     runtime_version: str | None = Field(None, description="the RKLLM runtime's version")
     driver_version: str | None = Field(None, description="the NPU driver's version")
     limits: Limits = Field(description="what a request may ask for: the settings of the same names")
+    models: list[str] = Field(
+        default_factory=list, description="the models a request's `model` may name (the first is the default)"
+    )
     engine_info: dict[str, Any] = Field(default_factory=dict, description="engine specifics: memory, KV cache…")
 
 
@@ -286,6 +306,51 @@ class Stats(_Strict):
         "unreachable or refuses); requests wait meanwhile",
     )
     engine_problem: str | None = Field(default=None, description="why not, in words; null when ready")
+    loaded: list[str] = Field(
+        default_factory=list, description="the models loaded now (a bridge that loads them by name; else empty)"
+    )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """A keep_alive as Ollama reads it, in seconds: a number of seconds or a duration such as "5m",
+    "1h30m", "-1.0s" (Home Assistant's); negative means for ever (None). ValueError says what is allowed."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 5m, 1h, a number of seconds, or -1 for ever")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(
+                    "must be a duration such as 30s, 5m, 1h, a number of seconds, or -1 for ever"
+                ) from None
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("must be a finite duration")
+    return None if seconds < 0 else seconds
+
+
+class PullStatus(_Strict):
+    """Retained on `P/node/<node>/pull` while the bridge downloads a model, and after: how far it got."""
+
+    v: Literal[1] = Field(1, description="protocol version")
+    reference: str = Field(description="what is pulled: hf://owner/repo[/file]")
+    status: Literal["resolving", "downloading", "verifying", "done", "failed"] = Field(description="where it stands")
+    file: str = Field(default="", description="the file being fetched")
+    completed: int = Field(default=0, description="bytes done")
+    total: int | None = Field(default=None, description="bytes in all, when known")
+    percent: float | None = Field(default=None, description="completed of total, 0-100")
+    message: str = Field(default="", description="a failure's one line")
 
 
 def new_request_id() -> str:

@@ -16,25 +16,29 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.engines import create_engine, default_temperature
+from rkmqtt.engines import create_engine, default_temperature, resolve_engine_name
 from rkmqtt.engines.base import Engine
-from rkmqtt.errors import ConfigError
+from rkmqtt.errors import ConfigError, RkmqttError
 from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
 from rkmqtt.mqtt.journal import Journal, journal_path
 from rkmqtt.mqtt.outbox import Outbox
 from rkmqtt.mqtt.replies import Replies
 from rkmqtt.mqtt.sink import MqttSink
-from rkmqtt.protocol import Info, Limits
+from rkmqtt.protocol import Info, Limits, PullStatus
 from rkmqtt.sched.admission import Admission
 from rkmqtt.sched.finals import Finals
-from rkmqtt.sched.loop import Scheduler, SchedulerConfig
+from rkmqtt.sched.lineup import Lineup
+from rkmqtt.sched.loop import ModelsState, Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
+from rkmqtt.sched.residency import ResidencyConfig
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
     from rkmqtt.http.server import HttpServer
+    from rkmqtt.models.catalog import Catalog
+    from rkmqtt.models.pull import PullProgress
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +69,11 @@ class Service:
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
         self._stopped = False
+        self.catalog: Catalog | None = None  # numpy and rkllm: the models by name
+        self._preload: str | None = None  # the first model, when it must be pulled before it loads
+        self._sink: MqttSink | None = None
+        self._pull_topic: str | None = None
+        self._pull_mark: tuple[object, ...] | None = None
 
     # -- start ------------------------------------------------------------------------------
     def _ensure_broker(self) -> None:
@@ -92,28 +101,28 @@ class Service:
         )
         self.settings = s.model_copy(update={"broker": self.embedded.url})
 
-    def _build_info(self, engine: Engine) -> Info:
-        caps = engine.capabilities
-        einfo = engine.info()
+    def _build_info(self, engine: Engine | None, name: str, models: list[str], n_batch: int, continuous: bool) -> Info:
+        einfo = engine.info() if engine is not None else {}
         return Info(
             version=__version__,
             node=self.settings.effective_node_name(),
             host=socket.gethostname(),
             started=round(time.time(), 3),
             instance=os.urandom(6).hex(),
-            engine=caps.name,
-            model=engine.model_name,
-            n_batch=caps.max_batch,
-            batching="continuous" if caps.continuous else "static",
+            engine=engine.capabilities.name if engine is not None else resolve_engine_name(self.settings),
+            model=name,
+            n_batch=engine.capabilities.max_batch if engine is not None else n_batch,
+            batching="continuous" if continuous else "static",
             runtime_version=einfo.get("runtime_version"),
             driver_version=einfo.get("driver_version"),
             limits=Limits(**self.settings.limits()),
             engine_info=einfo,
+            models=models,
         )
 
-    def start(self) -> None:
-        s = self.settings
-        self._ensure_broker()
+    def _load_one(self) -> tuple[Lineup, int, bool]:
+        """The one engine of engine openai, a custom engine or the tests' (loaded here: a failure ends
+        the start-up with one line)."""
         s = self.settings
         if self.engine is None:
             self.engine = create_engine(s)
@@ -131,22 +140,112 @@ class Service:
             # answers in garbled French at 0.7).
             self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
             _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
-        self.info = self._build_info(self.engine)
+        caps = self.engine.capabilities
+        self.info = self._build_info(self.engine, self.engine.model_name, [self.engine.model_name], 0, caps.continuous)
+        return Lineup.single(self.engine.model_name, self.engine), caps.max_batch, caps.continuous
+
+    def _load_models(self, engine_name: str) -> tuple[Lineup, int, bool]:
+        """numpy and rkllm: models by name, loaded on first use; the first is loaded now when it is here,
+        else pulled and loaded in the background. A model that cannot be had leaves the bridge online,
+        saying why (stats, Home Assistant's engine connectivity), instead of a restart loop."""
+        from rkmqtt.models.catalog import Catalog, needs_pull
+        from rkmqtt.models.pull import LogProgress
+
+        s = self.settings
+        log_progress = LogProgress()
+
+        def progress(p: PullProgress) -> None:
+            log_progress(p)
+            self._pull_status(p)
+
+        self.catalog = catalog = Catalog.for_settings(s, engine_name, progress)
+        first = catalog.find(None)
+        engines: dict[str, Engine] = {}
+        failed: dict[str, str] = {}
+        if not needs_pull(catalog, first):
+            try:
+                engines[first.name] = catalog.open(first.name)
+            except RkmqttError as e:
+                failed[first.name] = str(e)
+                _LOGGER.error("model %s cannot be had: %s; the bridge stays online, saying so", first.name, e)
+        else:
+            self._preload = first.name
+        entry = first.entry
+        n_batch = entry.n_batch if entry is not None and entry.n_batch is not None else s.n_batch
+        continuous = engine_name == "numpy"
+        models = [m.name for m in catalog.configured()]
+        self.info = self._build_info(engines.get(first.name), first.name, models, n_batch, continuous)
+        lineup = Lineup(
+            ResidencyConfig(max_loaded=s.max_loaded_models, keep_alive_s=s.keep_alive_s()),
+            catalog,
+            engines,
+            failed,
+        )
+        return lineup, n_batch, continuous
+
+    def _pull_status(self, p: PullProgress) -> None:
+        """A download's progress as the retained `P/node/<node>/pull` (Home Assistant's sensor): at
+        each change of status and whole percent."""
+        sink, topic = self._sink, self._pull_topic
+        pct = p.percent
+        mark = (p.reference, p.file, p.status, None if pct is None else int(pct))
+        if sink is None or topic is None or mark == self._pull_mark:
+            return
+        self._pull_mark = mark
+        sink.pull(
+            PullStatus(
+                reference=p.reference,
+                status=p.status,
+                file=p.file,
+                completed=p.completed,
+                total=p.total,
+                percent=None if pct is None else round(pct, 1),
+                message=p.message,
+            ),
+            topic,
+        )
+
+    def _models_changed(self, state: ModelsState) -> None:
+        """A model loaded, unloaded or failed (scheduler thread): the info says what the first one is."""
+        bridge, info = self.bridge, self.info
+        if bridge is None or info is None:
+            return
+        engine = state.engines.get(info.model)
+        if engine is not None:
+            einfo = engine.info()
+            bridge.update_info(
+                engine_info=einfo,
+                runtime_version=einfo.get("runtime_version"),
+                driver_version=einfo.get("driver_version"),
+                n_batch=engine.capabilities.max_batch,
+            )
+
+    def start(self) -> None:
+        s = self.settings
+        self._ensure_broker()
+        s = self.settings
+        engine_name = None if self.engine is not None else resolve_engine_name(s)
+        if engine_name in ("numpy", "rkllm"):
+            lineup, n_batch, continuous = self._load_models(engine_name)
+        else:
+            lineup, n_batch, continuous = self._load_one()
+        s = self.settings
+        assert self.info is not None
         if s.journal:
             path = journal_path(s.effective_state_dir(), s.effective_client_id())
             self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
             self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
-        finals = Finals(self.engine.model_name, s.effective_node_name())
+        finals = Finals(self.info.model, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
         sink = MqttSink(outbox, Replies(finals), self.journal, topics.stats)
-        caps = self.engine.capabilities
+        self._sink, self._pull_topic = sink, topics.pull
         self.scheduler = Scheduler(
-            self.engine,
+            lineup,
             SchedulerConfig(
                 core=CoreConfig(
-                    n_batch=caps.max_batch,
-                    continuous=caps.continuous,
+                    n_batch=n_batch,
+                    continuous=continuous,
                     max_queue=s.max_queue,
                     batch_window_s=s.batch_window_ms / 1000.0,
                     dedup_window_s=s.dedup_window,
@@ -154,9 +253,14 @@ class Service:
                 stats_interval_s=s.stats_interval,
             ),
             on_stats=sink.stats,
+            on_models=self._models_changed,
         )
         # One admission for both doors: a client's rate is one budget over MQTT and HTTP.
-        admission = Admission(s, self.scheduler.refused, self.engine.model_name, caps.tools)
+        if self.catalog is not None:
+            admission = Admission(s, self.scheduler.refused, models=self.catalog)
+        else:
+            assert self.engine is not None
+            admission = Admission(s, self.scheduler.refused, self.engine.model_name, self.engine.capabilities.tools)
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
             s,
@@ -169,12 +273,15 @@ class Service:
             credentials_provider=self.credentials_provider,
         )
         self.scheduler.start()
+        if self._preload is not None:
+            self.scheduler.preload(self._preload)
         self.bridge.take_up()
         self.bridge.start()
         if s.http_listen is not None:
             from rkmqtt.http.server import HttpServer
 
-            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools)
+            tools = self.engine.capabilities.tools if self.engine is not None else False
+            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, tools, self.catalog)
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
@@ -255,7 +362,9 @@ class Service:
             steps.append(("flush replies and disconnect", bridge.stop))
         if self.journal is not None:
             steps.append(("close the journal", self.journal.close))
-        if self.engine is not None:
+        if scheduler is not None:
+            steps.append(("release the engines", scheduler.close_engines))
+        elif self.engine is not None:
             steps.append(("release the engine", self.engine.close))
         if self.embedded is not None:
             steps.append(("stop the private Mosquitto", self.embedded.close))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -12,11 +13,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.protocol import parse_duration
 from rkmqtt.topics import shared_group_of
 
 # Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
@@ -42,6 +44,26 @@ ENV_PREFIX = "RKMQTT_"
 MODEL_DEFAULTED = ("temperature",)
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
+
+
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class ModelEntry(BaseModel):
+    """One of `models` with settings of its own (those left out are the bridge's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Annotated[str, Field(min_length=1, description="the reference: a path, hf://owner/repo[/file]")]
+    n_batch: Annotated[int | None, Field(ge=1, le=64)] = None
+    max_context: Annotated[int | None, Field(ge=64, le=131_072)] = None
+    chat_template: Annotated[
+        str | None,
+        Field(description="rkllm: system|prefix|postfix (as rkllm_chat_template); numpy: a Jinja2 chat template"),
+    ] = None
+    tokenizer: Annotated[
+        str | None, Field(description="rkllm: hf://owner/repo whose tokenizer files go beside the .rkllm")
+    ] = None
 
 
 class Settings(BaseSettings):
@@ -138,9 +160,42 @@ class Settings(BaseSettings):
     model: Annotated[
         str | None,
         Field(
-            description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."
+            description="The model: a file's path (a .gguf for numpy, a .rkllm for rkllm), hf://owner/repo/file, "
+            "or hf://owner/repo (the file for this engine is picked), pulled into models_dir the first time. "
+            "Empty: the first of `models`, else (numpy) the packaged SmolLM2-135M-Instruct."
         ),
     ] = None
+    models: Annotated[
+        dict[str, ModelEntry],
+        Field(
+            description="Several models by name, each a reference (as `model`) or {model: REF, n_batch, "
+            "max_context, chat_template, tokenizer}; a request's `model` field names one, the first is the default. "
+            "As a flag or variable: JSON, or name=REF,name=REF.",
+        ),
+    ] = {}
+    models_dir: Annotated[
+        Path | None,
+        Field(
+            description="Folder of the models `rkmqtt pull` and hf:// references download (hf/<owner>/<repo>/...). "
+            "Empty: `models` in the state directory (/data/models for the add-on)."
+        ),
+    ] = None
+    keep_alive: Annotated[
+        str,
+        Field(
+            description="How long a model stays loaded after its last request (Ollama's meaning: 30s, 5m, 1h, "
+            "seconds; -1 for ever, 0 unloads it at once); a request's keep_alive overrides it for its model.",
+        ),
+    ] = "-1"
+    max_loaded_models: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=16,
+            description="Models loaded at once (rkllm: as many as the NPU's memory holds); a request for another "
+            "waits until a loaded one finishes its batch and is unloaded.",
+        ),
+    ] = 1
     n_batch: Annotated[
         int,
         Field(
@@ -376,6 +431,7 @@ class Settings(BaseSettings):
     @field_validator(
         "broker",
         "model",
+        "models_dir",
         "rkllm_library",
         "rkllm_tokenizer",
         "rkllm_chat_template",
@@ -462,6 +518,43 @@ class Settings(BaseSettings):
             parse_tokens(v.get_secret_value())
         return v
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, v: Any) -> Any:
+        """A flag or variable gives text: JSON, or name=REF,name=REF."""
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return {}
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("{"):
+                v = json.loads(text)
+            else:
+                v = {}
+                for entry in text.split(","):
+                    name, sep, ref = entry.strip().partition("=")
+                    if not sep or not name.strip() or not ref.strip():
+                        raise ValueError("must be JSON or name=REF,name=REF (e.g. qwen=hf://owner/repo)")
+                    v[name.strip()] = ref.strip()
+        if isinstance(v, dict):  # a plain reference is {model: REF}
+            return {k: {"model": e} if isinstance(e, str) else e for k, e in v.items()}
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, v: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        for name in v:
+            if not _MODEL_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"name {name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : - (as Ollama names models)"
+                )
+        return v
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _check_keep_alive(cls, v: Any) -> Any:
+        parse_duration(v)  # ValueError says what is allowed
+        return str(v).strip()
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, v: str) -> str:
@@ -477,6 +570,12 @@ class Settings(BaseSettings):
             )
         if self.engine == "rkllm" and (problem := rkllm_n_batch_problem(self.n_batch)):
             raise ValueError(problem)
+        if self.engine == "openai" and self.models:
+            raise ValueError("engine openai serves the upstream server's model: leave models empty")
+        if self.engine == "rkllm":
+            for name, entry in self.models.items():
+                if entry.n_batch is not None and (problem := rkllm_n_batch_problem(entry.n_batch)):
+                    raise ValueError(f"models.{name}: {problem}")
         if self.engine == "openai" and self.upstream_url is None:
             raise ValueError("engine openai needs upstream_url: the server's API base, e.g. http://127.0.0.1:8080/v1")
         return self
@@ -504,6 +603,13 @@ class Settings(BaseSettings):
             return self.state_dir
         xdg = os.environ.get("XDG_STATE_HOME")
         return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rkmqtt"
+
+    def effective_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.effective_state_dir() / "models"
+
+    def keep_alive_s(self) -> float | None:
+        """keep_alive in seconds; None: for ever."""
+        return parse_duration(self.keep_alive)
 
     def effective_node_name(self) -> str:
         """The node name: the setting, else rkmqtt_<host> (and _<prefix> when the prefix is not the

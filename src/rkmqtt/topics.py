@@ -59,7 +59,7 @@ class Topics:
 
     # -- nodes: each bridge's own topics ---------------------------------------------
     def node_topic(self, kind: str, node: str | None = None) -> str:
-        """`P/node/<node>/<kind>` for kind status, info or stats (this bridge's node by default)."""
+        """`P/node/<node>/<kind>` for kind status, info, stats or pull (this bridge's node by default)."""
         return f"{self.prefix}/node/{node or self.node}/{kind}"
 
     @property
@@ -73,6 +73,11 @@ class Topics:
     @property
     def stats(self) -> str:
         return self.node_topic("stats")
+
+    @property
+    def pull(self) -> str:
+        """Retained: the model download under way (or the last one), for Home Assistant's sensor."""
+        return self.node_topic("pull")
 
     def every_node(self, kind: str) -> str:
         """The subscription to `kind` of every node: `P/node/+/<kind>`."""

@@ -1,5 +1,5 @@
-"""What the two HTTP APIs share (the HTTP server's event-loop thread): the served model as the
-APIs list it, and reading a request's JSON body with the bridge's limits and error codes.
+"""What the two HTTP APIs share (the HTTP server's event-loop thread): the served models as the
+APIs list them, and reading a request's JSON body with the bridge's limits and error codes.
 """
 
 from __future__ import annotations
@@ -7,16 +7,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rkmqtt.models.catalog import parameter_size
+from rkmqtt.models.choose import quant_of
 from rkmqtt.protocol import ErrorCode, Info, describe_validation_error
+from rkmqtt.settings import Settings
 
 from .exchange import Gateway
+
+if TYPE_CHECKING:
+    from rkmqtt.models.catalog import Catalog, Served
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -53,7 +60,7 @@ def _size_label(n: Any) -> str:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """The one model this bridge serves, as `/api/tags`, `/api/show` and `/v1/models` list it."""
+    """A model this bridge serves, as `/api/tags`, `/api/show` and `/v1/models` list it."""
 
     name: str  # "<model>:latest": Ollama's name:tag form; requests may leave out ":latest"
     engine: str
@@ -109,15 +116,83 @@ class ModelCard:
     def capabilities(self) -> list[str]:
         return ["completion", "tools"] if self.tools else ["completion"]
 
-
-def check_model(gateway: Gateway, card: ModelCard, name: str) -> None:
-    """Refuse (404, counted `invalid_request`) a request for a model this bridge does not serve."""
-    if not name.strip():
-        raise gateway.refuse(ErrorCode.INVALID_REQUEST, f"model is required: this bridge serves {card.name!r}")
-    if not card.matches(name):
-        raise gateway.refuse(
-            ErrorCode.INVALID_REQUEST, f"model {name!r} not found: this bridge serves {card.name!r}", status=404
+    @classmethod
+    def from_served(cls, served: Served, engine: str, n_batch: int, context: int | None, tools: bool) -> ModelCard:
+        """A model of a bridge that serves several, from its file (when it is here)."""
+        local = served.local
+        size = local.size if local is not None else 0
+        modified = local.modified if local is not None else 0.0
+        ident = local.sha256 if local is not None and local.sha256 else f"{served.reference}:{size}:{modified}"
+        file_name = local.path.name if local is not None else served.reference
+        return cls(
+            name=served.name if ":" in served.name else f"{served.name}:latest",
+            engine=engine,
+            family=engine,
+            parameter_size=parameter_size(served.name) or parameter_size(file_name),
+            quantization=quant_of(file_name) or "",
+            size=size,
+            digest=ident if len(ident) == 64 else hashlib.sha256(ident.encode()).hexdigest(),
+            modified=modified,
+            context_length=context,
+            n_batch=n_batch,
+            tools=tools,
         )
+
+
+class Cards:
+    """The models the HTTP APIs list and take: one card, or every model of a catalog (any thread)."""
+
+    def __init__(
+        self,
+        default: ModelCard,
+        catalog: Catalog | None = None,
+        loaded: Callable[[], list[str]] | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.default = default
+        self.catalog = catalog
+        self._loaded = loaded
+        self._settings = settings
+
+    def _card(self, served: Served) -> ModelCard:
+        assert self.catalog is not None
+        if served.name == self.default.name.removesuffix(":latest") and self.default.size:
+            return self.default  # the first model, described by its loaded engine
+        s = self._settings
+        e = served.entry
+        n_batch = e.n_batch if e is not None and e.n_batch else (s.n_batch if s else self.default.n_batch)
+        context = e.max_context if e is not None and e.max_context else (s.max_context if s else None)
+        tools = bool(self.catalog.choose(served.name).tools)
+        return ModelCard.from_served(served, self.catalog.engine, n_batch, context, tools)
+
+    def all(self) -> list[ModelCard]:
+        if self.catalog is None:
+            return [self.default]
+        return [self._card(s) for s in self.catalog.served()]
+
+    def loaded(self) -> list[ModelCard]:
+        if self.catalog is None or self._loaded is None:
+            return [self.default]
+        names = set(self._loaded())
+        return [self._card(s) for s in self.catalog.served() if s.name in names]
+
+    def find(self, name: str) -> ModelCard:
+        """The card of the model `name` means; LookupError saying what is served."""
+        if self.catalog is None:
+            if not self.default.matches(name):
+                raise LookupError(f"model {name!r} not found: this bridge serves {self.default.name!r}")
+            return self.default
+        return self._card(self.catalog.find(name))
+
+
+def check_model(gateway: Gateway, cards: Cards, name: str) -> ModelCard:
+    """The model a request names; refuses (404, counted `invalid_request`) one this bridge does not serve."""
+    if not name.strip():
+        raise gateway.refuse(ErrorCode.INVALID_REQUEST, f"model is required: this bridge serves {cards.default.name!r}")
+    try:
+        return cards.find(name)
+    except LookupError as e:
+        raise gateway.refuse(ErrorCode.INVALID_REQUEST, str(e.args[0]), status=404) from None
 
 
 async def read_body(request: web.Request, model: type[M], gateway: Gateway) -> M:

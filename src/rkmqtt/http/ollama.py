@@ -1,9 +1,10 @@
 """The Ollama API (the HTTP event-loop thread): `/api/version`, `/api/tags`, `/api/ps`, `/api/show`,
-`/api/chat` and `/api/generate`, NDJSON-streamed or not. What it accepts, ignores and refuses:
-docs/architecture.md, "The HTTP API"."""
+`/api/chat` and `/api/generate`, NDJSON-streamed or not (`/api/pull`, `/api/delete`: `pulls.py`).
+What it accepts, ignores and refuses: docs/architecture.md, "The HTTP API"."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Annotated, Any, Literal
@@ -13,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rkmqtt import __version__
 from rkmqtt.engines.base import ChatMessage
-from rkmqtt.protocol import ErrorCode, OkReply
+from rkmqtt.protocol import ErrorCode, OkReply, parse_duration
 
-from .common import ModelCard, ToolSpec, check_model, read_body, rfc3339
+from .common import Cards, ModelCard, ToolSpec, check_model, read_body, rfc3339
 from .exchange import ApiError, Call, Exchange, Gateway
+from .pulls import ModelsApi
 from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
 
 _LOGGER = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class _Generating(_Body):
     format: str | dict[str, Any] | None = None
     options: Options | None = None
     stream: bool = True  # Ollama streams unless told not to
-    keep_alive: float | str | None = None  # accepted; the model stays loaded
+    keep_alive: float | str | None = None  # how long the model stays loaded after this request
     think: bool | str | None = None
 
 
@@ -118,9 +120,9 @@ def _stats(reply: OkReply) -> dict[str, Any]:
 
 
 class OllamaApi:
-    def __init__(self, gateway: Gateway, card: ModelCard) -> None:
+    def __init__(self, gateway: Gateway, cards: Cards) -> None:
         self.gateway = gateway
-        self.card = card
+        self.cards = cards
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -130,14 +132,15 @@ class OllamaApi:
             web.post("/api/show", self.show),
             web.post("/api/chat", self.chat),
             web.post("/api/generate", self.generate),
+            *ModelsApi(self.gateway, self.cards.catalog).routes(),
         ]
 
     # -- facts ----------------------------------------------------------------------------------
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": API_VERSION, "rkmqtt": __version__})
 
-    def _model_entry(self) -> dict[str, Any]:
-        c = self.card
+    @staticmethod
+    def _model_entry(c: ModelCard) -> dict[str, Any]:
         return {
             "name": c.name,
             "model": c.name,
@@ -148,20 +151,23 @@ class OllamaApi:
         }
 
     async def tags(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": [self._model_entry()]})
+        cards = await asyncio.to_thread(self.cards.all)  # reads models_dir
+        return web.json_response({"models": [self._model_entry(c) for c in cards]})
 
     async def ps(self, request: web.Request) -> web.Response:
-        entry = self._model_entry()
-        entry.pop("modified_at")
-        entry.update({"expires_at": "2999-12-31T23:59:59Z", "size_vram": 0})
-        if self.card.context_length:
-            entry["context_length"] = self.card.context_length
-        return web.json_response({"models": [entry]})
+        models = []
+        for card in await asyncio.to_thread(self.cards.loaded):
+            entry = self._model_entry(card)
+            entry.pop("modified_at")
+            entry.update({"expires_at": "2999-12-31T23:59:59Z", "size_vram": 0})
+            if card.context_length:
+                entry["context_length"] = card.context_length
+            models.append(entry)
+        return web.json_response({"models": models})
 
     async def show(self, request: web.Request) -> web.Response:
         body = await read_body(request, ShowBody, self.gateway)
-        check_model(self.gateway, self.card, body.model or body.name)
-        c = self.card
+        c = check_model(self.gateway, self.cards, body.model or body.name)
         info: dict[str, Any] = {
             "general.architecture": c.family,
             "rkmqtt.engine": c.engine,
@@ -185,13 +191,19 @@ class OllamaApi:
     def _common(self, body: _Generating) -> dict[str, Any]:
         """The Call fields of the options; refuses what the engines cannot honour."""
         g = self.gateway
-        check_model(g, self.card, body.model)
+        card = check_model(g, self.cards, body.model)
+        keep_alive = body.keep_alive
+        if keep_alive is not None:
+            try:
+                parse_duration(keep_alive)
+            except ValueError as e:
+                raise g.refuse(ErrorCode.INVALID_REQUEST, f"keep_alive {keep_alive!r} {e}") from None
         if body.format not in (None, ""):
             raise g.refuse(
                 ErrorCode.INVALID_REQUEST, "format (structured output) is not supported: the engines cannot force it"
             )
         if body.think not in (None, False):
-            raise g.refuse(ErrorCode.INVALID_REQUEST, f"{self.card.name} does not support thinking")
+            raise g.refuse(ErrorCode.INVALID_REQUEST, f"{card.name} does not support thinking")
         o = body.options or Options()
         if o.model_extra:
             _LOGGER.debug("Ollama options without effect here: %s", sorted(o.model_extra))
@@ -208,11 +220,13 @@ class OllamaApi:
             "seed": o.seed if o.seed is not None and o.seed >= 0 else None,
             "stop": tuple(s for s in stop if s),
             "stream": body.stream,
+            "model": card.name.removesuffix(":latest"),
+            "keep_alive": keep_alive,
         }
 
-    def _loaded(self, kind: _Kind) -> web.Response:
+    def _loaded(self, kind: _Kind, model: str) -> web.Response:
         """Ollama's answer to a request with nothing to generate: the model is loaded."""
-        out: dict[str, Any] = {"model": self.card.name, "created_at": rfc3339(), "done": True, "done_reason": "load"}
+        out: dict[str, Any] = {"model": _shown(model), "created_at": rfc3339(), "done": True, "done_reason": "load"}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": ""}
         else:
@@ -233,7 +247,7 @@ class OllamaApi:
             )
             messages.append(ChatMessage(m.role, m.content or "", calls))
         if not messages:
-            return self._loaded("chat")
+            return self._loaded("chat", common["model"])
         tools = tuple(t.model_dump(exclude_none=True) for t in body.tools or ())
         call = Call(messages=tuple(messages), tools=tools, **common)
         return await self._run(request, call, "chat")
@@ -252,7 +266,7 @@ class OllamaApi:
         if body.images:
             raise g.refuse(ErrorCode.INVALID_REQUEST, "images: the model reads text only")
         if not body.prompt:
-            return self._loaded("generate")
+            return self._loaded("generate", common["model"])
         messages = [ChatMessage("system", body.system)] if body.system else []
         messages.append(ChatMessage("user", body.prompt))
         return await self._run(request, Call(messages=tuple(messages), **common), "generate")
@@ -264,7 +278,7 @@ class OllamaApi:
             if call.stream:
                 return await self._stream(request, ex, kind)
             result = await ex.result()
-            out = self._head()
+            out = self._head(call.model or "")
             if kind == "chat":
                 content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
                 calls += reply_calls(result.reply)
@@ -279,11 +293,11 @@ class OllamaApi:
         finally:
             ex.close()
 
-    def _head(self) -> dict[str, Any]:
-        return {"model": self.card.name, "created_at": rfc3339()}
+    def _head(self, model: str) -> dict[str, Any]:
+        return {"model": _shown(model), "created_at": rfc3339()}
 
-    def _piece(self, kind: _Kind, text: str) -> dict[str, Any]:
-        out = self._head()
+    def _piece(self, kind: _Kind, text: str, model: str) -> dict[str, Any]:
+        out = self._head(model)
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": text}
         else:
@@ -298,7 +312,7 @@ class OllamaApi:
         async for text in ex.texts():
             shown = scanner.feed(text) if scanner is not None else text
             if shown:
-                await resp.write(_line(self._piece(kind, shown)))
+                await resp.write(_line(self._piece(kind, shown, ex.call.model or "")))
         end = ex.ending()
         if isinstance(end, ApiError):
             await resp.write(_line(error_body(end)))
@@ -307,18 +321,23 @@ class OllamaApi:
             if scanner is not None:
                 rest = scanner.finish()
                 if rest:
-                    await resp.write(_line(self._piece(kind, rest)))
+                    await resp.write(_line(self._piece(kind, rest, ex.call.model or "")))
                 calls = scanner.calls
             calls += reply_calls(end.reply) if kind == "chat" else []
             if calls:
-                piece = self._piece(kind, "")
+                piece = self._piece(kind, "", ex.call.model or "")
                 piece["message"]["tool_calls"] = _tool_calls(calls)
                 await resp.write(_line(piece))
-            last = self._piece(kind, "")
+            last = self._piece(kind, "", ex.call.model or "")
             last.update({"done": True, "done_reason": end.done_reason, **_stats(end.reply)})
             await resp.write(_line(last))
         await resp.write_eof()
         return resp
+
+
+def _shown(model: str) -> str:
+    """A model's name as Ollama shows it: name:tag."""
+    return model if ":" in model else f"{model}:latest"
 
 
 def error_text(e: ApiError) -> str:

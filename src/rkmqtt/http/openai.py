@@ -4,6 +4,7 @@ server-sent events or not, with `usage`. What it accepts, ignores and refuses: d
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, Literal
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rkmqtt.engines.base import ChatMessage
 from rkmqtt.protocol import ErrorCode, OkReply
 
-from .common import ModelCard, ToolSpec, check_model, read_body
+from .common import Cards, ModelCard, ToolSpec, check_model, read_body
 from .exchange import ApiError, Call, Exchange, Gateway, Result
 from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
 
@@ -104,9 +105,9 @@ def _finish_reason(result: Result, calls: list[ToolCall]) -> str:
 
 
 class OpenAiApi:
-    def __init__(self, gateway: Gateway, card: ModelCard) -> None:
+    def __init__(self, gateway: Gateway, cards: Cards) -> None:
         self.gateway = gateway
-        self.card = card
+        self.cards = cards
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -115,17 +116,21 @@ class OpenAiApi:
             web.post("/v1/chat/completions", self.chat),
         ]
 
-    def _model_object(self) -> dict[str, Any]:
-        return {"id": self.card.name, "object": "model", "created": int(self.card.modified), "owned_by": "rkmqtt"}
+    @staticmethod
+    def _model_object(card: ModelCard) -> dict[str, Any]:
+        return {"id": card.name, "object": "model", "created": int(card.modified), "owned_by": "rkmqtt"}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_object()]})
+        cards = await asyncio.to_thread(self.cards.all)  # reads models_dir
+        return web.json_response({"object": "list", "data": [self._model_object(c) for c in cards]})
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if not self.card.matches(name):
-            raise ApiError(404, f"model {name!r} not found: this bridge serves {self.card.name!r}")
-        return web.json_response(self._model_object())
+        try:
+            card = await asyncio.to_thread(self.cards.find, name)
+        except LookupError as e:
+            raise ApiError(404, str(e.args[0])) from None
+        return web.json_response(self._model_object(card))
 
     # -- chat -----------------------------------------------------------------------------------
     def _call(self, body: ChatCompletionBody) -> Call:
@@ -134,7 +139,7 @@ class OpenAiApi:
         def bad(message: str) -> ApiError:
             return g.refuse(ErrorCode.INVALID_REQUEST, message)
 
-        check_model(g, self.card, body.model)
+        card = check_model(g, self.cards, body.model)
         if body.n != 1:
             raise bad("n: only 1 choice per request")
         if body.logprobs:
@@ -177,6 +182,7 @@ class OpenAiApi:
             stop=stop,
             tools=tools,
             stream=body.stream,
+            model=card.name.removesuffix(":latest"),
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -207,7 +213,9 @@ class OpenAiApi:
             ex.close()
 
     def _head(self, ex: Exchange) -> dict[str, Any]:
-        return {"id": f"chatcmpl-{ex.key.id}", "created": int(ex.created), "model": self.card.name}
+        model = ex.call.model or ""
+        shown = model if ":" in model else f"{model}:latest"
+        return {"id": f"chatcmpl-{ex.key.id}", "created": int(ex.created), "model": shown}
 
     def _chunk(self, ex: Exchange, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {

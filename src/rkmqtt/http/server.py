@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -23,8 +23,11 @@ from rkmqtt.settings import Settings
 
 from . import ollama, openai
 from .auth import Auth, is_local
-from .common import ModelCard
+from .common import Cards, ModelCard
 from .exchange import ApiError, Gateway
+
+if TYPE_CHECKING:
+    from rkmqtt.models.catalog import Catalog
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,7 +37,14 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class HttpServer:
     def __init__(
-        self, settings: Settings, scheduler: Scheduler, admission: Admission, finals: Finals, info: Info, tools: bool
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        admission: Admission,
+        finals: Finals,
+        info: Info,
+        tools: bool,
+        catalog: Catalog | None = None,
     ) -> None:
         address = settings.http_address
         if address is None:
@@ -42,6 +52,7 @@ class HttpServer:
         self.settings = settings
         self.host, self.port = address
         self.card = ModelCard.from_info(info, tools)
+        self.cards = Cards(self.card, catalog, scheduler.loaded_models, settings)
         self.auth = Auth(settings.http_token_names(), settings.http_client)
         self.gateway = Gateway(settings, scheduler, admission, finals, self.auth)
         self._loop = asyncio.new_event_loop()
@@ -100,8 +111,8 @@ class HttpServer:
             middlewares=[self._errors, self._auth],
         )
         app.router.add_get("/", self._root)
-        app.router.add_routes(ollama.OllamaApi(self.gateway, self.card).routes())
-        app.router.add_routes(openai.OpenAiApi(self.gateway, self.card).routes())
+        app.router.add_routes(ollama.OllamaApi(self.gateway, self.cards).routes())
+        app.router.add_routes(openai.OpenAiApi(self.gateway, self.cards).routes())
         return app
 
     async def _open(self) -> None:

@@ -24,7 +24,7 @@ from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.mqtt.intake import Incoming, Intake
 from rkmqtt.mqtt.journal import Delivered
 from rkmqtt.mqtt.link import Link, describe_failure, describe_reason
-from rkmqtt.mqtt.outbox import Publisher
+from rkmqtt.mqtt.outbox import Outgoing, Publisher
 from rkmqtt.mqtt.replies import Refusal, route_of
 from rkmqtt.mqtt.sharing import Action, Announce, Kind, Sharing, Subscribe, Unsubscribe
 from rkmqtt.mqtt.sink import MqttSink
@@ -233,6 +233,15 @@ class Bridge:
         self.client.publish(self.topics.status, b"online", qos=1, retain=True)
         self._ready.set()
 
+    def update_info(self, **fields: Any) -> None:
+        """Change the info (the models, the first model's facts once it is loaded): kept for the next
+        connect and published retained through the outbox (any thread; never waits)."""
+        with self._sharing_lock:
+            self.info = self.info.model_copy(update=fields)
+            payload = self.info.model_dump_json().encode()
+        if self.connected:
+            self.outbox.put(Outgoing(self.topics.info, payload, 1, retain=True))
+
     def publish_retained_extra(self) -> None:
         if self._retained_extra is None:
             return
@@ -379,7 +388,8 @@ class Bridge:
             elif isinstance(action, Unsubscribe):
                 self.client.unsubscribe(self._request_topic(action.kind))
             elif isinstance(action, Announce):
-                self.info = self.info.model_copy(update={"share": action.mode})
+                with self._sharing_lock:
+                    self.info = self.info.model_copy(update={"share": action.mode})
                 self._announce_online()
                 _LOGGER.info(
                     "requests: %s (%s)",

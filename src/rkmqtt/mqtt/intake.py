@@ -175,4 +175,6 @@ def _ask(req: RequestPayload) -> Ask:
         repeat_penalty=req.repeat_penalty,
         seed=req.seed,
         tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
+        model=req.model,
+        keep_alive=req.keep_alive,
     )

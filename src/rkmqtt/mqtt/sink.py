@@ -1,6 +1,7 @@
-"""MQTT as a reply sink: replies and stats onto the outbox, and a journal row closed when the broker
-has the final reply (scheduler thread: the `ReplySink` methods and `stats`; paho network thread and
-the main thread's take-up: `refusal` and `recorded`). Nothing here waits: the outbox never blocks."""
+"""MQTT as a reply sink: replies, stats and a download's progress onto the outbox, and a journal row
+closed when the broker has the final reply (scheduler thread: the `ReplySink` methods and `stats`;
+paho network thread and the main thread's take-up: `refusal` and `recorded`; a pulling thread:
+`pull`). Nothing here waits: the outbox never blocks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import functools
 from rkmqtt.mqtt.journal import Journal
 from rkmqtt.mqtt.outbox import Outbox, Outgoing
 from rkmqtt.mqtt.replies import MqttRoute, Refusal, Replies, route_of
-from rkmqtt.protocol import Stats
+from rkmqtt.protocol import PullStatus, Stats
 from rkmqtt.sched.request import Chunk, Outcome, Request
 
 
@@ -42,6 +43,10 @@ class MqttSink:
     def stats(self, stats: Stats) -> None:
         if self.stats_topic:
             self.outbox.put(Outgoing(self.stats_topic, stats.model_dump_json().encode(), 0, droppable=True))
+
+    def pull(self, status: PullStatus, topic: str) -> None:
+        """Where a model download stands (the pulling thread), retained for Home Assistant's sensor."""
+        self.outbox.put(Outgoing(topic, status.model_dump_json().encode(), 1, retain=True))
 
     # -- the bridge's own answers (paho network thread; main thread at take-up) ----------------
     def refusal(self, refusal: Refusal) -> None:

@@ -13,11 +13,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
-from rkmqtt.protocol import ErrorCode
-from rkmqtt.sched.request import Request, RequestKey, Route
+from rkmqtt.protocol import ErrorCode, parse_duration
+from rkmqtt.sched.request import KeepAlive, Request, RequestKey, Route
 from rkmqtt.settings import Settings
 
 
@@ -33,6 +33,8 @@ class Ask:
     repeat_penalty: float | None = None
     seed: int | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    model: str | None = None  # a name the bridge serves; None: the default
+    keep_alive: float | str | None = None  # seconds or a duration (Ollama's); checked by the door
 
     def prompt_chars(self) -> int:
         """Characters the model reads: the messages (an assistant turn's tool calls included), and the
@@ -47,6 +49,42 @@ class Refused:
 
     code: ErrorCode
     message: str
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A served model as admission needs it: its name, its default temperature (None: the setting's),
+    and whether it takes tools (None: not known until it is loaded; the loop checks then)."""
+
+    name: str
+    temperature: float | None = None
+    tools: bool | None = None
+
+
+class ModelNames(Protocol):
+    """The models a bridge serves, by the names requests give (`rkmqtt.models.catalog`)."""
+
+    def choose(self, name: str | None) -> Chosen:
+        """The model a request names (None: the default); LookupError with the refusal's message."""
+
+
+@dataclass(frozen=True)
+class OneModel:
+    """A bridge with one model, which takes every name it is given as its own."""
+
+    chosen: Chosen
+
+    def choose(self, name: str | None) -> Chosen:
+        return self.chosen
+
+
+def no_tools_message(model: str) -> str:
+    """The one wording of a refusal of tools to a model that takes none."""
+    return (
+        f"{model} takes no tools: its chat template has no place for them (or the engine does "
+        "not pass them); send the request without tools, or serve a model whose template takes them "
+        "(e.g. Qwen2.5-Instruct) with the numpy engine, or use engine openai"
+    )
 
 
 class RateLimiter:
@@ -77,12 +115,16 @@ class Admission:
     """Shared by the doors: one rate budget per client over MQTT and HTTP together."""
 
     def __init__(
-        self, settings: Settings, count: Callable[[ErrorCode], None], model_name: str = "", tools: bool = False
+        self,
+        settings: Settings,
+        count: Callable[[ErrorCode], None],
+        model_name: str = "",
+        tools: bool = False,
+        models: ModelNames | None = None,
     ) -> None:
         self.settings = settings
         self._count = count  # the scheduler's `refused`: the stats add up over both doors
-        self.model_name = model_name
-        self.tools = tools  # the engine takes tool definitions
+        self.models: ModelNames = models or OneModel(Chosen(model_name, None, tools))
         self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
 
     def admit(
@@ -97,12 +139,25 @@ class Admission:
         """The request, or why not. `rate_limit=False` for one a door takes up again after a restart:
         it was counted when it came. Not counted here: the door counts what it answers (`refused`)."""
         now = time.monotonic() if now is None else now
-        problem = self._over_limits(key.client, ask, now, rate_limit)
+        try:
+            chosen = self.models.choose(ask.model)
+        except LookupError as e:
+            return Refused(ErrorCode.INVALID_REQUEST, str(e.args[0]) if e.args else str(e))
+        problem = self._over_limits(key.client, ask, now, rate_limit, chosen)
         if problem is not None:
             return problem
         s = self.settings
+        temperature = s.temperature
+        if chosen.temperature is not None and "temperature" not in s.model_fields_set:
+            temperature = chosen.temperature  # no setting gave one: the model's own
+        keep: KeepAlive | None = None
+        if ask.keep_alive is not None:
+            try:
+                keep = KeepAlive(parse_duration(ask.keep_alive))
+            except ValueError as e:
+                return Refused(ErrorCode.INVALID_REQUEST, f"keep_alive {ask.keep_alive!r} {e}")
         sampling = SamplingParams(
-            temperature=s.temperature if ask.temperature is None else ask.temperature,
+            temperature=temperature if ask.temperature is None else ask.temperature,
             top_k=s.top_k if ask.top_k is None else ask.top_k,
             top_p=s.top_p if ask.top_p is None else ask.top_p,
             repeat_penalty=s.repeat_penalty if ask.repeat_penalty is None else ask.repeat_penalty,
@@ -119,7 +174,9 @@ class Admission:
             tools=ask.tools,
         )
         deadline = None if expires_in is None else now + expires_in
-        return Request(key=key, route=route, gen=gen, arrival=now, deadline=deadline)
+        return Request(
+            key=key, route=route, gen=gen, arrival=now, deadline=deadline, model=chosen.name, keep_alive=keep
+        )
 
     def refused(self, code: ErrorCode) -> None:
         """Count a refusal the door answered (thread-safe: a command on the scheduler's inbox)."""
@@ -130,7 +187,7 @@ class Admission:
         """The door is closing: the bridge takes nothing new."""
         return Refused(ErrorCode.SHUTTING_DOWN, "the bridge is shutting down; try again later")
 
-    def _over_limits(self, client: str, ask: Ask, now: float, rate_limit: bool) -> Refused | None:
+    def _over_limits(self, client: str, ask: Ask, now: float, rate_limit: bool, chosen: Chosen) -> Refused | None:
         s = self.settings
         chars = ask.prompt_chars()
         if chars > s.max_prompt_chars:
@@ -139,13 +196,8 @@ class Admission:
             return Refused(
                 ErrorCode.TOO_MANY_TOKENS, f"max_new_tokens is {ask.max_new_tokens}; the limit is {s.max_new_tokens}"
             )
-        if ask.tools and not self.tools:
-            return Refused(
-                ErrorCode.INVALID_REQUEST,
-                f"{self.model_name} takes no tools: its chat template has no place for them (or the engine does "
-                "not pass them); send the request without tools, or serve a model whose template takes them "
-                "(e.g. Qwen2.5-Instruct) with the numpy engine, or use engine openai",
-            )
+        if ask.tools and chosen.tools is False:
+            return Refused(ErrorCode.INVALID_REQUEST, no_tools_message(chosen.name))
         if rate_limit and not self.rate.allow(client, now):
             return Refused(
                 ErrorCode.RATE_LIMITED,

@@ -74,24 +74,34 @@ class FairQueue:
                 return entry.req
         return None
 
-    def take(self, n: int, key: Callable[[Request], Hashable] | None = None) -> list[Request]:
-        """Up to `n` requests, lowest tag first. With `key`, only requests whose key equals the key
-        of the first one taken (a static batch shares sampling parameters); a client whose head
-        does not match keeps its place for the next batch."""
+    def take(
+        self,
+        n: int,
+        key: Callable[[Request], Hashable] | None = None,
+        accept: Callable[[Request], bool] | None = None,
+    ) -> list[Request]:
+        """Up to `n` requests, lowest tag first. With `accept`, only requests it accepts (those of one
+        model): a client's first accepted request stands for it. With `key`, only requests whose key
+        equals the key of the first one taken (a static batch shares sampling parameters); a client
+        whose candidate does not match keeps its place for the next batch."""
         taken: list[Request] = []
         batch_key: Hashable = None
         skipped: set[str] = set()
         while len(taken) < n:
-            heads = [
-                (q[0].tag, self._served.get(client, 0), q[0].seq, client)
-                for client, q in self._queues.items()
-                if client not in skipped
-            ]
+            heads = []
+            for client, q in self._queues.items():
+                if client in skipped:
+                    continue
+                i = 0 if accept is None else next((j for j, e in enumerate(q) if accept(e.req)), -1)
+                if i < 0:
+                    skipped.add(client)
+                    continue
+                heads.append((q[i].tag, self._served.get(client, 0), q[i].seq, client, i))
             if not heads:
                 break
-            client = min(heads)[3]
+            *_, client, i = min(heads)
             q = self._queues[client]
-            entry = q[0]
+            entry = q[i]
             if key is not None:
                 k = key(entry.req)
                 if not taken:
@@ -99,7 +109,7 @@ class FairQueue:
                 elif k != batch_key:
                     skipped.add(client)
                     continue
-            q.popleft()
+            del q[i]
             self._size -= 1
             if not q:
                 del self._queues[client]

@@ -35,7 +35,7 @@ class Finals:
             usage=Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.completion_tokens),
             timing=timing(req, outcome.finished),
             batch=BatchInfo(size=req.batch_size, slot=req.slot),
-            model=self.model_name,
+            model=req.model or self.model_name,
             warnings=list(outcome.warnings),
             node=self.node,
             tool_calls=[ToolCall.model_validate(c, strict=False) for c in req.tool_calls],

@@ -1,10 +1,8 @@
-"""The scheduler loop: the one thread ("rkmqtt-scheduler") that owns the engine and carries out the
-policy's `Step`s: engine calls here, replies to each request's route's sink (never waiting).
-
-Other threads only put commands on its inbox (`submit`, `cancel`, `refused`, `repeated`,
-`shutdown`), which return at once. It knows no transport: the stats go to `on_stats`. An
-engine that takes `Engine.set_wake` wakes it through the inbox instead of being polled.
-"""
+"""The scheduler loop: the one thread ("rkmqtt-scheduler") that owns the engines (one per loaded
+model, `Lineup`) and carries out the policy's `Step`s and `Residency`'s moves: engine calls here,
+replies to each request's route's sink (never waiting). Other threads only put commands on its inbox
+(`submit`, `cancel`, `refused`, `repeated`, `shutdown`, a load's end, an engine's wake), which return
+at once. It knows no transport: the stats go to `on_stats`, the models' state to `on_models`."""
 
 from __future__ import annotations
 
@@ -18,8 +16,11 @@ from dataclasses import dataclass
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
 from rkmqtt.protocol import ErrorCode, Stats
+from rkmqtt.sched.admission import no_tools_message
+from rkmqtt.sched.lineup import Lineup
 from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
 from rkmqtt.sched.request import Outcome, Request, RequestKey
+from rkmqtt.sched.residency import Moves, Phase
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,20 +67,47 @@ class _Wake:
     """The engine has events (or free slots): the turn that takes this off the inbox polls it."""
 
 
+@dataclass(frozen=True)
+class _Preload:
+    name: str
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A model's load ended: its engine, or why not."""
+
+    name: str
+    engine: Engine | None
+    problem: str | None
+
+
 _WAKE = _Wake()
 
-_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown | _Wake
+_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown | _Wake | _Loaded | _Preload
+
+
+@dataclass(frozen=True)
+class ModelsState:
+    """What `on_models` gets when a model is loaded, unloaded or fails: loaded engines by name, and
+    the failures."""
+
+    engines: dict[str, Engine]
+    failures: dict[str, str]
 
 
 class Scheduler:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Lineup,
         config: SchedulerConfig,
         on_stats: Callable[[Stats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_models: Callable[[ModelsState], None] | None = None,
     ) -> None:
-        self.engine = engine
+        self.lineup = engine if isinstance(engine, Lineup) else Lineup.single("", engine)
+        # One engine that never changes: it runs every request, whatever model it names.
+        self._one = None if self.lineup.can_load() or len(self.lineup.engines) != 1 else self.lineup.engines
+        self.on_models = on_models
         self.config = config
         self.on_stats = on_stats  # who publishes the stats every `stats_interval_s` (MQTT's sink)
         self.clock = clock
@@ -96,7 +124,8 @@ class Scheduler:
         self._last_stats = clock()
         self._tokens_at_stats = 0
         self._engine_problem: str | None = None  # as the last stats said
-        self._woken = engine.set_wake(self._wake)  # the engine wakes this loop: no polling in a loop
+        # Engines that wake this loop (no polling in a loop for them).
+        self._wakers = {name for name, e in self.lineup.engines.items() if e.set_wake(self._wake)}
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +148,18 @@ class Scheduler:
     def _wake(self) -> None:
         """The engine's `wake` (any thread): never blocks."""
         self._inbox.put(_WAKE)
+
+    def preload(self, name: str) -> None:
+        """Load model `name` now, before any request asks for it (thread-safe)."""
+        self._inbox.put(_Preload(name))
+
+    def _loaded(self, name: str, engine: Engine | None, problem: str | None) -> None:
+        """A load's end (its thread): never blocks."""
+        self._inbox.put(_Loaded(name, engine, problem))
+
+    def close_engines(self) -> None:
+        """Release every engine (main thread, after `join`)."""
+        self.lineup.close()
 
     def shutdown(self, grace_s: float) -> None:
         """Answer waiting requests `shutting_down`, give running ones `grace_s` to finish."""
@@ -160,13 +201,23 @@ class Scheduler:
         self.heartbeat = time.time()
         self._drain_inbox(self._inbox_timeout(self.clock()))
         core = self.core
-        self._carry_out(core.plan(self.engine.free_slots(), self.clock()))
-        if core.running:
+        if self.lineup.can_load() and not core.shutting_down:
+            self._move(self.clock())
+        ready = self._ready()
+        for name in ready:
+            self._carry_out(core.plan(self.lineup.engines[name].free_slots(), self.clock(), self._plan_model(name)))
+        if not ready:
+            self._carry_out(core.plan(0, self.clock()))  # expiries and the end of a shutdown
+        busy = self._busy()
+        for name in busy:
+            engine = self.lineup.engines[name]
+            timeout = 0.0 if core.config.continuous else _STATIC_POLL_S / len(busy)
             try:
-                events = self.engine.poll(0.0 if core.config.continuous else _STATIC_POLL_S)
+                events = engine.poll(timeout)
             except Exception as e:
                 _LOGGER.exception("engine poll failed")
-                self._carry_out(core.fail_running(ErrorCode.ENGINE_ERROR, f"engine failed: {e}", self.clock()))
+                failed = [r for r in core.running_requests() if self._one is not None or r.model == name]
+                self._carry_out(core.fail(failed, ErrorCode.ENGINE_ERROR, f"engine failed: {e}", self.clock()))
                 events = []
             if events:
                 self.last_event = self.clock()
@@ -175,17 +226,85 @@ class Scheduler:
         self.active = core.running
         self._maybe_stats()
 
+    def _plan_model(self, name: str) -> str | None:
+        return None if self._one is not None else name
+
+    def _ready(self) -> list[str]:
+        if self._one is not None:
+            return list(self._one)
+        return [n for n in self.lineup.residency.ready() if n in self.lineup.engines]
+
+    def _busy(self) -> list[str]:
+        if not self.core.running:
+            return []
+        if self._one is not None:
+            return list(self._one)
+        return [n for n in self.core.busy_models() if n in self.lineup.engines]
+
+    def _engine_for(self, req: Request) -> Engine | None:
+        if self._one is not None:
+            return next(iter(self._one.values()))
+        if self.lineup.residency.phase(req.model) != Phase.READY:
+            return None
+        return self.lineup.engines.get(req.model)
+
     def _inbox_timeout(self, now: float) -> float:
         core = self.core
-        if core.running and not self._woken:
+        busy = self._busy()
+        if any(n not in self._wakers for n in busy):
             return 0.0
-        if core.waiting and self.engine.free_slots() == 0:
+        ready = self._ready()
+        if core.waiting and ready and all(self.lineup.engines[n].free_slots() == 0 for n in ready):
             # A static engine still winding down its batch: don't spin. One that wakes the loop
             # (full, or its upstream unavailable) does so when a slot frees.
-            return _FULL_WAIT_S if self._woken else 0.005
+            return _FULL_WAIT_S if all(n in self._wakers for n in ready) else 0.005
         wait = min(_IDLE_WAIT_S, max(0.01, self._last_stats + self.config.stats_interval_s - now))
-        wake = core.wake_at(now)
+        wake = core.wake_at(now, None if self._one is not None else ready)
         return wait if wake is None else max(0.0, min(wait, wake - now))
+
+    # -- models ---------------------------------------------------------------------------------
+    def _move(self, now: float) -> None:
+        """Carry out what `Residency` decides: unload (never while a request of the model runs), load."""
+        self._carry_moves(self.lineup.residency.decide(self.core.demand(), self.core.busy_models(), now))
+
+    def _carry_moves(self, moves: Moves) -> None:
+        lineup = self.lineup
+        for name in moves.unload:
+            lineup.unload(name)
+            self._wakers.discard(name)
+            for req in self.core.waiting_for(name):
+                req.prepared = None  # the next engine of this model prepares it again
+        for name in moves.load:
+            _LOGGER.info("loading model %s (%d waiting)", name, len(self.core.waiting_for(name)))
+            lineup.start_load(name, self._loaded)
+        if moves:
+            self._models_changed()
+
+    def _on_loaded(self, cmd: _Loaded, now: float) -> None:
+        lineup = self.lineup
+        if cmd.engine is not None and self.core.shutting_down:
+            cmd.engine.close()
+            return
+        lineup.residency.load_done(cmd.name, now, cmd.problem)
+        if cmd.engine is None:
+            message = f"model {cmd.name} cannot be loaded: {cmd.problem}"
+            self._carry_out(self.core.fail(self.core.waiting_for(cmd.name), ErrorCode.ENGINE_ERROR, message, now))
+        else:
+            lineup.engines[cmd.name] = cmd.engine
+            if cmd.engine.set_wake(self._wake):
+                self._wakers.add(cmd.name)
+            for req in sorted(self.core.waiting_for(cmd.name), key=lambda r: r.arrival):
+                self._prepare(req)
+        self._models_changed()
+
+    def _models_changed(self) -> None:
+        if self.on_models is not None:
+            state = ModelsState(dict(self.lineup.engines), self.lineup.residency.failures())
+            try:
+                self.on_models(state)
+            except Exception:
+                _LOGGER.exception("on_models failed")
+        self._last_stats = 0.0  # the stats (loaded models, readiness) go out at once
 
     def _drain_inbox(self, timeout: float) -> None:
         try:
@@ -204,6 +323,11 @@ class Scheduler:
                 self.core.counters.repeated += 1
             elif isinstance(cmd, _Wake):
                 pass  # the turn goes on to poll the engine
+            elif isinstance(cmd, _Loaded):
+                self._on_loaded(cmd, now)
+            elif isinstance(cmd, _Preload):
+                if self.lineup.can_load():
+                    self._carry_moves(self.lineup.residency.preload(cmd.name, now))
             else:
                 _LOGGER.info("shutting down: %d running get up to %.0f s", self.core.running, cmd.grace_s)
                 self._carry_out(self.core.shutdown(cmd.grace_s, now))
@@ -219,8 +343,10 @@ class Scheduler:
         if step.start:
             self._start(step.start)
         for req in step.cancel:
+            engine = self._engine_for(req)
             try:
-                self.engine.cancel(req.key)
+                if engine is not None:
+                    engine.cancel(req.key)
             except Exception:
                 _LOGGER.exception("request %s: engine cancel failed", req.key)
         # Replies go to the sink of the route concerned, whichever transport it is.
@@ -235,8 +361,20 @@ class Scheduler:
 
     def _prepare(self, req: Request) -> None:
         now = self.clock()
+        if req.state.is_finished():
+            return
+        engine = self._engine_for(req)
+        if engine is None:
+            failed = self.lineup.residency.failure(req.model, now)
+            if failed is not None:
+                message = f"model {req.model} cannot be loaded: {failed}"
+                self._carry_out(self.core.refuse(req, ErrorCode.ENGINE_ERROR, message, now))
+            return  # it waits for its model's engine, which prepares it once loaded
+        if req.gen.tools and not engine.capabilities.tools:
+            self._carry_out(self.core.refuse(req, ErrorCode.INVALID_REQUEST, no_tools_message(req.model), now))
+            return
         try:
-            handle = self.engine.prepare(req.gen)
+            handle = engine.prepare(req.gen)
         except RequestRejected as e:
             self._carry_out(self.core.refuse(req, e.code, e.message, now))
             return
@@ -249,8 +387,11 @@ class Scheduler:
 
     def _start(self, reqs: list[Request]) -> None:
         handles = [r.prepared for r in reqs if r.prepared is not None]
+        engine = self._engine_for(reqs[0])
         try:
-            self.engine.submit(handles)
+            if engine is None:
+                raise RuntimeError(f"model {reqs[0].model} has no engine")
+            engine.submit(handles)
         except Exception as e:
             _LOGGER.exception("engine submit failed")
             self._carry_out(
@@ -258,6 +399,7 @@ class Scheduler:
             )
             return
         self.last_event = self.clock()
+        self.lineup.residency.used(reqs[0].model, self.last_event)
         for req in reqs:
             waited = ((req.started or req.arrival) - req.arrival) * 1000
             _LOGGER.debug("request %s: started (batch of %d, waited %.0f ms)", req.key, req.batch_size, waited)
@@ -265,6 +407,10 @@ class Scheduler:
     def _answer(self, outcome: Outcome) -> None:
         req = outcome.request
         req.route.sink.final(outcome)
+        residency = self.lineup.residency
+        residency.used(req.model, outcome.finished)
+        if req.keep_alive is not None:
+            residency.keep(req.model, req.keep_alive.seconds)
         if outcome.error is not None:
             code, message = outcome.error
             _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
@@ -299,11 +445,31 @@ class Scheduler:
             repeated=c.repeated,
             engine_ready=self._engine_problem is None,
             engine_problem=self._engine_problem,
+            loaded=[] if self._one is not None else sorted(self.lineup.engines),
         )
+
+    def loaded_models(self) -> list[str]:
+        """The models loaded now (any thread: a copy of the lineup's names)."""
+        return list(self.lineup.engines)
+
+    def _problem(self) -> str | None:
+        """Why requests cannot run now: an engine's problem, a model that failed to load, or (with no
+        model loaded) the one being loaded."""
+        for name, engine in list(self.lineup.engines.items()):
+            problem = engine.problem()
+            if problem is not None:
+                return problem if self._one is not None else f"model {name}: {problem}"
+        failures = self.lineup.residency.failures()
+        for name, problem in failures.items():
+            if self.lineup.residency.failure(name, self.clock()) is not None or not self.lineup.engines:
+                return f"model {name} cannot be loaded: {problem}"
+        if not self.lineup.engines and (loading := self.lineup.loading()):
+            return f"loading model {loading[0]}"
+        return None
 
     def _maybe_stats(self) -> None:
         now = self.clock()
-        problem = self.engine.problem()
+        problem = self._problem()
         if now - self._last_stats < self.config.stats_interval_s and problem == self._engine_problem:
             return
         # A change of the engine's readiness goes out at once (Home Assistant's engine connectivity).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
@@ -130,13 +131,16 @@ class SchedulingCore:
         """Shutdown asked and nothing left to answer."""
         return self._shutdown_at is not None and not self._live
 
+    def running_requests(self) -> list[Request]:
+        return list(self._running.values())
+
     def get(self, key: RequestKey) -> Request | None:
         return self._live.get(key)
 
-    def wake_at(self, now: float) -> float | None:
+    def wake_at(self, now: float, models: Collection[str] | None = None) -> float | None:
         """When the core next needs `plan()` with no new input: now when a continuous engine has
         requests waiting (a slot may just have freed), the end of a batch window, the first expiry,
-        or the end of the shutdown grace period."""
+        or the end of the shutdown grace period. `models`: those whose requests can start (None: all)."""
         times: list[float] = []
         if self._deadlines:
             times.append(self._deadlines[0][0])
@@ -144,15 +148,29 @@ class SchedulingCore:
             if self._running:
                 times.append(self._shutdown_at)
         elif len(self._waiting):
-            if self.config.continuous:
+            startable = [r for r in self._waiting if r.prepared is not None and (models is None or r.model in models)]
+            if startable and self.config.continuous:
                 # Without this the loop would sleep on its inbox until the next arrival or its idle
                 # wait after the last running request ended, with requests still queued.
                 times.append(now)
-            else:
-                oldest = self._waiting.oldest_arrival()
-                if oldest is not None:
-                    times.append(oldest + self.config.batch_window_s)
+            elif startable:
+                times.append(min(r.arrival for r in startable) + self.config.batch_window_s)
         return min(times) if times else None
+
+    def demand(self) -> dict[str, float]:
+        """The oldest arrival among the waiting requests of each model that has some."""
+        out: dict[str, float] = {}
+        for r in self._waiting:
+            out[r.model] = min(out.get(r.model, r.arrival), r.arrival)
+        return out
+
+    def busy_models(self) -> set[str]:
+        """Models with requests running."""
+        return {r.model for r in self._running.values()}
+
+    def waiting_for(self, model: str) -> list[Request]:
+        """The waiting requests of `model`, in no particular order."""
+        return [r for r in self._waiting if r.model == model]
 
     # -- arrivals ---------------------------------------------------------------------------
     def add(self, req: Request, now: float) -> Step:
@@ -260,8 +278,9 @@ class SchedulingCore:
         return self.fail([*self._waiting, *self._running.values()], code, message, now)
 
     # -- planning ---------------------------------------------------------------------------
-    def plan(self, free_slots: int, now: float) -> Step:
-        """Expire, cut at the end of a shutdown, and start what fits in `free_slots`."""
+    def plan(self, free_slots: int, now: float, model: str | None = None) -> Step:
+        """Expire, cut at the end of a shutdown, and start what fits in `free_slots` (of `model`'s
+        engine: only its prepared requests; None: any request, one engine)."""
         step = Step()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, req = heapq.heappop(self._deadlines)
@@ -282,22 +301,29 @@ class SchedulingCore:
             return step
         if free_slots <= 0 or not len(self._waiting):
             return step
+        accept = None if model is None else (lambda r: r.model == model and r.prepared is not None)
         if self.config.continuous:
-            taken = self._waiting.take(free_slots)
+            taken = self._waiting.take(free_slots, accept=accept)
         else:
-            oldest = self._waiting.oldest_arrival()
-            if len(self._waiting) < free_slots and oldest is not None and now - oldest < self.config.batch_window_s:
+            mine = list(self._waiting) if model is None else [r for r in self._waiting if accept and accept(r)]
+            oldest = min((r.arrival for r in mine), default=None)
+            if oldest is None:
+                return step
+            if len(mine) < free_slots and now - oldest < self.config.batch_window_s:
                 return step  # the collection window: let batch-mates arrive
-            taken = self._waiting.take(free_slots, key=_batch_key)
+            taken = self._waiting.take(free_slots, key=_batch_key, accept=accept)
         for req in taken:
             if req.prepared is None:
                 raise RuntimeError(f"request {req.key} was planned before it was prepared")
             req.state = RequestState.RUNNING
             req.started = now
             self._running[req.key] = req
-        size = len(self._running) if self.config.continuous else len(taken)
+        size = len(taken)
+        if self.config.continuous:
+            size = sum(1 for r in self._running.values() if r.model == taken[0].model) if taken else 0
         for req in self._running.values():
-            req.batch_size = max(req.batch_size, size)
+            if not taken or req.model == taken[0].model:
+                req.batch_size = max(req.batch_size, size)
         step.start = taken
         return step
 

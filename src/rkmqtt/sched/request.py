@@ -89,6 +89,13 @@ class Route(Protocol):
         """Whether the text is wanted as it comes (chunks), not only in the final reply."""
 
 
+@dataclass(frozen=True)
+class KeepAlive:
+    """How long a request asked its model to stay loaded after it: seconds, None for ever."""
+
+    seconds: float | None
+
+
 @dataclass
 class Request:
     """One accepted request, mutable, owned by the scheduler thread once submitted."""
@@ -98,6 +105,8 @@ class Request:
     gen: Generation
     arrival: float  # monotonic seconds
     deadline: float | None = None  # monotonic; not started by then -> expired
+    model: str = ""  # the served model's name (admission resolved it); its engine runs it
+    keep_alive: KeepAlive | None = None  # the request's own keep_alive for its model, when it gave one
     prepared: Prepared | None = None  # the engine's handle, from `prepare` until the request ends
     state: RequestState = RequestState.WAITING
     started: float | None = None

@@ -86,6 +86,7 @@ class NumpyEngine(Engine):
         kv_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         threads: int = 0,
         reuse_prefix: bool = True,
+        chat_template: str | None = None,
     ) -> None:
         if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
             raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
@@ -97,6 +98,7 @@ class NumpyEngine(Engine):
         self._kv_dtype_setting = kv_dtype
         self._threads = threads
         self.reuse_prefix = reuse_prefix
+        self._chat_template_setting = chat_template  # instead of the file's (a model's own setting)
         self._kv_tokens: list[list[int]] = [[] for _ in range(n_batch)]  # what each slot's KV cache holds
         self.reused_prompt_tokens = 0
         self._path: Path | None = None
@@ -111,12 +113,13 @@ class NumpyEngine(Engine):
         self.steps = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> NumpyEngine:
+    def from_settings(cls, settings: Settings, chat_template: str | None = None) -> NumpyEngine:
         return cls(
             model=settings.model,
             n_batch=settings.n_batch,
             max_context=settings.max_context,
             threads=settings.numpy_threads,
+            chat_template=chat_template,
         )
 
     # -- facts --------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ class NumpyEngine(Engine):
                 )
             bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
             eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-            chat = ChatTemplate(gguf.get("tokenizer.chat_template"), bos, eos)
+            chat = ChatTemplate(self._chat_template_setting or gguf.get("tokenizer.chat_template"), bos, eos)
             weights = load_weights(gguf, cfg)
             n_params = gguf.n_parameters()
             types = sorted(set(gguf.tensor_types.values()))
