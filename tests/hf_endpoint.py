@@ -73,6 +73,7 @@ class HfEndpoint:
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before the first GET is cut
         self.corrupt: set[str] = set()  # paths served with a byte changed (their checksum is the good one's)
         self.delay_s = 0.0  # per chunk of a download: lets a test watch a pull's progress
+        self.claimed_size: dict[str, int] = {}  # path -> the size the model info gives instead of the real one
         self.log = HubLog()
         self._described: dict[tuple[str, str], _File] = {}
         self._loop = asyncio.new_event_loop()
@@ -89,8 +90,11 @@ class HfEndpoint:
         return self
 
     def close(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            self._runner = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -121,9 +125,10 @@ class HfEndpoint:
         siblings = []
         for path in sorted(self.repos[repo]):
             f = self.file(repo, path)
-            sib: dict[str, Any] = {"rfilename": path, "size": f.size, "blobId": f.oid}
+            size = self.claimed_size.get(path, f.size)
+            sib: dict[str, Any] = {"rfilename": path, "size": size, "blobId": f.oid}
             if f.lfs:
-                sib["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
+                sib["lfs"] = {"size": size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(sib)
         body: dict[str, Any] = {"id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings}
         if repo in self.cards:
@@ -171,3 +176,27 @@ class HfEndpoint:
             pos = end
         await resp.write_eof()
         return resp
+
+
+SMOLLM_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+
+def serve_smollm2() -> HfEndpoint:
+    """An endpoint with the packaged SmolLM2 GGUF in its repository (the README's and the report's demo)."""
+    from rkmqtt.engines.numpy.gguf_file import DEFAULT_MODEL_FILE, default_model_path
+
+    hub = HfEndpoint()
+    hub.repos[SMOLLM_REPO] = {DEFAULT_MODEL_FILE: default_model_path(), "README.md": b"# SmolLM2\n"}
+    return hub.start()
+
+
+if __name__ == "__main__":  # python -m tests.hf_endpoint: serve it until Ctrl-C
+    import time
+
+    hub = serve_smollm2()
+    print(f"HF_ENDPOINT={hub.url}  (hf://{SMOLLM_REPO}/...)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        hub.close()

@@ -1,7 +1,7 @@
 """The `rkmqtt` command (main thread): the parser, and the dispatch to `run`, `ask`, `check`, `health`,
-`forget-node`, `bench` and `probe`, each imported when it runs. Every setting is also a flag
-(`--<name-with-dashes>`); a wrong one ends the command with exit status 2 and one line saying what
-to fix."""
+`forget-node`, `pull`, `models`, `bench` and `probe`, each imported when it runs. Every setting is also
+a flag (`--<name-with-dashes>`); a wrong one ends the command with exit status 2 and one line saying
+what to fix."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from rkmqtt import __version__
 from rkmqtt.cli.bench import add_bench_parser
 from rkmqtt.cli.flags import CONNECTION_SETTINGS, add_settings_flags, flag_values
+from rkmqtt.cli.pull import add_model_parsers
 from rkmqtt.errors import RkmqttError, exit_status
 from rkmqtt.settings import Settings, load_settings
 
@@ -141,6 +142,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     forget.add_argument("--session", help="its MQTT client id, when it had its own client_id (default: rkmqtt-NODE)")
     add_settings_flags(forget, (*CONNECTION_SETTINGS, "discovery_prefix"))
 
+    add_model_parsers(sub, SETTINGS_USAGE)
     add_bench_parser(sub)
     from rkmqtt.engines.rkllm.probe import add_probe_parser
 
@@ -183,6 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rkmqtt.cli.forget import forget_node
 
             return forget_node(settings, args.node, args.session)
+        if args.command == "pull":
+            from rkmqtt.cli.pull import pull
+
+            return pull(settings, args.reference, args.tokenizer)
+        if args.command == "models":
+            from rkmqtt.cli.pull import models
+
+            return models(settings, args.delete)
         if args.command == "health":
             from rkmqtt.cli.health import check_health
 
