@@ -65,7 +65,7 @@ class LogProgress:
             return
         self._last = mark
         if p.status == "failed":
-            self.logger.warning("pull %s: %s", p.reference, p.message)
+            self.logger.warning("pull failed: %s", p.message)
         elif p.status == "done":
             self.logger.info("pull %s: done", p.reference)
         elif p.status == "resolving":
