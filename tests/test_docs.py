@@ -18,7 +18,7 @@ from tools import reference
 
 from rkmqtt.cli.main import build_parser
 from rkmqtt.mqtt.broker import Mosquitto
-from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
+from rkmqtt.protocol import ErrorReply, Info, OkReply, PullStatus, RequestPayload, Stats, StreamChunk
 from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
 from tests.mqtt_probe import Probe
 
@@ -103,7 +103,8 @@ def test_every_setting_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch)
 
 
 MODELS = {"request": RequestPayload, "final reply (ok)": OkReply, "final reply (error)": ErrorReply,
-          "chunk": StreamChunk, "P/node/<node>/stats": Stats, "P/node/<node>/info": Info}  # fmt: skip
+          "chunk": StreamChunk, "P/node/<node>/stats": Stats, "P/node/<node>/info": Info,
+          "P/node/<node>/pull": PullStatus}  # fmt: skip
 
 
 def test_every_json_example_in_the_readme_validates() -> None:

@@ -28,6 +28,7 @@ from rkmqtt.protocol import (
     Limits,
     Message,
     OkReply,
+    PullStatus,
     RequestPayload,
     Stats,
     StreamChunk,
@@ -168,11 +169,21 @@ EXAMPLES: dict[str, BaseModel] = {
         completed=117,
         errors=3,
         errors_by_code={"busy": 2, "expired": 1},
+        loaded=["SmolLM2-135M-Instruct.Q4_1"],
+    ),
+    "pull": PullStatus(
+        reference="hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+        status="downloading",
+        file="qwen2.5-0.5b-instruct-q8_0.gguf",
+        completed=201326592,
+        total=675710816,
+        percent=29.8,
     ),
     "info": Info(
         version="0.1.0",
         engine="numpy",
         model="SmolLM2-135M-Instruct.Q4_1",
+        models=["SmolLM2-135M-Instruct.Q4_1"],
         n_batch=4,
         batching="continuous",
         limits=Limits(
@@ -210,6 +221,7 @@ def render_topic_reference() -> str:
 | `P/node/<node>/status` | bridge | 1 | yes | `online` / `offline` (the offline one is the Last Will) |
 | `P/node/<node>/info` | bridge | 1 | yes | what this bridge runs and accepts |
 | `P/node/<node>/stats` | bridge | 0 | no | counters, every `stats_interval` seconds |
+| `P/node/<node>/pull` | bridge | 1 | yes | how far the download of a model has got |
 
 `<node>` is a bridge's `node_name`. The bridges of one broker and prefix share the requests through one
 shared subscription (`$share/<group>/P/request/+`, the group named after the prefix): each request is
@@ -285,7 +297,16 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
 Engines may add fields of their own.
 
-{_example("info")}"""
+{_example("info")}
+
+### `P/node/<node>/pull` (retained)
+
+While the bridge downloads a model (a hf:// reference not yet in `models_dir`, or `/api/pull`), and
+after: at each whole percent and each change of status.
+
+{_fields(PullStatus)}
+
+{_example("pull")}"""
 
 
 def _inline(model: type[BaseModel]) -> str:

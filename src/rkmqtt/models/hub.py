@@ -1,10 +1,7 @@
 """Hugging Face through `huggingface_hub` (the thread that pulls: the CLI's main thread, a bridge's
 loader thread, or the HTTP API's pull worker): a repository's files with their sizes and checksums,
-one file downloaded into a staging folder, and every failure as one line naming the fix.
-
-`huggingface_hub` honours HF_ENDPOINT, HF_TOKEN and the proxy variables, resumes a broken transfer
-with a Range request and names files by etag; it checks a file's size, not its checksum, which
-`store.py` does before a file is taken for a model."""
+one file downloaded into a staging folder, and every failure as one line naming the fix. What the
+library does and does not check: docs/architecture.md, "Models"."""
 
 from __future__ import annotations
 
