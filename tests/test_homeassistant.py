@@ -29,6 +29,7 @@ from rkmqtt.protocol import (
     Info,
     Limits,
     OkReply,
+    PullStatus,
     Stats,
     Timing,
     Usage,
@@ -137,7 +138,7 @@ def test_every_entity_has_ids_availability_and_a_bridge_topic() -> None:
     s = make_settings()
     doc = payload_of(s, make_info())
     topics = Topics(s.topic_prefix, s.effective_node_name())
-    published_by_bridge = {topics.status, topics.info, topics.stats, ha.dashboard_reply_topic(s)}
+    published_by_bridge = {topics.status, topics.info, topics.stats, topics.pull, ha.dashboard_reply_topic(s)}
     unique_ids = [c["unique_id"] for c in doc["cmps"].values()]
     assert len(unique_ids) == len(set(unique_ids))
     for key, c in doc["cmps"].items():
@@ -180,6 +181,7 @@ def test_entity_ids_are_the_same_in_home_assistant_2025_4_and_2026_2() -> None:
         "sensor.board_1_errors",
         "sensor.board_1_last_reply",
         "sensor.board_1_model",
+        "sensor.board_1_model_download",
         "sensor.board_1_engine",
         "sensor.board_1_batch_size",
         "text.board_1_prompt",
@@ -265,6 +267,7 @@ def test_every_template_field_exists_in_the_wire_models() -> None:
         "rk/test/node/board_1/stats": set(Stats.model_fields),
         "rk/test/node/board_1/info": set(Info.model_fields),
         "rk/test/reply/homeassistant/dashboard": set(OkReply.model_fields) | set(ErrorReply.model_fields),
+        "rk/test/node/board_1/pull": set(PullStatus.model_fields),
     }
     for key, c in doc["cmps"].items():
         for name in ("value_template", "json_attributes_template"):
@@ -403,12 +406,15 @@ def test_bridge_publishes_discovery_and_every_state_topic(
     cmps = doc["cmps"]
     dashboard = f"{prefix}/reply/{ha.HA_CLIENT}/{ha.DASHBOARD_REPLY}"
     state_topics = {c["state_topic"] for c in cmps.values() if "state_topic" in c}
+    pull = f"{prefix}/node/node_{prefix}/pull"  # only while a model downloads: tests/test_models_bridge.py
     assert state_topics == {
         f"{prefix}/node/node_{prefix}/status",
         f"{prefix}/node/node_{prefix}/info",
         f"{prefix}/node/node_{prefix}/stats",
+        pull,
         dashboard,
     }
+    state_topics.discard(pull)
     # The text entity's command, rendered as Home Assistant does, answered where Last reply reads.
     late.publish(cmps["prompt"]["command_topic"], text_command(cmps["prompt"], "ping pong"), qos=1)
     seen = {t: late.wait_for(lambda m, t=t: m.topic == t, 20)[0] for t in state_topics}
@@ -420,7 +426,7 @@ def test_bridge_publishes_discovery_and_every_state_topic(
             dashboard,
         ):
             render(c["value_template"], seen[c["state_topic"]].json())
-        if "json_attributes_template" in c:
+        if "json_attributes_template" in c and c["json_attributes_topic"] in seen:
             json.loads(render(c["json_attributes_template"], seen[c["json_attributes_topic"]].json()))
     assert render(cmps["engine"]["value_template"], seen[f"{prefix}/node/node_{prefix}/info"].json()) == "fake"
     reply = seen[dashboard].json()
@@ -792,3 +798,13 @@ def test_script_against_a_real_bridge(
     svc.stop(grace_s=1)
     offline = run_ask_script("anyone?", hass_now(b"offline"), reply=lambda t, r: pytest.fail("it waited"))
     assert offline.response == OFFLINE_ANSWER and offline.published == []
+
+
+def test_the_model_download_sensor_shows_the_percent_and_why_a_pull_failed() -> None:
+    c = payload_of(make_settings(), make_info())["cmps"]["model_download"]
+    going = PullStatus(reference="hf://o/r", status="downloading", file="m.gguf", completed=5, total=10, percent=50.0)
+    assert render(c["value_template"], going.model_dump(mode="json")) == "50.0"
+    failed = PullStatus(reference="hf://o/r", status="failed", message="hf://o/r: cannot reach it: check the network")
+    assert render(c["value_template"], failed.model_dump(mode="json")) == "0"
+    attrs = json.loads(render(c["json_attributes_template"], failed.model_dump(mode="json")))
+    assert attrs == {"reference": "hf://o/r", "status": "failed", "file": "", "message": failed.message}

@@ -114,7 +114,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
         config.update(options)
         return entity(platform, key, name, **config)
 
-    def diagnostic(key: str, name: str, field: str, icon: str) -> tuple[str, dict[str, Any]]:
+    def diagnostic(key: str, name: str, field: str, icon: str, **options: Any) -> tuple[str, dict[str, Any]]:
         return entity(
             "sensor",
             key,
@@ -123,6 +123,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
             value_template=f"{{{{ value_json.{field} }}}}",
             entity_category="diagnostic",
             icon=icon,
+            **options,
         )
 
     connectivity = entity(
@@ -223,7 +224,31 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
                 ),
                 icon="mdi:message-text",
             ),
-            diagnostic("model", "Model", "model", "mdi:brain"),
+            # The first model; every model a request may name as an attribute.
+            diagnostic(
+                "model",
+                "Model",
+                "model",
+                "mdi:brain",
+                json_attributes_topic=topics.info,
+                json_attributes_template="{{ {'models': value_json.models} | tojson }}",
+            ),
+            entity(
+                "sensor",
+                "model_download",
+                "Model download",
+                # The download under way (a hf:// model not here yet, or /api/pull): its percent.
+                state_topic=topics.pull,
+                value_template="{{ value_json.percent if value_json.percent is not none else 0 }}",
+                unit_of_measurement="%",
+                json_attributes_topic=topics.pull,
+                json_attributes_template=(
+                    "{{ {'reference': value_json.reference, 'status': value_json.status, 'file': value_json.file, "
+                    "'message': value_json.message} | tojson }}"
+                ),
+                entity_category="diagnostic",
+                icon="mdi:download",
+            ),
             diagnostic("engine", "Engine", "engine", "mdi:chip"),
             diagnostic("n_batch", "Batch size", "n_batch", "mdi:view-parallel"),
             entity(
