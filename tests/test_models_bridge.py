@@ -5,6 +5,7 @@ client, and a model that cannot be had leaving the bridge online, saying why."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -111,7 +112,7 @@ def test_api_pull_streams_progress_to_the_real_ollama_client(
     downloading = [p for p in parts if p.digest]
     assert len(downloading) >= 10 and downloading[-1].completed == downloading[-1].total == 98_362_432
     assert downloading[0].digest is not None and downloading[0].digest.startswith("sha256:")
-    assert all(a.completed <= b.completed for a, b in zip(downloading, downloading[1:], strict=False))
+    assert all(a.completed <= b.completed for a, b in itertools.pairwise(downloading))
     assert "verifying sha256 digest" in statuses
     # Listed, answered by name, then deleted; a second pull (not streamed, as Home Assistant's) is at once.
     assert client.pull(SMOLLM_REF).status == "success"

@@ -146,7 +146,7 @@ def test_an_rkllm_repository_gives_this_boards_file_and_its_tokenizer_beside_it(
     assert (model.path.parent / "tokenizer_config.json").read_text() == template
     assert (model.path.parent / "tokenizer.json").is_file()
     assert not (model.path.parent / "model-00001-of-00002.safetensors").exists()
-    with pytest.raises(ConfigError, match="has no .rkllm for RK3562"):
+    with pytest.raises(ConfigError, match=r"has no \.rkllm for RK3562"):
         puller(tmp_path, "rkllm", "RK3562", "1.2.1").pull("hf://owner/Qwen2.5-1.5B-Instruct-rk")
 
 
@@ -167,7 +167,7 @@ def test_each_failure_is_one_line_naming_the_fix(
             p.pull(ref)
         assert wanted in str(e.value) and "\n" not in str(e.value), (ref, str(e.value))
     hub.claimed_size[DEFAULT_MODEL_FILE] = 10**15  # a petabyte: no disk has room
-    with pytest.raises(PullError, match="not enough disk space .* free some space, or set models_dir"):
+    with pytest.raises(PullError, match=r"not enough disk space .* free some space, or set models_dir"):
         p.pull(SMOLLM_REF)
     assert hub.log.gets(DEFAULT_MODEL_FILE) == []  # refused before a byte was fetched
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
