@@ -35,6 +35,7 @@ TOKEN_ENV = "SUPERVISOR_TOKEN"
 #: The settings the add-on's options page exposes (option name == setting name).
 ADDON_OPTIONS: tuple[str, ...] = (
     "model",
+    "keep_alive",
     "engine",
     "n_batch",
     "rkllm_library",
