@@ -79,6 +79,7 @@ class Lineup:
             done(name, engine, None)
 
         thread = threading.Thread(target=run, name=f"rkmqtt-load-{name}"[:60], daemon=True)
+        self._loads = {n: t for n, t in self._loads.items() if t.is_alive()}
         self._loads[name] = thread
         thread.start()
 

@@ -126,6 +126,7 @@ class Scheduler:
         self._engine_problem: str | None = None  # as the last stats said
         # Engines that wake this loop (no polling in a loop for them).
         self._wakers = {name for name, e in self.lineup.engines.items() if e.set_wake(self._wake)}
+        self._loaded_names = tuple(self.lineup.engines)  # for other threads (replaced, never changed)
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -298,6 +299,7 @@ class Scheduler:
         self._models_changed()
 
     def _models_changed(self) -> None:
+        self._loaded_names = tuple(self.lineup.engines)
         if self.on_models is not None:
             state = ModelsState(dict(self.lineup.engines), self.lineup.residency.failures())
             try:
@@ -449,8 +451,8 @@ class Scheduler:
         )
 
     def loaded_models(self) -> list[str]:
-        """The models loaded now (any thread: a copy of the lineup's names)."""
-        return list(self.lineup.engines)
+        """The models loaded now (any thread: the snapshot the scheduler thread last took)."""
+        return list(self._loaded_names)
 
     def _problem(self) -> str | None:
         """Why requests cannot run now: an engine's problem, a model that failed to load, or (with no
