@@ -67,6 +67,8 @@ def setup_logging(level: str, debug: bool = False) -> None:
     )
     if not debug:
         logging.getLogger("paho").setLevel(logging.WARNING)
+        for noisy in ("httpx", "httpx2", "huggingface_hub"):  # a line per HTTP request of a pull
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
