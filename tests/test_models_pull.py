@@ -173,3 +173,10 @@ def test_each_failure_is_one_line_naming_the_fix(
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(PullError, match=r"cannot reach http://127\.0\.0\.1:\d+ .*check the network"):
         p.pull(SMOLLM_REF)
+
+
+def test_check_says_a_reference_that_is_not_here_yet_needs_a_pull(tmp_path: Path) -> None:
+    out = rkmqtt("check", "--engine", "numpy", "--model", "hf://owner/repo", "--models-dir", str(tmp_path),
+                 "--broker", f"mqtt://127.0.0.1:{free_port()}")  # fmt: skip
+    assert out.returncode == 1
+    assert "[FAIL] model: model hf://owner/repo is not here yet: rkmqtt pull hf://owner/repo" in out.stdout

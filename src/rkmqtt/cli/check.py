@@ -221,6 +221,12 @@ def run_checks(settings: Settings) -> int:
         if failures:  # the engine would only wait for the same server again
             print(f"{failures} problem(s) found")
             return 1
+    from rkmqtt.cli.pull import with_local_model
+
+    settings, not_here = with_local_model(settings)
+    if not_here is not None:
+        _line(False, "model", not_here)
+        return 1
     t0 = time.monotonic()
     try:
         engine = create_engine(settings)

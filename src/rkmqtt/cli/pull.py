@@ -87,6 +87,25 @@ def _progress() -> Iterator[ProgressSink]:
         yield show
 
 
+def with_local_model(settings: Settings) -> tuple[Settings, str | None]:
+    """`rkmqtt check`: the settings with the first model's file when it is a reference that is here,
+    or why it cannot be checked (not pulled yet); nothing is downloaded."""
+    from rkmqtt.models.catalog import Catalog
+
+    engine = resolve_engine_name(settings)
+    if engine not in ("numpy", "rkllm"):
+        return settings, None
+    catalog = Catalog.for_settings(settings, engine)
+    first = catalog.find(None)
+    ref = catalog.reference(first)
+    if not isinstance(ref, HubRef):
+        return settings, None
+    local = catalog.puller.local(ref)
+    if local is None:
+        return settings, f"model {ref} is not here yet: rkmqtt pull {ref} (rkmqtt run pulls it at its first start)"
+    return catalog.engine_settings(first, local.path), None
+
+
 def list_models(settings: Settings) -> list[LocalModel]:
     from rkmqtt.engines.numpy.gguf_file import default_model_path
 
