@@ -120,6 +120,12 @@ def test_api_pull_streams_progress_to_the_real_ollama_client(
     assert "SmolLM2-135M-Instruct.Q4_1:latest" in names
     answer = client.chat(model=SMOLLM_REF, messages=[{"role": "user", "content": "Hi!"}], options={"num_predict": 4})
     assert answer.message.content
+    # What Home Assistant's Ollama integration does with a model it does not list: pull it by the name
+    # the user typed (Ollama's hf.co form), then chat with it by that name.
+    repo = f"hf.co/{SMOLLM_REPO}:Q4_1"
+    assert client.pull(repo).status == "success"
+    answer = client.chat(model=repo, messages=[{"role": "user", "content": "Hi!"}], options={"num_predict": 4})
+    assert answer.message.content and answer.model == "SmolLM2-135M-Instruct.Q4_1:latest"
     client.delete("SmolLM2-135M-Instruct.Q4_1")
     assert not (tmp_path / "hf" / SMOLLM_REPO / DEFAULT_MODEL_FILE).exists()
     with pytest.raises(ollama.ResponseError) as e:

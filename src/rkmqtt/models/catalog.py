@@ -128,6 +128,11 @@ class Catalog:
             if bare in (s.name.lower(), s.name.lower().removesuffix(":latest")) or wanted == s.reference:
                 return s
         local = self.puller.store.find(wanted) or self.puller.store.find(bare)
+        if local is None and is_hub_reference(wanted):
+            try:  # a reference that was pulled: hf://owner/repo, hf.co/owner/repo:QUANT (Ollama's clients)
+                local = self.puller.local(parse_reference(wanted))
+            except ConfigError:
+                local = None
         if local is not None and local.engine == self.engine:
             return Served(local.name, str(local.path), None, local)
         names = ", ".join(repr(s.name) for s in self._configured.values())
