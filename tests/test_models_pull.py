@@ -180,3 +180,20 @@ def test_check_says_a_reference_that_is_not_here_yet_needs_a_pull(tmp_path: Path
                  "--broker", f"mqtt://127.0.0.1:{free_port()}")  # fmt: skip
     assert out.returncode == 1
     assert "[FAIL] model: model hf://owner/repo is not here yet: rkmqtt pull hf://owner/repo" in out.stdout
+
+
+def test_references_as_users_write_them_and_the_names_they_get() -> None:
+    from rkmqtt.models.catalog import name_of
+    from rkmqtt.models.reference import HubRef
+
+    assert parse_reference("hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF") == HubRef("Qwen", "Qwen2.5-0.5B-Instruct-GGUF")
+    assert parse_reference("hf://o/r/sub/m.gguf") == HubRef("o", "r", "sub/m.gguf")
+    assert parse_reference("hf.co/o/r:Q4_K_M") == HubRef("o", "r", None, "Q4_K_M")
+    assert parse_reference("huggingface.co/o/r:latest") == HubRef("o", "r")
+    assert parse_reference("/models/x.rkllm") == Path("/models/x.rkllm")
+    for bad in ("hf://o", "hf://o/r/../etc/passwd", "hf://-o/r", "hf://o/r//m.gguf", "hf.co/o/r/file.gguf", "s3://o/r"):
+        with pytest.raises(ConfigError):
+            parse_reference(bad)
+    assert name_of("hf://o/r/sub/Qwen2.5-0.5B-Instruct-Q8_0.gguf") == "Qwen2.5-0.5B-Instruct-Q8_0"
+    assert name_of("hf.co/o/Llama-3.2-1B-Instruct-GGUF:Q4_K_M") == "Llama-3.2-1B-Instruct-GGUF:Q4_K_M"
+    assert name_of("/m/SmolLM2.gguf") == "SmolLM2"

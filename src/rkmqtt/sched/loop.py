@@ -345,7 +345,8 @@ class Scheduler:
         if step.start:
             self._start(step.start)
         for req in step.cancel:
-            engine = self._engine_for(req)
+            # The engine that runs it, whatever its model's phase (a draining model's batch runs on).
+            engine = next(iter(self._one.values())) if self._one is not None else self.lineup.engines.get(req.model)
             try:
                 if engine is not None:
                     engine.cancel(req.key)
