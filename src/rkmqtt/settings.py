@@ -154,7 +154,32 @@ class Settings(BaseSettings):
         float,
         Field(ge=0, le=10_000, description="Static batching: wait this long for batch-mates after the first request."),
     ] = 30.0
-    max_context: Annotated[int, Field(ge=64, le=131_072, description="Context length per slot, tokens.")] = 2048
+    max_context: Annotated[
+        int | None,
+        Field(
+            ge=64,
+            le=131_072,
+            description="Context length per slot, tokens; a longer conversation is trimmed to its newest turns. "
+            "Empty: the model's own where memory allows (numpy: the GGUF's, SmolLM2-135M 8192, halved while the "
+            "KV cache would take more than half the free memory; rkllm: 4096, which the .rkllm file must allow).",
+        ),
+    ] = None
+    chat_template: Annotated[
+        str | None,
+        Field(
+            description="The chat template that renders conversations, tools included: a built-in (qwen2.5, qwen3, "
+            "llama3, deepseek-r1, chatml) or the path of a Jinja file or of a tokenizer_config.json. Empty: the "
+            "model's own (numpy: the GGUF's; rkllm: chat_template.jinja or tokenizer_config.json beside the model, "
+            "else the runtime's built-in template with the conversation flattened into one user turn).",
+        ),
+    ] = None
+    strict_tools: Annotated[
+        bool,
+        Field(
+            description="Refuse (invalid_request) a request with tools when the model's chat template has no place "
+            "for them. Off: such a request is answered without its tools (one warning per client in the log).",
+        ),
+    ] = False
     default_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="max_new_tokens of a request that gives none.")
     ] = 256
@@ -236,8 +261,15 @@ class Settings(BaseSettings):
         ),
     ] = 256
     max_prompt_chars: Annotated[
-        int, Field(ge=1, le=10_000_000, description="Longest prompt, system and messages together (too_long).")
-    ] = 16_000
+        int,
+        Field(
+            ge=1,
+            le=10_000_000,
+            description="Longest single message of a request (the system prompt, one turn or one tool result), "
+            "characters (too_long). A conversation as a whole is bounded by max_payload_bytes and trimmed to the "
+            "context, never refused for its length alone.",
+        ),
+    ] = 32_000
     max_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="Largest max_new_tokens a request may ask for (too_many_tokens).")
     ] = 1024
@@ -364,6 +396,26 @@ class Settings(BaseSettings):
             "client http_client."
         ),
     ] = None
+    http_wait_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=3600,
+            description="Seconds an HTTP request may wait for its place when its client's rate budget is spent or "
+            "the queue is full, before it is refused (rate_limited, busy): a limit meant for one device does not "
+            "turn away Home Assistant's Assist. 0: refused at once.",
+        ),
+    ] = 60.0
+    ollama_stream_errors: Annotated[
+        Literal["auto", "text", "status"],
+        Field(
+            description="How a streamed Ollama /api/chat that fails reaches its client. status: Ollama's own way (an "
+            "HTTP error before the first token, an error line after it); text: a normal answer whose text says "
+            "what went wrong (what Home Assistant's Assist can show; its integration fails on an HTTP error with "
+            "'Unexpected error during intent recognition'); auto: text for Ollama's Python client, which Home "
+            "Assistant uses, status for others.",
+        ),
+    ] = "auto"
     http_client: Annotated[
         str,
         Field(
@@ -380,6 +432,8 @@ class Settings(BaseSettings):
         "rkllm_tokenizer",
         "rkllm_chat_template",
         "rkllm_prompt_cache",
+        "chat_template",
+        "max_context",
         "client_id",
         "shared_group",
         "node_name",

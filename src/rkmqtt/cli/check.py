@@ -240,6 +240,10 @@ def run_checks(settings: Settings) -> int:
         f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
     )
     failures += problem is not None
+    if "chat_template" in info:  # which template renders conversations, and whether tools reach the model
+        tools = "tools reach the model" if engine.capabilities.tools else "no place for tools"
+        context = f"; context {info['max_context']} tokens" if "max_context" in info else ""
+        _line(None, "chat template", f"{info['chat_template']}; {tools}{context}")
     engine.close()
     print("all good" if failures == 0 else f"{failures} problem(s) found")
     return 0 if failures == 0 else 1

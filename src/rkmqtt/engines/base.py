@@ -65,6 +65,8 @@ class Generation:
     # Tool definitions for the chat template, {"type": "function", "function": {"name", "description",
     # "parameters"}} each (the HTTP API). Only engines with `Capabilities.tools` get any.
     tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # The context the client asked for (Ollama's num_ctx), in tokens; an engine gives at most its own.
+    context: int | None = None
 
 
 @dataclass(frozen=True)

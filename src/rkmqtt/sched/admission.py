@@ -1,13 +1,14 @@
 """Admission, the one way in for both doors (called on their threads: paho's, the HTTP event loop).
 
-The limits (prompt length, `max_new_tokens`, tools, the client's rate), sampling over the settings'
-defaults, the engine's view of a request (`Generation`) and the `Request`. Each refusal made here
-has one wording per code, and every refusal a door answers is counted through `refused`.
+The limits (a message's length, `max_new_tokens`, tools, the client's rate) and how long a door whose
+client can wait should wait for them; sampling over the settings' defaults; the engine's view of a
+request (`Generation`) and the `Request`. Each refusal has one wording; doors count theirs (`refused`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,11 @@ from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.protocol import ErrorCode
 from rkmqtt.sched.request import Request, RequestKey, Route
 from rkmqtt.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+# How often a waiting HTTP request looks again for a place in a full queue.
+QUEUE_RETRY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,15 @@ class Ask:
     repeat_penalty: float | None = None
     seed: int | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    num_ctx: int | None = None  # the context the client asked for (Ollama's option), tokens
 
-    def prompt_chars(self) -> int:
-        """Characters the model reads: the messages (an assistant turn's tool calls included), and the
-        tool definitions the template renders."""
-        n = sum(len(m.content) + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0) for m in self.messages)
-        return n + (len(json.dumps(self.tools)) if self.tools else 0)
+    def longest_message_chars(self) -> int:
+        """Characters of the longest single message (an assistant turn's tool calls included): a
+        conversation as a whole is trimmed to the context, never refused for its length."""
+        return max(
+            (len(m.content) + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0) for m in self.messages),
+            default=0,
+        )
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,16 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
             return ok
 
+    def wait_time(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` has a request's worth of budget again (0: it has now)."""
+        if self._rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self._burst, now))
+        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
+
 
 class Admission:
     """Shared by the doors: one rate budget per client over MQTT and HTTP together."""
@@ -84,6 +103,8 @@ class Admission:
         self.model_name = model_name
         self.tools = tools  # the engine takes tool definitions
         self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self._warned_tools: set[str] = set()  # clients told once that their tools are left out
+        self._warn_lock = threading.Lock()
 
     def admit(
         self,
@@ -110,13 +131,18 @@ class Admission:
         )
         # Set by the request itself: equal requests get equal sampling and batch keys over both doors.
         requested = any(v is not None for v in (ask.temperature, ask.top_k, ask.top_p, ask.repeat_penalty, ask.seed))
+        tools = ask.tools
+        if tools and not self.tools:
+            tools = ()  # not strict_tools (else refused above): answered without them
+            self._warn_tools(key.client)
         gen = Generation(
             key=key,
             messages=ask.messages,
             max_new_tokens=ask.max_new_tokens or s.default_new_tokens,
             sampling=sampling,
             sampling_requested=requested,
-            tools=ask.tools,
+            tools=tools,
+            context=ask.num_ctx,
         )
         deadline = None if expires_in is None else now + expires_in
         return Request(key=key, route=route, gen=gen, arrival=now, deadline=deadline)
@@ -125,6 +151,29 @@ class Admission:
         """Count a refusal the door answered (thread-safe: a command on the scheduler's inbox)."""
         self._count(code)
 
+    def retry_in(self, refused: Refused, client: str, now: float | None = None) -> float | None:
+        """For a door whose client waits (HTTP: it holds its connection open): seconds to wait before
+        asking again for a refusal that time cures (the client's rate budget, a full queue), or None
+        for one it does not. The door gives up at its own deadline (`http_wait_s`)."""
+        if refused.code == ErrorCode.RATE_LIMITED:
+            return max(self.rate.wait_time(client, now), 0.01)
+        if refused.code == ErrorCode.BUSY:
+            return QUEUE_RETRY_S
+        return None
+
+    def _warn_tools(self, client: str) -> None:
+        with self._warn_lock:
+            if client in self._warned_tools or len(self._warned_tools) >= 10_000:
+                return
+            self._warned_tools.add(client)
+        _LOGGER.warning(
+            "%s's requests carry tools, but the chat template of %s has no place for them: they are answered "
+            "without the tools (said once per client; set strict_tools to refuse them, or serve a model whose "
+            "template takes tools, e.g. Qwen2.5-Instruct, with chat_template)",
+            client,
+            self.model_name,
+        )
+
     @staticmethod
     def shutting_down() -> Refused:
         """The door is closing: the bridge takes nothing new."""
@@ -132,19 +181,22 @@ class Admission:
 
     def _over_limits(self, client: str, ask: Ask, now: float, rate_limit: bool) -> Refused | None:
         s = self.settings
-        chars = ask.prompt_chars()
+        chars = ask.longest_message_chars()
         if chars > s.max_prompt_chars:
-            return Refused(ErrorCode.TOO_LONG, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}")
+            return Refused(
+                ErrorCode.TOO_LONG,
+                f"a message is {chars} characters; the limit is {s.max_prompt_chars} (max_prompt_chars)",
+            )
         if ask.max_new_tokens is not None and ask.max_new_tokens > s.max_new_tokens:
             return Refused(
                 ErrorCode.TOO_MANY_TOKENS, f"max_new_tokens is {ask.max_new_tokens}; the limit is {s.max_new_tokens}"
             )
-        if ask.tools and not self.tools:
+        if ask.tools and not self.tools and s.strict_tools:
             return Refused(
                 ErrorCode.INVALID_REQUEST,
                 f"{self.model_name} takes no tools: its chat template has no place for them (or the engine does "
                 "not pass them); send the request without tools, or serve a model whose template takes them "
-                "(e.g. Qwen2.5-Instruct) with the numpy engine, or use engine openai",
+                "(e.g. Qwen2.5-Instruct, setting chat_template), or use engine openai",
             )
         if rate_limit and not self.rate.allow(client, now):
             return Refused(
