@@ -127,20 +127,34 @@ def _byte_symbols() -> dict[int, str]:
     return out
 
 
-def vocab_model(folder: Path, name: str = "Qwen2.5-1.5B-Instruct-w8a8.rkllm") -> Path:
-    """A stand-in model file that carries a vocabulary (token k = byte k for k < 256, then the special
-    tokens), and beside it the tokenizer.json (Hugging Face, byte-level) that encodes text with the same
-    ids: the engine finds it there and sends token ids, which the stand-in decodes back to text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def vocab_model(
+    folder: Path, name: str = "Qwen2.5-1.5B-Instruct-w8a8.rkllm", corpus: Sequence[str] = (), vocab_size: int = 2000
+) -> Path:
+    """A stand-in model file that carries a vocabulary, and beside it the tokenizer.json (Hugging Face,
+    byte-level BPE) that encodes text with the same ids: the engine finds it there and sends token ids,
+    which the stand-in decodes back to text. Every byte is a token; merges learned from `corpus` make
+    text like it a few times shorter in tokens, as a real model's vocabulary would."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     folder.mkdir(parents=True, exist_ok=True)
     symbols = _byte_symbols()
-    tok = Tokenizer(models.BPE(vocab={symbols[b]: b for b in range(256)}, merges=[]))
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=[symbols[b] for b in range(256)],
+        show_progress=False,
+    )
+    tok.train_from_iterator([*corpus, "The quick brown fox jumps over the lazy dog."], trainer)
     tok.save(str(folder / "tokenizer.json"))
-    lines = [bytes([b]).hex() for b in range(256)] + [t.encode().hex() for t in SPECIAL_TOKENS]
+    byte_of = {c: b for b, c in symbols.items()}
+    lines = []
+    for i in range(tok.get_vocab_size()):
+        piece = tok.id_to_token(i)
+        data = piece.encode() if piece in SPECIAL_TOKENS else bytes(byte_of[c] for c in piece)
+        lines.append(data.hex())
     model = folder / name
     model.write_text("rkllm-standin vocab 1\n" + "\n".join(lines) + "\n")
     return model

@@ -51,7 +51,7 @@
  *                   token_id -1 in every slot); no FINISH; rkllm_run then returns 0
  *     @fail=K       at step K, rkllm_run returns -1 without any further callback (K=0: at once)
  *     @initfail=N   the next N calls of rkllm_init fail with -1 (combine with @error/@fail)
- *     @say64=B64    the first time this process sees the directive (the same base64 text), the slot
+ *     @say64=B64    the first time the handle sees the directive (the same base64 text), the slot
  *                   answers exactly the text B64 decodes to (then EOS); every later time, "Done." -
  *                   what a model answers after the tool it called has run, when the conversation
  *                   that carries the directive in its history comes back with the tool's result
@@ -534,6 +534,8 @@ struct Runtime {
     char **vocab;     /* token k's bytes (the model file's vocabulary), or NULL */
     size_t *vocab_len;
     int n_vocab;
+    char **said;      /* @say64: the directives this handle has seen (under mu) */
+    size_t n_said, cap_said;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool running;
@@ -623,9 +625,6 @@ static char *decode_tokens(const Runtime *rt, const RKLLMTokenInput *t) {
     return out;
 }
 
-/* @say64: the directives this process has seen (under global_mu). */
-static char **said;
-static size_t n_said, cap_said;
 
 static int b64_value(char c) {
     if (c >= 'A' && c <= 'Z') return c - 'A';
@@ -637,21 +636,24 @@ static int b64_value(char c) {
 }
 
 /* What a slot whose input holds `@say64=B64` answers (malloc'd), or NULL without the directive. */
-static char *say64_answer(const char *input) {
+static char *say64_answer(Runtime *rt, const char *input) {
     const char *p = strstr(input, "@say64=");
     if (!p) return NULL;
     p += strlen("@say64=");
     size_t n = 0;
     while (b64_value(p[n]) >= 0) n++;
     char *key = strndup(p, n);
-    pthread_mutex_lock(&global_mu);
+    pthread_mutex_lock(&rt->mu);
     bool seen = false;
-    for (size_t k = 0; k < n_said && !seen; k++) seen = strcmp(said[k], key) == 0;
+    for (size_t k = 0; k < rt->n_said && !seen; k++) seen = strcmp(rt->said[k], key) == 0;
     if (!seen) {
-        if (n_said == cap_said) { cap_said = cap_said ? cap_said * 2 : 16; said = realloc(said, cap_said * sizeof *said); }
-        said[n_said++] = strdup(key);
+        if (rt->n_said == rt->cap_said) {
+            rt->cap_said = rt->cap_said ? rt->cap_said * 2 : 16;
+            rt->said = realloc(rt->said, rt->cap_said * sizeof *rt->said);
+        }
+        rt->said[rt->n_said++] = strdup(key);
     }
-    pthread_mutex_unlock(&global_mu);
+    pthread_mutex_unlock(&rt->mu);
     if (seen) { free(key); return strdup("Done."); }
     char *out = malloc(n / 4 * 3 + 4), *o = out;
     unsigned acc = 0;
@@ -1296,7 +1298,7 @@ static void setup_slot(Run *run, int i, const RKLLMInput *in) {
     }
     s->full = tokens ? strdup(s->source) : full_input(rt, &run->b, p);
     log_input(run->nth, i, tokens, s->full);
-    char *say = *p ? say64_answer(s->full) : NULL;
+    char *say = *p ? say64_answer(rt, s->full) : NULL;
     if (say) { free(s->source); s->source = say; s->exact = true; }
     s->len = strlen(s->source) + 1;
     s->prompt_tokens = tokens ? (int)in->token_input.n_tokens : (*p ? tokens_of_bytes(strlen(s->full)) : 0);

@@ -241,16 +241,15 @@ class Gateway:
             # Text chunks only when someone reads them: a streaming client, or stop sequences to watch.
             route = HttpRoute(sink, stream=call.stream or bool(call.stop))
             key = RequestKey(client, new_request_id())
-            admitted: Request | Refused
-            if self.scheduler.queue_depth >= self.settings.max_queue:  # a hint; the core decides
-                admitted = Refused(ErrorCode.BUSY, f"the queue is full ({self.settings.max_queue} waiting)")
-            else:
-                admitted = self.admission.admit(key, call, route, rate_limit=not charged)
+            admitted = self.admission.admit(key, call, route, rate_limit=not charged)
             if isinstance(admitted, Refused):
                 if await self._waited(admitted, client, deadline):
                     continue
                 raise self.refuse(admitted.code, admitted.message)
             charged = True
+            full = Refused(ErrorCode.BUSY, "the queue is full")
+            if self.scheduler.queue_depth >= self.settings.max_queue and await self._waited(full, client, deadline):
+                continue  # a hint (the core decides): wait for a place rather than be refused by it
             self.scheduler.submit(admitted)
             ex = Exchange(self, admitted.key, call, sink)
             try:
