@@ -59,14 +59,15 @@ def test_rkmqtt_run_serves_ollama_and_openai_clients_with_the_real_model(mosquit
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == reply.message.content, "greedy: the same answer over both APIs"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == reply.eval_count
-        with pytest.raises(ollama.ResponseError) as e:
-            client.chat(model, messages=[{"role": "user", "content": "Weather?"}], tools=list(TOOLS))
-        assert e.value.status_code == 400 and "takes no tools" in e.value.error
+        # SmolLM2's template has no place for tools: answered without them, one warning for the client
+        weather = client.chat(model, messages=[{"role": "user", "content": "Weather?"}], tools=list(TOOLS))
+        assert weather.message.content and not weather.message.tool_calls
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "HTTP API (Ollama /api, OpenAI /v1) on http://127.0.0.1" in out
         assert "capital of France" not in out, "prompts must not be logged at INFO"
+        assert out.count("has no place for them: they are answered without the tools") == 1
     finally:
         if proc.poll() is None:
             proc.kill()

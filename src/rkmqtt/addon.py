@@ -37,6 +37,8 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "model",
     "engine",
     "n_batch",
+    "max_context",
+    "chat_template",
     "rkllm_library",
     "topic_prefix",
     "max_queue",
