@@ -300,8 +300,8 @@ def _inline(model: type[BaseModel]) -> str:
 
 _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_REQUEST: "not UTF-8, not JSON, unknown field, wrong type, value out of range, "
-    "both or neither of prompt/messages, tools to an engine that takes none; engine openai: the server "
-    "refused it (400)",
+    "both or neither of prompt/messages, tools the model's template has no place for with `strict_tools` on; "
+    "engine openai: the server refused it (400)",
     ErrorCode.INVALID_CLIENT: "the `<client>` level of the topic is not 1–64 of `[A-Za-z0-9_-]`",
     ErrorCode.INVALID_REPLY_TO: "`reply_to` / Response Topic outside `P/reply/` or with `+`/`#` "
     "(answered on the default reply topic)",
@@ -311,8 +311,9 @@ _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.DUPLICATE_ID: "the id is waiting or running with replies going to another topic or correlation; "
     "the first request is still answered where it asked",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload over `max_payload_bytes`",
-    ErrorCode.TOO_LONG: "prompt over `max_prompt_chars`, or it does not fit the model's context (engine openai: the "
-    "server said so, 400 or 413)",
+    ErrorCode.TOO_LONG: "one message over `max_prompt_chars`, or the system messages and the last turn do not fit "
+    "the context with room for the answer (older turns are left out, never refused; engine openai: the server "
+    "said so, 400 or 413)",
     ErrorCode.TOO_MANY_TOKENS: "`max_new_tokens` over the `max_new_tokens` setting",
     ErrorCode.BUSY: "`max_queue` requests are already waiting (engine openai: or the server answered 503)",
     ErrorCode.RATE_LIMITED: "the client sent more than `rate_burst` at once or `rate_limit` a minute (engine openai: "

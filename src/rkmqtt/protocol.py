@@ -35,7 +35,7 @@ class ErrorCode(str, Enum):
     CORRELATION_TOO_LARGE = "correlation_too_large"  # limit: max_correlation_bytes
     DUPLICATE_ID = "duplicate_id"  # the id is in flight with replies going elsewhere
     PAYLOAD_TOO_LARGE = "payload_too_large"  # limit: max_payload_bytes
-    TOO_LONG = "too_long"  # limit: max_prompt_chars, or the prompt does not fit the context
+    TOO_LONG = "too_long"  # limit: max_prompt_chars (one message), or the last turn does not fit the context
     TOO_MANY_TOKENS = "too_many_tokens"  # limit: max_new_tokens
     BUSY = "busy"  # limit: max_queue
     RATE_LIMITED = "rate_limited"  # limit: rate_limit / rate_burst
@@ -111,8 +111,8 @@ class RequestPayload(_Strict):
         list[ToolSpec] | None,
         Field(
             max_length=128,
-            description="tools the model may call, for engines that take them (else `invalid_request`); its "
-            "calls come in the reply's `tool_calls`",
+            description="tools the model may call, where its chat template takes them (else they are left out, "
+            "or `invalid_request` with `strict_tools`); its calls come in the reply's `tool_calls`",
         ),
     ] = None
     max_new_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="cap on generated tokens")] = None
@@ -203,8 +203,8 @@ class OkReply(_Strict):
     node: str | None = Field(default=None, description="the bridge (node) that answered")
     tool_calls: list[ToolCall] = Field(
         default_factory=list,
-        description="tools the model asked to call (a request with `tools`, an engine that returns them "
-        "structured); `text` is then often empty",
+        description="tools the model asked to call (a request with `tools`: its `<tool_call>` blocks, taken out "
+        "of `text`, or the calls an upstream server returned); `text` is then often empty",
     )
 
 

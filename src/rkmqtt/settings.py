@@ -345,8 +345,9 @@ class Settings(BaseSettings):
     rkllm_tokenizer: Annotated[
         Path | None,
         Field(
-            description="The model's tokenizer.json, to count prompt tokens exactly and refuse an over-long prompt "
-            "(too_long) before it stops a whole batch; empty: a safe bound of one token per UTF-8 byte."
+            description="The model's tokenizer.json, to count prompt tokens exactly (an over-long one never stops a "
+            "whole batch) and, with a chat template, to give the runtime token ids. Empty: tokenizer.json beside the "
+            "model if there is one, else a safe bound of one token per UTF-8 byte."
         ),
     ] = None
     rkllm_chat_template: Annotated[
