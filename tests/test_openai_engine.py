@@ -314,11 +314,16 @@ def test_check_tries_the_server_in_plain_words(
     assert f"[FAIL] upstream: cannot reach {dead} (Connection refused): start the server or fix upstream_url" in out
 
 
-def test_mqtt_tools_to_an_engine_that_takes_none_are_refused(
+def test_mqtt_tools_to_an_engine_that_takes_none(
     start_bridge: Callable[..., Service], device: Device, mosquitto: Mosquitto, prefix: str
 ) -> None:
-    """Admission refuses them, for both doors, as the HTTP API does."""
-    start_bridge(FakeEngine(tools=False))
+    """Admission leaves them out (or refuses them with strict_tools), for both doors, as the HTTP API does."""
+    svc = start_bridge(FakeEngine(tools=False))
+    wait_online(mosquitto.url, prefix)
+    answered = device.ask({"prompt": "call:get_weather", "tools": TOOLS})
+    assert answered["status"] == "ok" and answered["text"] == "no tool get_weather" and answered["tool_calls"] == []
+    svc.stop()
+    start_bridge(FakeEngine(tools=False), strict_tools=True)
     wait_online(mosquitto.url, prefix)
     refused = device.ask({"prompt": "call:get_weather", "tools": TOOLS})
     assert refused["error"]["code"] == "invalid_request" and "takes no tools" in refused["error"]["message"]

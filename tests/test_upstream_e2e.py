@@ -57,7 +57,7 @@ def test_six_mqtt_requests_at_once_are_answered_by_the_upstream(
     """n_batch 6: six devices' requests stream from the upstream at once; its answer and its usage
     come back over MQTT, and over the front's own HTTP API. The upstream takes 7 requests at once
     from its one HTTP client and refuses the next (429): that request alone is `rate_limited`."""
-    up = upstream_factory("--rate-burst", "7", "--rate-limit", "1")
+    up = upstream_factory("--rate-burst", "7", "--rate-limit", "1", "--http-wait-s", "0")  # refuse, not wait
     port = free_port()
     start_front(up.url, n_batch=6, http_listen=f"127.0.0.1:{port}")
     direct = openai.OpenAI(base_url=up.url, api_key="none", max_retries=0, timeout=120)
