@@ -231,3 +231,26 @@ def test_the_call_filter_takes_calls_out_of_a_watched_requests_text() -> None:
     f.watch("c")
     assert f.events([ErrorEvent("c", ErrorCode.ENGINE_ERROR, "x")])
     assert f.events([TokenEvent("c", "<tool_call>")])[0].text == "<tool_call>"  # forgotten after its end
+
+
+def test_llama3_calls_are_the_whole_answer_as_json() -> None:
+    """Llama 3 answers a call as bare JSON: held back while it may be one, text when it is not."""
+    assert builtin("llama3").bare_json_calls and not builtin("qwen2.5").bare_json_calls
+    f = CallFilter()
+    answers = {
+        "a": '{"name": "HassTurnOn", "parameters": {"name": "Kitchen Lights"}}',
+        "b": "The lights are on.",
+        "c": "{not a call}",
+    }
+    events: list[TokenEvent | FinishEvent] = []
+    for key, text in answers.items():
+        f.watch(key, bare_json=True)
+        events += [TokenEvent(key, text[i : i + 4]) for i in range(0, len(text), 4)]
+        events.append(FinishEvent(key, "stop", None, 1))
+    out = f.events(list(events))
+    shown = {k: "".join(e.text for e in out if isinstance(e, TokenEvent) and e.key == k) for k in answers}
+    calls = {e.key: e.tool_calls for e in out if isinstance(e, FinishEvent)}
+    assert shown == {"a": "", "b": "The lights are on.", "c": "{not a call}"}
+    assert calls["a"] == (CALL,) and calls["b"] == calls["c"] == ()
+    # "b" streamed as it came (its first piece was not "{"): only an answer that starts with "{" waits
+    assert [e.text for e in out if isinstance(e, TokenEvent) and e.key == "b"][0] == "The "

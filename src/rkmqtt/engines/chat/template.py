@@ -48,6 +48,8 @@ class ChatTemplate:
             raise EngineError(f"the chat template ({origin or 'given'}) does not compile: {e}") from e
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # Llama 3's format: a call is the whole answer, {"name": ..., "parameters": {...}}, not a tagged block.
+        self.bare_json_calls = "<tool_call>" not in source and '"parameters": ' in source
 
     def render(
         self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = (), add_generation_prompt: bool = True

@@ -1,6 +1,7 @@
 """The model's tool calls taken out of its text (scheduler thread, in an engine's `poll`; pure):
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen/Hermes style), held back while
-streaming and returned as `FinishEvent.tool_calls`, for the requests that gave tools."""
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Qwen/Hermes style), or a whole answer
+that is one call's JSON (Llama 3 style), held back while streaming and returned as
+`FinishEvent.tool_calls`, for the requests that gave tools."""
 
 from __future__ import annotations
 
@@ -63,14 +64,26 @@ def parse_call(body: str) -> ToolCall | None:
 
 
 class ToolCallScanner:
-    """Streamed text in, the text outside `<tool_call>` blocks out; the blocks' calls in `calls`."""
+    """Streamed text in, the text outside `<tool_call>` blocks out; the blocks' calls in `calls`. With
+    `bare_json`, an answer that starts with `{` is held back whole and is a call if it is one's JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, bare_json: bool = False) -> None:
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._inside = False
+        self._bare = bare_json  # still deciding whether the answer is a bare JSON call
+        self._held = ""
 
     def feed(self, text: str) -> str:
+        if self._bare:
+            self._held += text
+            start = self._held.lstrip()
+            if not start or start.startswith("{"):
+                return ""  # could still be a call: wait for the end
+            self._bare, text, self._held = False, self._held, ""
+        return self._tags(text)
+
+    def _tags(self, text: str) -> str:
         self._buf += text
         out: list[str] = []
         while True:
@@ -101,6 +114,13 @@ class ToolCallScanner:
     def finish(self) -> str:
         """The rest of the text, once it is complete. An unclosed block counts when its JSON is whole
         (models often stop at the end of the JSON instead of writing the closing tag)."""
+        if self._bare:
+            held, self._held, self._bare = self._held, "", False
+            call = parse_call(held) if held.strip() else None
+            if call is not None:
+                self.calls.append(call)
+                return ""
+            return self._tags(held) + self.finish()
         rest, self._buf = self._buf, ""
         if not self._inside:
             return rest
@@ -126,8 +146,8 @@ class CallFilter:
     def __init__(self) -> None:
         self._scanners: dict[Hashable, ToolCallScanner] = {}
 
-    def watch(self, key: Hashable) -> None:
-        self._scanners[key] = ToolCallScanner()
+    def watch(self, key: Hashable, bare_json: bool = False) -> None:
+        self._scanners[key] = ToolCallScanner(bare_json)
 
     def forget(self, key: Hashable) -> None:
         self._scanners.pop(key, None)

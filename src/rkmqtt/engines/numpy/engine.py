@@ -377,7 +377,7 @@ class NumpyEngine(Engine):
             if not isinstance(ids, list):
                 raise EngineError(f"numpy engine: request {gen.key!r} was not prepared by this engine")
             if gen.tools:
-                self._calls.watch(gen.key)
+                self._calls.watch(gen.key, bare_json=self._chat is not None and self._chat.bare_json_calls)
             slot, reuse = self._pick_slot(ids)
             self._slots[slot] = gen.key
             del self._kv_tokens[slot][reuse:]

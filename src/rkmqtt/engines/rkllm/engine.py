@@ -281,7 +281,7 @@ class RkllmEngine(Engine):
         )
         for r in reqs:
             if r.tools:
-                self._calls.watch(r.key)
+                self._calls.watch(r.key, bare_json=self._host is not None and self._host.bare_json_calls)
         self._running = batch
         self._batches += 1
         self._worker = threading.Thread(
