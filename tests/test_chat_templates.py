@@ -253,4 +253,4 @@ def test_llama3_calls_are_the_whole_answer_as_json() -> None:
     assert shown == {"a": "", "b": "The lights are on.", "c": "{not a call}"}
     assert calls["a"] == (CALL,) and calls["b"] == calls["c"] == ()
     # "b" streamed as it came (its first piece was not "{"): only an answer that starts with "{" waits
-    assert [e.text for e in out if isinstance(e, TokenEvent) and e.key == "b"][0] == "The "
+    assert next(e.text for e in out if isinstance(e, TokenEvent) and e.key == "b") == "The "
