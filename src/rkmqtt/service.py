@@ -1,6 +1,7 @@
 """The service behind `rkmqtt run` (main thread): wires the engine, the scheduler, admission, the MQTT
-bridge and its sink, the HTTP server, the embedded broker and the health file; takes up the journal
-before connecting; shuts them down in order (its threads: docs/architecture.md, "Threads")."""
+bridge and its sink, the HTTP server, the embedded broker and the health file; checks the broker and
+binds the HTTP port before the model loads; takes up the journal before connecting; shuts them down
+in order (its threads: docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
-from rkmqtt.mqtt.journal import Journal, journal_path
+from rkmqtt.mqtt.journal import Journal, journal_path, legacy_journal_path
+from rkmqtt.mqtt.link import Link
 from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.reach import reach_broker
 from rkmqtt.mqtt.replies import Replies
 from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits
@@ -61,6 +64,8 @@ class Service:
         self.bridge: Bridge | None = None
         self.journal: Journal | None = None
         self.http: HttpServer | None = None
+        self._http_sockets: list[socket.socket] = []  # bound before the model loads
+        self.link: Link | None = None
         self.info: Info | None = None
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
@@ -111,19 +116,52 @@ class Service:
             engine_info=einfo,
         )
 
-    def start(self) -> None:
+    def _check_broker(self) -> None:
+        """Say at once, in one line, when the broker does not answer (the bridge keeps trying once
+        the model is loaded): not after a model load of half a minute."""
+        self.link = Link(str(self.settings.broker_url))
+        reach = reach_broker(self.settings)
+        if not reach.ok:
+            self.link.failed(reach.detail)
+
+    def _bind_http(self) -> None:
+        """Bind the HTTP port now: a busy one stops start-up before the model loads."""
         s = self.settings
+        if s.http_listen is None or s.http_address is None:
+            return
+        from rkmqtt.http.listen import open_listeners
+
+        self._http_sockets = open_listeners(s.http_listen, *s.http_address)
+
+    def _open_journal(self) -> None:
+        """Open (and lock) the journal now: one that another process holds stops start-up at once."""
+        s = self.settings
+        if not s.journal:
+            return
+        state, client_id, addr = s.effective_state_dir(), s.effective_client_id(), s.broker_url
+        path = journal_path(state, client_id, s.topic_prefix, f"{addr.host}:{addr.port}")
+        legacy = legacy_journal_path(state, client_id)
+        self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20), legacy=legacy)
+        self.journal.prune()
+
+    def start(self) -> None:
+        """Start in the order a user can act on: the broker (answers or not), the HTTP port, the
+        model, then the bridge, which says `online` once it takes requests."""
         self._ensure_broker()
+        self._check_broker()
+        self._bind_http()
+        self._open_journal()
         s = self.settings
         if self.engine is None:
             self.engine = create_engine(s)
+        _LOGGER.info("loading model %s (engine %s)…", self.engine.model_name, self.engine.capabilities.name)
         t0 = time.monotonic()
         self.engine.load()
         _LOGGER.info(
-            "engine %s ready with model %s in %.1f s (n_batch %d)",
-            self.engine.capabilities.name,
+            "model %s loaded in %.1f s: engine %s, n_batch %d",
             self.engine.model_name,
             time.monotonic() - t0,
+            self.engine.capabilities.name,
             self.engine.capabilities.max_batch,
         )
         if "temperature" not in s.model_fields_set:
@@ -132,10 +170,6 @@ class Service:
             self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
             _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
         self.info = self._build_info(self.engine)
-        if s.journal:
-            path = journal_path(s.effective_state_dir(), s.effective_client_id())
-            self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
-            self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
         finals = Finals(self.engine.model_name, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
@@ -167,6 +201,7 @@ class Service:
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
+            link=self.link,
         )
         self.scheduler.start()
         self.bridge.take_up()
@@ -174,7 +209,8 @@ class Service:
         if s.http_listen is not None:
             from rkmqtt.http.server import HttpServer
 
-            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools)
+            sockets, self._http_sockets = self._http_sockets, []
+            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools, sockets or None)
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
@@ -256,6 +292,10 @@ class Service:
             steps.append(("close the journal", self.journal.close))
         if self.engine is not None:
             steps.append(("release the engine", self.engine.close))
+        if self._http_sockets:  # bound, but start-up stopped before the server took them
+            from rkmqtt.http.listen import close_all
+
+            steps.append(("close the HTTP port", lambda: close_all(self._http_sockets)))
         if self.embedded is not None:
             steps.append(("stop the private Mosquitto", self.embedded.close))
         for what, step in steps:
@@ -269,8 +309,9 @@ class Service:
             self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
 
-    def run_forever(self) -> int:
-        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0)."""
+    def run_forever(self, on_ready: Callable[[Service], None] | None = None) -> int:
+        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0).
+        `on_ready` is called once, when the bridge first says `online`."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             _LOGGER.info("%s received: stopping", signal.Signals(signum).name)
@@ -280,7 +321,12 @@ class Service:
         status = 0
         try:
             self.start()
-            while not self._stop_requested.wait(0.5):
+            ready = on_ready is None
+            while not self._stop_requested.wait(0.2 if not ready else 0.5):
+                if not ready and self.bridge is not None and self.bridge.wait_connected(0):
+                    ready = True
+                    assert on_ready is not None
+                    on_ready(self)
                 if self.scheduler is not None and self.scheduler.stopped:
                     _LOGGER.error("the scheduler stopped unexpectedly; exiting so that a supervisor restarts us")
                     status = 1
