@@ -5,7 +5,10 @@ Mosquitto — and `rkmqtt bench` against a bridge that is already running."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +17,11 @@ from typing import Any
 import pytest
 from benchmarks.cli import main as harness
 
-from rkmqtt.bench.metrics import RequestRecord, percentile, summarize
+from rkmqtt.bench.busy import LoadVerdict, others_wanting_cpu
+from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile, summarize
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
+from rkmqtt.bench.report import figure, markdown
+from rkmqtt.bench.runner import Point
 from rkmqtt.bench.workload import Workload
 from rkmqtt.cli.main import main
 from rkmqtt.errors import ConfigError
@@ -168,7 +174,7 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == table
 
 
-def test_open_loop_and_bursts(tmp_path: Path) -> None:
+def test_open_loop_and_bursts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for shape, extra in (("open", ["--rate", "40"]), ("burst", [])):
         out = tmp_path / shape
         status = harness(
@@ -185,10 +191,19 @@ def test_open_loop_and_bursts(tmp_path: Path) -> None:
                     "--tokens",
                     "8",
                 ],
-                *["--shape", shape, *extra, "--out", str(out), "--no-plot", "--no-progress"],
+                *["--shape", shape, *extra, "--out", str(out), "--no-plot"],
             ]
         )
         assert status == 0
+        # Not a terminal (pytest captures it): the progress is a plain line at each step.
+        err = capsys.readouterr().err
+        for line in (
+            "bench: run 1/1: rkllm stand-in, zero delay n_batch 2 mqtt",
+            "bench: run 1/1: starting 1 bridge (the model loads)",
+            "bench: run 1/1: 1 warm-up round(s), then the measured requests",
+            "bench: run 1/1 over after",
+        ):
+            assert line in err, err  # fmt: skip
         (point,) = json.loads((out / "bench.json").read_text())["points"]
         _check_consistent(point["median"])
         assert point["workload"]["shape"] == shape and point["median"]["requests"] == 8
@@ -248,3 +263,82 @@ def test_without_matplotlib_the_bench_writes_the_rest_and_says_how_to_plot(
     assert main(["bench", "--render", str(out / "bench.json")]) == 0
     assert "pip install matplotlib" in capsys.readouterr().err
     assert not (out / "bench.png").exists()
+
+
+# -- a busy machine, the plot ---------------------------------------------------------------------
+
+BUSY = "import sys\nwhile True: pass"
+
+
+def test_a_bench_on_a_busy_machine_is_reported_not_meaningful(
+    tmp_path: Path, mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Other processes that want more CPUs than there are (busy loops, one more than the cores):
+    the report says the figures mean nothing, in the terminal, the JSON and the Markdown."""
+    import os
+
+    start_bridge(FakeEngine(n_batch=2, step_s=0.002), rate_limit=0)
+    hogs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range((os.cpu_count() or 1) + 2)]
+    try:
+        out = tmp_path / "out"
+        status = main(["bench", "--broker", mosquitto.url, "--topic-prefix", prefix, "--devices", "2",
+                       "--requests", "8", "--warmup", "0", "--no-plot", "--out", str(out)])  # fmt: skip
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait(10)
+    assert status == 0
+    load = json.loads((out / "bench.json").read_text())["load"]
+    assert load["samples"] >= 1 and load["cores"] == os.cpu_count()
+    assert load["others_mean"] > load["cores"] and load["meaningful"] is False
+    assert load["verdict"].startswith("NOT MEANINGFUL: the machine was busy with other work")
+    assert (out / "bench.md").read_text().startswith("**NOT MEANINGFUL: the machine was busy with other work")
+    assert "NOT MEANINGFUL" in capsys.readouterr().err
+    # The progress lines of `rkmqtt bench`: one run, its phase, its end.
+    assert main(["bench", "--render", str(out / "bench.json"), "--no-plot"]) == 0
+    assert "NOT MEANINGFUL" in capsys.readouterr().err
+
+
+def test_the_load_verdict_and_what_it_counts() -> None:
+    quiet = LoadVerdict(cores=2, loadavg_start=0.3, others_mean=0.4, others_max=2, samples=10)
+    busy = dataclasses.replace(quiet, others_mean=2.6, others_max=4)
+    assert quiet.meaningful is True and busy.meaningful is False
+    assert LoadVerdict(2, None, None, None, 0).meaningful is None
+    assert LoadVerdict.from_dict(busy.as_dict()) == busy
+    assert markdown([], busy).startswith("**NOT MEANINGFUL") and not markdown([], quiet).startswith("**")
+    # A thread that runs all the time is always counted, unless it is an rkmqtt process.
+    hog = subprocess.Popen([sys.executable, "-c", BUSY])
+    ours = subprocess.Popen([sys.executable, "-c", BUSY, "rkmqtt"])
+    try:
+        cache: dict[str, bool] = {}
+        counts = [others_wanting_cpu(cache) for _ in range(5)]
+        assert all(c is not None and c >= 1 for c in counts)
+        assert cache[str(hog.pid)] is False and cache[str(ours.pid)] is True
+    finally:
+        for p in (hog, ours):
+            p.kill()
+            p.wait(10)
+
+
+def _point(scenario: str, label: str, n_batch: int, mode: str, tokens_per_s: float, latency_ms: float) -> Point:
+    p = Point(scenario, scenario, label, n_batch, mode, {})  # type: ignore[arg-type]
+    recs = [RequestRecord(0, 0, "a", 0, sent=0.0, first_token=0.1, done=latency_ms / 1000, status="ok",
+                          completion_tokens=int(tokens_per_s * latency_ms / 1000), chunks=1)]  # fmt: skip
+    m: RunMetrics = summarize(recs)
+    p.runs.append(m)
+    return p
+
+
+def test_the_plot_has_plain_tick_labels_and_a_legend_without_repetition() -> None:
+    points = [_point("numpy", "numpy (CPU)", nb, mode, tps, lat)
+              for nb, tps, lat in ((1, 27.0, 5500.0), (2, 38.0, 4100.0), (4, 57.0, 3000.0), (8, 127.0, 2100.0))
+              for mode in ("mqtt", "direct")]  # fmt: skip
+    points += [_point("cpu-8-devices", "numpy (CPU)", nb, "mqtt", 30.0 * nb, 900.0) for nb in (1, 8)]
+    fig = figure(points, "test")
+    fig.canvas.draw()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels(which="both") + ax.get_xticklabels()]
+    shown = [x for x in labels if x]
+    assert shown and all(re.fullmatch(r"[0-9][0-9,.]*", x) for x in shown), shown  # no 4×10¹, no $10^{1}$
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["numpy (CPU)", "numpy (CPU) — engine alone", "cpu-8-devices: numpy (CPU)"]

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt import __version__
+from rkmqtt.bench.busy import LoadVerdict
 from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
@@ -328,7 +329,33 @@ def write_requests_csv(path: Path, points: Sequence[Point]) -> Path:
     return path
 
 
-def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") -> Path:
+def series_name(scenario: str, label: str, mode: str) -> str:
+    """A plot line's name: the scenario, then its engine's label, unless the label says it already
+    ("numpy (CPU)", not "numpy: numpy (CPU)")."""
+    name = label if label.split(" ")[0] == scenario or scenario == "running" else f"{scenario}: {label}"
+    return name + {"direct": " — engine alone", "http": " — HTTP API"}.get(mode, "")
+
+
+def plain_number(value: float) -> str:
+    """A tick label without powers of ten: 0.5, 20, 300, 4,000."""
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def _log_ticks(ax: Any) -> None:
+    """Log-scale ticks as plain numbers (matplotlib's default is 4×10¹): powers of ten, and between
+    them as many of the minor ticks as matplotlib finds room for."""
+    from matplotlib.ticker import LogFormatter, NullFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return plain_number(x)
+
+    ax.yaxis.set_major_formatter(Plain())
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def figure(points: Sequence[Point], title: str = "rkmqtt bench") -> Any:
     """Throughput and median latency against n_batch; one line per scenario (engine and load),
     solid through MQTT, dashed for the engine called directly. Log scales: the engines differ
     by orders of magnitude."""
@@ -349,7 +376,7 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
         colour = colours.setdefault(scenario, cycle[len(colours) % len(cycle)])
         xs = [p.n_batch for p in pts]
         ms = [p.metrics for p in pts]
-        name = f"{scenario}: {pts[0].label}" + {"direct": " — engine alone", "http": " — HTTP API"}.get(mode, "")
+        name = series_name(scenario, pts[0].label, mode)
         style = dict(color=colour, marker="o" if mode == "mqtt" else "x", linestyle="-" if mode == "mqtt" else "--")
         ax_t.plot(xs, [m.tokens_per_s if m else 0 for m in ms], label=name, **style)
         if mode == "mqtt":
@@ -362,6 +389,7 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
         nbs = sorted({p.n_batch for p in points})
         if nbs:
             ax.set_xticks(nbs, [str(n) for n in nbs])
+        _log_ticks(ax)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("throughput")
     ax_l.set_title("latency (through MQTT)")
@@ -369,15 +397,26 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
+    return fig
+
+
+def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") -> Path:
+    """The plot of `figure` as a PNG."""
+    fig = figure(points, title)
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def markdown(points: Sequence[Point]) -> str:
-    """The figures as Markdown tables (for docs/benchmarks.md)."""
-    lines = [
+def markdown(points: Sequence[Point], load: LoadVerdict | None = None) -> str:
+    """The figures as Markdown tables (for docs/benchmarks.md), after the machine's load verdict."""
+    lines: list[str] = []
+    if load is not None:
+        lines += [f"**{load.text()}**" if load.meaningful is False else load.text(), ""]
+    lines += [
         "| scenario | engine | n_batch | mode | req/s | tok/s | latency p50 / p95 / p99 / mean, ms | TTFT p50, ms "
         "| queue p50, ms | batch | errors | stream msg/s |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
