@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -229,3 +230,37 @@ def test_an_unknown_request_field_names_the_nearest_one(
         "messages.0.contents: unknown field (did you mean content?)"
         in probe.final(f"{prefix}/reply/dev/m2")["error"]["message"]
     )
+
+
+def test_the_start_up_order_and_ctrl_c_on_ask_with_the_real_model(
+    mosquitto: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    """The default engine and model: settings, model load (timed), ready line, in that order; then
+    Ctrl-C on an `ask` whose answer is long ends its request on the bridge as cancelled."""
+    log = tmp_path / "run.log"
+    proc = run_in(tmp_path, log, "--broker", mosquitto.url, "--topic-prefix", prefix, "--n-batch", "1",
+                  "--no-discovery", env=clean_env(RKMQTT_STATE_DIR=str(tmp_path / "state")))  # fmt: skip
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/#"])
+    try:
+        out = wait_for_text(log, "ready: try", timeout=180)
+        marks = ["settings: no config file", "loading model SmolLM2", "model SmolLM2-135M-Instruct.Q4_1 loaded in",
+                 "connecting to", "ready: try"]  # fmt: skip
+        at = [out.index(m) for m in marks]
+        assert at == sorted(at), out
+        story = "Tell me a long story about a dragon who learns to cook, with every step of every recipe."
+        ask = subprocess.Popen([sys.executable, "-m", "rkmqtt", "ask", story, "--tokens", "500", "--id", "story",
+                                "--broker", mosquitto.url, "--topic-prefix", prefix], cwd=tmp_path, env=clean_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            probe.wait_for(lambda m: m.topic.endswith("/story/stream"), 120)
+            ask.send_signal(signal.SIGINT)
+            _, err = ask.communicate(timeout=60)
+        finally:
+            if ask.poll() is None:
+                ask.kill()
+        final = probe.final(f"{prefix}/reply/cli/story", timeout=60)
+        assert final["finish_reason"] == "cancelled" and final["usage"]["completion_tokens"] < 500, final
+        assert ask.returncode == 130, err
+    finally:
+        stop(proc)
+        probe.close()
