@@ -5,6 +5,7 @@ serves them later (`HttpServer`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 
 from rkmqtt.errors import ConfigError
@@ -18,6 +19,7 @@ def open_listeners(listen: str, host: str, port: int, backlog: int = 128) -> lis
     except socket.gaierror as e:
         raise _cannot(listen, e.strerror or str(e)) from e
     sockets: list[socket.socket] = []
+    unavailable = OSError(errno.EADDRNOTAVAIL, "no address to listen on")
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):  # without repeats, in order
             sock = socket.socket(family, kind, proto)
@@ -25,9 +27,19 @@ def open_listeners(listen: str, host: str, port: int, backlog: int = 128) -> lis
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # as asyncio does: [::] is IPv6 only, 0.0.0.0 is its own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise
+                # As asyncio does: that family is off on this machine (localhost's ::1 without IPv6).
+                sockets.pop().close()
+                unavailable = e
+                continue
             sock.listen(backlog)
             sock.setblocking(False)
+        if not sockets:
+            raise unavailable
     except OSError as e:
         close_all(sockets)
         raise _cannot(listen, e.strerror or str(e)) from e
