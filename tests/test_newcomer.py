@@ -91,7 +91,7 @@ def test_run_in_a_folder_with_a_config_yaml_uses_it_and_its_ready_line_works(
         asked = subprocess.run([sys.executable, "-m", "rkmqtt", *command[1:]], capture_output=True, text=True,
                                timeout=60, cwd=tmp_path, env=clean_env())  # fmt: skip
         assert asked.returncode == 0, asked.stderr
-        assert asked.stdout == "What is the capital of France? \n"
+        assert asked.stdout == "What colour is the sky? \n"
     finally:
         stop(proc)
         probe.close()
@@ -167,6 +167,8 @@ def test_run_against_a_peer_that_is_not_a_broker_says_so(http_port: int, prefix:
         said = [x for x in out.splitlines() if "without an MQTT answer" in x]
         assert len(said) == 1 and f"127.0.0.1:{http_port}" in said[0] and "is it an MQTT broker" in said[0], out
         assert out.index("without an MQTT answer") < out.index("loading model")
+        # After the model, where a user last looks, the bridge's own line says it is still not answering.
+        assert "connecting to mqtt://127.0.0.1:" in out and "(it has not answered yet, see above; retrying" in out
     finally:
         bridge.stop()
 

@@ -266,6 +266,11 @@ class Service:
             _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        """`stop` has been called."""
+        return self._stopped
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish within the grace period, answer the
         rest `shutting_down`, publish `offline`, release everything."""

@@ -38,7 +38,7 @@ def run(settings: Settings, config_file: Path | None = None) -> int:
 
 
 #: What the "ready" line suggests asking: a question the default model answers well.
-FIRST_QUESTION = "What is the capital of France?"
+FIRST_QUESTION = "What colour is the sky?"
 
 
 def first_command(settings: Settings, program: str | None = None) -> str:

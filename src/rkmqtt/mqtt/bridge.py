@@ -137,7 +137,14 @@ class Bridge:
         args = connect_args(self.settings, persistent=True)
         self.client.connect_async(self.address.host, self.address.port, **args)
         self.client.loop_start()
-        _LOGGER.info("connecting to %s as %s", self.address, self.settings.effective_client_id())
+        down = self.link.cause is not None  # the service's own try found it down (its line says why)
+        _LOGGER.log(
+            logging.WARNING if down else logging.INFO,
+            "connecting to %s as %s%s",
+            self.address,
+            self.settings.effective_client_id(),
+            " (it has not answered yet, see above; retrying until it does)" if down else "",
+        )
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the bridge is connected and has its request subscription (or, joining other
