@@ -146,7 +146,7 @@ class Service:
 
     def start(self) -> None:
         """Start in the order a user can act on: the broker (answers or not), the HTTP port, the
-        model, then the bridge, which says `online` once it takes requests."""
+        journal, the model, then the bridge, which says `online` once it takes requests."""
         self._ensure_broker()
         self._check_broker()
         self._bind_http()
