@@ -146,17 +146,22 @@ EXAMPLES: dict[str, BaseModel] = {
     "request": RequestPayload(
         id="kitchen-1", prompt="Turn the lights off in one sentence.", max_new_tokens=64, temperature=0.0
     ),
+    # What `./dev run` (numpy engine, SmolLM2-135M, default settings) answered to `rkmqtt ask
+    # --client kitchen --id kitchen-1 --tokens 64 --temp 0 --json "Turn the lights off in one sentence."`
     "ok": OkReply(
         id="kitchen-1",
-        text="Okay, turning the kitchen lights off.",
+        text="I'll turn the lights off immediately.",
         finish_reason="stop",
-        usage=Usage(prompt_tokens=31, completion_tokens=9),
-        timing=Timing(queued_ms=3.1, ttft_ms=120.5, total_ms=260.2, tokens_per_s=64.3),
-        batch=BatchInfo(size=3, slot=1),
+        usage=Usage(prompt_tokens=38, completion_tokens=8),
+        timing=Timing(
+            queued_ms=0.79, ttft_ms=53.17, total_ms=183.7, tokens_per_s=60.99, prefill_ms=52.01, decode_ms=130.45
+        ),
+        batch=BatchInfo(size=1, slot=0),
         model="SmolLM2-135M-Instruct.Q4_1",
+        node="rkmqtt_vm",
     ),
     "error": ErrorReply(id="kitchen-1", error=ErrorBody(code=ErrorCode.BUSY, message="the queue is full (64 waiting)")),
-    "chunk": StreamChunk(id="kitchen-1", seq=0, text="Okay"),
+    "chunk": StreamChunk(id="kitchen-1", seq=0, text="I"),
     "stats": Stats(
         uptime_s=3600.0,
         queue_depth=2,

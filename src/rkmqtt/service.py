@@ -26,7 +26,7 @@ from rkmqtt import __version__
 from rkmqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.broker import Mosquitto, port_answers
 from rkmqtt.core import CoreConfig
-from rkmqtt.engines import create_engine, default_temperature
+from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.journal import Journal, journal_path
@@ -34,7 +34,7 @@ from rkmqtt.outbox import Outbox
 from rkmqtt.protocol import Info, Limits
 from rkmqtt.replies import Refusal, Replies
 from rkmqtt.scheduler import Scheduler, SchedulerConfig
-from rkmqtt.settings import Settings
+from rkmqtt.settings import MODEL_DEFAULTED, Settings
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
@@ -130,11 +130,13 @@ class Service:
             time.monotonic() - t0,
             self.engine.capabilities.max_batch,
         )
-        if "temperature" not in s.model_fields_set:
-            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
-            # answers in garbled French at 0.7).
-            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
-            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
+        # What no flag, variable, file or option set takes the model's own default, if it has one
+        # (SmolLM2-135M answers best greedy: at 0.7 it often answers in garbled French).
+        advice = self.engine.recommended_sampling
+        model_defaults = {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in s.model_fields_set}
+        if model_defaults:
+            self.settings = s = s.model_copy(update=model_defaults)
+            _LOGGER.info("model defaults for %s: %s", self.engine.model_name, model_defaults)
         self.info = self._build_info(self.engine)
         if s.journal:
             path = journal_path(s.effective_state_dir(), s.effective_client_id())

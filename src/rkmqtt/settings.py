@@ -40,7 +40,7 @@ ENV_PREFIX = "RKMQTT_"
 #: Settings whose default depends on the engine's model when no layer (flag, environment, file,
 #: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
 #: shows them commented out, so that a copy of it does not pin them.
-MODEL_DEFAULTED = ("temperature",)
+MODEL_DEFAULTED = ("temperature", "repeat_penalty")
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 
@@ -157,12 +157,20 @@ class Settings(BaseSettings):
             ge=0,
             le=5,
             description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
-            "engine, SmolLM2-135M: 0.2), else 0.7.",
+            "engine, SmolLM2-135M: 0, greedy), else 0.7.",
         ),
     ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
-    repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
+    repeat_penalty: Annotated[
+        float,
+        Field(
+            ge=0.1,
+            le=10,
+            description="Default repeat penalty (1 is off). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 1.05), else 1.1.",
+        ),
+    ] = 1.1
 
     numpy_threads: Annotated[
         int,

@@ -160,6 +160,12 @@ class Engine(abc.ABC):
     def model_name(self) -> str:
         """A short name of the loaded model for replies and `info` (e.g. the file's stem)."""
 
+    @property
+    def recommended_sampling(self) -> dict[str, float]:
+        """Sampling defaults the loaded model answers best at (setting name -> value, names from
+        `settings.MODEL_DEFAULTED`); the service uses them for the settings that no layer sets."""
+        return {}
+
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load the model (slow). Called once, on the scheduler thread, before any other call.
         Raises EngineError or ConfigError with a one-line, actionable message."""
