@@ -34,7 +34,7 @@ from rkmqtt.outbox import Outbox
 from rkmqtt.protocol import Info, Limits
 from rkmqtt.replies import Refusal, Replies
 from rkmqtt.scheduler import Scheduler, SchedulerConfig
-from rkmqtt.settings import MODEL_DEFAULTED, Settings
+from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
@@ -132,11 +132,11 @@ class Service:
         )
         # What no flag, variable, file or option set takes the model's own default, if it has one
         # (SmolLM2-135M answers best greedy: at 0.7 it often answers in garbled French).
-        advice = self.engine.recommended_sampling
-        model_defaults = {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in s.model_fields_set}
-        if model_defaults:
-            self.settings = s = s.model_copy(update=model_defaults)
-            _LOGGER.info("model defaults for %s: %s", self.engine.model_name, model_defaults)
+        self.settings = with_model_defaults(s, self.engine.recommended_sampling)
+        if self.settings is not s:
+            s = self.settings
+            _LOGGER.info("sampling defaults of %s: temperature %g, repeat penalty %g", self.engine.model_name,
+                         s.temperature, s.repeat_penalty)  # fmt: skip
         self.info = self._build_info(self.engine)
         if s.journal:
             path = journal_path(s.effective_state_dir(), s.effective_client_id())

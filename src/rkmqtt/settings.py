@@ -2,6 +2,8 @@
 
 Precedence, highest first: command-line flags > `RKMQTT_*` environment > the YAML file given
 with `--config` (or `RKMQTT_CONFIG`) > Home Assistant's `/data/options.json` (add-on only) > defaults.
+The settings of `MODEL_DEFAULTED` take the loaded model's own default before the general one
+(`with_model_defaults`, applied by the service once the engine is loaded).
 
 The field names are part of the product: each is `RKMQTT_<NAME>` in the environment and
 `--<name-with-dashes>` on the command line. `config.yaml` at the top of the repository lists
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -558,6 +561,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}; see config.yaml for the names")
     return {str(k): v for k, v in data.items()}
+
+
+def with_model_defaults(settings: Settings, advice: Mapping[str, float]) -> Settings:
+    """`settings` with the model's own value (`Engine.recommended_sampling`) for each setting of
+    `MODEL_DEFAULTED` that no layer set."""
+    update = {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in settings.model_fields_set}
+    return settings.model_copy(update=update) if update else settings
 
 
 def load_settings(

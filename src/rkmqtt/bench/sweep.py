@@ -35,7 +35,7 @@ from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import Settings, load_settings, with_model_defaults
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -428,6 +428,7 @@ class Sweep:
         try:
             engine = create_engine(settings)
             engine.load()
+            settings = with_model_defaults(settings, engine.recommended_sampling)  # as the bridge does
             try:
                 sampling = SamplingParams(
                     temperature=settings.temperature,

@@ -4,10 +4,12 @@ The scheduler thread makes every call; the engine starts no threads of its own (
 matrix product: `threads`, setting `numpy_threads`; why one thread wins on a busy machine is in
 docs/benchmarks.md).
 
-One `poll()` is one step: every generating slot decodes one token, and a joining request's prompt
-advances by a chunk in the same batch of rows (`prefill_chunk` tokens while others decode, so a
-long prompt does not stall them; `idle_prefill_chunk` when nobody does). A request takes a free
-slot at `submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
+One `poll()` is one step: every generating slot decodes one token, and joining requests' prompts
+advance in the same batch of rows, several prompts in one pass, up to a budget of tokens:
+`prefill_chunk` while a request that has already decoded is decoding (so a long prompt does not stall
+it), else `idle_prefill_chunk`. Requests that arrive together, or before the first of them has decoded
+once, are so prefilled together in as few passes as that budget allows. A request takes a free slot at
+`submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
 
 Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last; a new
 request takes the free slot whose held tokens share the longest prefix with its prompt and starts
@@ -380,7 +382,10 @@ class NumpyEngine(Engine):
         tokens = [r.pending for r in decoding]
         owners: list[_Running] = list(decoding)
         logit_rows = list(range(len(decoding)))
-        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
+        # A decoder at its first token (it came with the joiners, or one step before them) waits one
+        # full pass for its second; one that has decoded is kept to the small chunk's stall.
+        settled = any(len(r.generated) > 1 for r in decoding)
+        budget = self.prefill_chunk if settled else self.idle_prefill_chunk
         segments: list[Segment] = []
         row = len(decoding)
         for key in self._join_order:

@@ -7,9 +7,10 @@ One call of `Transformer.step` runs one engine step over a mixed batch of rows:
 * prefill segments: a chunk of a joining request's prompt (causal attention over the slot's
   cache plus the chunk).
 
-All rows go through the linear layers together (one BLAS call per matrix); only the rows whose
-next token is needed go through the output head. Maths: RMSNorm, rotate-half rotary
-embeddings (see `weights.py` for the row order), grouped-query attention, SwiGLU.
+All rows go through the linear layers together (one BLAS call per matrix, the rows padded to a
+multiple of `GEMM_ROW_BLOCK`); only the rows whose next token is needed go through the output head.
+Maths: RMSNorm, rotate-half rotary embeddings (see `weights.py` for the row order), grouped-query
+attention, SwiGLU.
 
 The KV cache is (layers, slots, kv_heads, max_context, head_dim) for K and for V, allocated
 once with zeroed pages (the operating system commits memory as contexts fill), in float32 or in
@@ -37,6 +38,10 @@ KVDtype = Literal["float32", "bfloat16"]
 # Up to this many rows a linear layer is computed as one matrix-vector product per row:
 # OpenBLAS's matrix-matrix path is slower than that for very small batches.
 GEMV_ROWS = 2
+# Above that, rows are padded to a multiple of this: OpenBLAS's sgemm kernels take the rows four at a
+# time (x86-64 and ARMv8) and run a remainder through slower edge kernels (7 rows cost more than 8:
+# docs/benchmarks.md, "A single round").
+GEMM_ROW_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,18 @@ class StepPlan:
 
 
 def linear(x: F32, w: F32) -> F32:
-    if x.shape[0] <= GEMV_ROWS:
-        out = np.empty((x.shape[0], w.shape[1]), dtype=np.float32)
-        for i in range(x.shape[0]):
+    n = x.shape[0]
+    if n <= GEMV_ROWS:
+        out = np.empty((n, w.shape[1]), dtype=np.float32)
+        for i in range(n):
             np.dot(x[i], w, out=out[i])
         return out
+    pad = -n % GEMM_ROW_BLOCK
+    if pad:
+        padded = np.zeros((n + pad, x.shape[1]), dtype=np.float32)
+        padded[:n] = x
+        result: F32 = (padded @ w)[:n]
+        return result
     return x @ w
 
 
