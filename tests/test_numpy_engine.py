@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rkmqtt.bench.prompts import BUILTIN_PROMPTS
 from rkmqtt.engines.base import ErrorEvent, FinishEvent, TokenEvent
 from rkmqtt.engines.numpy.engine import NumpyEngine
 from rkmqtt.errors import RequestRejected
@@ -27,12 +28,16 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol() -> Iterator[NumpyEngine]:
-    engine = NumpyEngine(n_batch=3, max_context=512)
+def loaded(n_batch: int, reuse_prefix: bool = True) -> Iterator[NumpyEngine]:
+    engine = NumpyEngine(n_batch=n_batch, max_context=512, reuse_prefix=reuse_prefix)
     engine.load()
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[NumpyEngine]:
+    yield from loaded(3)
 
 
 def test_paris(smol: NumpyEngine) -> None:
@@ -213,25 +218,12 @@ def test_long_prompt_prefill_is_chunked_while_others_decode(smol: NumpyEngine) -
     smol.cancel("join")
 
 
-HOUSE = [  # what 8 devices of a house ask at once (`rkmqtt bench`'s first 8 prompts)
-    "Turn off the lights in the kitchen.",
-    "Is the front door locked?",
-    "Set the living room thermostat to 21 degrees.",
-    "What is the weather going to be like this afternoon?",
-    "Remind me to take the bins out at 7 pm.",
-    "Dim the bedroom lights to 30 percent.",
-    "Which windows are still open?",
-    "Start the robot vacuum in the hallway.",
-]
+HOUSE = BUILTIN_PROMPTS[:8]  # what 8 devices of a house ask at once (`rkmqtt bench`'s first 8 prompts)
 
 
 @pytest.fixture(scope="module")
 def smol8() -> Iterator[NumpyEngine]:
-    engine = NumpyEngine(n_batch=8, max_context=512)
-    engine.load()
-    engine.reuse_prefix = False  # every prompt whole: the passes below count all of it
-    yield engine
-    engine.close()
+    yield from loaded(8, reuse_prefix=False)  # every prompt whole: the passes below count all of it
 
 
 def passes_to_first_event(engine: NumpyEngine, keys: list[str]) -> tuple[dict[str, int], dict[str, str]]:
