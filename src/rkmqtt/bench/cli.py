@@ -37,6 +37,7 @@ from rkmqtt.bench.sweep import (
     Point,
     Scenario,
     Sweep,
+    batching_suite,
     journal_suite,
     scaleout_suite,
     targets_suite,
@@ -77,11 +78,12 @@ def add_bench_parser(sub: Any) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument(
         "--suite",
-        choices=("targets", "journal", "scaleout"),
-        help="run a built-in set of scenarios instead: 'targets' = the CPU engine with 8 devices, the RK3588 "
-        "model with 4 users, and the zero-cost relay (with and without the request journal), with the "
-        "engine-alone comparison; 'journal' = only the relay with and without the journal; 'scaleout' = 1, 2 "
-        "and 3 bridges sharing one broker (the RK3588 model, 24 devices)",
+        choices=("targets", "batching", "journal", "scaleout"),
+        help="run a built-in set of scenarios instead: 'targets' = the CPU engine with 8 devices (a closed loop "
+        "and one round at once), the RK3588 model with 4 users, and the zero-cost relay (with and without the "
+        "request journal), with the engine-alone comparison; 'batching' = only the CPU engine's two, n_batch 1 "
+        "and 8, each beside the engine alone; 'journal' = only the relay with and without the journal; "
+        "'scaleout' = 1, 2 and 3 bridges sharing one broker (the RK3588 model, 24 devices)",
     )
     what.add_argument(
         "--engines",
@@ -194,6 +196,8 @@ class _RichProgress:
 def _scenarios(args: argparse.Namespace, prompts: tuple[str, ...]) -> list[Scenario]:
     if args.suite == "targets":
         return targets_suite(prompts, rkllm_real=args.rkllm_library is not None)
+    if args.suite == "batching":
+        return batching_suite(prompts)
     if args.suite == "journal":
         return journal_suite(prompts)
     if args.suite == "scaleout":

@@ -149,19 +149,42 @@ def journal_suite(prompts: tuple[str, ...]) -> list[Scenario]:
     ]
 
 
+def _cpu_closed_loop(prompts: tuple[str, ...], n_batch: tuple[int, ...], http: tuple[int, ...] = ()) -> Scenario:
+    return Scenario(
+        "cpu-8-devices",
+        "numpy",
+        Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
+        n_batch,
+        (1, 8),
+        "CPU engine, 8 devices in a closed loop",
+        http_n_batch=http,
+    )
+
+
+def _cpu_one_round(prompts: tuple[str, ...]) -> Scenario:
+    """8 devices ask new questions at the same moment, once (the warm-up sent other prompts)."""
+    return Scenario(
+        "cpu-8-at-once",
+        "numpy",
+        Workload("burst", devices=8, requests=8, max_new_tokens=48, prompts=prompts, fresh_prompts=True),
+        (1, 8),
+        (1, 8),
+        "CPU engine, 8 devices asking at the same moment, one round",
+    )
+
+
+def batching_suite(prompts: tuple[str, ...]) -> list[Scenario]:
+    """The CPU engine's batching gain, n_batch 8 against 1, in a closed loop and in one round of 8
+    at once, each beside the engine alone."""
+    return [_cpu_closed_loop(prompts, (1, 8)), _cpu_one_round(prompts)]
+
+
 def targets_suite(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
     """The issue's four targets, measured side by side in one run."""
     rk = "rkllm"
     return [
-        Scenario(
-            "cpu-8-devices",
-            "numpy",
-            Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
-            (1, 2, 4, 8),
-            (1, 8),
-            "CPU engine, 8 devices in a closed loop",
-            http_n_batch=(8,),
-        ),
+        _cpu_closed_loop(prompts, (1, 2, 4, 8), http=(8,)),
+        _cpu_one_round(prompts),
         Scenario(
             "rk3588-4-users",
             rk,

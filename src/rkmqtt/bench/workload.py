@@ -10,7 +10,9 @@ Three load shapes:
   `requests / N` rounds ("N users at once").
 
 Which prompt a request carries depends only on the device and its sequence number, so the
-MQTT run and the direct-engine run of one workload send the same prompts.
+MQTT run and the direct-engine run of one workload send the same prompts. The warm-up sends the
+first round's prompts again, unless `fresh_prompts`: then it sends those of the round after the
+last, so that no slot's cache holds a measured prompt (8 devices asking new questions at once).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Workload:
     warmup: int = 1  # rounds of one request per device, at once, before the measured run (not counted)
     seed: int = 0
     timeout_s: float = 300.0  # a request with no final reply by then counts as error "timeout"
+    fresh_prompts: bool = False  # the warm-up sends other prompts (given twice as many as devices)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -61,6 +64,10 @@ class Workload:
         """The prompt of the `seq`-th request (from 0) of device `device` (from 0)."""
         return (device + seq * self.devices) % len(self.prompts)
 
+    def warmup_prompt_index(self, device: int, seq: int) -> int:
+        """The prompt of warm-up request `seq` (from 0) of device `device`."""
+        return self.prompt_index(device, self.rounds + seq if self.fresh_prompts else seq)
+
     def open_arrivals(self) -> list[tuple[float, int]]:
         """Open loop: (seconds after the start, device) of every request; exponential gaps."""
         rng = random.Random(self.seed)
@@ -83,7 +90,7 @@ class Workload:
         if self.shape == "open":
             return f"open loop {self.rate:g}/s over {self.devices} devices"
         if self.shape == "burst":
-            return f"{self.devices} at once x {self.rounds}"
+            return f"{self.devices} at once x {self.rounds}" + (", new prompts" if self.fresh_prompts else "")
         return f"closed loop, {self.devices} devices"
 
 
