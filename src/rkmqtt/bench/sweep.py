@@ -44,10 +44,13 @@ Mode = Literal["mqtt", "http", "direct"]
 
 # What the bench sets on the bridges it starts, unless its command line gives the setting:
 # no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
-# the same tokens through MQTT and directly), no discovery, a deep queue, quiet logs.
+# the same tokens through MQTT and directly) with the repeat penalty of the figures in
+# docs/benchmarks.md (it sets the answers' lengths; SmolLM2's own default is 1.05), no discovery,
+# a deep queue, quiet logs.
 BRIDGE_DEFAULTS: dict[str, SettingValue] = {
     "rate_limit": "0",
     "temperature": "0",
+    "repeat_penalty": "1.1",
     "discovery": False,
     "max_queue": "4096",
     "log_level": "WARNING",
