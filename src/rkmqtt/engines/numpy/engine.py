@@ -7,8 +7,9 @@ docs/benchmarks.md).
 One `poll()` is one step: every generating slot decodes one token, and joining requests' prompts
 advance in the same batch of rows, several prompts in one pass, up to a budget of tokens:
 `prefill_chunk` while a request that has already decoded is decoding (so a long prompt does not stall
-it), else `idle_prefill_chunk`. Requests that arrive together, or before the first of them has decoded
-once, are so prefilled together in as few passes as that budget allows. A request takes a free slot at
+it), else `idle_prefill_chunk`. Requests that arrive together, or a step apart, are so prefilled
+together: in ⌈total / idle_prefill_chunk⌉ passes up to two such passes, by `prefill_chunk` after that
+(a decoder waits at most one full pass, for its second token). A request takes a free slot at
 `submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
 
 Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last; a new
