@@ -40,15 +40,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RKMQTT_HEALTH_FILE=/run/rkmqtt/health.json \
     RKMQTT_STATE_DIR=/var/lib/rkmqtt/state
 
-# libgomp1: librkllmrt.so is linked against the GNU OpenMP runtime.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 rkmqtt \
-    && useradd --system --uid 10001 --gid rkmqtt --home-dir /var/lib/rkmqtt --create-home \
-       --shell /usr/sbin/nologin rkmqtt \
-    && mkdir -p /run/rkmqtt /var/lib/rkmqtt/state \
-    && chown rkmqtt:rkmqtt /run/rkmqtt /var/lib/rkmqtt/state
+# The runtime packages, the unprivileged rkmqtt user and its folders: the same script as the add-on's.
+COPY addon/rkmqtt/setup-image.sh /tmp/setup-image.sh
+RUN sh /tmp/setup-image.sh && rm /tmp/setup-image.sh
 
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels rkmqtt \

@@ -1,22 +1,9 @@
-"""Benchmark of the numpy engine on SmolLM2-135M-Instruct (main thread; drives the engine as the
-scheduler would, with no MQTT).
+"""Benchmark of the numpy engine on SmolLM2-135M-Instruct, driven as the scheduler would, without MQTT
+(main thread): decode throughput per n_batch, prefill, peak RSS, continuous against static batching
+under staggered arrivals (docs/benchmarks.md, "The numpy engine alone"). It runs itself again
+without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unless --keep-openblas-env.
 
     .venv/bin/python benchmarks/numpy_engine.py [--repeats 3] [--quick] [--parts decode,rss,arrivals]
-        [--gaps 1.0,0.5,0.25] [--threads N]
-
-Prints one table:
-
-* engine-only decode throughput, aggregate and per sequence, for n_batch 1, 2, 4, 8, 16
-  (n_batch / the median time of the steps in which every slot decodes; then the median over
-  repeats, interleaved so that load from other processes spreads over all batch sizes);
-* prefill tokens/s for a 200-token prompt;
-* peak RSS of a process running n_batch 8 with 2048-token contexts filled to the end;
-* continuous against static batching under staggered arrivals at the same load, at three loads (`--gaps`): mean latency
-  (static: a batch of up to n_batch requests starts together and nothing joins until all of
-  it has finished, emulated with the same engine by submitting only when it is idle).
-
-OpenBLAS: when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set, the script runs itself again
-without them (they make current numpy slower on this machine); `--keep-openblas-env` keeps them.
 """
 
 from __future__ import annotations
@@ -36,6 +23,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Hashable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -136,7 +124,7 @@ def serve(engine: NumpyEngine, schedule: list[Arrival], static: bool) -> list[fl
     start = time.perf_counter()
     waiting: list[Arrival] = []
     pending = list(schedule)
-    arrived_at: dict[str, float] = {}
+    arrived_at: dict[Hashable, float] = {}
     latencies: list[float] = []
     while pending or waiting or engine.active():
         now = time.perf_counter() - start
@@ -180,7 +168,7 @@ def rss_child(n_batch: int, max_context: int, threads: int) -> dict[str, Any]:
             except Exception:
                 text = text[: int(len(text) * 0.9)]
     engine.submit(reqs)
-    totals: dict[str, int] = {}
+    totals: dict[Hashable, int] = {}
     while engine.active():
         for ev in engine.poll(0.0):
             if isinstance(ev, FinishEvent):
@@ -217,7 +205,7 @@ def machine() -> str:
         pass
     blas = "?"
     try:
-        cfg = np.show_config(mode="dicts")  # type: ignore[no-untyped-call]
+        cfg = np.show_config(mode="dicts")  # type: ignore[no-untyped-call,unused-ignore]
         blas = f"{cfg['Build Dependencies']['blas']['name']} {cfg['Build Dependencies']['blas']['version']}"
     except Exception:
         pass

@@ -1,14 +1,8 @@
-"""Ask the README's first question as the README does, N times each way, and count the good answers
-(main thread; the bridge and the broker run as child processes).
+"""The README's first question asked as the README asks it, N times each way, and the good answers
+counted (main thread; the broker and the bridge are child processes; docs/sampling.md, "Reproduce").
+An answer is good when its first sentence names Paris as the capital; exit 0 when both counts reach --need.
 
-    .venv/bin/python benchmarks/readme_answers.py [--tries 20] [-- BRIDGE FLAGS...]
-
-It starts a private Mosquitto and `rkmqtt run` with its HTTP API on a free port and no sampling
-setting (so the model's own defaults apply; flags after `--` go to `rkmqtt run`, e.g.
-`-- --temperature 0.2 --repeat-penalty 1.1` for the old defaults), then runs, `--tries` times each,
-`rkmqtt ask "<the README's question>"` and the README's curl example (taken from README.md, with
-the port changed). An answer is good when its first sentence names Paris as the capital. It prints
-every answer and one count line per way; exit 0 when both counts reach `--need`.
+    .venv/bin/python benchmarks/readme_answers.py [--tries 20] [--need 19] [-- RKMQTT-RUN FLAGS...]
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto, free_port
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RKMQTT = [sys.executable, "-m", "rkmqtt"]

@@ -1,33 +1,8 @@
-"""Benchmark: RKLLM batching with the stand-in runtime's RK3588 timing model, n_batch 1 against 4.
+"""Benchmark: RKLLM batching with the stand-in runtime's RK3588 timing model, n_batch 1 against 4,
+through the bridge's scheduler and RKLLM engine without MQTT (main thread; the scenario and the
+model's prediction: docs/benchmarks.md, "The stand-in against its own model").
 
-    .venv/bin/python benchmarks/rkllm_standin.py              # the issue's scenario, a markdown table
-    .venv/bin/python benchmarks/rkllm_standin.py --alpha 0.3  # another assumed batch cost growth
-    .venv/bin/python benchmarks/rkllm_standin.py --json out.json
-
-Scenario (issue 4): 4 users send at once; each request, served alone, takes 300 ms to its first
-token and 2 s of generation. Sequential service (n_batch 1) then gives 2.3, 4.6, 6.9 and 9.2 s:
-5.75 s average latency and 0.43 requests/s. With n_batch 4 the four share one rkllm_run.
-
-The path measured is the bridge's own: `rkmqtt.scheduler.Scheduler` (fair queue, batch admission,
-event handling, final replies built as on the wire) driving `RkllmEngine` over ctypes into the C
-stand-in (tests/standin/rkllm_standin.c, built here with ABI 1.3). Only MQTT is left out: the
-replies are read from the scheduler's outbox; latency is each reply's `timing.total_ms`
-(arrival -> final reply) and throughput is 4 over the time to the last reply.
-
-Timing model of the stand-in (its environment variables, set here):
-* prefill: 3.0 ms per prompt token (RK3588 Qwen2.5-1.5B w8a8: 378 ms / 128 tokens = 2.95), and
-  a batch's prefill costs the sum of its prompts (compute-bound: no batching gain assumed);
-  each prompt is 100 tokens (400 bytes; the stand-in counts ceil(bytes / 4)) -> 300 ms alone;
-* decode: step_ms(b) = DECODE_MS * (1 + ALPHA * (b - 1)) with b the slots still active;
-  DECODE_MS = 2000 / 33 = 60.6 ms (16.5 tokens/s; Rockchip publishes 16.7 at batch 1); each reply
-  is 33 tokens: the first comes out of the prefill, then 32 decode steps and one EOS step,
-  33 x 60.6 ms = 2.0 s alone;
-* ALPHA, the relative cost of each extra active slot in a decode step, is an ASSUMPTION: nobody
-  has published RK3588 multi-batch figures. Decode is memory-bound (the weights are read once per
-  step for all slots), so the default assumed is 0.10 (a batch of 4 steps 30 % slower than one).
-
-The model's prediction: n_batch 1 -> request k ends at k x (300 + 33 x 60.6) ms; n_batch 4 -> all
-four end at 4 x 300 + 33 x 60.6 x (1 + 3 ALPHA) ms. The target: measured within 5 % of it.
+    .venv/bin/python benchmarks/rkllm_standin.py [--alpha 0.3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,14 +23,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from tests.standin.build import build_standin  # noqa: E402
 
-from rkmqtt.core import CoreConfig  # noqa: E402
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams  # noqa: E402
 from rkmqtt.engines.rkllm.engine import RkllmEngine  # noqa: E402
-from rkmqtt.outbox import Outbox  # noqa: E402
+from rkmqtt.mqtt.outbox import Outbox  # noqa: E402
+from rkmqtt.mqtt.replies import MqttRoute, Replies  # noqa: E402
+from rkmqtt.mqtt.sink import MqttSink  # noqa: E402
 from rkmqtt.protocol import OkReply  # noqa: E402
-from rkmqtt.replies import Replies  # noqa: E402
-from rkmqtt.request import Request, RequestKey, Route  # noqa: E402
-from rkmqtt.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from rkmqtt.sched.finals import Finals  # noqa: E402
+from rkmqtt.sched.loop import Scheduler, SchedulerConfig  # noqa: E402
+from rkmqtt.sched.policy import CoreConfig  # noqa: E402
+from rkmqtt.sched.request import Request, RequestKey  # noqa: E402
 from rkmqtt.settings import Settings  # noqa: E402
 
 USERS = 4
@@ -116,9 +93,9 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
             dedup_window_s=60,
         ),
         stats_interval_s=3600,
-        stats_topic=None,
     )
-    scheduler = Scheduler(engine, config, outbox, Replies(engine.model_name))
+    sink = MqttSink(outbox, Replies(Finals(engine.model_name)))
+    scheduler = Scheduler(engine, config)
     scheduler.start()
     t0 = time.monotonic()
     for u in range(USERS):
@@ -129,7 +106,7 @@ def run_once(lib: Path, model: Path, n_batch: int) -> tuple[float, float, float]
             max_new_tokens=256,
             sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repeat_penalty=1.1),
         )
-        scheduler.submit(Request(key, Route(f"bench/reply/{key}", stream=False), gen, arrival=t0))
+        scheduler.submit(Request(key, MqttRoute(f"bench/reply/{key}", sink, stream=False), gen, arrival=t0))
     replies: list[OkReply] = []
     last = t0
     deadline = t0 + 60

@@ -1,16 +1,8 @@
-"""Soak: the bridge's memory under a flood that keeps the queue full and bumps continuously
-(main thread; the MQTT clients run on paho's threads).
+"""Soak: the bridge's memory under a flood that keeps the queue full and bumps continuously (main
+thread; the MQTT clients run on paho's threads). It prints the bridge's RSS and stats as it goes,
+then the bumps, the RSS growth over the second half and whether the counters add up.
 
     .venv/bin/python benchmarks/soak_bumping.py [--minutes 10] [--engine numpy] [--every 30]
-
-Starts a private Mosquitto and `rkmqtt run` (default engine and model, a small queue), then for
-`--minutes`: one device floods long prompts faster than they are served, and quiet devices each
-send a request a second with a short expiry, so every quiet request bumps a waiting flood request
-out of the full queue and then expires, and the next one bumps again (a bumped request has been
-tokenized: before the scheduling core, its tokens stayed in the engine for good). Prints the
-bridge's RSS and its stats counters (`P/node/soak/stats`) every `--every` seconds; at the end, the
-bumps (finals that say so), the RSS growth over the second half of the run and whether the counters
-add up.
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from rkmqtt.broker import Mosquitto  # noqa: E402
+from rkmqtt.mqtt.broker import Mosquitto  # noqa: E402
 from rkmqtt.topics import Topics  # noqa: E402
 
 PREFIX = "soak"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
 from rkmqtt.engines.base import Engine
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
 from tests.mqtt_probe import Probe

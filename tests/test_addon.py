@@ -23,8 +23,8 @@ from PIL import Image
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from rkmqtt import addon
-from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
 from tests.addon_rules import lint_config

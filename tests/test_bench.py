@@ -1,6 +1,6 @@
-"""`rkmqtt bench`: pure figures, then real short sweeps — the stand-in RKLLM runtime with zero
-delays behind bridges the bench starts as child processes on a private Mosquitto, and a bridge
-that is already running."""
+"""The bench: pure figures, then real short sweeps of the harness (`python -m benchmarks`) — the
+stand-in RKLLM runtime with zero delays behind bridges it starts as child processes on a private
+Mosquitto — and `rkmqtt bench` against a bridge that is already running."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks.cli import main as harness
+from benchmarks.suites import SUITES
 
 from rkmqtt.bench.gain import batching_gain
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile, summarize
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
 from rkmqtt.bench.report import markdown, single_round
-from rkmqtt.bench.sweep import Point, batching_suite, targets_suite
+from rkmqtt.bench.runner import Point
 from rkmqtt.bench.workload import Workload
-from rkmqtt.broker import Mosquitto
-from rkmqtt.cli import main
+from rkmqtt.cli.main import main
 from rkmqtt.errors import ConfigError
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
 
@@ -72,7 +74,7 @@ def test_workload_prompts_and_open_arrivals() -> None:
 def test_a_fresh_prompts_warm_up_sends_other_prompts_than_the_measured_round() -> None:
     """The single round of the `batching` suite: 8 devices ask new questions (no slot holds them
     from the warm-up); without `fresh_prompts` the warm-up sends the measured prompts."""
-    (closed, round_) = batching_suite(BUILTIN_PROMPTS)
+    (closed, round_) = SUITES["batching"](BUILTIN_PROMPTS, False)
     w = round_.workload
     assert (w.shape, w.devices, w.total, w.max_new_tokens, w.fresh_prompts) == ("burst", 8, 8, 48, True)
     assert (round_.n_batch, round_.direct_n_batch) == ((1, 8), (1, 8)) == (closed.n_batch, closed.direct_n_batch)
@@ -80,7 +82,7 @@ def test_a_fresh_prompts_warm_up_sends_other_prompts_than_the_measured_round() -
     assert measured.isdisjoint(w.warmup_prompt_index(d, 0) for d in range(8)) and len(measured) == 8
     same = Workload("burst", devices=8, requests=8, max_new_tokens=8, prompts=BUILTIN_PROMPTS)
     assert [same.warmup_prompt_index(d, 0) for d in range(8)] == [same.prompt_index(d, 0) for d in range(8)]
-    assert {s.name for s in targets_suite(BUILTIN_PROMPTS, rkllm_real=False)} >= {"cpu-8-devices", "cpu-8-at-once"}
+    assert {s.name for s in SUITES["targets"](BUILTIN_PROMPTS, False)} >= {"cpu-8-devices", "cpu-8-at-once"}
 
 
 def _run(tokens_per_s: float) -> RunMetrics:
@@ -135,10 +137,9 @@ def _check_consistent(m: dict[str, Any]) -> None:
 
 def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    status = main(
+    status = harness(
         [
             *[
-                "bench",
                 "--engines",
                 "rkllm-zero",
                 "--n-batch",
@@ -212,10 +213,9 @@ def test_sweep_with_zero_delay_standin(tmp_path: Path, capsys: pytest.CaptureFix
 def test_open_loop_and_bursts(tmp_path: Path) -> None:
     for shape, extra in (("open", ["--rate", "40"]), ("burst", [])):
         out = tmp_path / shape
-        status = main(
+        status = harness(
             [
                 *[
-                    "bench",
                     "--engines",
                     "rkllm-zero",
                     "--n-batch",
@@ -241,11 +241,12 @@ def test_one_round_at_once_reports_the_batching_gain_beside_the_engine_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One round of 4 devices at once, n_batch 1 and 4, through MQTT and for the engine alone: the
-    report has both gains and what the bridge keeps (a small run of what `--suite batching` does)."""
+    report has both gains and what the bridge keeps (a small run of what `--suite batching` does);
+    `rkmqtt bench --render` shows them again from the saved JSON."""
     out = tmp_path / "out"
-    args = ["bench", "--engines", "rkllm-zero", "--shape", "burst", "--devices", "4", "--requests", "4"]
-    args += ["--tokens", "8", "--n-batch", "1,4", "--direct", "1,4", "--out", str(out), "--no-plot", "--no-progress"]
-    assert main(args) == 0
+    args = ["--engines", "rkllm-zero", "--shape", "burst", "--devices", "4", "--requests", "4", "--tokens", "8"]
+    args += ["--n-batch", "1,4", "--direct", "1,4", "--out", str(out), "--no-plot", "--no-progress"]
+    assert harness(args) == 0
     data = json.loads((out / "bench.json").read_text())
     tps = {(p["n_batch"], p["mode"]): p["median"]["tokens_per_s"] for p in data["points"]}
     (g,) = data["batching_gain"]
@@ -253,7 +254,10 @@ def test_one_round_at_once_reports_the_batching_gain_beside_the_engine_alone(
     assert g["mqtt_gain"] == pytest.approx(tps[4, "mqtt"] / tps[1, "mqtt"], rel=1e-3)
     assert g["direct_gain"] == pytest.approx(tps[4, "direct"] / tps[1, "direct"], rel=1e-3)
     assert g["bridge_keeps"] == pytest.approx(g["mqtt_gain"] / g["direct_gain"], rel=1e-3)
-    assert "batching gain" in capsys.readouterr().out and "| batching gain |" in (out / "bench.md").read_text()
+    table = capsys.readouterr().out
+    assert "batching gain" in table and "| batching gain |" in (out / "bench.md").read_text()
+    assert main(["bench", "--render", str(out / "bench.json"), "--no-plot"]) == 0
+    assert capsys.readouterr().out == table
 
 
 def test_running_bridge_and_errors(
@@ -265,7 +269,7 @@ def test_running_bridge_and_errors(
     out = tmp_path / "out"
     status = main(
         [
-            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["bench", "--broker", mosquitto.url, "--topic-prefix", prefix],
             *["--devices", "6", "--requests", "12", "--warmup", "0", "--no-progress", "--out"],
             str(out),
         ]
@@ -295,7 +299,7 @@ def test_without_matplotlib_the_bench_writes_the_rest_and_says_how_to_plot(
     out = tmp_path / "out"
     status = main(
         [
-            *["bench", "--bridge", "running", "--broker", mosquitto.url, "--topic-prefix", prefix],
+            *["bench", "--broker", mosquitto.url, "--topic-prefix", prefix],
             *["--devices", "2", "--requests", "4", "--warmup", "0", "--no-progress", "--out", str(out)],
         ]
     )

@@ -1,4 +1,4 @@
-"""`rkmqtt bench --http`: the same load through the bridge's Ollama HTTP API beside MQTT, with the
+"""The harness's `--http`: the same load through the bridge's Ollama HTTP API beside MQTT, with the
 zero-delay RKLLM stand-in, and HTTP's cost against MQTT's in the report."""
 
 from __future__ import annotations
@@ -8,13 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from rkmqtt.cli import main
+from benchmarks.cli import main
 
 
 def test_http_beside_mqtt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    args = ["bench", "--engines", "rkllm-zero", "--n-batch", "1,2", "--http", "2", "--devices", "3"]
+    args = ["--engines", "rkllm-zero", "--n-batch", "1,2", "--http", "2", "--devices", "3"]
     args += ["--requests", "12", "--tokens", "16", "--repeat", "2", "--out", str(out), "--no-plot", "--no-progress"]
     assert main(args) == 0
     data = json.loads((out / "bench.json").read_text())
@@ -50,7 +49,7 @@ def test_http_beside_mqtt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_http_with_bursts_and_an_open_loop(tmp_path: Path) -> None:
     for shape, extra in (("burst", []), ("open", ["--rate", "40"])):
         out = tmp_path / shape
-        args = ["bench", "--engines", "rkllm-zero", "--n-batch", "2", "--http", "all", "--devices", "4"]
+        args = ["--engines", "rkllm-zero", "--n-batch", "2", "--http", "all", "--devices", "4"]
         args += ["--requests", "8", "--tokens", "8", "--shape", shape, *extra, "--out", str(out)]
         assert main([*args, "--no-plot", "--no-progress"]) == 0
         points = {p["mode"]: p["median"] for p in json.loads((out / "bench.json").read_text())["points"]}
@@ -58,5 +57,5 @@ def test_http_with_bursts_and_an_open_loop(tmp_path: Path) -> None:
 
 
 def test_a_bad_http_list_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--engines", "rkllm-zero", "--http", "two", "--no-progress"]) == 2
+    assert main(["--engines", "rkllm-zero", "--http", "two", "--no-progress"]) == 2
     assert "--http: not a comma-separated list of numbers: 'two'" in capsys.readouterr().err

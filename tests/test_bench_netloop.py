@@ -16,7 +16,7 @@ import psutil
 
 from rkmqtt.bench.mqttclient import BenchClient
 from rkmqtt.bench.netloop import NetLoop
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.settings import Settings
 from tests.conftest import bridge_settings
 from tests.test_tls_auth import _make_certs

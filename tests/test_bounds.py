@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from rkmqtt.outbox import Outbox, Outgoing, Publisher
+from rkmqtt.mqtt.outbox import Outbox, Outgoing, Publisher
 from rkmqtt.protocol import ErrorCode
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
@@ -124,7 +124,7 @@ def test_a_failing_reply_topic_is_logged_once_without_a_traceback(caplog: pytest
     finally:
         publisher.stop()
     assert publisher.failed == 501
-    lines = [r for r in caplog.records if r.name == "rkmqtt.outbox"]
+    lines = [r for r in caplog.records if r.name == "rkmqtt.mqtt.outbox"]
     assert len(lines) == 1 and lines[0].exc_info is None
     assert len(lines[0].getMessage()) < 400 and "ValueError" in lines[0].getMessage()
 
@@ -133,7 +133,7 @@ def test_acknowledgements_nobody_waits_for_are_not_kept(monkeypatch: pytest.Monk
     """paho reports every QoS 0 chunk through on_publish as well: thousands a second that no final
     reply waits for. Half a second of them is kept (a PUBACK may overtake its registration), no more.
     (What keeping them costs per chunk shows in `rkmqtt bench`'s relay figures.)"""
-    import rkmqtt.outbox as outbox
+    import rkmqtt.mqtt.outbox as outbox
 
     now = [100.0]
     monkeypatch.setattr(outbox.time, "monotonic", lambda: now[0])

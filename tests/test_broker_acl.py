@@ -16,8 +16,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from rkmqtt import homeassistant as ha
-from rkmqtt.broker import Mosquitto, free_port
+from rkmqtt.mqtt import discovery as ha
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine

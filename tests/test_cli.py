@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
@@ -193,7 +193,7 @@ def test_the_package_has_no_import_cycle() -> None:
 
     for name in sorted(graph):
         visit(name, [])
-    assert "rkmqtt.bench.cli" in graph["rkmqtt.cli"]
+    assert "rkmqtt.cli.bench" in graph["rkmqtt.cli.main"] and "rkmqtt.bench.attach" in graph["rkmqtt.cli.bench"]
 
 
 def test_health_says_unhealthy_at_once_after_a_clean_stop(

@@ -22,10 +22,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rkmqtt.core import CoreConfig, SchedulingCore, Step
 from rkmqtt.engines.base import ChatMessage, ErrorEvent, FinishEvent, Generation, Prepared, SamplingParams, TokenEvent
+from rkmqtt.mqtt.replies import MqttRoute
 from rkmqtt.protocol import ErrorCode
-from rkmqtt.request import Request, RequestKey, RequestState, Route
+from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
+from rkmqtt.sched.request import Request, RequestKey, RequestState
 
 
 def key(text: str) -> RequestKey:
@@ -49,7 +50,8 @@ class Harness:
         temp = opts.pop("temperature", 0.0)
         gen = Generation(k, (ChatMessage("user", "hi"),), 8, SamplingParams(temperature=temp))
         expires = opts.pop("expires", None)
-        route = Route(opts.pop("topic", f"p/reply/{k}"), stream=opts.pop("stream", True))
+        # The harness carries out the steps itself: the routes need no sink.
+        route = MqttRoute(opts.pop("topic", f"p/reply/{k}"), sink=None, stream=opts.pop("stream", True))
         assert not opts, opts
         return Request(k, route, gen, arrival=now, deadline=None if expires is None else now + expires)
 

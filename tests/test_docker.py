@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 ADDON_DOCKERFILE = ROOT / "addon" / "rkmqtt" / "Dockerfile"
 RUN_SH = ROOT / "addon" / "rkmqtt" / "run.sh"
 UNIT = ROOT / "deploy" / "rkmqtt.service"
+SETUP_SCRIPT = "addon/rkmqtt/setup-image.sh"  # the set-up both images run, as the top-level build copies it
 
 # -- a small Dockerfile parser --------------------------------------------------------------------
 
@@ -117,6 +118,20 @@ def env_of(stage: list[Instruction]) -> dict[str, str]:
     return env
 
 
+def setup_text(stage: list[Instruction], context: Path) -> str:
+    """What the stage's RUN instructions do: their own text, and that of every file the stage copies
+    in from the build context and then names in a RUN (the set-up script both images run)."""
+    runs = [i.args for i in stage if i.keyword == "RUN"]
+    texts = list(runs)
+    for i in stage:
+        if i.keyword != "COPY" or any(w.startswith("--from=") for w in i.words()):
+            continue
+        *sources, dest = [w for w in i.words() if not w.startswith("--")]
+        if any(dest in r for r in runs):
+            texts += [(context / src).read_text() for src in sources if (context / src).is_file()]
+    return "\n".join(texts)
+
+
 def healthcheck(stage: list[Instruction]) -> list[str]:
     [hc] = [i for i in stage if i.keyword == "HEALTHCHECK"]
     opts, _, cmd = hc.args.partition("CMD ")
@@ -166,15 +181,15 @@ def test_image_runs_as_an_unprivileged_user(top: list[Instruction]) -> None:
     users = [i.args for i in stage if i.keyword == "USER"]
     assert users and users[-1] not in ("root", "0", "0:0")
     user = users[-1].split(":")[0]
-    runs = " ".join(i.args for i in stage if i.keyword == "RUN")
+    runs = setup_text(stage, ROOT)
     assert re.search(rf"useradd .*\b{user}\b", runs), "the user is created in the image"
 
 
 def test_image_entry_point_is_rkmqtt_run(top: list[Instruction]) -> None:
     assert entry_command(final_stage(top)) == ["rkmqtt", "run"]
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'(?m)^\[project\.scripts\]\s*\nrkmqtt = "rkmqtt\.cli:main"$', pyproject)
-    from rkmqtt.cli import build_parser
+    assert re.search(r'(?m)^\[project\.scripts\]\s*\nrkmqtt = "rkmqtt\.cli\.main:main"$', pyproject)
+    from rkmqtt.cli.main import build_parser
 
     assert build_parser().parse_args(["run"]).command == "run"
     assert build_parser().parse_args(["health"]).command == "health"
@@ -185,7 +200,7 @@ def test_image_healthcheck_reads_the_health_file_the_service_writes(top: list[In
     assert healthcheck(stage) == ["rkmqtt", "health"]
     health_file = env_of(stage)["RKMQTT_HEALTH_FILE"]
     directory = str(Path(health_file).parent)
-    runs = " ".join(i.args for i in stage if i.keyword == "RUN")
+    runs = setup_text(stage, ROOT)
     assert re.search(rf"chown \S+ .*{re.escape(directory)}", runs), "the user can write the health file"
 
 
@@ -197,7 +212,7 @@ def test_image_bakes_in_no_model_or_runtime_library(top: list[Instruction]) -> N
             for src in sources:
                 assert not re.search(r"\.(rkllm|gguf|so|bin|safetensors)$|models?/?$|librkllm", src), i
             if not any(w.startswith("--from=") for w in i.words()):
-                assert set(sources) <= {"pyproject.toml", "README.md", "src", "./src", "src/"}, i
+                assert set(sources) <= {"pyproject.toml", "README.md", "src", "./src", "src/", SETUP_SCRIPT}, i
         assert "librkllmrt" not in i.args or i.keyword not in ("COPY", "ADD", "RUN"), i
 
 
@@ -227,16 +242,18 @@ def test_image_keeps_the_request_journal_in_a_volume_the_service_may_write(top: 
     state = env_of(stage)["RKMQTT_STATE_DIR"]
     volumes = [w.strip('[]",') for i in stage if i.keyword == "VOLUME" for w in i.words()]
     assert state in volumes, "accepted requests must outlive the container"
-    made = next(i.args for i in stage if i.keyword == "RUN" and "useradd" in i.args)
-    assert re.search(rf"mkdir -p [^&]*{re.escape(state)}", made) and re.search(
-        rf"chown rkmqtt:rkmqtt [^&]*{state}", made
+    made = setup_text(stage, ROOT)
+    assert (
+        "useradd" in made
+        and re.search(rf"mkdir -p [^&]*{re.escape(state)}", made)
+        and re.search(rf"chown rkmqtt:rkmqtt [^&]*{state}", made)
     )
 
 
 def test_dockerignore_sends_only_the_sources() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
-    for kept in ("pyproject.toml", "README.md", "src/rkmqtt/cli.py", "src/rkmqtt/engines/base.py"):
+    for kept in ("pyproject.toml", "README.md", "src/rkmqtt/cli/main.py", "src/rkmqtt/engines/base.py", SETUP_SCRIPT):
         assert not dockerignore_excludes(kept, patterns), kept
     for dropped in (
         ".venv/bin/python",
@@ -261,9 +278,13 @@ def test_addon_image_matches_the_top_level_image(top: list[Instruction], addon_i
     assert env_of(a)["RKMQTT_HEALTH_FILE"] == env_of(t)["RKMQTT_HEALTH_FILE"]
     runs = lambda s: [i.args for i in s if i.keyword == "RUN"]  # noqa: E731
     assert runs(a)[0] == runs(t)[0], "the same system packages and the same unprivileged user"
+    # ...from one script, not a copy of it: the add-on's folder holds it (the Supervisor builds from there).
+    shared = [i.words() for i in t if i.keyword == "COPY" and i.words()[-1] == "/tmp/setup-image.sh"]
+    assert shared == [[SETUP_SCRIPT, "/tmp/setup-image.sh"]] and "setup-image.sh" in runs(t)[0]
+    assert (ROOT / SETUP_SCRIPT).parent == ADDON_DOCKERFILE.parent
     assert entry_command(a) == ["/run.sh"]
     copies = [i.words() for i in a if i.keyword in ("COPY", "ADD")]
-    assert copies == [["dist/", "/tmp/dist/"], ["run.sh", "/run.sh"]]
+    assert copies == [["setup-image.sh", "/tmp/setup-image.sh"], ["dist/", "/tmp/dist/"], ["run.sh", "/run.sh"]]
     # run.sh ends in `exec ... rkmqtt run "$@"` on every path.
     execs = [ln.strip() for ln in RUN_SH.read_text().splitlines() if ln.strip().startswith("exec ")]
     assert execs and all(re.search(r'\brkmqtt run "\$@"$', e) for e in execs), execs

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tools import reference
 
-from rkmqtt import reference
-from rkmqtt.broker import Mosquitto
-from rkmqtt.cli import build_parser
+from rkmqtt.cli.main import build_parser
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
 from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
 from tests.mqtt_probe import Probe
@@ -27,13 +27,11 @@ README = (REPO / "README.md").read_text()
 
 
 def test_config_yaml_is_generated_from_settings() -> None:
-    assert (REPO / "config.yaml").read_text() == reference.render_config_yaml(), (
-        "run .venv/bin/python -m rkmqtt.reference --write"
-    )
+    assert (REPO / "config.yaml").read_text() == reference.render_config_yaml(), "run ./dev docs"
 
 
 def test_readme_reference_is_generated_from_models() -> None:
-    assert README == reference.render_readme(README), "run .venv/bin/python -m rkmqtt.reference --write"
+    assert README == reference.render_readme(README), "run ./dev docs"
     assert README.count("<!-- generated:settings -->\n| setting") == 1
     assert README.count("<!-- generated:topics -->\n`P`") == 1
 

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from tests.bridge_process import BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401

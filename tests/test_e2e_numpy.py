@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
 from rkmqtt.engines.numpy.engine import NumpyEngine
 from rkmqtt.engines.numpy.sampling_defaults import MODEL_SAMPLING, ModelSampling
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from rkmqtt.settings import MODEL_DEFAULTED, Settings
 from tests.fake_engine import FakeEngine

@@ -21,9 +21,9 @@ import ollama
 import openai
 import pytest
 
-from rkmqtt.broker import Mosquitto, free_port
 from rkmqtt.errors import ConfigError
 from rkmqtt.http.auth import is_local
+from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine

@@ -15,8 +15,8 @@ import ollama
 import openai
 import pytest
 
-from rkmqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.engines.numpy.engine import NumpyEngine
+from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
 from tests.numpy_fixtures import TinySpec, write_tiny_gguf
 from tests.test_http_units import TOOL_TEMPLATE, TOOLS

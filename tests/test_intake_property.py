@@ -11,10 +11,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rkmqtt.intake import MAX_MESSAGE_CHARS, Incoming, Intake
+from rkmqtt.mqtt.intake import MAX_MESSAGE_CHARS, Incoming, Intake
+from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.replies import Refusal, Replies
+from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import ErrorReply, RequestPayload
-from rkmqtt.replies import Refusal, Replies
-from rkmqtt.request import Request
+from rkmqtt.sched.admission import Admission
+from rkmqtt.sched.finals import Finals
+from rkmqtt.sched.request import Request
 from rkmqtt.settings import load_settings
 from rkmqtt.topics import Topics, has_wildcards
 
@@ -23,7 +27,8 @@ SETTINGS = load_settings(
     {"topic_prefix": P, "max_correlation_bytes": 32, "max_reply_topic_chars": 64, "rate_limit": 600, "rate_burst": 5}
 )
 TOPICS = Topics(P)
-REPLIES = Replies("model")
+REPLIES = Replies(Finals("model"))
+SINK = MqttSink(Outbox(100), REPLIES)
 
 # A topic level a broker can deliver: UTF-8 without NUL, no `/`, and (in a topic name) no wildcards.
 LEVEL = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/+#\x00"), min_size=0, max_size=70)
@@ -92,7 +97,7 @@ def incoming(draw: st.DrawFn) -> Incoming:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(incoming(), min_size=1, max_size=8))
 def test_intake_never_raises_answers_once_and_stays_in_the_clients_subtree(messages: list[Incoming]) -> None:
-    intake = Intake(SETTINGS, TOPICS)
+    intake = Intake(SETTINGS, TOPICS, Admission(SETTINGS, lambda code: None), SINK)
     for now, msg in enumerate(messages):
         result = intake.accept(msg, now=float(now))  # never raises
         own = f"{P}/reply/{msg.client}/"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rkmqtt.errors import ConfigError
-from rkmqtt.intake import Incoming
-from rkmqtt.journal import Delivered, Journal, journal_path
-from rkmqtt.request import RequestKey
+from rkmqtt.mqtt.intake import Incoming
+from rkmqtt.mqtt.journal import Delivered, Journal, journal_path
+from rkmqtt.sched.request import RequestKey
 
 
 def incoming(client: str = "dev", text: str = "hello", **kw: object) -> Incoming:

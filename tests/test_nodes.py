@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from tests.bridge_process import REPO, BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from rkmqtt.broker import Mosquitto, free_port, port_answers
+from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
@@ -183,7 +183,7 @@ CTRL_C_RUN = """
 import sys
 import rkmqtt.service
 rkmqtt.service.EMBEDDED_PORT = int(sys.argv[1])  # where 1883 would be (never the system's broker)
-from rkmqtt.cli import main
+from rkmqtt.cli.main import main
 sys.exit(main(["run", "--engine", "tests.fake_engine:FakeEngine", "--no-discovery", "--grace-period", "30",
                "--topic-prefix", sys.argv[2]]))
 """

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from rkmqtt.sharing import Announce, Sharing, Subscribe, Unsubscribe, Warn
+from rkmqtt.mqtt.sharing import Announce, Sharing, Subscribe, Unsubscribe, Warn
 
 
 def run(sharing: Sharing, events: list[tuple[str, Any, Any]]) -> list[list[str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
@@ -69,14 +69,14 @@ def test_tls_with_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
             (f"mqtts://localhost:{misnamed.port}", other / "ca.crt", "certificate is not for this host name"),
         ):
             caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="rkmqtt.link"):
+            with caplog.at_level(logging.WARNING, logger="rkmqtt.mqtt.link"):
                 bad = Service(bridge_settings(url, "tls", tls_ca=str(ca)), engine=FakeEngine())
                 bad.start()
                 try:
                     assert bad.bridge is not None and not bad.bridge.wait_connected(3)
                 finally:
                     bad.stop(grace_s=0)
-            lines = [r.getMessage() for r in caplog.records if r.name == "rkmqtt.link"]
+            lines = [r.getMessage() for r in caplog.records if r.name == "rkmqtt.mqtt.link"]
             assert len(lines) == 1 and cause in lines[0] and url.rsplit(":", 1)[1] in lines[0], lines
         misnamed.close()
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,17 @@ from hypothesis import strategies as st
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.errors import ConfigError
-from rkmqtt.fairqueue import FairQueue
-from rkmqtt.intake import Incoming, Intake, RateLimiter
+from rkmqtt.http.exchange import HttpRoute, _QueueSink
+from rkmqtt.mqtt.intake import Incoming, Intake
+from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.replies import MqttRoute, Refusal, Replies
+from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import ErrorCode, parse_cancel_payload
-from rkmqtt.replies import Refusal
-from rkmqtt.request import Request, RequestKey, RequestState, Route
-from rkmqtt.settings import load_settings
+from rkmqtt.sched.admission import Admission, Ask, RateLimiter, Refused
+from rkmqtt.sched.fairqueue import FairQueue
+from rkmqtt.sched.finals import Finals
+from rkmqtt.sched.request import Request, RequestKey, RequestState
+from rkmqtt.settings import Settings, load_settings
 from rkmqtt.topics import Topics
 
 
@@ -47,10 +54,17 @@ def test_topic_scheme() -> None:
     assert t.stream_of(t.reply("c", "i")) == "p/reply/c/i/stream"
 
 
+SINK = MqttSink(Outbox(100), Replies(Finals("model")))
+
+
+def _intake(s: Settings, topics: Topics) -> Intake:
+    return Intake(s, topics, Admission(s, lambda code: None), SINK)
+
+
 def _job(client: str, n: int, temp: float = 0.0) -> Request:
     key = RequestKey(client, str(n))
     gen = Generation(key, (ChatMessage("user", "x"),), 8, SamplingParams(temperature=temp))
-    return Request(key=key, route=Route("r"), gen=gen, arrival=float(n))
+    return Request(key=key, route=MqttRoute("r", SINK), gen=gen, arrival=float(n))
 
 
 @given(st.lists(st.sampled_from("abcde"), min_size=1, max_size=60), st.integers(1, 8))
@@ -107,7 +121,7 @@ def test_rate_limiter_refills() -> None:
 
 def test_intake_resolves_defaults_messages_and_expiry() -> None:
     s = load_settings({"temperature": 0.5, "default_new_tokens": 33})
-    intake = Intake(s, Topics(s.topic_prefix))
+    intake = _intake(s, Topics(s.topic_prefix))
     job = intake.accept(Incoming("dev", b'{"id": "a", "system": "be brief", "prompt": "hi", "expires_in": 5}'), 100.0)
     assert not isinstance(job, Refusal)
     assert [m.role for m in job.gen.messages] == ["system", "user"]
@@ -131,7 +145,7 @@ def test_cancel_payloads() -> None:
 
 def test_refusal_goes_to_a_valid_reply_to_even_for_bad_fields() -> None:
     s = load_settings({"topic_prefix": "p"})
-    r = Intake(s, Topics("p")).accept(Incoming("dev", b'{"id": "i1", "prompt": 5, "reply_to": "p/reply/dev/mine"}'))
+    r = _intake(s, Topics("p")).accept(Incoming("dev", b'{"id": "i1", "prompt": 5, "reply_to": "p/reply/dev/mine"}'))
     assert isinstance(r, Refusal) and r.code == ErrorCode.INVALID_REQUEST and r.route.topic == "p/reply/dev/mine"
 
 
@@ -160,3 +174,56 @@ def test_broker_url_parsing() -> None:
     assert str(a) == "mqtt://me@h:1999"
     with pytest.raises(ConfigError, match="port"):
         load_settings({"broker": "mqtt://h:99999"})
+
+
+def test_routes_are_equal_when_they_are_the_same_reply_target() -> None:
+    """The core compares routes: a retried id from the same target is ignored, from another one it
+    is answered `duplicate_id`. MQTT's target is the topic, Correlation Data and streaming (not the
+    sink or the journal row); every HTTP exchange is a target of its own."""
+    other = MqttSink(Outbox(1), Replies(Finals("model")))
+    a = MqttRoute("p/reply/dev/1", SINK, b"c")
+    assert a == MqttRoute("p/reply/dev/1", other, b"c").journaled(7)
+    assert a != MqttRoute("p/reply/dev/1", SINK, b"d") and a != MqttRoute("p/reply/dev/2", SINK, b"c")
+    assert a != MqttRoute("p/reply/dev/1", SINK, b"c", stream=False)
+    loop = asyncio.new_event_loop()
+    try:
+        sink = _QueueSink(loop, Finals("model"))
+        h = HttpRoute(sink, stream=True)
+        assert h == h and h != HttpRoute(sink, stream=True) and h != a
+    finally:
+        loop.close()
+
+
+def test_admission_is_one_wording_for_both_doors() -> None:
+    """The same `Ask` gets the same refusal whichever door it came through; an admitted one gets
+    the settings' defaults where it set nothing, and its deadline from `expires_in`."""
+    s = load_settings({"max_prompt_chars": 30, "max_new_tokens": 50, "default_new_tokens": 7, "temperature": 0.3})
+    counted: list[ErrorCode] = []
+    adm = Admission(s, counted.append, "m", tools=False)
+    key, route = RequestKey("dev", "1"), MqttRoute("p/reply/dev/1", SINK)
+    long = adm.admit(key, Ask((ChatMessage("user", "x" * 31),)), route, 0.0)
+    assert long == Refused(ErrorCode.TOO_LONG, "prompt is 31 characters; the limit is 30")
+    many = adm.admit(key, Ask((ChatMessage("user", "hi"),), max_new_tokens=51), route, 0.0)
+    assert many == Refused(ErrorCode.TOO_MANY_TOKENS, "max_new_tokens is 51; the limit is 50")
+    tools = adm.admit(key, Ask((ChatMessage("user", "hi"),), tools=({"type": "function"},)), route, 0.0)
+    assert isinstance(tools, Refused) and tools.code == ErrorCode.INVALID_REQUEST
+    assert tools.message.startswith("m takes no tools")
+    req = adm.admit(key, Ask((ChatMessage("user", "hi"),), top_k=3), route, 2.0, expires_in=5.0)
+    assert isinstance(req, Request) and req.route is route and req.deadline == 7.0
+    assert (req.gen.max_new_tokens, req.gen.sampling.temperature, req.gen.sampling.top_k) == (7, 0.3, 3)
+    assert req.gen.sampling_requested
+    assert counted == []  # a door counts what it answers
+    adm.refused(ErrorCode.TOO_LONG)
+    assert counted == [ErrorCode.TOO_LONG]
+
+
+def test_an_assistant_turns_tool_calls_count_towards_the_prompt_length() -> None:
+    """The template renders them for the model, so a client cannot slip a long prompt past
+    max_prompt_chars inside a call's arguments (engine openai takes such turns over MQTT too)."""
+    s = load_settings({"max_prompt_chars": 100})
+    adm = Admission(s, lambda code: None, "m", tools=True)
+    call = {"type": "function", "function": {"name": "f", "arguments": {"text": "x" * 100}}}
+    turns = (ChatMessage("user", "hi"), ChatMessage("assistant", "", (call,)), ChatMessage("tool", "ok", (), "c1"))
+    refused = adm.admit(RequestKey("dev", "1"), Ask(turns), MqttRoute("p/reply/dev/1", SINK), 0.0)
+    assert isinstance(refused, Refused) and refused.code == ErrorCode.TOO_LONG
+    assert Ask(turns).prompt_chars() == len("hi") + len(json.dumps([call])) + len("ok")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rkmqtt.broker import Mosquitto
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorReply, OkReply, StreamChunk
 from rkmqtt.service import Service
 from tests.fake_engine import FakeEngine
@@ -366,8 +366,10 @@ def test_retained_request_is_not_run_on_connect(
     subprocess.run(["mosquitto_pub", "-p", str(mosquitto.port), "-r", "-t", f"{prefix}/request/old",
                     "-m", '{"id": "stale", "prompt": "unlock the door"}'], check=True, timeout=10)  # fmt: skip
     engines = [FakeEngine(), FakeEngine()]
-    start_bridge(engines[0])
-    start_bridge(engines[1], mqtt_version="3.1.1")
+    # Two nodes of their own (one node name would make them take one session from each other), each
+    # with a plain subscription, so that both get the retained request: MQTT 5 and 3.1.1.
+    start_bridge(engines[0], node_name=f"v5-{prefix}", share_requests="off")
+    start_bridge(engines[1], node_name=f"v311-{prefix}", share_requests="off", mqtt_version="3.1.1")
     probe.publish(f"{prefix}/request/new", {"id": "fresh", "prompt": "hello"})
     probe.final(f"{prefix}/reply/new/fresh")
     assert not probe.on(f"{prefix}/reply/old/stale")

@@ -1,5 +1,5 @@
 """`python -m rkmqtt` is the same as the `rkmqtt` command."""
 
-from rkmqtt.cli import main
+from rkmqtt.cli.main import main
 
 raise SystemExit(main())

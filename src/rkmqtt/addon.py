@@ -1,20 +1,7 @@
-"""Running as a Home Assistant add-on (main thread at start-up; the credentials provider is
-called by the bridge's connect loop before it reconnects after the broker rejected it).
-
-* `addon_layers()` turns the add-on's `/data/options.json` (written by the Supervisor from the
-  options the user set in the add-on's page) into a settings layer below YAML, environment and
-  flags. Option names are setting names; `ADDON_OPTIONS` lists those the add-on exposes, and
-  `addon/rkmqtt/config.yaml` declares exactly these (a test keeps the two in step).
-* With no broker configured anywhere, the broker and its credentials come from the Supervisor:
-  `GET http://supervisor/services/mqtt` with `Authorization: Bearer $SUPERVISOR_TOKEN`, whose
-  reply is `{"result": "ok", "data": {"host", "port", "username", "password", "ssl", ...}}`
-  (`port` may be a string). `with_supervisor_broker()` puts them into the settings at start-up;
-  `credentials_provider()` asks again each time the bridge calls it, so a password the
-  Mosquitto add-on changed is picked up on the next connect.
-
-Only the standard library talks HTTP here (urllib); tenacity retries the Supervisor while it
-is starting.
-"""
+"""Running as a Home Assistant add-on (main thread at start-up; the credentials provider is called by
+the bridge's connect loop before a reconnect after a rejection): `/data/options.json` as a settings
+layer, and the Supervisor's broker and credentials when no broker is set (docs/architecture.md,
+"Settings and the add-on")."""
 
 from __future__ import annotations
 
@@ -66,7 +53,7 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "log_level",
 )
 
-#: (user name, password) for the bridge's next connect (`rkmqtt.bridge.CredentialsProvider`).
+#: (user name, password) for the bridge's next connect (`rkmqtt.mqtt.bridge.CredentialsProvider`).
 Credentials = tuple[str | None, str | None]
 
 

@@ -32,3 +32,8 @@ class RequestRejected(RkmqttError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def exit_status(e: RkmqttError) -> int:
+    """A command's exit status for `e`: 2 for a setting or an engine to fix, 1 for the rest."""
+    return 2 if isinstance(e, ConfigError | EngineError) else 1

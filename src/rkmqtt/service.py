@@ -1,13 +1,6 @@
-"""The service behind `rkmqtt run` (main thread): wires the engine, scheduler, bridge, the
-embedded broker and the health file together, and shuts them down in order.
-
-Threads it starts: "rkmqtt-scheduler" (owns the engine), paho's network thread, "rkmqtt-publisher",
-"rkmqtt-http" (the HTTP API's event loop, when `http_listen` is set) and "rkmqtt-health"
-(rewrites the health file once a second when `health_file` is set).
-
-At start, before connecting, it takes up what the request journal holds from the last run, in
-arrival order.
-"""
+"""The service behind `rkmqtt run` (main thread): wires the engine, the scheduler, admission, the MQTT
+bridge and its sink, the HTTP server, the embedded broker and the health file; takes up the journal
+before connecting; shuts them down in order (its threads: docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 
@@ -23,17 +16,20 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.bridge import Bridge, CredentialsProvider
-from rkmqtt.broker import Mosquitto, port_answers
-from rkmqtt.core import CoreConfig
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
-from rkmqtt.journal import Journal, journal_path
-from rkmqtt.outbox import Outbox
+from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
+from rkmqtt.mqtt.broker import Mosquitto, port_answers
+from rkmqtt.mqtt.journal import Journal, journal_path
+from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.replies import Replies
+from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits
-from rkmqtt.replies import Refusal, Replies
-from rkmqtt.scheduler import Scheduler, SchedulerConfig
+from rkmqtt.sched.admission import Admission
+from rkmqtt.sched.finals import Finals
+from rkmqtt.sched.loop import Scheduler, SchedulerConfig
+from rkmqtt.sched.policy import CoreConfig
 from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
 
@@ -143,8 +139,9 @@ class Service:
             self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
             self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
-        self.replies = Replies(self.engine.model_name, s.effective_node_name())
+        finals = Finals(self.engine.model_name, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
+        sink = MqttSink(outbox, Replies(finals), self.journal, topics.stats)
         caps = self.engine.capabilities
         self.scheduler = Scheduler(
             self.engine,
@@ -157,69 +154,45 @@ class Service:
                     dedup_window_s=s.dedup_window,
                 ),
                 stats_interval_s=s.stats_interval,
-                stats_topic=topics.stats,
             ),
-            outbox,
-            self.replies,
-            journal=self.journal,
+            on_stats=sink.stats,
         )
+        # One admission for both doors: a client's rate is one budget over MQTT and HTTP.
+        admission = Admission(s, self.scheduler.refused, self.engine.model_name, caps.tools)
         retained, extra_subs = self._homeassistant()
         self.bridge = Bridge(
             s,
             self.scheduler,
-            self.replies,
-            outbox,
+            admission,
+            sink,
             self.info,
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
-            journal=self.journal,
         )
         self.scheduler.start()
-        self._take_up()
+        self.bridge.take_up()
         self.bridge.start()
         if s.http_listen is not None:
             from rkmqtt.http.server import HttpServer
 
-            # The same rate limiter as MQTT's intake: a client's rate is one budget over both APIs.
-            self.http = HttpServer(s, self.scheduler, self.info, self.bridge.intake.rate, caps.tools)
+            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools)
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
             self._health_thread.start()
 
-    def _take_up(self) -> None:
-        """Submit what the journal holds from the last run, in arrival order: a request that had
-        started runs again from the start; its expiry still counts from its first arrival."""
-        journal, bridge, scheduler = self.journal, self.bridge, self.scheduler
-        if journal is None or bridge is None or scheduler is None:
-            return
-        pending = journal.pending()
-        if not pending:
-            return
-        now, wall = time.monotonic(), time.time()
-        for p in pending:
-            result = bridge.intake.accept(p.incoming, now - max(0.0, wall - p.arrived), rate_limit=False)
-            if isinstance(result, Refusal):  # the settings changed since: answer as they now say
-                journal.drop(p.seq)
-                bridge.outbox.put(self.replies.refusal(result))
-                scheduler.refused(result.code)
-                continue
-            result.journal_seq = p.seq
-            scheduler.submit(result)
-        _LOGGER.warning("taking up %d requests from the journal %s", len(pending), journal.path)
-
     def _homeassistant(self) -> tuple[Any, dict[str, Any]]:
         s = self.settings
         if self.info is None:
             return None, {}
-        from rkmqtt import homeassistant
+        from rkmqtt.mqtt import discovery
 
         info = self.info
 
         def retained() -> list[tuple[str, bytes]]:
             # With discovery off: the empty config, which removes a device an earlier run announced.
-            return homeassistant.discovery_messages(s, info)
+            return discovery.discovery_messages(s, info)
 
         if not s.discovery:
             return retained, {}
@@ -229,7 +202,7 @@ class Service:
                 _LOGGER.info("Home Assistant came online: discovery published again")
                 self.bridge.publish_retained_extra()
 
-        return retained, {homeassistant.ha_status_topic(s): on_ha_status}
+        return retained, {discovery.ha_status_topic(s): on_ha_status}
 
     # -- health -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -241,6 +214,7 @@ class Service:
             "engine_stalled_s": round(sched.engine_stalled_s(), 1) if sched else 0.0,
             "queue_depth": sched.queue_depth if sched else 0,
             "active": sched.active if sched else 0,
+            "engine_problem": sched.engine_problem if sched else None,
             "updated": time.time(),
         }
 

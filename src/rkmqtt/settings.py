@@ -1,14 +1,6 @@
-"""Settings (main thread, at start-up): pydantic-settings, layered.
-
-Precedence, highest first: command-line flags > `RKMQTT_*` environment > the YAML file given
-with `--config` (or `RKMQTT_CONFIG`) > Home Assistant's `/data/options.json` (add-on only) > defaults.
-The settings of `MODEL_DEFAULTED` take the loaded model's own default before the general one
-(`with_model_defaults`, applied by the service once the engine is loaded).
-
-The field names are part of the product: each is `RKMQTT_<NAME>` in the environment and
-`--<name-with-dashes>` on the command line. `config.yaml` at the top of the repository lists
-every one with its default; `tests/test_settings.py` keeps the two in step.
-"""
+"""Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
+`--config` file > the add-on's options > the model's own (`MODEL_DEFAULTED`) > defaults. Each field is
+also `RKMQTT_<NAME>` and `--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 
@@ -28,14 +20,19 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from rkmqtt.errors import ConfigError
 from rkmqtt.topics import shared_group_of
 
-RKLLM_MAX_BATCH = 8  # the runtime's own limit on RKLLMParam.n_batch (docs/rkllm-runtime.md)
+# Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
+# rkmqtt keeps to the recommendation, since nothing is known of larger batches (docs/rkllm-runtime.md).
+RKLLM_MAX_BATCH = 8
 
 
 def rkllm_n_batch_problem(n_batch: int) -> str | None:
     """The one statement of the rule, for settings and for engines built from unvalidated copies."""
     if 1 <= n_batch <= RKLLM_MAX_BATCH:
         return None
-    return f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH}"
+    return (
+        f"n_batch={n_batch} is not allowed with engine rkllm: use 1 to {RKLLM_MAX_BATCH} "
+        "(the RKLLM manual's recommended maximum)"
+    )
 
 
 ENV_PREFIX = "RKMQTT_"
@@ -136,7 +133,7 @@ class Settings(BaseSettings):
         str,
         Field(
             description="auto (rkllm on an RK3588/RK3576 with the runtime installed, else numpy), numpy, rkllm, "
-            "or module:Class of a custom engine."
+            "openai (an OpenAI-compatible server at upstream_url), or module:Class of a custom engine."
         ),
     ] = "auto"
     model: Annotated[
@@ -145,7 +142,15 @@ class Settings(BaseSettings):
             description="Model file: a .gguf for numpy (empty: the packaged SmolLM2-135M-Instruct), a .rkllm for rkllm."
         ),
     ] = None
-    n_batch: Annotated[int, Field(ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8.")] = 4
+    n_batch: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=64,
+            description="Requests per batch (engine slots). rkllm: 1-8, the RKLLM manual's recommendation; "
+            "openai: requests in flight upstream.",
+        ),
+    ] = 4
     batch_window_ms: Annotated[
         float,
         Field(ge=0, le=10_000, description="Static batching: wait this long for batch-mates after the first request."),
@@ -185,6 +190,38 @@ class Settings(BaseSettings):
             "that wait on each other run 2-3x slower there.",
         ),
     ] = 0
+
+    # -- openai engine (an OpenAI-compatible server behind the bridge) -----------------------
+    upstream_url: Annotated[
+        str | None,
+        Field(
+            description="engine openai: the server's OpenAI API base, ending in /v1, e.g. http://gpu:8000/v1 "
+            "(vLLM), http://minipc:8080/v1 (llama.cpp's server), http://minipc:11434/v1 (Ollama)."
+        ),
+    ] = None
+    upstream_model: Annotated[
+        str | None,
+        Field(description="engine openai: the model to ask for. Empty: the first the server lists (GET /v1/models)."),
+    ] = None
+    upstream_api_key: Annotated[
+        SecretStr | None,
+        Field(
+            description="engine openai: the server's API key (sent as a bearer token); overrides upstream_api_key_file."
+        ),
+    ] = None
+    upstream_api_key_file: Annotated[
+        Path | None,
+        Field(description="engine openai: file holding the server's API key (a trailing newline is ignored)."),
+    ] = None
+    upstream_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=86_400,
+            description="engine openai: seconds the server may stay silent in an answer before the request fails "
+            "(engine_error).",
+        ),
+    ] = 120.0
 
     # -- limits (each answered with its own error code) ------------------------------------
     max_payload_bytes: Annotated[
@@ -296,6 +333,14 @@ class Settings(BaseSettings):
             "(empty: the model's built-in template)."
         ),
     ] = None
+    rkllm_prompt_cache: Annotated[
+        Path | None,
+        Field(
+            description="File for the runtime's prompt cache of the fixed system prompt (the system part of "
+            "rkllm_chat_template): made at the first start, loaded at each. Empty: off (until `rkmqtt probe` on "
+            "your board shows it cuts the time to first token at your n_batch)."
+        ),
+    ] = None
 
     # -- Home Assistant -------------------------------------------------------------------
     discovery: Annotated[bool, Field(description="Publish Home Assistant MQTT discovery.")] = True
@@ -343,6 +388,7 @@ class Settings(BaseSettings):
         "rkllm_library",
         "rkllm_tokenizer",
         "rkllm_chat_template",
+        "rkllm_prompt_cache",
         "client_id",
         "shared_group",
         "node_name",
@@ -351,6 +397,10 @@ class Settings(BaseSettings):
         "password_file",
         "http_listen",
         "http_tokens",
+        "upstream_url",
+        "upstream_model",
+        "upstream_api_key",
+        "upstream_api_key_file",
         mode="before",
     )
     @classmethod
@@ -375,7 +425,21 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return v
 
-    @field_validator("password_file")
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_upstream_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be the server's API base, http://host:port/v1 or https://...")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError("has a port that is not a number from 1 to 65535") from e
+        return v
+
+    @field_validator("password_file", "upstream_api_key_file")
     @classmethod
     def _password_file(cls, v: Path | None) -> Path | None:
         if v is None:
@@ -410,9 +474,9 @@ class Settings(BaseSettings):
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, v: str) -> str:
-        if v in ("auto", "numpy", "rkllm") or (":" in v and all(v.split(":", 1))):
+        if v in ("auto", "numpy", "rkllm", "openai") or (":" in v and all(v.split(":", 1))):
             return v
-        raise ValueError("must be auto, numpy, rkllm or module:Class")
+        raise ValueError("must be auto, numpy, rkllm, openai or module:Class")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -422,6 +486,8 @@ class Settings(BaseSettings):
             )
         if self.engine == "rkllm" and (problem := rkllm_n_batch_problem(self.n_batch)):
             raise ValueError(problem)
+        if self.engine == "openai" and self.upstream_url is None:
+            raise ValueError("engine openai needs upstream_url: the server's API base, e.g. http://127.0.0.1:8080/v1")
         return self
 
     # -- derived ------------------------------------------------------------------------------
@@ -431,6 +497,12 @@ class Settings(BaseSettings):
         if password is None and self.password_file is not None:
             password = SecretStr(_read_password(self.password_file))
         return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, password)
+
+    def upstream_key(self) -> str | None:
+        """The upstream server's API key: upstream_api_key, else the file's, else None."""
+        if self.upstream_api_key is not None:
+            return self.upstream_api_key.get_secret_value()
+        return None if self.upstream_api_key_file is None else _read_password(self.upstream_api_key_file)
 
     def effective_client_id(self) -> str:
         """The bridge's client id: stable, so that the broker keeps its session across restarts."""
@@ -612,7 +684,8 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
         origin = next((o for data, o in layers if name in data), "default")
     if err["type"] == "extra_forbidden":
         return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
-    shown = "***" if name in ("password", "http_tokens") else repr(_hide_password(value) if name == "broker" else value)
+    secret = name in ("password", "http_tokens", "upstream_api_key")
+    shown = "***" if secret else repr(_hide_password(value) if name in ("broker", "upstream_url") else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"
 
 

@@ -1,11 +1,7 @@
-"""The topic scheme of wire contract version 1 (any thread; pure functions).
-
-`P` is the topic prefix (setting `topic_prefix`). Devices publish on `P/request/<client>`
-and `P/cancel/<client>`; a bridge answers on `P/reply/<client>/<id>` (final, QoS 1) and
-`P/reply/<client>/<id>/stream` (chunks, QoS 0). Each bridge is a node with topics of its own:
-`P/node/<node>/status` and `P/node/<node>/info` (retained) and `P/node/<node>/stats`. The
-bridges of one broker and prefix share the requests through one shared subscription.
-"""
+"""The topic scheme of wire contract version 1 (any thread; pure). Devices publish on
+`P/request/<client>` and `P/cancel/<client>`; a bridge answers on `P/reply/<client>/<id>` (QoS 1) and
+`.../<id>/stream` (QoS 0); each bridge is a node with `P/node/<node>/status`, `info` (retained) and
+`stats`. The bridges of one broker and prefix share the requests through one shared subscription."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""Batching's gain, through MQTT and for the engine alone, side by side (main thread; pure, plus
-printing): for every scenario measured at `n_batch` 1 and a larger `n_batch`, the tokens/s of the
-larger over those of 1, both ways, and their quotient: the share of the engine's own gain that is
-left after the bridge (MQTT, the broker, the threads) — the bridge's part of any loss.
-
-Gains are medians of per-repeat ratios: repeat k of every point runs in the same pass of the sweep,
-so pairing them cancels most of a shared machine's drift.
-"""
+"""Batching's gain (main thread; pure, plus printing): for each scenario measured at `n_batch` 1 and
+a larger one, the tokens/s of the larger over those of 1, through MQTT and for the engine alone (each
+the median of per-repeat ratios), and their quotient: what the bridge keeps of the engine's own gain
+(docs/benchmarks.md, "A single round")."""
 
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt.bench.metrics import percentile
-from rkmqtt.bench.sweep import Point
+from rkmqtt.bench.runner import Point
 
 
 def _gain(points: Sequence[Point], scenario: str, mode: str, n_batch: int) -> tuple[float | None, list[float]]:

@@ -1,11 +1,7 @@
-"""HTTP's cost against MQTT's (main thread; pure, plus printing): for every point measured both
-through MQTT and through the Ollama HTTP API, with the same workload on a fresh bridge each, the
-tokens/s, time to first token and latency side by side.
-
-`ratio` is HTTP's tokens/s over MQTT's, the median of per-repeat ratios (repeat k over HTTP ran
-right after repeat k over MQTT, so pairing them cancels most of a shared machine's drift). The
-bridge's CPU time per token is the cost that does not depend on how busy the machine was.
-"""
+"""HTTP's cost against MQTT's (main thread; pure, plus printing): for every point measured both ways
+with the same workload, tokens/s, time to first token and latency side by side, the ratio as the
+median of per-repeat ratios, and the bridge's CPU time per token (docs/benchmarks.md, "HTTP against
+MQTT")."""
 
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt.bench.metrics import percentile
-from rkmqtt.bench.sweep import Point
+from rkmqtt.bench.runner import Point
 
 
 def _sub(a: float | None, b: float | None) -> float | None:

@@ -1,13 +1,7 @@
-"""Simulated devices against a bridge over its Ollama HTTP API (the caller's thread runs one asyncio
-event loop that drives every device with aiohttp's client).
-
-The same workload as `load.py` over MQTT, so that the two can be compared point by point: the
-same device names (`dev00`, `dev01`, ... are the client names, through one bearer token each), the
-same prompts in the same order, `num_predict` = the workload's `max_new_tokens`, streaming on
-(`POST /api/chat`, NDJSON). Each device times its first non-empty piece (time to first token) and
-the final line, which carries the token counts. The bridge's own queueing and batch figures are
-not in Ollama's replies, so those columns stay empty for HTTP runs.
-"""
+"""Simulated devices against a bridge's Ollama HTTP API (the caller's thread runs one asyncio loop
+that drives them all with aiohttp): `load.py`'s workload, device by device and prompt by prompt,
+through `POST /api/chat` streamed, timing the first piece and the final line, which carries the
+token counts (docs/benchmarks.md, "HTTP against MQTT")."""
 
 from __future__ import annotations
 
@@ -15,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -23,26 +17,23 @@ import aiohttp
 from rkmqtt.bench.cpuusage import CpuMeter
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.workload import Workload, device_name
-from rkmqtt.broker import port_answers
 from rkmqtt.errors import RkmqttError
+from rkmqtt.mqtt.broker import port_answers
 
 Progress = Callable[[int], None]
 
 
-def device_tokens(devices: int) -> dict[str, str]:
-    """The bench's bearer tokens: device name -> token (`http_tokens` is `name:token,...`)."""
-    return {device_name(i): f"bench-token-{device_name(i)}" for i in range(devices)}
-
-
-def tokens_setting(devices: int) -> str:
-    return ",".join(f"{name}:{token}" for name, token in device_tokens(devices).items())
-
-
 class HttpLoadGenerator:
-    """Runs one workload against the HTTP API at `url` (http://host:port)."""
+    """Runs one workload against the HTTP API at `url` (http://host:port); `tokens` are the devices'
+    bearer tokens by device name, when the bridge wants them."""
 
     def __init__(
-        self, url: str, workload: Workload, progress: Progress | None = None, meter: CpuMeter | None = None
+        self,
+        url: str,
+        workload: Workload,
+        progress: Progress | None = None,
+        meter: CpuMeter | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.workload = workload
@@ -50,7 +41,7 @@ class HttpLoadGenerator:
         self.meter = meter
         self.cpu: dict[str, float] = {}
         self.tag = uuid.uuid4().hex[:6]
-        self._tokens = device_tokens(workload.devices)
+        self._tokens = tokens
         self._seq = [0] * workload.devices
         self._model = ""
         self._records: list[RequestRecord] = []
@@ -103,7 +94,7 @@ class HttpLoadGenerator:
         return sorted(self._records, key=lambda r: r.sent)
 
     def _auth(self, device: int) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._tokens[device_name(device)]}"}
+        return {} if self._tokens is None else {"Authorization": f"Bearer {self._tokens[device_name(device)]}"}
 
     async def _one(self, session: aiohttp.ClientSession, device: int, measured: bool) -> None:
         w = self.workload

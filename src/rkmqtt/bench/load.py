@@ -1,12 +1,7 @@
-"""Simulated devices against a bridge over MQTT (the caller's thread drives; one `NetLoop` thread
-runs every device's paho client, receives the replies and, in a closed loop, sends each device's
-next request).
-
-Every device is its own paho client with its own client name (`dev00`, `dev01`, ...), publishing on
-`P/request/<name>` and subscribed to `P/reply/<name>/#`. Requests are JSON with an `id` unique to
-the run, the prompt, `max_new_tokens` and `stream: true`; the device times the first stream chunk
-and the final reply, and keeps the bridge's own `timing`, `usage` and `batch` figures.
-"""
+"""Simulated devices against a bridge over MQTT (the caller's thread drives; one `NetLoop` thread runs
+every device's paho client, receives the replies and, in a closed loop, sends each device's next
+request). Each device publishes on `P/request/<name>`, times its first chunk and its final reply,
+and keeps the bridge's own `timing`, `usage` and `batch` figures."""
 
 from __future__ import annotations
 

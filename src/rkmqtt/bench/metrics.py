@@ -1,13 +1,6 @@
-"""Per-request records and per-run figures (any thread; pure logic).
-
-Times are `time.monotonic()` seconds on the load generator's side. A request's latency runs
-from the moment its device published it to the moment the final reply arrived; time to first
-token from publishing to the first stream chunk (or the first token event, run directly). The
-queueing delay is the bridge's own figure (`timing.queued_ms`: arrival to the start of its batch),
-or the direct driver's.
-
-A run's rates are over its span: from the first request sent to the last final reply received.
-"""
+"""Per-request records and per-run figures (any thread; pure): latency from publishing to the final
+reply, time to first token, the bridge's own queueing delay; a run's rates over its span, from the
+first request sent to the last final reply (docs/benchmarks.md, "What is measured")."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from rkmqtt.bench.netloop import NetLoop
-from rkmqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.errors import RkmqttError
+from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.settings import Settings
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]

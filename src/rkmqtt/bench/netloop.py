@@ -1,17 +1,7 @@
-"""One thread ("rkmqtt-bench-net") that runs the network I/O of many paho clients.
-
-Why: with `loop_start()` every simulated device has its own network thread, and at thousands of
-stream messages a second the bench's 16 threads spent most of their time waking up, taking the GIL
-from each other and running `select()` on two sockets each - the bench used more CPU than the
-bridge it measures. Here one selector waits on every device's socket, paho's `loop_read` /
-`loop_write` / `loop_misc` run in this one thread, and the message callbacks run here too.
-
-Threads: paho calls the socket callbacks from whichever thread touched the client (a `publish()`
-from the caller's thread registers the socket for writing). Selector changes are only made by the
-loop thread: other threads queue them and wake it through a socket pair. Whether a socket waits
-for writing is decided by the loop thread from `want_write()` alone, never from paho's "already
-registered" flag, which another thread's publish can read just before the loop clears it.
-"""
+"""One thread ("rkmqtt-bench-net") that runs the network I/O of many paho clients on one selector,
+and their message callbacks: a thread per device cost the bench more CPU than the bridge it
+measured (docs/benchmarks.md). Selector changes are made by this thread only; other threads queue
+them and wake it (docs/architecture.md, "The bench")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from rkmqtt.bench.gain import markdown_lines as gain_markdown_lines
 from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
-from rkmqtt.bench.sweep import Point
+from rkmqtt.bench.runner import Point
 
 
 def machine() -> dict[str, Any]:

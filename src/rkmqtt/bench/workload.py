@@ -1,19 +1,7 @@
-"""What one benchmark run sends (any thread; pure data).
-
-Three load shapes:
-
-* `closed`: N devices, each sends its next request when the final reply of its last one arrives,
-  until `requests` have been sent in all;
-* `open`: requests arrive at `rate` per second with exponential gaps (a Poisson process), spread
-  over the N devices in turn, whether or not earlier ones were answered;
-* `burst`: all N devices send at the same moment, wait until every reply is in, and do it again,
-  `requests / N` rounds ("N users at once").
-
-Which prompt a request carries depends only on the device and its sequence number, so the
-MQTT run and the direct-engine run of one workload send the same prompts. The warm-up sends the
-first round's prompts again, unless `fresh_prompts`: then it sends those of the round after the
-last, so that no slot's cache holds a measured prompt (8 devices asking new questions at once).
-"""
+"""What one benchmark run sends (any thread; pure data): devices, requests, prompts and one of three
+shapes, `closed` (each device sends again when answered), `open` (Poisson arrivals at `rate`) and
+`burst` (all at once, in rounds). A request's prompt depends only on its device and its sequence
+number, so every mode of a workload sends the same prompts."""
 
 from __future__ import annotations
 
@@ -37,7 +25,9 @@ class Workload:
     warmup: int = 1  # rounds of one request per device, at once, before the measured run (not counted)
     seed: int = 0
     timeout_s: float = 300.0  # a request with no final reply by then counts as error "timeout"
-    fresh_prompts: bool = False  # the warm-up sends other prompts (given twice as many as devices)
+    # The warm-up sends the prompts of the round after the last, not the first round's again, so no
+    # slot's cache holds a measured prompt (devices asking new questions; needs more prompts than requests).
+    fresh_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:

@@ -1,7 +1,7 @@
 """Engines: the model runtimes behind the scheduler (see `base.py` for the interface).
 
 Native and heavy code is imported lazily: building an engine is the first time numpy's model
-code or the RKLLM ctypes binding is loaded.
+code, the RKLLM ctypes binding or the OpenAI client is loaded.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ def create_engine(settings: Settings) -> Engine:
 
         rkllm_engine: Engine = RkllmEngine.from_settings(settings)
         return rkllm_engine
+    if name == "openai":
+        from rkmqtt.engines.openai.engine import OpenAiEngine
+
+        openai_engine: Engine = OpenAiEngine.from_settings(settings)
+        return openai_engine
     module_name, _, class_name = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -1,35 +1,13 @@
-"""The engine interface: what the scheduler needs from a model runtime.
+"""The engine interface: what the scheduler needs from a model runtime (scheduler thread only).
 
-Threads: every method here is called by the scheduler thread only (the one thread that owns
-the engine). An engine may run work on threads of its own (RKLLM's `rkllm_run` runs on a worker
-thread and its callback on a runtime thread); such threads only copy data and push events onto
-a queue that `poll()` drains. No engine ever does I/O on the network or calls paho.
-
-Life of a request inside an engine:
-
-    prepare(gen)            -> a `Prepared` handle (prompt tokens, batch key, the engine's own data);
-                               raises RequestRejected(too_long); the engine keeps nothing
-    submit([prepared, ...]) the requests take slots (continuous: any free slots; static: one batch)
-    poll(timeout)           -> events: TokenEvent*, then exactly one FinishEvent or ErrorEvent per key
-    cancel(key)             the request leaves at once; no more events for it are required
-
-A request that is prepared but never submitted (cancelled, expired, bumped while it waits) costs the
-engine nothing: its handle is dropped with the request.
-
-Two batching styles (`Capabilities.continuous`):
-
-* continuous (numpy): `submit` may be called whenever `free_slots() > 0`; a joining request
-  enters at the next step. `poll()` runs one engine step (prefill chunk and/or decode) and
-  returns the events it produced.
-* static (RKLLM): `submit` is called only when the engine is idle (`free_slots() == max_batch`)
-  with up to `max_batch` requests that share one `batch_key`; they start together and the batch
-  ends when all of them end. `poll(timeout)` waits up to `timeout` seconds for events.
-"""
+`prepare -> Prepared`, `submit`, `poll`, `cancel`, and `Capabilities` (continuous or static batching).
+An engine's own threads only copy data and push events that `poll()` drains; no engine does network
+I/O. The life of a request in an engine: docs/architecture.md, "Engines"."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,9 +42,12 @@ class SamplingParams:
 class ChatMessage:
     role: Literal["system", "user", "assistant", "tool"]  # "tool": a tool's result (the HTTP API)
     content: str
-    # An assistant turn's tool calls, as chat templates take them:
-    # {"type": "function", "function": {"name": ..., "arguments": {...}}}
+    # An assistant turn's tool calls, as chat templates take them. The one shape of a tool call
+    # inside the bridge (here and in `FinishEvent.tool_calls`; the wire's `ToolCall` is the same):
+    # {"id": str (optional), "type": "function", "function": {"name": str, "arguments": {...}}}.
     tool_calls: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # A tool turn: the id of the call it answers, when the client gave one (OpenAI's `tool_call_id`).
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +115,9 @@ class FinishEvent:
     # other keys are the engine's own (logged at DEBUG). RKLLM's figures are for the whole batch.
     perf: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    # Tools the model asked to call (shaped as `ChatMessage.tool_calls`), from an engine that returns
+    # them structured (an upstream server); they reach the final reply's `tool_calls`.
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,6 +187,18 @@ class Engine(abc.ABC):
     def active(self) -> int:
         """Requests currently holding a slot."""
         return self.capabilities.max_batch - self.free_slots()
+
+    def set_wake(self, wake: Callable[[], None]) -> bool:
+        """Offer the engine a `wake()` it may call from any thread once events wait for `poll()`
+        (or once slots free up). An engine that does returns True: the scheduler then sleeps on its
+        inbox between events instead of polling in a loop (an engine whose work happens on threads
+        of its own, such as a client of an upstream server). The default declines."""
+        return False
+
+    def problem(self) -> str | None:
+        """Why the engine cannot take requests now (its upstream server is unreachable, ...), in
+        words, or None when it can. While it has one, `free_slots()` is 0 and requests wait."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop everything that runs and release the model. Called once, at shutdown."""

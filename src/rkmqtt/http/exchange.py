@@ -1,37 +1,25 @@
-"""One HTTP request's trip through the scheduler: the seam between the HTTP API and the bridge.
-
-Threads: `Gateway` and `Exchange` run on the HTTP server's event-loop thread ("rkmqtt-http").
-`_QueueSink.chunk` and `.final` are called on the scheduler thread and only schedule a put onto
-the exchange's asyncio queue (`call_soon_threadsafe`). Nothing here waits on the engine:
-`Scheduler.submit`, `.cancel` and `.refused` put a command on the scheduler's inbox and return.
-
-An HTTP request becomes the same `Request` an MQTT one does, keyed `RequestKey(client, id)` with
-the client named by its token (or `http_client`), so it shares the fair queues, the limits and the
-batches. The checks made here are intake's, with its error codes: prompt length (`too_long`),
-`max_new_tokens` (`too_many_tokens`), tools the model cannot take (`invalid_request`), the
-client's rate (`rate_limited`); the scheduler then answers `busy`, `too_long` (the context),
-`engine_error` or `shutting_down` like it does for MQTT. Each code has one HTTP status
-(`HTTP_STATUS`). A refusal made here is counted with `Scheduler.refused`, so that `P/stats` adds
-up over both APIs. A client that goes away cancels its request (`Exchange.close`).
+"""One HTTP request's trip through the scheduler (the HTTP event-loop thread, "rkmqtt-http"): admitted
+like an MQTT one (`Admission`), its replies through its own `ReplySink`, whose methods the scheduler
+thread calls and which only `call_soon_threadsafe` them onto the exchange's queue. Each error code
+has one HTTP status (`HTTP_STATUS`); a client that goes away cancels its request (`Exchange.close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from rkmqtt.engines.base import ChatMessage, Generation
-from rkmqtt.intake import RateLimiter, resolve_sampling
 from rkmqtt.protocol import ErrorCode, ErrorReply, FinalReply, OkReply, new_request_id
-from rkmqtt.request import Request, RequestKey, Route
-from rkmqtt.scheduler import Scheduler
+from rkmqtt.sched.admission import Admission, Ask, Refused
+from rkmqtt.sched.finals import Finals
+from rkmqtt.sched.loop import Scheduler
+from rkmqtt.sched.request import Chunk, Outcome, Request, RequestKey
 from rkmqtt.settings import Settings
 
 from .auth import Auth
@@ -68,46 +56,49 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
-class Call:
-    """What a client asks of the model, whichever API it spoke."""
+class Call(Ask):
+    """What a client asks of the model, whichever API it spoke: admission's `Ask`, and what the
+    handler itself does with the text."""
 
-    messages: tuple[ChatMessage, ...]
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    tools: tuple[dict[str, Any], ...] = ()
+    stop: tuple[str, ...] = ()  # cut the text at the first of these
     stream: bool = False
-
-    def prompt_chars(self) -> int:
-        """Characters the model reads: the messages, and the tool definitions the template renders."""
-        n = sum(len(m.content) for m in self.messages)
-        return n + (len(json.dumps(self.tools)) if self.tools else 0)
 
 
 _Item = str | FinalReply
 
 
 class _QueueSink:
-    """The route's `ReplySink`: the scheduler thread's replies onto the exchange's queue."""
+    """One exchange's `ReplySink`: the scheduler thread's replies onto the exchange's queue."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, finals: Finals) -> None:
         self._loop = loop
+        self._finals = finals
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
 
-    def chunk(self, seq: int, text: str) -> None:
-        self._put(text)
+    def chunk(self, chunk: Chunk) -> None:
+        self._put(chunk.text)
 
-    def final(self, reply: FinalReply) -> None:
-        self._put(reply)
+    def final(self, outcome: Outcome) -> None:
+        self._put(self._finals.reply(outcome))
+
+    def repeat(self, outcome: Outcome, retry: Request) -> None:
+        self._put(self._finals.reply(outcome))
+
+    def ignored(self, retry: Request) -> None:
+        pass  # every exchange has an id and a route of its own: no retry of it can come
 
     def _put(self, item: _Item) -> None:
         # RuntimeError: the loop is closed (the HTTP server stopped) and nobody waits any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(frozen=True, eq=False)
+class HttpRoute:
+    """An HTTP request's route: its exchange's sink. Each is a reply target of its own (compared by identity)."""
+
+    sink: _QueueSink
+    stream: bool
 
 
 @dataclass(frozen=True)
@@ -198,28 +189,21 @@ class Exchange:
 
 
 class Gateway:
-    """Checks an HTTP request like intake does and submits it to the scheduler."""
+    """Admits an HTTP request (`Admission`, as MQTT's intake does) and submits it to the scheduler."""
 
     def __init__(
-        self,
-        settings: Settings,
-        scheduler: Scheduler,
-        rate: RateLimiter,
-        auth: Auth,
-        model_name: str,
-        tools: bool,
+        self, settings: Settings, scheduler: Scheduler, admission: Admission, finals: Finals, auth: Auth
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
-        self.rate = rate
+        self.admission = admission
+        self.finals = finals
         self.auth = auth
-        self.model_name = model_name
-        self.tools = tools  # the engine takes tool definitions
         self.accepting = True
 
     def refuse(self, code: ErrorCode, message: str, status: int | None = None) -> ApiError:
         """An error response for a request refused here, counted like MQTT's refusals."""
-        self.scheduler.refused(code)
+        self.admission.refused(code)
         return self._error(code, message, status)
 
     def error_of(self, reply: ErrorReply) -> ApiError:
@@ -242,44 +226,15 @@ class Gateway:
         return name
 
     def open(self, client: str, call: Call) -> Exchange:
-        """Check `call` and submit it as `client`; raise `ApiError` when it is refused."""
-        s = self.settings
+        """Admit `call` as `client` and submit it; raise `ApiError` when it is refused."""
         if not self.accepting or self.scheduler.stopped:
-            raise self.refuse(ErrorCode.SHUTTING_DOWN, "the bridge is shutting down; try again later")
-        chars = call.prompt_chars()
-        if chars > s.max_prompt_chars:
-            raise self.refuse(ErrorCode.TOO_LONG, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}")
-        if call.max_new_tokens is not None and call.max_new_tokens > s.max_new_tokens:
-            raise self.refuse(
-                ErrorCode.TOO_MANY_TOKENS,
-                f"the answer may have up to {call.max_new_tokens} tokens; the limit is {s.max_new_tokens}",
-            )
-        if call.tools and not self.tools:
-            raise self.refuse(
-                ErrorCode.INVALID_REQUEST,
-                f"{self.model_name} takes no tools: its chat template has no place for them (or the engine does "
-                "not pass them); send the request without tools, or serve a model whose template takes them "
-                "(e.g. Qwen2.5-Instruct) with the numpy engine",
-            )
-        if not self.rate.allow(client):
-            raise self.refuse(
-                ErrorCode.RATE_LIMITED,
-                f"more than {s.rate_burst} requests at once or {s.rate_limit:g} a minute from {client!r}",
-            )
-        sampling, requested = resolve_sampling(
-            s, call.temperature, call.top_k, call.top_p, call.repeat_penalty, call.seed
-        )
-        key = RequestKey(client, new_request_id())
-        gen = Generation(
-            key=key,
-            messages=call.messages,
-            max_new_tokens=call.max_new_tokens or s.default_new_tokens,
-            sampling=sampling,
-            sampling_requested=requested,
-            tools=call.tools,
-        )
-        sink = _QueueSink(asyncio.get_running_loop())
+            closed = Admission.shutting_down()
+            raise self.refuse(closed.code, closed.message)
+        sink = _QueueSink(asyncio.get_running_loop(), self.finals)
         # Text chunks only when someone reads them: a streaming client, or stop sequences to watch.
-        route = Route(f"http/{key}", stream=call.stream or bool(call.stop), sink=sink)
-        self.scheduler.submit(Request(key=key, route=route, gen=gen, arrival=time.monotonic()))
-        return Exchange(self, key, call, sink)
+        route = HttpRoute(sink, stream=call.stream or bool(call.stop))
+        admitted = self.admission.admit(RequestKey(client, new_request_id()), call, route)
+        if isinstance(admitted, Refused):
+            raise self.refuse(admitted.code, admitted.message)
+        self.scheduler.submit(admitted)
+        return Exchange(self, admitted.key, call, sink)

@@ -1,14 +1,6 @@
-"""The Ollama API (the HTTP server's event-loop thread): `/api/version`, `/api/tags`, `/api/ps`,
-`/api/show`, `/api/chat` and `/api/generate`, streamed as NDJSON (Ollama's default) or not.
-
-Accepted as Ollama does: messages with roles system, user, assistant (with `tool_calls`) and tool;
-`options` temperature, top_p, top_k, num_predict, seed, repeat_penalty and stop (other options,
-such as num_ctx, are accepted and have no effect: the bridge's settings decide them);
-`keep_alive` (the model is always loaded); `tools`, rendered by the model's chat template when it
-takes them. Tool calls the model writes as `<tool_call>{...}</tool_call>` come back as
-`message.tool_calls`. Refused with 400: images, `format` (structured output), `think: true`,
-and `/api/generate`'s `raw`, `template`, `suffix` and `context`, which the engines cannot honour.
-"""
+"""The Ollama API (the HTTP event-loop thread): `/api/version`, `/api/tags`, `/api/ps`, `/api/show`,
+`/api/chat` and `/api/generate`, NDJSON-streamed or not. What it accepts, ignores and refuses:
+docs/architecture.md, "The HTTP API"."""
 
 from __future__ import annotations
 
@@ -25,7 +17,7 @@ from rkmqtt.protocol import ErrorCode, OkReply
 
 from .common import ModelCard, ToolSpec, check_model, read_body, rfc3339
 from .exchange import ApiError, Call, Exchange, Gateway
-from .textscan import ToolCall, ToolCallScanner, split_tool_calls
+from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -275,6 +267,7 @@ class OllamaApi:
             out = self._head()
             if kind == "chat":
                 content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
+                calls += reply_calls(result.reply)
                 message: dict[str, Any] = {"role": "assistant", "content": content.strip() if calls else content}
                 if calls:
                     message["tool_calls"] = _tool_calls(calls)
@@ -310,14 +303,17 @@ class OllamaApi:
         if isinstance(end, ApiError):
             await resp.write(_line(error_body(end)))
         else:
+            calls: list[ToolCall] = []
             if scanner is not None:
                 rest = scanner.finish()
                 if rest:
                     await resp.write(_line(self._piece(kind, rest)))
-                if scanner.calls:
-                    piece = self._piece(kind, "")
-                    piece["message"]["tool_calls"] = _tool_calls(scanner.calls)
-                    await resp.write(_line(piece))
+                calls = scanner.calls
+            calls += reply_calls(end.reply) if kind == "chat" else []
+            if calls:
+                piece = self._piece(kind, "")
+                piece["message"]["tool_calls"] = _tool_calls(calls)
+                await resp.write(_line(piece))
             last = self._piece(kind, "")
             last.update({"done": True, "done_reason": end.done_reason, **_stats(end.reply)})
             await resp.write(_line(last))

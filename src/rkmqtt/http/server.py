@@ -1,14 +1,6 @@
-"""The HTTP server: aiohttp on an asyncio event loop in one thread of its own, "rkmqtt-http".
-
-Every handler runs on that thread and never waits on the engine: it validates, submits to the
-scheduler's inbox (`exchange.Gateway`) and awaits the replies that the scheduler thread hands to
-the request's sink. aiohttp runs with `handler_cancellation`, so a client that disconnects
-cancels its handler, whose `finally` cancels the request in the scheduler.
-
-The main thread calls `start`, `stop_accepting` and `stop` (they run coroutines on the loop and
-wait for them). Authentication (`auth.py`): with `http_tokens` set, every path but `/` needs
-`Authorization: Bearer <token>`; without it, listening beyond localhost logs a warning.
-"""
+"""The HTTP server: aiohttp on an asyncio event loop in a thread of its own, "rkmqtt-http". Handlers
+never wait on the engine, and a client that disconnects cancels its handler and its request. The
+main thread calls `start`, `stop_accepting` and `stop`, which run coroutines on the loop and wait."""
 
 from __future__ import annotations
 
@@ -22,9 +14,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from rkmqtt.errors import ConfigError
-from rkmqtt.intake import RateLimiter
+from rkmqtt.loopthread import run_loop
 from rkmqtt.protocol import Info
-from rkmqtt.scheduler import Scheduler
+from rkmqtt.sched.admission import Admission
+from rkmqtt.sched.finals import Finals
+from rkmqtt.sched.loop import Scheduler
 from rkmqtt.settings import Settings
 
 from . import ollama, openai
@@ -39,7 +33,9 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HttpServer:
-    def __init__(self, settings: Settings, scheduler: Scheduler, info: Info, rate: RateLimiter, tools: bool) -> None:
+    def __init__(
+        self, settings: Settings, scheduler: Scheduler, admission: Admission, finals: Finals, info: Info, tools: bool
+    ) -> None:
         address = settings.http_address
         if address is None:
             raise ConfigError("http_listen is not set")
@@ -47,9 +43,9 @@ class HttpServer:
         self.host, self.port = address
         self.card = ModelCard.from_info(info, tools)
         self.auth = Auth(settings.http_token_names(), settings.http_client)
-        self.gateway = Gateway(settings, scheduler, rate, self.auth, self.card.name, tools)
+        self.gateway = Gateway(settings, scheduler, admission, finals, self.auth)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
+        self._thread = threading.Thread(target=run_loop, args=(self._loop,), name="rkmqtt-http", daemon=True)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -98,13 +94,6 @@ class HttpServer:
         return fut.result(timeout)
 
     # -- the event loop's thread ------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_payload_bytes,

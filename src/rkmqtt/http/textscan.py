@@ -1,12 +1,6 @@
-"""What the HTTP API does to the model's text before a client sees it (the HTTP server's thread; pure).
-
-* Stop sequences (Ollama's `options.stop`, OpenAI's `stop`): the text ends before the first one.
-  While streaming, text that could be the start of one is held back until it is clear.
-* Tool calls in the Qwen/Hermes style, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-  are taken out of the text and returned as structured calls. A block that is not such JSON stays
-  text; an unclosed block at the end counts when its JSON is whole (models often stop at the end
-  of the JSON instead of writing the closing tag).
-"""
+"""What the HTTP API does to the model's text before a client sees it (the HTTP thread; pure): cut
+at stop sequences (held back while it could be the start of one), and `<tool_call>` blocks taken
+out as structured calls (`reply_calls`: those an engine returned structured, engine openai)."""
 
 from __future__ import annotations
 
@@ -14,6 +8,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rkmqtt.protocol import OkReply
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -73,6 +69,12 @@ class StopScanner:
 class ToolCall:
     name: str
     arguments: dict[str, Any]
+    id: str | None = None  # the engine's id for it, when it gave one
+
+
+def reply_calls(reply: OkReply) -> list[ToolCall]:
+    """The calls an engine returned structured, in the final reply."""
+    return [ToolCall(c.function.name, c.function.arguments, c.id) for c in reply.tool_calls]
 
 
 def parse_call(body: str) -> ToolCall | None:

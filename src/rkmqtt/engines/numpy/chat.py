@@ -1,11 +1,5 @@
-"""Render a conversation with the GGUF's chat template (scheduler thread, in `prepare`).
-
-The template is the file's `tokenizer.chat_template`, a Jinja2 template as Hugging Face writes
-them, rendered in a sandbox with `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, and
-`tools` when a request gives tool definitions (only templates that read `tools` get them:
-`takes_tools`).
-A file without a template gets ChatML (`<|im_start|>role ... <|im_end|>`).
-"""
+"""A conversation rendered with the GGUF's own Jinja2 chat template, tools included where the
+template reads them, or ChatML without one (scheduler thread, in `prepare`)."""
 
 from __future__ import annotations
 

@@ -1,29 +1,7 @@
-"""`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only).
-
-The scheduler thread makes every call; the engine starts no threads of its own (BLAS may, inside a
-matrix product: `threads`, setting `numpy_threads`; why one thread wins on a busy machine is in
-docs/benchmarks.md).
-
-One `poll()` is one step: every generating slot decodes one token, and joining requests' prompts
-advance in the same batch of rows, several prompts in one pass, up to a budget of tokens:
-`prefill_chunk` while a request that has already decoded is decoding (so a long prompt does not stall
-it), else `idle_prefill_chunk`. Requests that arrive together, or a step apart, are so prefilled
-together: in ⌈total / idle_prefill_chunk⌉ passes up to two such passes, by `prefill_chunk` after that
-(a decoder waits at most one full pass, for its second token). A request takes a free slot at
-`submit`, joins at the next step and frees its slot the moment it ends or is cancelled.
-
-Prompt reuse: a slot's KV cache still holds the tokens of the request that used it last; a new
-request takes the free slot whose held tokens share the longest prefix with its prompt and starts
-its prefill after that prefix (never its last token, whose logits it needs). A shared system
-prompt is then prefilled once.
-
-Context rule (`prepare`): a prompt of P tokens is accepted when P + min(max_new_tokens,
-max_context // 4) <= max_context; otherwise it is refused `too_long` before it takes a slot. A
-generation that reaches max_context tokens in all ends with `length`.
-
-KV cache precision (`kv_dtype="auto"`): float32 while the whole cache (n_batch x max_context) fits
-in `KV_FLOAT32_BUDGET` bytes, bfloat16 (half the memory) above that.
-"""
+"""`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only; it starts no
+threads). One `poll()` is one step: a decode for every generating slot, prefill chunks for joining
+ones (prompts that arrive together go in together); a slot's held prompt prefix is reused; the context
+rule refuses `too_long` at `prepare`; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 

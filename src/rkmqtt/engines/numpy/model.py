@@ -1,22 +1,6 @@
-"""The forward pass of a Llama-family transformer, with a KV cache per slot (scheduler thread).
-
-One call of `Transformer.step` runs one engine step over a mixed batch of rows:
-
-* decode rows: one token each for slots that are generating (their attention is batched over
-  the slots, padded to the longest context with a mask);
-* prefill segments: a chunk of a joining request's prompt (causal attention over the slot's
-  cache plus the chunk).
-
-All rows go through the linear layers together (one BLAS call per matrix, the rows padded to a
-multiple of `GEMM_ROW_BLOCK`); only the rows whose next token is needed go through the output head.
-Maths: RMSNorm, rotate-half rotary embeddings (see `weights.py` for the row order), grouped-query
-attention, SwiGLU.
-
-The KV cache is (layers, slots, kv_heads, max_context, head_dim) for K and for V, allocated
-once with zeroed pages (the operating system commits memory as contexts fill), in float32 or in
-bfloat16 (stored as uint16: the top half of the float32, rounded to nearest even; read back with
-one shift). bfloat16 halves the cache at the cost of ~3 significant digits in K and V.
-"""
+"""The forward pass of a Llama-family transformer over a mixed batch of decode rows and prefill
+chunks (rows padded to a multiple of 4 for BLAS), with a KV cache per slot in float32 or bfloat16
+(scheduler thread; docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 

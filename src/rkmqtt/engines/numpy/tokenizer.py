@@ -1,13 +1,5 @@
-"""The tokenizer of a GGUF file, built with the `tokenizers` library (scheduler thread).
-
-Byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Qwen2.5, Llama 3.x) from the file's
-vocabulary and merges, split first the way `tokenizer.ggml.pre` says the merges were learned.
-Tokens the file marks as control (type 3) are registered as special tokens, so `<|im_start|>` in
-a rendered chat template becomes one token; user-defined ones (type 4) as added tokens.
-
-`token_bytes` gives the raw bytes each token stands for, so that the engine can stream text as
-bytes and hold back a character split across tokens.
-"""
+"""The tokenizer of a GGUF file: byte-level BPE built with the `tokenizers` library from the file's
+vocabulary and merges, with each token's raw bytes for streaming (scheduler thread)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""The float32 weights of a Llama-family model, laid out for the forward pass (scheduler thread,
-during `NumpyEngine.load`).
-
-Layout choices, all made once at load time:
-
-* every linear weight is stored transposed, (in_features, out_features), C-contiguous, so that
-  `x @ W` is one BLAS call with no copy;
-* Q, K and V are fused into one matrix (and their biases, Qwen2) and so are the gate and up
-  projections of the MLP: four matrix products per layer instead of seven;
-* llama.cpp's converter reorders the rows of Q and K of `llama` models so that the rotary
-  embedding turns adjacent pairs; that reordering is undone per head here, so one rotate-half
-  rotary embedding serves both architectures (`qwen2` files are not reordered);
-* with tied embeddings the output head and the embedding table are one (dim, vocab) array; a
-  token's embedding is a column of it.
-"""
+"""The float32 weights of a Llama-family model, laid out once for the forward pass: transposed, Q/K/V
+and gate/up fused, llama.cpp's rotary row order undone, tied embeddings shared (scheduler thread,
+during `NumpyEngine.load`; docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 

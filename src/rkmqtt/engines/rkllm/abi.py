@@ -1,21 +1,7 @@
-"""ctypes declarations of the RKLLM runtime's C interface, for ABI 1.2.x and 1.3.0.
-
-Threads: pure declarations, usable from any thread. Nothing here loads the library.
-
-Written from the project's facts document (docs/rkllm-runtime.md, "Struct layouts" and
-"Functions"), not from Rockchip's header. Two ABIs exist:
-
-* 1.2 — runtime 1.2.1, 1.2.2 and 1.2.3 (one layout): `rkllm_init` takes the result callback
-  itself; `RKLLMParam` carries image fields (208 bytes); `RKLLMInferParam` has no sampling and
-  no `max_new_tokens` (32 bytes); `RKLLMInput` is 64 bytes.
-* 1.3 — runtime 1.3.0: `rkllm_init` takes an `RKLLMCallback*`; `RKLLMParam` is 184 bytes with
-  `extend_param` at 60; `RKLLMInferParam` gains `sampling_params` and `max_new_tokens` (40 bytes);
-  the multimodal input gets image and video sub-structs (`RKLLMInput` is 160 bytes).
-
-Structs whose layout is the same in both ABIs are declared once. `Abi` bundles the set chosen
-at load time; `Abi.structs` names every struct by its C name (the layout tests walk it).
-Enums are C `int` (`c_int` fields); `bool` is `c_bool` (one byte).
-"""
+"""ctypes declarations of the RKLLM runtime's C interface, for ABI 1.2.x and 1.3.0 (any thread; pure
+declarations, nothing here loads the library). Written from docs/rkllm-runtime.md, "Functions"
+and "Struct layouts" (the two ABIs: "Versions and ABIs"), not from Rockchip's header; `Abi` bundles
+the set chosen at load time."""
 
 from __future__ import annotations
 
@@ -34,6 +20,7 @@ from ctypes import (
     c_size_t,
     c_uint8,
     c_uint32,
+    c_uint64,
     c_void_p,
 )
 from dataclasses import dataclass
@@ -153,10 +140,13 @@ class RKLLMResult(Structure):
 # int (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state)
 LLMResultCallback = CFUNCTYPE(c_int, POINTER(RKLLMResult), c_void_p, c_int)
 
-# 1.3.0's optional tokenizer and embed callbacks: the facts document does not give their
-# signatures, and rkmqtt always passes NULL, so they are declared as opaque function pointers.
-LLMTokenizerCallback = c_void_p
-LLMGetEmbedCallback = c_void_p
+# 1.3.0's optional callbacks (the 1.3.0 header; rkmqtt passes NULL for both):
+# int (*LLMTokenizerCallback)(void* userdata, const char* text, int32_t text_len, int32_t* tokens,
+#                             int32_t n_tokens_max)   -> tokens written (>= 0), or < 0 on error
+# int (*LLMGetEmbedCallback)(void* userdata, int32_t* tokens, uint64_t num_tokens, void* embed,
+#                            uint64_t len)            -> 0 on success (len: the buffer's bytes)
+LLMTokenizerCallback = CFUNCTYPE(c_int, c_void_p, c_char_p, c_int32, POINTER(c_int32), c_int32)
+LLMGetEmbedCallback = CFUNCTYPE(c_int, c_void_p, POINTER(c_int32), c_uint64, c_void_p, c_uint64)
 
 _PARAM_HEAD: list[Any] = [
     ("model_path", c_char_p),

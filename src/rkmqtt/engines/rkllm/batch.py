@@ -1,60 +1,23 @@
-"""One `rkllm_run`: its C inputs, its slots, and the callback side that demultiplexes results.
+"""One `rkllm_run`: its C inputs, its slots, and the callback that demultiplexes the results.
 
-Threads:
-* `Batch(...)` is built on the scheduler thread (RkllmEngine.submit);
-* `on_result` runs on the runtime's callback thread while rkllm_run runs. It only copies bytes
-  out of the results, updates this batch's slot state and puts events on the engine's
-  `queue.Queue` (unbounded: `put` never waits). It never raises, never blocks, never logs and
-  never does I/O;
-* `run_returned` runs on the batch's worker thread once rkllm_run has returned;
-* `cancel` and `live_count` run on the scheduler thread. The state shared with the callback
-  thread is `cancelled` (a set the scheduler adds to), the slots' `done` flags (the callback
-  sets them) and `aborted`/`returned` (the engine sets them under its handle lock); each is a
-  single read or write under the GIL, and every race between them is harmless: a cancelled
-  key's events are dropped by `RkllmEngine.poll` anyway, the abort decision is made on both
-  sides, and the engine's lock decides whether an abort reaches the runtime (engine.py).
-
-Every object C can reach — the `RKLLMInput[n_batch]` array, the prompt bytes, the infer and
-sampling structs — is referenced from `self.keep` until the worker drops the batch, after
-rkllm_run has returned.
-
-How results map to replies (facts: docs/rkllm-runtime.md, "Batched inference"):
-* `result[i]` is slot i; a negative `token_id` ends slot i; `text` may be NULL, and so may the
-  `result` pointer itself (then the step carries nothing; at FINISH there is no perf).
-* Each slot assembles its text in a `SlotText` (text.py): text that ends inside a character (a
-  `WAITING` step) is held, and the next text either repeats it (Rockchip's consumers' reading) or
-  continues it (a split character); `TokenEvent.text` is always whole characters.
-* A slot is cut at its own `max_new_tokens` (the run uses the batch's largest) and gets
-  `FinishEvent(reason="length")` at once; its later tokens are dropped.
-* A slot that ends while batch-mates still run is answered at once (no perf: the runtime fills
-  perf only at FINISH). The slot(s) ending last wait for the `FINISH` callback, which comes
-  right after, and carry its perf: `prompt_tokens` = that slot's `perf.prefill_tokens` (what the
-  runtime reports per slot in a batch is undocumented; the stand-in reports the slot's own).
-* Every slot has a `reported` flag (its final event is queued). Whatever happens in the callback
-  (an exception, a NULL pointer, no FINISH at all), `run_returned` answers every slot not yet
-  reported, so no request waits forever.
-* When no real slot is left (all ended or cancelled) but the runtime is still generating
-  (padding slots, or 1.2.x's init-time `max_new_tokens` above every request's own), the engine is
-  asked to `rkllm_abort` (an `AbortWanted` marker on the queue; the callback itself never calls
-  into the runtime).
-* An `ERROR` state, `rkllm_run` != 0, or an exception in the callback answers every slot still
-  running with `engine_error` — except an `ERROR` or a non-zero return after our own abort with
-  no real slot left: that is how the runtime may end an aborted run, and nothing was lost.
-"""
+Built on the scheduler thread; `on_result` runs on the runtime's callback thread (it copies and
+enqueues, nothing else), `run_returned` on the batch's worker thread. How results map to replies:
+docs/rkllm-runtime.md, "Batched inference" and "Inside rkmqtt's binding"."""
 
 from __future__ import annotations
 
 import ctypes
 import queue
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Generation, TokenEvent
-from rkmqtt.engines.rkllm.abi import Abi, LLMCallState, RKLLMInferMode, RKLLMInputType
+from rkmqtt.engines.rkllm.abi import Abi, LLMCallState, RKLLMInferMode, RKLLMInputType, RKLLMPromptCacheParam
 from rkmqtt.engines.rkllm.prompt import DUMMY_PROMPT, render_prompt
 from rkmqtt.engines.rkllm.text import SlotText
+from rkmqtt.engines.rkllm.trace import RunInput
 from rkmqtt.protocol import ErrorCode
 
 
@@ -109,6 +72,9 @@ class Batch:
         sampling: tuple[int, float, float, float] | None,
         warnings: dict[Hashable, tuple[str, ...]],
         out: queue.Queue[QueueItem],
+        render: Callable[[Generation], str] = lambda r: render_prompt(r.messages),
+        token_inputs: Mapping[Hashable, Sequence[int]] | None = None,
+        save_prompt_cache: bytes | None = None,
     ) -> None:
         if not 1 <= len(reqs) <= n_batch:
             raise ValueError(f"a batch takes 1 to {n_batch} requests, not {len(reqs)}")
@@ -119,7 +85,7 @@ class Batch:
         self.slots = [_Slot(i, r, warnings.get(r.key, ())) for i, r in enumerate(reqs)]
         self.by_key = {s.key: s for s in self.slots}
         self.cancelled: set[int] = set()
-        self.prompts = [render_prompt(r.messages) for r in reqs]
+        self.prompts = [render(r) for r in reqs]
         self.runtime_tokens = [0] * n_batch  # tokens the runtime produced per slot (padding too)
         self.abort_wanted = False
         self.aborted = False  # set by the engine when it called rkllm_abort for this batch
@@ -134,17 +100,35 @@ class Batch:
         pad_text = DUMMY_PROMPT if pad else ""
         prompt_bytes = [p.encode("utf-8") for p in self.prompts]
         prompt_bytes += [pad_text.encode()] * (n_batch - len(reqs))
-        self.inputs_text = tuple(prompt_bytes)
+        tokens = [list(token_inputs[r.key]) if token_inputs and r.key in token_inputs else None for r in reqs]
+        tokens += [None] * (n_batch - len(reqs))
+        self.inputs_text: tuple[RunInput, ...] = tuple(
+            {"tokens": t} if t is not None else p.decode("utf-8", errors="replace")
+            for p, t in zip(prompt_bytes, tokens, strict=True)
+        )
         role = b"user"
         inputs: Any = (abi.Input * n_batch)()
-        for i, data in enumerate(prompt_bytes):
+        token_arrays: list[Any] = []
+        for i, (data, ids) in enumerate(zip(prompt_bytes, tokens, strict=True)):
             inputs[i].role = role
             inputs[i].enable_thinking = False
-            inputs[i].input_type = RKLLMInputType.PROMPT
-            inputs[i].prompt_input = data
+            if ids is None:
+                inputs[i].input_type = RKLLMInputType.PROMPT
+                inputs[i].prompt_input = data
+            else:
+                array = (ctypes.c_int32 * len(ids))(*ids)
+                token_arrays.append(array)
+                inputs[i].input_type = RKLLMInputType.TOKEN
+                inputs[i].token_input.input_ids = ctypes.cast(array, ctypes.POINTER(ctypes.c_int32))
+                inputs[i].token_input.n_tokens = len(ids)
         infer: Any = abi.InferParam()
         infer.mode = RKLLMInferMode.GENERATE
         infer.keep_history = 0  # requests are independent
+        cache_param: Any = None
+        if save_prompt_cache is not None:
+            cache_param = RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=save_prompt_cache)
+            infer.prompt_cache_params = ctypes.pointer(cache_param)
+        self.saves_prompt_cache = save_prompt_cache is not None
         sampling_struct: Any = None
         if abi.SamplingParam is not None:
             infer.max_new_tokens = runtime_limit
@@ -164,7 +148,7 @@ class Batch:
                 infer.sampling_params = ctypes.pointer(sampling_struct)
         self.inputs = inputs
         self.infer = infer
-        self.keep: tuple[Any, ...] = (inputs, infer, sampling_struct, prompt_bytes, role)
+        self.keep: tuple[Any, ...] = (inputs, infer, sampling_struct, prompt_bytes, role, token_arrays, cache_param)
 
     # ---- scheduler thread ----------------------------------------------------------------------
 
@@ -252,10 +236,11 @@ class Batch:
     def _on_finish(self, results: Any) -> None:
         """FINISH: every slot not yet answered ends now and gets the perf the runtime reports."""
         self.got_finish = True
+        perf = _perf(results)
         for slot in self._unreported():
             if not slot.done:
                 self._close_slot(slot, "length" if slot.tokens >= slot.limit else "stop")
-            self._report(slot, _perf(results, slot.index))
+            self._report(slot, perf)
 
     def _on_error(self) -> None:
         self.got_error = True
@@ -283,7 +268,9 @@ class Batch:
         if slot.reported or slot.index in self.cancelled:
             return
         slot.reported = True
-        prompt_tokens = int(perf["prefill_tokens"]) if perf.get("prefill_tokens", 0) > 0 else None
+        # A batch's perf is one result's: whose prompt it counts is unknown above n_batch 1.
+        counted = self.n_batch == 1 and perf.get("prefill_tokens", 0) > 0
+        prompt_tokens = int(perf["prefill_tokens"]) if counted else None
         self._out.put(
             FinishEvent(
                 key=slot.key,
@@ -330,11 +317,11 @@ class Batch:
         return self.failure
 
 
-def _perf(results: Any, index: int) -> dict[str, float]:
-    """Slot `index`'s perf of a FINISH callback ({} when the result pointer is NULL)."""
+def _perf(results: Any) -> dict[str, float]:
+    """The perf of a FINISH callback, from its first result only ({} when the pointer is NULL)."""
     if not results:
         return {}
-    perf = results[index].perf
+    perf = results[0].perf
     out = {name: float(getattr(perf, name)) for name in _PERF_FIELDS}
     # The keys every engine reports (they go into the final reply's timing); the runtime's own stay.
     out["prefill_ms"], out["decode_ms"] = out["prefill_time_ms"], out["generate_time_ms"]

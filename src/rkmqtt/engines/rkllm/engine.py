@@ -1,59 +1,8 @@
-"""RkllmEngine: requests batched into one `rkllm_run` on the Rockchip NPU (static micro-batches).
+"""`RkllmEngine`: requests batched into one `rkllm_run` on the Rockchip NPU (static micro-batches).
 
-Threads:
-* every public method runs on the scheduler thread (the one thread that owns the engine);
-* each batch runs `rkllm_run` on a worker thread of its own, `rkllm-run-<n>`, which after the
-  call answers what is still open and, after a second failed run in a row, destroys and
-  re-initialises the runtime (tenacity backoff) before the engine is idle again;
-* the runtime calls the result callback on a thread of its own during `rkllm_run`; the
-  callback (`Batch.on_result`) only copies and enqueues (see batch.py).
-The threads meet in one `queue.Queue` that `poll()` drains.
-
-One lock, `_handle_lock`, orders every call that touches the handle from two threads: the
-start and the end of a run (the worker), `rkllm_abort` (the scheduler), `rkllm_destroy` and the
-swap of a new handle (the worker's recovery, `close`). `rkllm_abort` is called only while a run
-of that batch is in progress (`_in_run`), never on an idle or destroyed handle. The lock is never
-held across `rkllm_run` or `rkllm_init`, and the callback never takes it.
-
-Between the worker calling `rkllm_run` and the runtime marking itself running there is a moment
-in which an abort would reach an idle handle (and be lost). So an abort asked for before the
-runtime's first callback is made by a short-lived thread, `rkllm-abort-<n>`, once the runtime
-shows it is running: `rkllm_is_running` differs from its value on the idle handle (read after
-init, so either polarity of the headers works), or it has called back; it gives up when the run
-ends, and aborts anyway after `ABORT_CONFIRM_S` if the runtime cannot tell.
-
-Life of a batch: `submit()` (engine idle, 1..n_batch requests with one `batch_key`) builds the
-`RKLLMInput[n_batch]` array (unused slots padded with a short dummy prompt, or left empty when
-`rkllm_pad_batch` is false) and one `RKLLMInferParam` and starts the worker. `cancel(key)` drops a
-request at once (its later events are filtered out) and calls `rkllm_abort` only when no real
-slot of the batch is left running; when all real slots have ended by themselves while padding
-slots still generate, the callback asks `poll()` to abort for the same reason. A batch whose
-every request was cancelled before its run began is not run at all.
-
-Admission: `prepare()` refuses a prompt the context cannot hold with `too_long` (length.py):
-counted with the `rkllm_tokenizer` file when set, else bounded at one token per byte. Such a
-prompt would otherwise stop the run of its whole batch.
-
-Sampling: runtime 1.3.0 takes sampling parameters and `max_new_tokens` per run, so `batch_key`
-groups requests by their sampling, and the run's `max_new_tokens` is the batch's largest (each
-slot is cut at its own). Runtime 1.2.x fixes both at `rkllm_init` (from the settings; its
-`max_new_tokens` is the `max_new_tokens` limit): every request shares a batch, each slot is cut at
-its own limit, and a request that set sampling fields is told in `FinishEvent.warnings`. Greedy
-(temperature 0) is sent as top_k=1, temperature=1.0, top_p=1.0. The runtime has no seed.
-
-Failures: `rkllm_init` failing at load raises EngineError naming what to check. An `ERROR` state
-or `rkllm_run` returning non-zero answers the batch's running requests `engine_error` (not after
-our own abort with no request left: batch.py). A single failed run keeps the model: the next batch
-runs on the same handle. After `RELOAD_AFTER_FAILURES` failed runs in a row the handle is
-destroyed and `rkllm_init` retried with exponential backoff until it works or the engine closes
-(the scheduler keeps queueing meanwhile: `free_slots()` is 0). Beware: runtime 1.3.0 has been
-reported to segfault, not return -1, when a second init runs out of NPU memory.
-
-`recorder` (a trace.TraceRecorder, for `rkmqtt probe`) is told every call into the runtime and
-copies every callback; it does no I/O.
-
-Facts about the runtime: docs/rkllm-runtime.md.
-"""
+Public methods run on the scheduler thread, each batch's `rkllm_run` on a worker thread, the result
+callback on the runtime's thread; they meet in one queue that `poll()` drains. The handle lock,
+aborts, sampling per ABI and recovery: docs/rkllm-runtime.md, "Inside rkmqtt's binding"."""
 
 from __future__ import annotations
 
@@ -64,19 +13,19 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, Generation, Prepared, SamplingParams
+from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, ErrorEvent, Generation, Prepared, SamplingParams
 from rkmqtt.engines.rkllm.abi import LLMHandle, LLMResultCallback, cpu_mask
 from rkmqtt.engines.rkllm.batch import AbortWanted, Batch, BatchEnded, QueueItem
 from rkmqtt.engines.rkllm.length import PromptLength
 from rkmqtt.engines.rkllm.library import RuntimeLibrary, locate_runtime
 from rkmqtt.engines.rkllm.platform import runtime_cpus
-from rkmqtt.engines.rkllm.prompt import parse_chat_template, render_prompt
+from rkmqtt.engines.rkllm.prompt import cached_prefix, host_rendered, parse_chat_template, render_prompt
 from rkmqtt.engines.rkllm.trace import TraceRecorder
 from rkmqtt.errors import ConfigError, EngineError, RequestRejected
 from rkmqtt.protocol import ErrorCode
@@ -124,6 +73,12 @@ class RkllmEngine(Engine):
         self._n_batch = settings.n_batch
         self._cpus = runtime_cpus(settings.rkllm_cpus, root)
         self._template = parse_chat_template(settings.rkllm_chat_template) if settings.rkllm_chat_template else None
+        self._prompt_cache = settings.rkllm_prompt_cache
+        if self._prompt_cache is not None and (self._template is None or not cached_prefix(self._template)):
+            raise ConfigError(
+                "setting rkllm_prompt_cache needs rkllm_chat_template (system|prefix|postfix) whose system part "
+                "is the fixed system prompt to cache"
+            )
         self._length = PromptLength(None, self._template)  # the bound until load() reads rkllm_tokenizer
         self._recorder = recorder
         self._backoff_s = backoff_s
@@ -171,6 +126,9 @@ class RkllmEngine(Engine):
         self._length = PromptLength(s.rkllm_tokenizer, self._template)
         self._lib = self._runtime.load()
         self._handle = self._init_handle()
+        if self._prompt_cache is not None and not self._prompt_cache.is_file():
+            self._make_prompt_cache()
+            self._load_prompt_cache(self._handle)
         _LOGGER.info(
             "RKLLM runtime %s (ABI %s) from %s: model %s, n_batch %d",
             self._runtime.version or "(unknown version)",
@@ -191,6 +149,7 @@ class RkllmEngine(Engine):
             "cpus": self._cpus,
             "pad_batch": self._settings.rkllm_pad_batch,
             "chat_template": "custom" if self._template else "built-in",
+            "prompt_cache": str(self._prompt_cache) if self._prompt_cache is not None else None,
             "prompt_length": "counted (rkllm_tokenizer)" if self._settings.rkllm_tokenizer else "bounded",
             "batches": self._batches,
             "failed_runs": self._failed_runs,
@@ -199,7 +158,7 @@ class RkllmEngine(Engine):
 
     def prepare(self, req: Generation) -> Prepared:
         """Refuse a prompt the context cannot hold (too_long); its token count when it was counted."""
-        measure = self._length.measure(render_prompt(req.messages))
+        measure = self._length.measure(self._prompt_of(req))
         limit = self._settings.max_context
         if measure.tokens >= limit:
             raise RequestRejected(
@@ -222,7 +181,10 @@ class RkllmEngine(Engine):
         batch = self._running
         return batch.live_count() if batch is not None else 0
 
-    def submit(self, prepared: Sequence[Prepared]) -> None:
+    def submit(
+        self, prepared: Sequence[Prepared], *, token_inputs: Mapping[Hashable, Sequence[int]] | None = None
+    ) -> None:
+        """Start a batch; `token_inputs` (for `rkmqtt probe`) gives some requests token ids instead of their prompt."""
         reqs = [p.gen for p in prepared]
         if self._running is not None or self._handle is None:
             raise EngineError("submit while the RKLLM engine is busy or not initialised")
@@ -249,6 +211,8 @@ class RkllmEngine(Engine):
             sampling=sampling,
             warnings={r.key: self._warnings(r, per_run) for r in reqs},
             out=self._events,
+            render=self._runtime_input,
+            token_inputs=token_inputs,
         )
         self._running = batch
         self._batches += 1
@@ -299,7 +263,130 @@ class RkllmEngine(Engine):
         self._running = None
         self._destroy_handle()
 
+    def runtime_is_running(self) -> int | None:
+        """What rkllm_is_running returns now (for `rkmqtt probe`); None without a handle or the function."""
+        assert self._runtime is not None
+        with self._handle_lock:
+            if self._handle is None or "rkllm_is_running" in self._runtime.missing:
+                return None
+            value = int(self._lib.rkllm_is_running(self._handle))
+            if self._recorder is not None:
+                self._recorder.call("is_running", rc=value, during_run=self._in_run is not None)
+            return value
+
+    def kv_cache_sizes(self, when: str = "idle") -> list[int] | None:
+        """What rkllm_get_kv_cache_size reports per slot (for `rkmqtt probe`); None while a run is in
+        progress, without a handle or the function, or when it fails."""
+        with self._handle_lock:
+            if self._in_run is not None:
+                return None
+            return self._kv_cache_sizes(when)
+
     # ---- internals -----------------------------------------------------------------------------
+
+    def _prompt_of(self, req: Generation) -> str:
+        """The request's one user turn (a system message the template's system part holds is not repeated)."""
+        return render_prompt(req.messages, self._template[0] if self._template else None)
+
+    def _runtime_input(self, req: Generation) -> str:
+        """What goes to the runtime: the user turn, inside the template when the engine renders it."""
+        prompt = self._prompt_of(req)
+        if self._prompt_cache is not None and self._template is not None:
+            return host_rendered(self._template, prompt)
+        return prompt
+
+    def _kv_cache_sizes(self, when: str) -> list[int] | None:
+        """Under the lock."""
+        assert self._runtime is not None
+        if self._handle is None or "rkllm_get_kv_cache_size" in self._runtime.missing:
+            return None
+        sizes = (ctypes.c_int * self._n_batch)()
+        rc = int(self._lib.rkllm_get_kv_cache_size(self._handle, sizes))
+        if self._recorder is not None:
+            self._recorder.call("kv_cache_size", rc=rc, sizes=list(sizes), when=when)
+        return list(sizes) if rc == 0 else None
+
+    def _set_template(self, handle: Any) -> None:
+        """The configured chat template, or none at all when the engine renders it (prompt cache)."""
+        if self._template is None:
+            return
+        parts = ("", "", "") if self._prompt_cache is not None else self._template
+        rc = self._lib.rkllm_set_chat_template(handle, *(t.encode() for t in parts))
+        if self._recorder is not None:
+            self._recorder.call("set_chat_template", rc=rc, empty=not any(parts))
+        if rc != 0:
+            self._call_destroy(handle)
+            raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting rkllm_chat_template", rc)
+
+    def _load_prompt_cache(self, handle: Any) -> None:
+        """rkllm_load_prompt_cache of the rkllm_prompt_cache file. Raises EngineError with one line."""
+        assert self._prompt_cache is not None
+        rc = self._lib.rkllm_load_prompt_cache(handle, os.fsencode(self._prompt_cache))
+        if self._recorder is not None:
+            self._recorder.call("load_prompt_cache", rc=rc)
+        if rc != 0:
+            raise EngineError(
+                f"rkllm_load_prompt_cache failed ({rc}) for {self._prompt_cache}: delete the file so that the next "
+                "start makes it again, or unset rkllm_prompt_cache",
+                rc,
+            )
+
+    def _make_prompt_cache(self) -> None:
+        """One run of the cached prefix alone, whose KV cache the runtime saves to the file (load(),
+        scheduler thread, before any request). Raises EngineError with one line."""
+        assert self._prompt_cache is not None and self._template is not None and self._runtime is not None
+        req = Generation(key=("rkmqtt-prompt-cache",), messages=(), max_new_tokens=1, sampling=SamplingParams())
+        prefix = cached_prefix(self._template)
+        self._prompt_cache.parent.mkdir(parents=True, exist_ok=True)
+        batch = Batch(
+            next(self._ids),
+            [req],
+            abi=self._runtime.abi,
+            n_batch=self._n_batch,
+            pad=self._settings.rkllm_pad_batch,
+            runtime_limit=1 if self._runtime.abi.per_run_sampling else self._settings.max_new_tokens,
+            sampling=None,
+            warnings={},
+            out=self._events,
+            render=lambda r: prefix,
+            save_prompt_cache=os.fsencode(self._prompt_cache),
+        )
+        self._running = batch
+        self._run_batch(batch)  # on this thread: nothing else runs before load() returns
+        errors = []
+        while not self._events.empty():
+            item = self._events.get_nowait()
+            if isinstance(item, ErrorEvent):
+                errors.append(item.message)
+        if errors or not self._prompt_cache.is_file():
+            self._prompt_cache.unlink(missing_ok=True)
+            raise EngineError(
+                f"making the prompt cache {self._prompt_cache} failed ({errors[0] if errors else 'no file written'}): "
+                "unset rkllm_prompt_cache"
+            )
+        _LOGGER.info("RKLLM prompt cache of the fixed system prompt written to %s", self._prompt_cache)
+
+    def _clear_after_abort(self) -> str | None:
+        """Worker thread, after a run we aborted: rkllm_clear_kv_cache, then the prompt cache again.
+        Returns what failed (the model is then reloaded), or None."""
+        assert self._runtime is not None
+        with self._handle_lock:
+            handle = self._handle
+            if handle is None or "rkllm_clear_kv_cache" in self._runtime.missing:
+                return None
+            if self._recorder is not None:
+                self._kv_cache_sizes("after an abort")
+            rc = int(self._lib.rkllm_clear_kv_cache(handle, 0, None, None))
+            if self._recorder is not None:
+                self._recorder.call("clear_kv_cache", rc=rc, keep_system_prompt=0)
+            if rc != 0:
+                return f"rkllm_clear_kv_cache after an abort returned {rc}"
+            if self._prompt_cache is not None:
+                try:
+                    self._load_prompt_cache(handle)
+                except EngineError as e:
+                    return str(e)
+        return None
 
     def _warnings(self, req: Generation, per_run: bool) -> tuple[str, ...]:
         out: list[str] = []
@@ -364,12 +451,15 @@ class RkllmEngine(Engine):
         self._init_keep = (param, callback, model_path)
         if "rkllm_is_running" not in self._runtime.missing:
             self._idle_running_value = int(lib.rkllm_is_running(handle))
-        if self._template is not None:
-            system, prefix, postfix = (t.encode() for t in self._template)
-            rc = lib.rkllm_set_chat_template(handle, system, prefix, postfix)
-            if rc != 0:
+            if self._recorder is not None:
+                self._recorder.call("is_running", rc=self._idle_running_value, during_run=False)
+        self._set_template(handle)
+        if self._prompt_cache is not None and self._prompt_cache.is_file():
+            try:
+                self._load_prompt_cache(handle)
+            except EngineError:
                 self._call_destroy(handle)
-                raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting rkllm_chat_template", rc)
+                raise
         return handle
 
     def _call_destroy(self, handle: Any) -> None:
@@ -448,7 +538,9 @@ class RkllmEngine(Engine):
                 return None
             self._in_run = batch
             if self._recorder is not None:
-                self._recorder.run_start(self._n_batch, batch.inputs_text, batch.runtime_limit)
+                self._recorder.run_start(
+                    self._n_batch, batch.inputs_text, batch.runtime_limit, batch.saves_prompt_cache
+                )
             return self._handle
 
     def _end_run(self, batch: Batch, rc: int) -> None:
@@ -462,6 +554,7 @@ class RkllmEngine(Engine):
     def _run_batch(self, batch: Batch) -> None:
         """Worker thread: one rkllm_run, then answer what is open and recover from repeated failures."""
         handle = self._start_run(batch)
+        broken: str | None = None
         if handle is None:
             failure = batch.not_run(None if batch.live_count() == 0 else "the RKLLM runtime is not initialised")
         else:
@@ -472,15 +565,23 @@ class RkllmEngine(Engine):
                 batch.callback_error = f"{type(e).__name__}: {e}"
             self._end_run(batch, rc)
             failure = batch.run_returned(rc)
-        self._after_run(batch, failure)
+            if batch.aborted:
+                broken = self._clear_after_abort()
+        self._after_run(batch, failure, broken)
         # Idle from here: every event of the batch is already queued, so a scheduler that submits the
         # next batch before draining them still sees them first. (The bridge's scheduler stops polling
         # once its jobs are answered, so the engine must become free without a poll.)
         self._running = None
         self._events.put(BatchEnded(batch.id, tuple(batch.by_key)))
 
-    def _after_run(self, batch: Batch, failure: str | None) -> None:
-        """Worker thread: count failed runs in a row; reload the model after RELOAD_AFTER_FAILURES."""
+    def _after_run(self, batch: Batch, failure: str | None, broken: str | None = None) -> None:
+        """Worker thread: count failed runs in a row; reload the model after RELOAD_AFTER_FAILURES,
+        or at once when the handle is `broken` (a clear after an abort failed)."""
+        if broken is not None:
+            self._failed_runs += failure is not None
+            _LOGGER.error("RKLLM batch %d: %s; re-initialising the runtime", batch.id, broken)
+            self._recover()
+            return
         if failure is None:
             self._failures_in_a_row = 0
             return

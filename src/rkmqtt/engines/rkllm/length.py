@@ -1,20 +1,6 @@
-"""How many tokens the runtime will see for a prompt, so that an over-long one is refused before admission.
-
-Threads: built when the engine loads and used by `RkllmEngine.prepare`, both on the scheduler thread.
-
-The runtime tokenizes the prompt itself and stops the whole run — every slot of the batch — when
-one prompt is longer than `max_context` ("the length of prompt is greater than max context",
-docs/rkllm-runtime.md). A `.rkllm` file does not expose its tokenizer, so:
-
-* with the `rkllm_tokenizer` setting (the model's `tokenizer.json`, read with the `tokenizers`
-  library) the prompt is counted exactly, and a configured `rkllm_chat_template` too;
-* without it, a bound that is never below the true count: one token per UTF-8 byte (every
-  byte-level BPE or byte-fallback token stands for at least one byte), plus one.
-
-The model's built-in chat template adds tokens nobody can count from here: `TEMPLATE_ALLOWANCE`
-is reserved for it (an assumption: common templates wrap a user turn in 10-40 tokens).
-A prompt is refused when its count (template included) leaves no room for one new token.
-"""
+"""How many tokens the runtime will see for a prompt, counted with `rkllm_tokenizer` or bounded at
+one per byte, so that an over-long one is refused `too_long` before admission (scheduler thread;
+docs/rkllm-runtime.md, "Prompt length")."""
 
 from __future__ import annotations
 

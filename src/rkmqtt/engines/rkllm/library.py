@@ -1,18 +1,6 @@
-"""Finding, identifying and loading librkllmrt.so.
-
-Threads: `locate_runtime` runs wherever start-up or `rkmqtt check` runs (main or scheduler
-thread); `RuntimeLibrary.load` runs once, on the scheduler thread, when the engine loads.
-
-Finding the library never loads it: the file is located, its bytes are searched for the
-`rkllm-runtime version: X.Y.Z` string the runtime carries in its read-only data, and the ABI is
-chosen from that version (or from the `rkllm_abi` setting when the string is absent). The version
-is read whole: `1.2.1b1` (a public build with another ABI, docs/rkllm-runtime.md) is not `1.2.1`.
-A version that is not exactly one of SUPPORTED_VERSIONS is refused, unless `rkllm_abi` names the
-ABI to use anyway (with a warning: the wrong layout crashes on the first request). Only the
-engine's `load()` calls `ctypes.CDLL`, and then declares every function's argtypes and restype
-for the chosen ABI (`rkllm_createDefaultParam` returns its struct by value, so its restype is the
-whole `RKLLMParam` of that ABI).
-"""
+"""Finding, identifying and loading librkllmrt.so: located and its version read without loading it
+(wherever start-up or `rkmqtt check` runs), loaded with ctypes once, on the scheduler thread, when
+the engine loads (docs/rkllm-runtime.md, "Versions and ABIs")."""
 
 from __future__ import annotations
 

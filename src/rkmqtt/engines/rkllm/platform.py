@@ -1,16 +1,6 @@
-"""Board checks for `rkmqtt check` and for `engine=auto`: is this a Rockchip NPU board that can run RKLLM?
-
-Threads: the main thread (`rkmqtt check`, start-up's engine choice). Reads a few files, loads nothing.
-
-Each check returns a `CheckResult` (ok, name, message): on failure the message says what is
-wrong and how to fix it. Every function takes the root of the file system it reads (default
-`/`), so tests point them at a fake tree under a temporary directory:
-
-    <root>/proc/device-tree/compatible      NUL-separated strings, e.g. "radxa,rock-5b\\0rockchip,rk3588\\0"
-    <root>/sys/kernel/debug/rknpu/version   e.g. "RKNPU driver: v0.9.8" (debugfs; root only)
-    <root>/dev/dri/renderD*                 with <root>/sys/class/drm/renderD*/device/driver -> .../rknpu
-    <root>/dev/rknpu                        (older vendor kernels)
-"""
+"""Board checks for `rkmqtt check` and `engine: auto`: is this a Rockchip NPU board that can run
+RKLLM? (main thread; reads a few files under a given root, loads nothing; a failed check says how
+to fix it.)"""
 
 from __future__ import annotations
 

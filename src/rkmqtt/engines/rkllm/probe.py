@@ -1,102 +1,43 @@
-"""`rkmqtt probe`: the fixed script a board owner runs once against the real RKLLM runtime, and shares.
+"""`rkmqtt probe`: the script a board owner runs once against the real RKLLM runtime, and shares.
 
-Threads: the main thread drives an `RkllmEngine` as its scheduler thread would; the engine's own
-threads (worker, runtime callback) only record into a `TraceRecorder` (trace.py), no I/O.
-
-    rkmqtt probe --rkllm-library /usr/lib/librkllmrt.so --model ~/models/m.rkllm --out probe-rk3588
-
-The script (`SCRIPT_VERSION`), through the engine so that the binding is checked at the same time:
-
-    n_batch 1   speed-n1, chinese-n1, emoji-n1, cancel-all-prefill, over-long, after-over-long
-    n_batch 2   speed-n2, chinese+emoji-n2, cancel-one-slot, padding
-    n_batch 4   speed-n4
-    n_batch 8   speed-n8          (--n-batch chooses the speed points; 1 and 2 always run)
-
-`<out>/probe-trace.json` holds every call into the runtime and every callback (state, per-slot
-token id, raw text bytes in hex, time: trace.py), the scenarios as run and each request's reply;
-`<out>/probe-summary.md` a table to paste into an issue (probe_report.py); `<out>/runtime.log`
-what the runtime printed. With `--scenarios-from TRACE` the scenarios recorded in TRACE are run
-instead of the script: with the stand-in runtime replaying TRACE (RKLLM_STANDIN_REPLAY), a
-board's trace becomes a test (tests/test_rkllm_probe.py). docs/benchmarks.md says where board
-figures go; docs/rkllm-runtime.md which facts they would settle.
-"""
+The main thread drives an `RkllmEngine` as the scheduler would; the engine's threads only record.
+It writes probe-trace.json, probe-summary.md and runtime.log (docs/rkllm-runtime.md, "Inside
+rkmqtt's binding" and "Probe traces")."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
+import select
+import signal
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from rkmqtt import __version__
-from rkmqtt.engines.base import (
-    ChatMessage,
-    ErrorEvent,
-    FinishEvent,
-    Generation,
-    Prepared,
-    SamplingParams,
-    TokenEvent,
-)
+from rkmqtt.engines.rkllm.board_state import read_clocks
 from rkmqtt.engines.rkllm.platform import find_soc, read_compatible, read_driver_version
-from rkmqtt.engines.rkllm.trace import TraceRecorder
-from rkmqtt.errors import ConfigError, RequestRejected, RkmqttError
-from rkmqtt.settings import Settings
-
-if TYPE_CHECKING:  # the engine is imported when the probe runs, not when the CLI builds its parser
-    from rkmqtt.engines.rkllm.engine import RkllmEngine
-
-SCRIPT_VERSION = 1
-TRACE_FORMAT = "rkmqtt-rkllm-trace"
-TRACE_FORMAT_VERSION = 1
-
-SPEED_PROMPT = (
-    "You are helping to measure how fast a small language model runs on a single-board computer. "
-    "Write a long and detailed story about a lighthouse keeper on a rocky island who finds an old "
-    "radio in the cellar, repairs it over a stormy winter, and hears voices from ships that sank a "
-    "hundred years ago. Describe the weather, the sea, the sounds of the radio and the keeper's "
-    "thoughts in full sentences. Do not use lists or headings, do not summarise, and keep writing "
-    "until you are stopped."
+from rkmqtt.engines.rkllm.probe_script import (
+    DEFAULT_CHAT_TEMPLATE,
+    SCRIPT_VERSION,
+    PartSpec,
+    Plan,
+    Scenario,
+    plan,
+    split_template,
 )
-CHINESE_PROMPT = "请用中文写一篇关于大海和灯塔的短文，不少于三百字，不要使用列表。"
-EMOJI_PROMPT = "🌊🐚☀️🏖️🦀 Reply only with emoji like these: tell the story of a day at the beach in thirty emoji."
-AFTER_PROMPT = "Say hello in one short sentence."
+from rkmqtt.errors import ConfigError
 
-
-@dataclass
-class Scenario:
-    """One step of the script: requests submitted together to an engine of `n_batch` slots."""
-
-    name: str
-    n_batch: int
-    prompts: list[str]
-    max_new_tokens: int
-    cancel_after_tokens: dict[int, int] = field(default_factory=dict)  # request index -> TokenEvents
-    cancel_all_at_ms: float | None = None  # every request is cancelled this long after its run began
-    prepare: bool = False  # ask the engine's prepare() first and record its answer
-
-    def keys(self) -> list[str]:
-        return [f"{self.name}/{i}" for i in range(len(self.prompts))]
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Scenario:
-        return cls(
-            name=str(data["name"]),
-            n_batch=int(data["n_batch"]),
-            prompts=[str(p) for p in data["prompts"]],
-            max_new_tokens=int(data["max_new_tokens"]),
-            cancel_after_tokens={int(k): int(v) for k, v in data.get("cancel_after_tokens", {}).items()},
-            cancel_all_at_ms=None if data.get("cancel_all_at_ms") is None else float(data["cancel_all_at_ms"]),
-            prepare=bool(data.get("prepare", False)),
-        )
+TRACE_FORMAT = "rkmqtt-rkllm-trace"
+TRACE_FORMAT_VERSION = 2
+LOG_LINES_PER_PART = 200
 
 
 @dataclass
@@ -112,259 +53,307 @@ class Options:
     cpus: str
     timeout: float
     scenarios_from: Path | None
+    repeats: int
+    system_tokens: int
+    chat_template: str
+
+    def plan(self) -> Plan:
+        return Plan(
+            tokens=self.tokens,
+            max_context=self.max_context,
+            n_batch=self.n_batch,
+            repeats=self.repeats,
+            system_tokens=self.system_tokens,
+            chat_template=self.chat_template,
+            tokenizer=self.tokenizer,
+        )
 
 
-# ---- the script -----------------------------------------------------------------------------------
+class Prober:
+    """Runs parts in child processes and keeps the trace written."""
 
-
-def _repeat_to_tokens(tokens_per_byte: float, target_tokens: float) -> str:
-    """SPEED_PROMPT repeated until it is about `target_tokens` tokens long."""
-    unit = SPEED_PROMPT + "\n\n"
-    copies = max(1, round(target_tokens / (tokens_per_byte * len(unit.encode()))))
-    return unit * copies
-
-
-def _calibration(done: list[dict[str, Any]], calls: list[dict[str, Any]]) -> tuple[float, float]:
-    """(tokens per prompt byte, prefill ms per token) measured by speed-n1, with cautious defaults."""
-    per_byte, ms_per_token = 0.3, 3.0
-    for result in done:
-        if result["name"] != "speed-n1" or not result["runs"]:
-            continue
-        run = calls[result["runs"][0]]
-        finish = [e for e in run["events"] if e.get("state") == 2 and e.get("perf")]
-        if finish:
-            p_ms, p_tokens = finish[-1]["perf"][0][0], finish[-1]["perf"][0][1]
-            if p_tokens > 0:
-                per_byte = p_tokens / len(SPEED_PROMPT.encode())
-                if p_ms > 0:
-                    ms_per_token = p_ms / p_tokens
-    return per_byte, ms_per_token
-
-
-def live_script(opts: Options) -> list[Callable[[list[dict[str, Any]], list[dict[str, Any]]], Scenario]]:
-    """The script's scenarios, each made when its turn comes (some depend on what came before)."""
-    t = opts.tokens
-    steps: list[Callable[[list[dict[str, Any]], list[dict[str, Any]]], Scenario]] = []
-
-    def fixed(sc: Scenario) -> Callable[[list[dict[str, Any]], list[dict[str, Any]]], Scenario]:
-        return lambda done, calls: sc
-
-    def cancel_all_prefill(done: list[dict[str, Any]], calls: list[dict[str, Any]]) -> Scenario:
-        per_byte, ms_per_token = _calibration(done, calls)
-        prompt = _repeat_to_tokens(per_byte, 0.5 * opts.max_context)
-        expected_ms = ms_per_token * per_byte * len(prompt.encode())
-        return Scenario("cancel-all-prefill", 1, [prompt], t, cancel_all_at_ms=round(max(1.0, 0.25 * expected_ms), 1))
-
-    def over_long(done: list[dict[str, Any]], calls: list[dict[str, Any]]) -> Scenario:
-        per_byte, _ = _calibration(done, calls)
-        return Scenario("over-long", 1, [_repeat_to_tokens(per_byte, 1.5 * opts.max_context)], t, prepare=True)
-
-    steps += [
-        fixed(Scenario("speed-n1", 1, [SPEED_PROMPT], t)),
-        fixed(Scenario("chinese-n1", 1, [CHINESE_PROMPT], t)),
-        fixed(Scenario("emoji-n1", 1, [EMOJI_PROMPT], t)),
-        cancel_all_prefill,
-        over_long,
-        fixed(Scenario("after-over-long", 1, [AFTER_PROMPT], min(t, 16))),
-        fixed(Scenario("speed-n2", 2, [SPEED_PROMPT] * 2, t)),
-        fixed(Scenario("chinese+emoji-n2", 2, [CHINESE_PROMPT, EMOJI_PROMPT], t)),
-        fixed(Scenario("cancel-one-slot", 2, [SPEED_PROMPT] * 2, t, cancel_after_tokens={1: 3})),
-        fixed(Scenario("padding", 2, [SPEED_PROMPT], min(t, 4))),
-    ]
-    for n in opts.n_batch:
-        if n > 2:
-            steps.append(fixed(Scenario(f"speed-n{n}", n, [SPEED_PROMPT] * n, t)))
-    return steps
-
-
-# ---- running it -------------------------------------------------------------------------------------
-
-
-class Runner:
-    """Runs scenarios through RkllmEngine instances (one per consecutive n_batch), recording all."""
-
-    def __init__(self, opts: Options, progress: TextIO) -> None:
+    def __init__(self, opts: Options, runtime: dict[str, Any], progress: TextIO) -> None:
         self.opts = opts
-        self.recorder = TraceRecorder()
-        self.results: list[dict[str, Any]] = []
-        self.scenarios: list[Scenario] = []
+        self.runtime = runtime
+        self.calls: list[dict[str, Any]] = []
+        self.scenarios: list[dict[str, Any]] = []
+        self.parts: list[dict[str, Any]] = []
+        self.clocks = read_clocks()
         self._progress = progress
-        self._engine: RkllmEngine | None = None
-        self._engine_batch = 0
-        self._engine_error: str | None = None
+        self.trace_path = opts.out / "probe-trace.json"
+        self.summary_path = opts.out / "probe-summary.md"
+        self.log_path = opts.out / "runtime.log"
+        self.log_path.write_bytes(b"")
 
     def say(self, line: str) -> None:
         self._progress.write(line + "\n")
         self._progress.flush()
 
-    def run(self, scenarios: Iterator[Scenario]) -> None:
-        try:
-            for sc in scenarios:
-                self.scenarios.append(sc)
-                self.results.append(self._scenario(sc))
-        finally:
-            self._close_engine()
+    def results(self) -> list[dict[str, Any]]:
+        return self.scenarios
 
-    def _settings(self, n_batch: int) -> Settings:
-        o = self.opts
-        return Settings(
-            engine="rkllm",
-            model=str(o.model),
-            rkllm_library=str(o.library),
-            rkllm_abi=o.abi,
-            rkllm_cpus=o.cpus,
-            rkllm_tokenizer=o.tokenizer,
-            n_batch=n_batch,
-            max_context=o.max_context,
-            max_new_tokens=o.tokens,
-            default_new_tokens=o.tokens,
-            rkllm_pad_batch=True,
-            temperature=0.0,
-        )
+    # ---- a part, attempt by attempt ---------------------------------------------------------------
 
-    def _close_engine(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-        self._engine = None
+    def run_part(self, spec: PartSpec) -> None:
+        """Run the part's scenarios; after a death mid-scenario, the rest in a fresh child."""
+        remaining = list(spec.scenarios)
+        attempt = 1
+        while remaining:
+            record = self._attempt(spec, attempt, remaining)
+            self.write()
+            if record["outcome"] == "ok":
+                return
+            done = set(record["completed"])
+            if record.get("in") == "rkllm_init":  # it never got to a scenario: the next child would not either
+                for sc in remaining:
+                    self._not_run(sc, record)
+                self.write()
+                return
+            remaining = [sc for sc in remaining if sc.name not in done and sc.name != record["in"]]
+            attempt += 1
 
-    def _engine_for(self, n_batch: int) -> RkllmEngine | None:
-        if self._engine_batch == n_batch:
-            return self._engine
-        from rkmqtt.engines.rkllm.engine import RkllmEngine
+    def skip_part(self, spec: PartSpec) -> None:
+        """A part with nothing to run (`why` says what was missing)."""
+        record = {"id": spec.id, "part": spec.id, "attempt": 1, "n_batch": spec.n_batch, "outcome": "skipped"}
+        self.parts.append({**record, "error": spec.why})
+        self.say(f"probe: part {spec.id} skipped: {spec.why}")
+        self.write()
 
-        self._close_engine()
-        self._engine_batch = n_batch
-        self._engine_error = None
-        engine = RkllmEngine(self._settings(n_batch), backoff_s=0.2, backoff_max_s=2.0, recorder=self.recorder)
-        try:
-            engine.load()
-        except RkmqttError as e:
-            self._engine_error = str(e)
-            self.say(f"  n_batch {n_batch}: the runtime did not start: {e}")
-            return None
-        self._engine = engine
-        return engine
+    def _not_run(self, sc: Scenario, record: dict[str, Any]) -> None:
+        error = record.get("error") or f"not run: the part {record['outcome']}"
+        self.scenarios.append({**_brief(sc), "part": record["id"], "runs": [], "replies": {}, "error": error})
 
-    def _scenario(self, sc: Scenario) -> dict[str, Any]:
-        self.say(f"probe: {sc.name} (n_batch {sc.n_batch}, {len(sc.prompts)} request(s))")
-        result: dict[str, Any] = {"name": sc.name, "runs": [], "prepare": [], "replies": {}}
-        engine = self._engine_for(sc.n_batch)
-        if engine is None:
-            result["error"] = f"rkllm_init failed: {self._engine_error}"
-            return result
-        reqs = [
-            Generation(
-                key=key,
-                messages=(ChatMessage("user", prompt),),
-                max_new_tokens=sc.max_new_tokens,
-                sampling=SamplingParams(temperature=0.0),
-            )
-            for key, prompt in zip(sc.keys(), sc.prompts, strict=True)
-        ]
-        if sc.prepare:
-            result["prepare"] = [_prepare(engine, r) for r in reqs]
-        first_call = len(self.recorder.calls)
+    def _attempt(self, spec: PartSpec, attempt: int, scenarios: list[Scenario]) -> dict[str, Any]:
+        part_id = spec.id if attempt == 1 else f"{spec.id}.{attempt}"
+        part = PartSpec(spec.id, spec.n_batch, scenarios, spec.settings, spec.env, spec.all_finish_slots, spec.why)
+        record: dict[str, Any] = {
+            "id": part_id,
+            "part": spec.id,
+            "attempt": attempt,
+            "n_batch": spec.n_batch,
+            "why": spec.why,
+            "spec": part.to_json(),
+            "clocks_before": read_clocks(),
+            "completed": [],
+            "outcome": None,
+        }
+        self.parts.append(record)
+        cache = spec.settings.get("rkllm_prompt_cache")
+        if cache and attempt == 1:
+            (self.opts.out / str(cache)).unlink(missing_ok=True)  # made afresh by this part
+        why = "" if spec.why.startswith("n_batch") else f": {spec.why}"
+        self.say(f"probe: part {part_id} (n_batch {spec.n_batch}{why})")
         t0 = time.monotonic()
-        result["replies"] = self._drive(engine, sc, reqs)
-        result["wall_ms"] = round((time.monotonic() - t0) * 1000.0, 1)
-        result["runs"] = [i for i, c in enumerate(self.recorder.calls[first_call:], first_call) if c["fn"] == "run"]
-        result["engine"] = {k: engine.info()[k] for k in ("recoveries", "batches")}
-        return result
+        with self.log_path.open("ab") as log:
+            log.write(f"==== part {part_id} (n_batch {spec.n_batch}) ====\n".encode())
+            log.flush()
+            offset = log.tell()
+            status = self._run_child(part, part_id, record, log)
+        record["seconds"] = round(time.monotonic() - t0, 2)
+        # VmHWM as the child read it after each scenario (its rusage would count the parent's pages
+        # from before the child's exec)
+        rss = [s["peak_rss_mb"] for s in self.scenarios if s.get("part") == part_id and s.get("peak_rss_mb")]
+        record["peak_rss_mb"] = max(rss) if rss else None
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            lines = log.read().decode("utf-8", errors="replace").splitlines()
+        record["log"] = lines[:LOG_LINES_PER_PART]
+        self._outcome(record, status)
+        return record
 
-    def _drive(self, engine: RkllmEngine, sc: Scenario, reqs: list[Generation]) -> dict[Hashable, dict[str, Any]]:
-        """Submit the requests, cancel as the scenario says, poll until all are answered and the engine is idle."""
-        replies: dict[Hashable, dict[str, Any]] = {r.key: {"text": "", "final": None, "token_events": 0} for r in reqs}
-        runs_before = self.recorder.runs_started()
-        # Not through prepare(): the scenarios that send an over-long prompt want it to reach the runtime.
-        engine.submit([Prepared(r, None, engine.batch_key(r)) for r in reqs])
-        cancel_at = {reqs[i].key: n for i, n in sc.cancel_after_tokens.items() if i < len(reqs)}
-        cancel_all_pending = sc.cancel_all_at_ms is not None
-        deadline = time.monotonic() + self.opts.timeout
-        while time.monotonic() < deadline:
-            if cancel_all_pending and self._run_began(runs_before, sc.cancel_all_at_ms):
-                cancel_all_pending = False
-                for r in reqs:
-                    _cancel(engine, replies, r.key)
-            for ev in engine.poll(0.002 if cancel_all_pending else 0.05):
-                reply = replies[ev.key]
-                if reply["final"] is not None:
-                    continue
-                if isinstance(ev, TokenEvent):
-                    reply["text"] += ev.text
-                    reply["token_events"] += 1
-                    if cancel_at.get(ev.key) == reply["token_events"]:
-                        _cancel(engine, replies, ev.key)
-                else:
-                    reply.update(_final(ev))
-            if all(r["final"] is not None for r in replies.values()) and engine.free_slots() > 0:
-                return replies
-        for reply in replies.values():
-            if reply["final"] is None:
-                reply["final"] = "timeout"
-        self.say(f"  {sc.name}: no answer within {self.opts.timeout:.0f} s")
-        return replies
-
-    def _run_began(self, runs_before: int, after_ms: float | None) -> bool:
-        """True once the scenario's rkllm_run has been running for `after_ms` (or has ended)."""
-        if self.recorder.runs_started() <= runs_before:
-            return False
-        elapsed = self.recorder.run_elapsed_ms()
-        return elapsed is None or elapsed >= (after_ms or 0.0)
-
-
-def _prepare(engine: RkllmEngine, req: Generation) -> dict[str, Any]:
-    try:
-        tokens = engine.prepare(req).prompt_tokens
-    except RequestRejected as e:
-        return {"key": req.key, "result": e.code.value, "message": e.message}
-    return {"key": req.key, "result": "ok", "tokens": tokens}
-
-
-def _cancel(engine: RkllmEngine, replies: dict[Hashable, dict[str, Any]], key: Hashable) -> None:
-    if replies[key]["final"] is None:
-        engine.cancel(key)
-        replies[key]["final"] = "cancelled"
-
-
-def _final(ev: FinishEvent | ErrorEvent) -> dict[str, Any]:
-    if isinstance(ev, ErrorEvent):
-        return {"final": ev.code.value, "message": ev.message}
-    return {
-        "final": ev.reason,
-        "completion_tokens": ev.completion_tokens,
-        "prompt_tokens": ev.prompt_tokens,
-        # The runtime's own figures: the copies under the bridge's common names are left out.
-        "perf": {k: v for k, v in ev.perf.items() if k not in ("prefill_ms", "decode_ms")},
-    }
-
-
-# ---- the runtime's own output -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def native_output_to(path: Path) -> Iterator[TextIO]:
-    """Send file descriptors 1 and 2 (what the C runtime prints) to `path`; yields a stream to the
-    terminal's original standard output for the probe's own progress lines."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    progress = os.fdopen(os.dup(saved_out), "w", encoding="utf-8", errors="replace")
-    with path.open("wb") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    def _run_child(self, part: PartSpec, part_id: str, record: dict[str, Any], log: Any) -> int:
+        """Start the child, read its messages until it ends or overruns; its exit status."""
+        spec = {"part": part.to_json(), "options": self._child_options(part)}
+        env = {**os.environ, **part.env, "RKLLM_STANDIN_REPLAY_PART": part_id}
+        read_fd, write_fd = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rkmqtt.engines.rkllm.probe_child", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            env=env,
+        )
+        os.close(write_fd)
+        base = len(self.calls)
+        state: dict[str, Any] = {"scenario": None, "first_call": base, "timed_out": False, "eof": False}
         try:
-            yield progress
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(json.dumps(spec).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self._read_messages(read_fd, part, part_id, record, base, state)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved_out, 1)
-            os.dup2(saved_err, 2)
-            os.close(saved_out)
-            os.close(saved_err)
-            progress.close()
+            os.close(read_fd)
+            if not state["eof"]:  # timed out, or this process is being interrupted: the child goes too
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        record["in"] = state["scenario"]
+        record["timed_out"] = state["timed_out"]
+        record["first_call_of_scenario"] = state["first_call"]
+        return proc.returncode
+
+    def _child_options(self, part: PartSpec) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "library": str(o.library),
+            "model": str(o.model),
+            "out": str(o.out.resolve()),
+            "abi": o.abi,
+            "cpus": o.cpus,
+            "tokenizer": str(o.tokenizer) if o.tokenizer else None,
+            "max_context": o.max_context,
+            "tokens": o.tokens,
+            "max_new_tokens": max([o.tokens, *(sc.max_new_tokens for sc in part.scenarios)]),
+        }
+
+    def _read_messages(
+        self, fd: int, part: PartSpec, part_id: str, record: dict[str, Any], base: int, state: dict[str, Any]
+    ) -> None:
+        buffer = b""
+        deadline = time.monotonic() + self.opts.timeout
+        state["scenario"] = "rkllm_init"
+        defs = {sc.name: sc for sc in part.scenarios}
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                state["timed_out"] = True
+                return
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                state["eof"] = True  # the child has closed its end: it is exiting
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                message = json.loads(line)
+                kind = message["t"]
+                if kind == "calls":
+                    at = base + int(message["from"])
+                    self.calls[at:] = [{**c, "part": part_id} for c in message["calls"]]
+                elif kind == "start":
+                    state["scenario"], state["first_call"] = message["scenario"], len(self.calls)
+                    deadline = time.monotonic() + self.opts.timeout
+                    self.say(f"  {message['scenario']}")
+                elif kind == "scenario":
+                    result = message["result"]
+                    for key in ("runs", "measured"):
+                        result[key] = [base + i for i in result.get(key, [])]
+                    self.scenarios.append({**_brief(defs[result["name"]]), **result, "part": part_id})
+                    record["completed"].append(result["name"])
+                    state["scenario"] = None
+                    self.write()
+                elif kind == "loaded":
+                    record["info"] = message["info"]
+                    state["scenario"] = None
+                elif kind == "load_failed":
+                    record["error"] = str(message["error"])
+                    self.say(f"  {part_id}: the runtime did not start: {message['error']}")
+                elif kind == "done":
+                    state["scenario"] = None
+
+    def _outcome(self, record: dict[str, Any], code: int) -> None:
+        """How the part ended (`code`: the child's exit status, negative for a signal); a run cut
+        short and the scenario it belonged to are marked."""
+        record["exit"] = code
+        where = record["in"]
+        if record["timed_out"]:
+            record["outcome"], record["after_s"] = "timeout", self.opts.timeout
+            mark: dict[str, Any] = {"timeout": True, "after_s": self.opts.timeout}
+        elif code < 0:
+            record["outcome"] = "died"
+            record["signal"] = _signal_name(-code)
+            mark = {"died": {"signal": -code, "name": record["signal"]}}
+        elif code:
+            record["outcome"] = "exited"
+            mark = {"exited": code}
+        elif record.get("error"):
+            record["outcome"] = "init failed"
+            return
+        else:
+            record["outcome"] = "ok"
+            return
+        if where is None:
+            where = record["in"] = "between scenarios"
+        self.say(f"  {record['id']}: {_describe(record)}")
+        for call in self.calls[record["first_call_of_scenario"] :]:
+            if call["fn"] == "run" and "rc" not in call:
+                call.update(mark)
+        if where not in ("rkllm_init", "between scenarios"):
+            runs = [
+                i
+                for i, c in enumerate(self.calls[record["first_call_of_scenario"] :], record["first_call_of_scenario"])
+                if c["fn"] == "run"
+            ]
+            sc = next(Scenario.from_json(s) for s in record["spec"]["scenarios"] if s["name"] == where)
+            self.scenarios.append({**_brief(sc), "part": record["id"], "runs": runs, "replies": {}, **mark})
+
+    # ---- the trace ------------------------------------------------------------------------------------
+
+    def trace(self) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "format": TRACE_FORMAT,
+            "format_version": TRACE_FORMAT_VERSION,
+            "script_version": SCRIPT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rkmqtt": __version__,
+            "host": host_facts(),
+            "clocks": self.clocks,
+            "runtime": self.runtime,
+            "options": {
+                "tokens": o.tokens,
+                "max_context": o.max_context,
+                "n_batch": o.n_batch,
+                "repeats": o.repeats,
+                "timeout": o.timeout,
+                "system_tokens": o.system_tokens,
+                "chat_template": o.chat_template,
+                "tokenizer": o.tokenizer is not None,
+                "scenarios_from": str(o.scenarios_from) if o.scenarios_from else None,
+            },
+            "parts": self.parts,
+            "scenarios": self.scenarios,
+            "calls": self.calls,
+        }
+
+    def write(self) -> str:
+        """The trace and the summary, each written whole to a temporary file and renamed over the old."""
+        from rkmqtt.engines.rkllm.probe_report import render_summary
+
+        trace = self.trace()
+        summary = render_summary(trace)
+        _write_atomic(self.trace_path, dump_trace(trace))
+        _write_atomic(self.summary_path, summary)
+        return summary
 
 
-# ---- the trace ---------------------------------------------------------------------------------------
+def _brief(sc: Scenario) -> dict[str, Any]:
+    """A scenario's definition in its record, less its texts (the part's `spec` has them whole)."""
+    return {k: v for k, v in sc.to_json().items() if k not in ("prompts", "system", "token_inputs")}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _describe(record: dict[str, Any]) -> str:
+    where = record.get("in")
+    if record["outcome"] == "timeout":
+        return f"no answer within {record.get('after_s', '?')} s in {where}: stopped with SIGKILL"
+    if record["outcome"] == "died":
+        return f"the runtime died ({record['signal']}) in {where}"
+    if record["outcome"] == "exited":
+        return f"the child exited with {record['exit']} in {where} (see runtime.log)"
+    return str(record["outcome"])
 
 
 def host_facts() -> dict[str, Any]:
@@ -376,31 +365,6 @@ def host_facts() -> dict[str, Any]:
         "soc": find_soc(),
         "board": compatible[0] if compatible else None,
         "npu_driver": read_driver_version(),
-    }
-
-
-def build_trace(opts: Options, runner: Runner, runtime: dict[str, Any], log_lines: list[str]) -> dict[str, Any]:
-    scenarios = []
-    for sc, result in zip(runner.scenarios, runner.results, strict=True):
-        scenarios.append({**asdict(sc), **result})
-    return {
-        "format": TRACE_FORMAT,
-        "format_version": TRACE_FORMAT_VERSION,
-        "script_version": SCRIPT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rkmqtt": __version__,
-        "host": host_facts(),
-        "runtime": runtime,
-        "options": {
-            "tokens": opts.tokens,
-            "max_context": opts.max_context,
-            "n_batch": opts.n_batch,
-            "tokenizer": opts.tokenizer is not None,
-            "scenarios_from": str(opts.scenarios_from) if opts.scenarios_from else None,
-        },
-        "scenarios": scenarios,
-        "calls": runner.recorder.calls,
-        "runtime_log": log_lines[:400],
     }
 
 
@@ -431,7 +395,8 @@ def load_trace(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a trace written by `rkmqtt probe` (no format {TRACE_FORMAT!r})")
     if data.get("format_version") != TRACE_FORMAT_VERSION:
         raise ConfigError(
-            f"{path} is trace format {data.get('format_version')}; this rkmqtt reads format {TRACE_FORMAT_VERSION}"
+            f"{path} is trace format {data.get('format_version')}; this rkmqtt reads format {TRACE_FORMAT_VERSION} "
+            "(run `rkmqtt probe` again with this version)"
         )
     return data
 
@@ -440,7 +405,7 @@ def load_trace(path: Path) -> dict[str, Any]:
 
 
 def add_probe_parser(sub: Any) -> None:
-    """`rkmqtt probe`'s arguments (cli.py's one entry for it)."""
+    """`rkmqtt probe`'s arguments (cli/main.py's one entry for it)."""
     p = sub.add_parser(
         "probe",
         help="run a fixed script against the RKLLM runtime and write a trace and a summary to share",
@@ -456,7 +421,16 @@ def add_probe_parser(sub: Any) -> None:
     p.add_argument("--rkllm-abi", default="auto", choices=("auto", "1.2", "1.3"), help="ABI (default: from version)")
     p.add_argument("--rkllm-cpus", default="auto", help="CPU cores for the runtime (default: the SoC's big cores)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one scenario may take (default 300)")
-    p.add_argument("--scenarios-from", type=Path, default=None, help="run the scenarios of a recorded trace")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs of each speed scenario, after a warm-up")
+    p.add_argument(
+        "--system-tokens", type=int, default=1000, help="length of the fixed system prompt (default 1000 tokens)"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=DEFAULT_CHAT_TEMPLATE,
+        help="the model's chat template with {system} and {prompt}, \\n for a newline (default: ChatML)",
+    )
+    p.add_argument("--scenarios-from", type=Path, default=None, help="run the parts of a recorded trace again")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -474,6 +448,14 @@ def _options(args: argparse.Namespace) -> Options:
         raise ConfigError(f"--model {str(args.model)!r}: no such file; give the path of a .rkllm model")
     if args.timeout <= 0:
         raise ConfigError(f"--timeout {args.timeout}: give a number of seconds above 0")
+    if not 1 <= args.repeats <= 20:
+        raise ConfigError(f"--repeats {args.repeats}: give 1 to 20")
+    if not 16 <= args.system_tokens <= 100_000:
+        raise ConfigError(f"--system-tokens {args.system_tokens}: give 16 to 100000")
+    try:
+        split_template(args.chat_template)
+    except ValueError as e:
+        raise ConfigError(f"--chat-template {args.chat_template!r}: {e}") from None
     return Options(
         library=args.rkllm_library,
         model=args.model,
@@ -486,22 +468,30 @@ def _options(args: argparse.Namespace) -> Options:
         cpus=args.rkllm_cpus,
         timeout=args.timeout,
         scenarios_from=args.scenarios_from,
+        repeats=args.repeats,
+        system_tokens=args.system_tokens,
+        chat_template=args.chat_template,
     )
 
 
-def _scenarios(opts: Options, runner: Runner, recorded: dict[str, Any] | None) -> Iterator[Scenario]:
+def _parts(opts: Options, prober: Prober, recorded: dict[str, Any] | None) -> Iterator[PartSpec]:
+    """The parts to run (one without scenarios is skipped: its `why` says why)."""
     if recorded is not None:
-        for data in recorded["scenarios"]:
-            yield Scenario.from_json(data)
+        for record in recorded.get("parts", []):
+            if record.get("attempt") != 1:
+                continue
+            if "spec" in record:
+                yield PartSpec.from_json(record["spec"])
+            else:
+                yield PartSpec(record["id"], int(record.get("n_batch", 1)), [], why=str(record.get("error", "")))
         return
-    for make in live_script(opts):
-        yield make(runner.results, runner.recorder.calls)
+    for make in plan(opts.plan()):
+        yield make(prober.results(), prober.calls)
 
 
 def run_probe(args: argparse.Namespace) -> int:
     """The `rkmqtt probe` command. Raises ConfigError/EngineError (exit 2) with one line."""
     from rkmqtt.engines.rkllm.library import locate_runtime
-    from rkmqtt.engines.rkllm.probe_report import render_summary
 
     opts = _options(args)
     recorded = load_trace(opts.scenarios_from) if opts.scenarios_from else None
@@ -514,27 +504,32 @@ def run_probe(args: argparse.Namespace) -> int:
         "model_bytes": opts.model.stat().st_size,
     }
     opts.out.mkdir(parents=True, exist_ok=True)
-    log_path = opts.out / "runtime.log"
-    with native_output_to(log_path) as progress:
-        runner = Runner(opts, progress)
-        progress.write(
-            f"probe: runtime {rt.version or '(no version string)'} (ABI {rt.abi.name}) from {rt.path}, "
-            f"model {opts.model.name}; the runtime's output goes to {log_path}\n"
-        )
-        runner.run(_scenarios(opts, runner, recorded))
-    log_lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    trace = build_trace(opts, runner, runtime, log_lines)
-    trace_path, summary_path = opts.out / "probe-trace.json", opts.out / "probe-summary.md"
-    _write_atomic(trace_path, dump_trace(trace))
-    summary = render_summary(trace)
-    _write_atomic(summary_path, summary)
+    prober = Prober(opts, runtime, sys.stdout)
+    prober.say(
+        f"probe: runtime {rt.version or '(no version string)'} (ABI {rt.abi.name}) from {rt.path}, "
+        f"model {opts.model.name}; each part in a child process, its output in {prober.log_path}"
+    )
+    prober.write()
+    for spec in _parts(opts, prober, recorded):
+        if spec.scenarios:
+            prober.run_part(spec)
+        else:
+            prober.skip_part(spec)
+    summary = prober.write()
     print(summary)
-    print(f"probe: wrote {trace_path} and {summary_path}; please share both (docs/benchmarks.md)")
+    print(f"probe: wrote {prober.trace_path} and {prober.summary_path}; please share both (docs/benchmarks.md)")
     return 0
 
 
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep the file from whoever it is shared with
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

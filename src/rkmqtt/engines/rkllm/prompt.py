@@ -1,34 +1,6 @@
-"""Turning a request's messages into the prompt string RKLLM expects.
-
-Threads: pure functions, called on the scheduler thread (RkllmEngine.submit / load).
-
-The RKLLM runtime tokenizes and applies the model's chat template itself: each batch slot takes
-one prompt string (`RKLLMInput.prompt_input`, `role = "user"`), which the runtime wraps as one
-user turn, either with the model's built-in template or with the system/prefix/postfix set by
-`rkllm_set_chat_template` (one template per handle, shared by every slot of a batch). There is
-no per-slot system prompt and no way to pass earlier turns as separate messages while
-`keep_history` is 0 (every request is independent). So:
-
-* a single user message without a system prompt is passed verbatim (the common case, and what
-  the runtime's own demos do);
-* otherwise the request is flattened into that one user turn, as plain text the model reads:
-
-      <system text>                     (each system message, blank-line separated)
-
-      Conversation so far:
-      User: <earlier user turn>
-      Assistant: <earlier assistant turn>
-      ...
-
-      <the last user message>
-
-  When the conversation ends with an assistant message (a continuation), the transcript ends
-  with it and nothing follows. The template's own system prompt (built-in or configured) stays in
-  place; a request's system text is read by the model as part of the user turn, not as a system
-  turn. This is a limitation of the runtime's interface, not a choice: a faithful multi-turn
-  rendering would need the template off (`rkllm_set_chat_template(h, "", "", "")`) and the model's
-  template re-implemented here, which the `.rkllm` file does not expose.
-"""
+"""A request's messages as the one prompt string the RKLLM runtime wraps in its chat template:
+verbatim for a lone user message, else flattened into one user turn (pure; scheduler thread;
+docs/rkllm-runtime.md, "Inside rkmqtt's binding")."""
 
 from __future__ import annotations
 
@@ -43,9 +15,12 @@ DUMMY_PROMPT = "Hi"
 _LABELS = {"user": "User", "assistant": "Assistant", "tool": "Tool result"}
 
 
-def render_prompt(messages: Sequence[ChatMessage]) -> str:
-    """The one user-turn prompt string for a request's messages (see the module docstring)."""
-    system = [m.content for m in messages if m.role == "system"]
+def render_prompt(messages: Sequence[ChatMessage], template_system: str | None = None) -> str:
+    """The one user-turn prompt string for a request's messages (see the module docstring); a
+    system message that `template_system` (the configured template's) holds is left out."""
+    system = [
+        m.content for m in messages if m.role == "system" and not (template_system and m.content in template_system)
+    ]
     turns = [m for m in messages if m.role != "system"]
     if not system and len(turns) == 1 and turns[0].role == "user":
         return turns[0].content
@@ -61,6 +36,17 @@ def render_prompt(messages: Sequence[ChatMessage]) -> str:
     if last is not None:
         parts.append(last.content)
     return "\n\n".join(parts)
+
+
+def host_rendered(template: tuple[str, str, str], prompt: str) -> str:
+    """The runtime's whole input for `prompt` when its own template is off: system+prefix+prompt+postfix."""
+    system, prefix, postfix = template
+    return f"{system}{prefix}{prompt}{postfix}"
+
+
+def cached_prefix(template: tuple[str, str, str]) -> str:
+    """What the prompt cache holds: the part of every host-rendered input before the prompt."""
+    return template[0] + template[1]
 
 
 def parse_chat_template(value: str) -> tuple[str, str, str]:

@@ -1,36 +1,6 @@
-"""How one batch slot's text pieces from the runtime become whole characters.
-
-Threads: `SlotText` belongs to one slot of one batch and is used only on the runtime's callback
-thread (and, after `rkllm_run` has returned, on the batch's worker thread); the functions are pure.
-
-The runtime hands text per token. A token may end inside a UTF-8 character; the step is then
-reported as `RKLLM_RUN_WAITING`. What the text of the following step holds is not documented
-(docs/rkllm-runtime.md, "LLMCallState"). Every Rockchip consumer prints text only in `NORMAL`
-and ignores it in `WAITING`, which implies that the `NORMAL` after a `WAITING` carries the whole
-character again. So, per slot:
-
-* text that ends inside a character is held, not emitted (at `n_batch` 1 that is exactly the text
-  of a `WAITING` step; in a batch the state is shared by every slot, and a slot's own bytes tell
-  whether it is the one waiting);
-* the next piece is resolved against the held bytes (`resolve`):
-  - it starts with a UTF-8 continuation byte: the runtime split the character (the header's
-    literal reading): held bytes and piece are joined;
-  - it begins a character: the runtime repeats what it gave while waiting (the consumers'
-    reading). When the piece starts with all the held bytes, they are dropped (a runtime that
-    repeats everything since the slot's last complete character); otherwise the shortest end of
-    them that covers the partial character and that the piece starts with (a runtime that repeats
-    only the character); if the piece repeats none of it, the guard still drops the partial
-    character: it is never emitted as U+FFFD;
-* what is complete is emitted; when the slot ends, whatever is still held is emitted (a partial
-  character as U+FFFD).
-
-The held bytes are always the slot's bytes since its last complete character, so the match never
-reaches into text already emitted, and they are exactly what a runtime of the first kind repeats:
-that reading and the split one come out exact whatever the cut (tests/test_rkllm_text.py). What
-this cannot tell apart: a runtime that repeats only the character, when the piece happens to start
-with all the held bytes anyway (the same characters again, e.g. "ééé" cut inside each one): one
-copy is lost. `rkmqtt probe` records which reading a board's runtime follows (docs/benchmarks.md).
-"""
+"""One batch slot's text pieces from the runtime as whole characters, across `WAITING` steps (a
+`SlotText` is used on the runtime's callback thread, then on the batch's worker thread; the
+functions are pure). The two readings it resolves: docs/rkllm-runtime.md, "Inside rkmqtt's binding"."""
 
 from __future__ import annotations
 

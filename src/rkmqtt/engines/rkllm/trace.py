@@ -1,29 +1,10 @@
-"""A record of every call into the RKLLM runtime and every callback out of it (for `rkmqtt probe`).
-
-Threads: the engine calls `TraceRecorder` from the scheduler thread (init, abort), the batch's
-worker thread (run, init and destroy during recovery) and the runtime's callback thread
-(`callback`). Every method only copies values into lists under the recorder's own lock: no I/O,
-no logging, nothing that waits on anything but that lock.
-
-The record is the `calls` list of a probe trace (docs/rkllm-runtime.md, "Probe traces"), in the
-order the calls were made; the stand-in runtime replays it (tests/standin/rkllm_standin.c):
-
-    {"fn": "init", "t_ms": 12.5, "n_batch": 2, "rc": 0}
-    {"fn": "run", "t_ms": 950.1, "n_batch": 2, "inputs": ["<prompt>", ...], "max_new_tokens": 64,
-     "rc": 0, "duration_ms": 812.0, "events": [
-        {"t_ms": 130.2, "state": 1, "slots": [[15338, "e4b8"], [-1, null]]},
-        {"t_ms": 190.0, "abort": true, "rc": 0},
-        {"t_ms": 811.9, "state": 2, "slots": [...], "perf": [[p_ms, p_tok, g_ms, g_tok, mem_mb], ...]},
-        {"t_ms": 811.9, "state": 2, "slots": null}]}          <- a NULL result pointer
-    {"fn": "abort", "t_ms": ..., "rc": 0}                     <- outside a run (never, by design)
-    {"fn": "destroy", "t_ms": ..., "rc": 0}
-
-`t_ms` of a call counts from the recorder's creation, `t_ms` of an event from its run's start;
-`slots` holds, per slot, the token id and the text's raw bytes in hex (null for a NULL text).
-"""
+"""A record of every call into the RKLLM runtime and every callback out of it, for `rkmqtt probe`
+(called on the scheduler, worker and callback threads; it only copies, under its own lock). Its
+format, which the stand-in replays: docs/rkllm-runtime.md, "Probe traces"."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import threading
 import time
@@ -31,17 +12,22 @@ from collections.abc import Callable
 from typing import Any
 
 PERF_FIELDS = ("prefill_time_ms", "prefill_tokens", "generate_time_ms", "generate_tokens", "memory_usage_mb")
+FINISH, ERROR = 2, 3
+
+RunInput = str | dict[str, list[int]]  # a prompt, or {"tokens": [...]} for RKLLM_INPUT_TOKEN
 
 
 class TraceRecorder:
-    """Collects the calls of one probe; `calls` is ready to be written as JSON."""
+    """Collects the calls of one engine's life; `calls` is ready to be written as JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, all_finish_slots: bool = False) -> None:
         self._lock = threading.Lock()
         self._t0 = time.monotonic()
         self.calls: list[dict[str, Any]] = []
+        self.all_finish_slots = all_finish_slots
         self._run: dict[str, Any] | None = None
         self._run_t0 = 0.0
+        self._run_thread = 0
 
     def _ms(self, since: float) -> float:
         return round((time.monotonic() - since) * 1000.0, 3)
@@ -51,24 +37,31 @@ class TraceRecorder:
         self.calls.append(call)
         return call
 
-    def init(self, n_batch: int, rc: int) -> None:
+    def call(self, fn: str, **fields: Any) -> None:
+        """A call that is complete when it returns (init, destroy, is_running, clear_kv_cache, ...)."""
         with self._lock:
-            self._call("init", n_batch=n_batch, rc=rc)
+            self._call(fn, **fields)
+
+    def init(self, n_batch: int, rc: int) -> None:
+        self.call("init", n_batch=n_batch, rc=rc)
 
     def destroy(self, rc: int) -> None:
-        with self._lock:
-            self._call("destroy", rc=rc)
+        self.call("destroy", rc=rc)
 
-    def run_start(self, n_batch: int, inputs: tuple[bytes, ...], max_new_tokens: int) -> None:
+    def run_start(self, n_batch: int, inputs: tuple[RunInput, ...], max_new_tokens: int, save_cache: bool) -> None:
+        """On the thread that is about to call rkllm_run."""
         with self._lock:
             self._run = self._call(
                 "run",
                 n_batch=n_batch,
-                inputs=[i.decode("utf-8", errors="replace") for i in inputs],
+                inputs=list(inputs),
                 max_new_tokens=max_new_tokens,
+                save_prompt_cache=save_cache,
+                callback_threads={"caller": 0, "other": 0},
                 events=[],
             )
             self._run_t0 = time.monotonic()
+            self._run_thread = threading.get_ident()
 
     def run_end(self, rc: int) -> None:
         with self._lock:
@@ -95,18 +88,21 @@ class TraceRecorder:
         """Copy one callback (runtime thread): the pointers are valid only during it."""
         event: dict[str, Any] = {"state": int(state), "slots": None}
         if results:
+            count = n_batch if state not in (FINISH, ERROR) or self.all_finish_slots else 1
             slots = []
-            for i in range(n_batch):
+            for i in range(count):
                 r = results[i]
                 text = ctypes.string_at(r.text).hex() if r.text else None
                 slots.append([int(r.token_id), text])
             event["slots"] = slots
-            if state == 2:  # FINISH: perf is filled only here
-                event["perf"] = [[_num(getattr(results[i].perf, f)) for f in PERF_FIELDS] for i in range(n_batch)]
+            if state == FINISH:  # perf is filled only here
+                event["perf"] = [[_num(getattr(results[i].perf, f)) for f in PERF_FIELDS] for i in range(count)]
+        on_caller = threading.get_ident() == self._run_thread
         with self._lock:
             event["t_ms"] = self._ms(self._run_t0)
             if self._run is not None:
                 self._run["events"].append(event)
+                self._run["callback_threads"]["caller" if on_caller else "other"] += 1
             else:
                 self._call("callback", **event)
 
@@ -119,6 +115,11 @@ class TraceRecorder:
         """Milliseconds since the current run began, or None when no run is in progress."""
         with self._lock:
             return self._ms(self._run_t0) if self._run is not None else None
+
+    def snapshot(self, since: int) -> list[dict[str, Any]]:
+        """Copies of the calls from index `since` on, the run in progress with its events so far."""
+        with self._lock:
+            return copy.deepcopy(self.calls[since:])
 
 
 def _num(value: float | int) -> float | int:

@@ -1,0 +1,245 @@
+"""`rkmqtt check` (main thread): settings, broker reachability, engine readiness and, for the
+rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai
+engine, the upstream server (reachable, model listed, one token generated), in plain words.
+Exit 0 when everything needed to run is fine, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from rkmqtt.engines import create_engine, resolve_engine_name
+from rkmqtt.errors import RkmqttError
+from rkmqtt.mqtt.broker import port_answers
+from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
+from rkmqtt.settings import Settings
+
+
+def _line(ok: bool | None, what: str, detail: str) -> None:
+    mark = {True: "ok  ", False: "FAIL", None: "note"}[ok]
+    print(f"[{mark}] {what}: {detail}")
+
+
+def _with_broker(settings: Settings) -> Settings:
+    """The settings with the broker `rkmqtt run` would use when none is set and one answers locally."""
+    if settings.broker is None and port_answers("127.0.0.1", 1883):
+        return settings.model_copy(update={"broker": "mqtt://127.0.0.1:1883"})
+    return settings
+
+
+def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None, str]:
+    settings = _with_broker(settings)
+    if settings.broker is None:
+        if settings.embedded_broker:
+            return None, "none set and none on localhost:1883; `rkmqtt run` will start a private Mosquitto"
+        else:
+            return False, "none set and none answers on localhost:1883: set broker=mqtt://host:port"
+    addr = settings.broker_url
+    result: dict[str, Any] = {}
+    done = threading.Event()
+    client = make_client(settings, f"rkmqtt-check-{uuid.uuid4().hex[:8]}")
+
+    def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        result["reason"] = reason
+        done.set()
+
+    client.on_connect = on_connect
+    t0 = time.monotonic()
+    try:
+        client.connect(addr.host, addr.port, keepalive=10)
+    except OSError as e:
+        return False, f"cannot reach {addr}: {e}"
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            return False, f"{addr} did not answer the MQTT handshake within {timeout:.0f} s"
+        reason = result["reason"]
+        if reason.is_failure:
+            return False, f"{addr} refused the connection: {reason} (check username and password)"
+        return True, f"{addr} accepted a connection in {(time.monotonic() - t0) * 1000:.0f} ms"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class _Client:
+    """A throw-away connection for the broker checks (its own paho thread)."""
+
+    def __init__(self, settings: Settings, client_id: str, subscribe: str | None = None) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.subscribe = subscribe
+        self.connected = threading.Event()
+        self.session_present = False
+        self.failure: str | None = None
+        self.messages: list[tuple[float, bytes]] = []
+        self.got = threading.Condition()
+
+    def open(self, persistent: bool, timeout: float = 5.0) -> bool:
+        c = make_client(self.settings, self.client_id, persistent=persistent)
+        c.on_socket_open = set_nodelay
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        self.client = c
+        addr = self.settings.broker_url
+        try:
+            c.connect(addr.host, addr.port, **connect_args(self.settings, keepalive=10, persistent=persistent))
+        except OSError as e:
+            self.failure = str(e)
+            return False
+        c.loop_start()
+        return self.connected.wait(timeout) and self.failure is None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:
+            self.failure = str(reason)
+        else:
+            self.session_present = bool(getattr(flags, "session_present", False))
+            if self.subscribe:
+                c.subscribe(self.subscribe, 1)
+        self.connected.set()
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.got:
+            self.messages.append((time.monotonic(), bytes(msg.payload)))
+            self.got.notify_all()
+
+    def wait_messages(self, n: int, timeout: float) -> bool:
+        with self.got:
+            return self.got.wait_for(lambda: len(self.messages) >= n, timeout)
+
+
+def check_broker_settings(settings: Settings) -> list[tuple[bool | None, str, str]]:
+    """What a client can see of the broker settings the promise needs: sessions kept while a client
+    is away, with its QoS 1 messages queued. Persistence across the broker's own restart and
+    `set_tcp_nodelay` cannot be seen from a client (Linux's quick ACKs hide Nagle's delay from a
+    probe): a note names them."""
+    if settings.session_expiry == 0:
+        sessions: tuple[bool | None, str, str] = (None, "broker sessions", "session_expiry is 0: not checked")
+        out = [sessions]
+    else:
+        out = [_check_sessions(settings)]
+    out.append(
+        (
+            None,
+            "broker settings",
+            "not visible from a client: the broker needs `persistence true` for requests to survive its restart "
+            "and `set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
+        )
+    )
+    return out
+
+
+def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
+    tag = uuid.uuid4().hex[:10]
+    topic = f"{settings.topic_prefix}/check/{tag}"
+    away = _Client(settings, f"rkmqtt-check-{tag}", subscribe=topic)
+    sender = _Client(settings, f"rkmqtt-check-{tag}-s")
+    try:
+        if not away.open(persistent=True):
+            return False, "broker sessions", f"could not connect: {away.failure or 'no answer'}"
+        time.sleep(0.2)  # the subscription is in place
+        away.close()
+        if not sender.open(persistent=False):
+            return False, "broker sessions", f"could not connect: {sender.failure or 'no answer'}"
+        sender.client.publish(topic, b"queued while away", qos=1).wait_for_publish(5)
+        sender.close()
+        if not away.open(persistent=True):
+            return False, "broker sessions", f"could not reconnect: {away.failure or 'no answer'}"
+        resumed = away.session_present
+        queued = away.wait_messages(1, 3.0)
+        away.close()
+        if resumed and queued:
+            return True, "broker sessions", "kept while a client is away, with its QoS 1 messages queued"
+        return (
+            False,
+            "broker sessions",
+            "the broker did not keep the session (or its queued message) of a client that went away: "
+            "requests sent while the bridge restarts would be lost "
+            "(check max_queued_messages and persistent_client_expiration)",
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        return False, "broker sessions", f"could not be checked: {e}"
+    finally:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):  # forget the check's session
+            cleanup = _Client(settings, f"rkmqtt-check-{tag}")
+            if cleanup.open(persistent=False):
+                cleanup.close()
+
+
+def run_checks(settings: Settings) -> int:
+    failures = 0
+    served = (
+        f"upstream_model={settings.upstream_model or '(the first listed)'}"
+        if settings.engine == "openai"
+        else f"model={settings.model or '(default)'}"
+    )
+    _line(
+        True,
+        "settings",
+        f"engine={settings.engine} {served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
+    )
+    ok, detail = check_broker(settings)
+    _line(ok, "broker", detail)
+    failures += ok is False
+    if ok:
+        for ok2, what, detail2 in check_broker_settings(_with_broker(settings)):
+            _line(ok2, what, detail2)
+            failures += ok2 is False
+    name = resolve_engine_name(settings)
+    if name == "rkllm" or settings.engine == "auto":
+        from rkmqtt.engines.rkllm.platform import find_soc, run_checks
+
+        if find_soc() is None:
+            _line(
+                None,
+                "NPU",
+                "this is not an RK3588/RK3576 board: the NPU engine cannot run here; "
+                "the CPU engine (engine=numpy) can" + ("" if name == "rkllm" else ", and engine=auto uses it"),
+            )
+        else:
+            for c in run_checks(settings):
+                _line(c.ok, c.name, c.message)
+                failures += not c.ok
+    if name == "openai":
+        from rkmqtt.engines.openai.check import check_upstream
+
+        for ok3, what, detail3 in check_upstream(settings):
+            _line(ok3, what, detail3)
+            failures += ok3 is False
+        if failures:  # the engine would only wait for the same server again
+            print(f"{failures} problem(s) found")
+            return 1
+    t0 = time.monotonic()
+    try:
+        engine = create_engine(settings)
+        engine.load()
+    except RkmqttError as e:
+        _line(False, "engine", f"{name}: {e}")
+        return 1
+    info = engine.info()
+    problem = engine.problem()
+    _line(
+        problem is None,
+        "engine",
+        f"{name}: {problem}"
+        if problem is not None
+        else f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
+        f"{engine.capabilities.max_batch} slots, {'continuous' if engine.capabilities.continuous else 'static'} "
+        f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
+    )
+    failures += problem is not None
+    engine.close()
+    print("all good" if failures == 0 else f"{failures} problem(s) found")
+    return 0 if failures == 0 else 1

@@ -1,0 +1,1 @@
+"""Development tools that need the repository: `python -m tools.reference` (the generated docs)."""
