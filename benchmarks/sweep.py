@@ -31,7 +31,7 @@ from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.broker import Mosquitto, free_port
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import Settings, load_settings, with_model_defaults
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,10 +39,13 @@ ENGINES = ("numpy", "rkllm", "rkllm-zero")
 
 # What the bench sets on the bridges it starts, unless its command line gives the setting:
 # no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
-# the same tokens through MQTT and directly), no discovery, a deep queue, quiet logs.
+# the same tokens through MQTT and directly) with the repeat penalty of the figures in
+# docs/benchmarks.md (it sets the answers' lengths; SmolLM2's own default is 1.05), no discovery,
+# a deep queue, quiet logs.
 BRIDGE_DEFAULTS: dict[str, SettingValue] = {
     "rate_limit": "0",
     "temperature": "0",
+    "repeat_penalty": "1.1",
     "discovery": False,
     "max_queue": "4096",
     "log_level": "WARNING",
@@ -265,6 +268,7 @@ class Sweep(Runner):
             self.progress.phase("loading the engine (no bridge)")
             engine = create_engine(settings)
             engine.load()
+            settings = with_model_defaults(settings, engine.recommended_sampling)  # as the bridge does
             self.progress.phase("the measured requests, straight to the engine")
             try:
                 sampling = SamplingParams(

@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 from benchmarks.cli import main as harness
+from benchmarks.suites import SUITES
 
 from rkmqtt.bench.busy import LoadVerdict, others_wanting_cpu
+from rkmqtt.bench.gain import batching_gain
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile, summarize
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS, load_prompts
-from rkmqtt.bench.report import figure, markdown
+from rkmqtt.bench.report import figure, markdown, single_round
 from rkmqtt.bench.runner import Point
 from rkmqtt.bench.workload import Workload
 from rkmqtt.cli.main import main
@@ -70,6 +72,43 @@ def test_workload_prompts_and_open_arrivals() -> None:
     assert w.prompt_index(1, 0) == 1 and w.prompt_index(1, 1) == 4
     burst = Workload("burst", devices=4, requests=10, max_new_tokens=8, prompts=("x",))
     assert (burst.rounds, burst.total) == (3, 12)
+
+
+def test_a_fresh_prompts_warm_up_sends_other_prompts_than_the_measured_round() -> None:
+    """The single round of the `batching` suite: 8 devices ask new questions (no slot holds them
+    from the warm-up); without `fresh_prompts` the warm-up sends the measured prompts."""
+    (closed, round_) = SUITES["batching"](BUILTIN_PROMPTS, False)
+    w = round_.workload
+    assert (w.shape, w.devices, w.total, w.max_new_tokens, w.fresh_prompts) == ("burst", 8, 8, 48, True)
+    assert (round_.n_batch, round_.direct_n_batch) == ((1, 8), (1, 8)) == (closed.n_batch, closed.direct_n_batch)
+    measured = {w.prompt_index(d, 0) for d in range(8)}
+    assert measured.isdisjoint(w.warmup_prompt_index(d, 0) for d in range(8)) and len(measured) == 8
+    same = Workload("burst", devices=8, requests=8, max_new_tokens=8, prompts=BUILTIN_PROMPTS)
+    assert [same.warmup_prompt_index(d, 0) for d in range(8)] == [same.prompt_index(d, 0) for d in range(8)]
+    assert {s.name for s in SUITES["targets"](BUILTIN_PROMPTS, False)} >= {"cpu-8-devices", "cpu-8-at-once"}
+
+
+def _run(tokens_per_s: float) -> RunMetrics:
+    return dataclasses.replace(summarize([]), tokens_per_s=tokens_per_s)
+
+
+def test_batching_gain_pairs_repeats_and_shows_the_bridges_share() -> None:
+    """Gains are medians of per-repeat ratios (repeat k of n_batch 8 over repeat k of n_batch 1), through
+    MQTT and for the engine alone; their quotient is what the bridge keeps of the engine's gain."""
+    runs = {("mqtt", 1): [10, 20, 10], ("mqtt", 8): [25, 40, 30]}
+    runs |= {("direct", 1): [10, 10, 10], ("direct", 8): [30, 30, 40]}
+    points = []
+    for (mode, nb), tps in runs.items():
+        p = Point("cpu-8-at-once", "numpy", "numpy (CPU)", nb, mode, {})  # type: ignore[arg-type]
+        p.runs = [_run(x) for x in tps]
+        points.append(p)
+    (g,) = batching_gain(points)
+    assert (g["n_batch"], g["mqtt_pair_gains"], g["direct_pair_gains"]) == (8, [2.5, 2.0, 3.0], [3.0, 3.0, 4.0])
+    assert (g["mqtt_gain"], g["direct_gain"]) == (2.5, 3.0)
+    assert g["bridge_keeps"] == 0.75  # the median of 2.5/3, 2/3 and 3/4
+    target = single_round(points)
+    assert target.met is True and target.measured.startswith("2.50x (per repeat 2.50, 2.00, 3.00); engine alone 3.00x")
+    assert "| cpu-8-at-once | 8 | 2.50x (2.50, 2.00, 3.00) | 3.00x (3.00, 3.00, 4.00) | 75 % |" in markdown(points)
 
 
 def test_prompts_file(tmp_path: Path) -> None:
@@ -208,6 +247,29 @@ def test_open_loop_and_bursts(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         _check_consistent(point["median"])
         assert point["workload"]["shape"] == shape and point["median"]["requests"] == 8
         assert not (out / "bench.png").exists()
+
+
+def test_one_round_at_once_reports_the_batching_gain_beside_the_engine_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One round of 4 devices at once, n_batch 1 and 4, through MQTT and for the engine alone: the
+    report has both gains and what the bridge keeps (a small run of what `--suite batching` does);
+    `rkmqtt bench --render` shows them again from the saved JSON."""
+    out = tmp_path / "out"
+    args = ["--engines", "rkllm-zero", "--shape", "burst", "--devices", "4", "--requests", "4", "--tokens", "8"]
+    args += ["--n-batch", "1,4", "--direct", "1,4", "--out", str(out), "--no-plot", "--no-progress"]
+    assert harness(args) == 0
+    data = json.loads((out / "bench.json").read_text())
+    tps = {(p["n_batch"], p["mode"]): p["median"]["tokens_per_s"] for p in data["points"]}
+    (g,) = data["batching_gain"]
+    assert (g["scenario"], g["n_batch"]) == ("rkllm-zero", 4)
+    assert g["mqtt_gain"] == pytest.approx(tps[4, "mqtt"] / tps[1, "mqtt"], rel=1e-3)
+    assert g["direct_gain"] == pytest.approx(tps[4, "direct"] / tps[1, "direct"], rel=1e-3)
+    assert g["bridge_keeps"] == pytest.approx(g["mqtt_gain"] / g["direct_gain"], rel=1e-3)
+    table = capsys.readouterr().out
+    assert "batching gain" in table and "| batching gain |" in (out / "bench.md").read_text()
+    assert main(["bench", "--render", str(out / "bench.json"), "--no-plot"]) == 0
+    assert capsys.readouterr().out == table
 
 
 def test_running_bridge_and_errors(

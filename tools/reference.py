@@ -26,11 +26,16 @@ from rkmqtt.protocol import (
     ErrorReply,
     Info,
     Limits,
+    Message,
     OkReply,
     RequestPayload,
     Stats,
     StreamChunk,
     Timing,
+    ToolCall,
+    ToolFunction,
+    ToolSpec,
+    ToolSpecFunction,
     Usage,
 )
 from rkmqtt.settings import MODEL_DEFAULTED, Settings
@@ -146,17 +151,22 @@ EXAMPLES: dict[str, BaseModel] = {
     "request": RequestPayload(
         id="kitchen-1", prompt="Turn the lights off in one sentence.", max_new_tokens=64, temperature=0.0
     ),
+    # What `./dev run` (numpy engine, SmolLM2-135M, default settings) answered to `rkmqtt ask
+    # --client kitchen --id kitchen-1 --tokens 64 --temp 0 --json "Turn the lights off in one sentence."`
     "ok": OkReply(
         id="kitchen-1",
-        text="Okay, turning the kitchen lights off.",
+        text="I'll turn the lights off immediately.",
         finish_reason="stop",
-        usage=Usage(prompt_tokens=31, completion_tokens=9),
-        timing=Timing(queued_ms=3.1, ttft_ms=120.5, total_ms=260.2, tokens_per_s=64.3),
-        batch=BatchInfo(size=3, slot=1),
+        usage=Usage(prompt_tokens=38, completion_tokens=8),
+        timing=Timing(
+            queued_ms=0.79, ttft_ms=53.17, total_ms=183.7, tokens_per_s=60.99, prefill_ms=52.01, decode_ms=130.45
+        ),
+        batch=BatchInfo(size=1, slot=0),
         model="SmolLM2-135M-Instruct.Q4_1",
+        node="rkmqtt_vm",
     ),
     "error": ErrorReply(id="kitchen-1", error=ErrorBody(code=ErrorCode.BUSY, message="the queue is full (64 waiting)")),
-    "chunk": StreamChunk(id="kitchen-1", seq=0, text="Okay"),
+    "chunk": StreamChunk(id="kitchen-1", seq=0, text="I"),
     "stats": Stats(
         uptime_s=3600.0,
         queue_depth=2,
@@ -231,6 +241,9 @@ topic the new message asked for.
 
 {_fields(RequestPayload, incoming=True)}
 
+- `messages` items: {_inline(Message)}
+- `tools` items: {_inline(ToolSpec)} Its `function`: {_inline(ToolSpecFunction)}
+
 Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 
 {_example("request")}
@@ -242,6 +255,7 @@ Exactly one of `prompt` and `messages`. Unknown fields are an error. Example:
 - `usage`: {_inline(Usage)}
 - `timing`: {_inline(Timing)}
 - `batch`: {_inline(BatchInfo)}
+- `tool_calls` items (and an assistant message's): {_inline(ToolCall)} Its `function`: {_inline(ToolFunction)}
 
 {_example("ok")}
 
@@ -295,7 +309,8 @@ def _inline(model: type[BaseModel]) -> str:
 
 _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_REQUEST: "not UTF-8, not JSON, unknown field, wrong type, value out of range, "
-    "both or neither of prompt/messages",
+    "both or neither of prompt/messages, tools to an engine that takes none; engine openai: the server "
+    "refused it (400)",
     ErrorCode.INVALID_CLIENT: "the `<client>` level of the topic is not 1–64 of `[A-Za-z0-9_-]`",
     ErrorCode.INVALID_REPLY_TO: "`reply_to` / Response Topic outside `P/reply/` or with `+`/`#` "
     "(answered on the default reply topic)",
@@ -305,13 +320,16 @@ _CODE_DOCS: dict[ErrorCode, str] = {
     ErrorCode.DUPLICATE_ID: "the id is waiting or running with replies going to another topic or correlation; "
     "the first request is still answered where it asked",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload over `max_payload_bytes`",
-    ErrorCode.TOO_LONG: "prompt over `max_prompt_chars`, or it does not fit the model's context",
+    ErrorCode.TOO_LONG: "prompt over `max_prompt_chars`, or it does not fit the model's context (engine openai: the "
+    "server said so, 400 or 413)",
     ErrorCode.TOO_MANY_TOKENS: "`max_new_tokens` over the `max_new_tokens` setting",
-    ErrorCode.BUSY: "`max_queue` requests are already waiting",
-    ErrorCode.RATE_LIMITED: "the client sent more than `rate_burst` at once or `rate_limit` a minute",
+    ErrorCode.BUSY: "`max_queue` requests are already waiting (engine openai: or the server answered 503)",
+    ErrorCode.RATE_LIMITED: "the client sent more than `rate_burst` at once or `rate_limit` a minute (engine openai: "
+    "or the server answered 429)",
     ErrorCode.EXPIRED: "not started before `expires_in` / Message Expiry",
     ErrorCode.CANCELLED: "cancelled before it started",
-    ErrorCode.ENGINE_ERROR: "the engine failed while running it",
+    ErrorCode.ENGINE_ERROR: "the engine failed while running it (engine openai: the server failed, broke the "
+    "connection, or stayed silent `upstream_timeout` seconds)",
     ErrorCode.SHUTTING_DOWN: "the bridge stopped before running or finishing it",
 }
 

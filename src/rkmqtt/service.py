@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.engines import create_engine, default_temperature
+from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
@@ -33,7 +33,7 @@ from rkmqtt.sched.admission import Admission
 from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.loop import Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
-from rkmqtt.settings import Settings
+from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
@@ -164,11 +164,13 @@ class Service:
             self.engine.capabilities.name,
             self.engine.capabilities.max_batch,
         )
-        if "temperature" not in s.model_fields_set:
-            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
-            # answers in garbled French at 0.7).
-            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
-            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
+        # What no flag, variable, file or option set takes the model's own default, if it has one
+        # (SmolLM2-135M answers best greedy: at 0.7 it often answers in garbled French).
+        self.settings = with_model_defaults(s, self.engine.recommended_sampling)
+        if self.settings is not s:
+            s = self.settings
+            _LOGGER.info("sampling defaults of %s: temperature %g, repeat penalty %g", self.engine.model_name,
+                         s.temperature, s.repeat_penalty)  # fmt: skip
         self.info = self._build_info(self.engine)
         topics = Topics(s.topic_prefix, s.effective_node_name())
         finals = Finals(self.engine.model_name, s.effective_node_name())
@@ -248,6 +250,7 @@ class Service:
             "engine_stalled_s": round(sched.engine_stalled_s(), 1) if sched else 0.0,
             "queue_depth": sched.queue_depth if sched else 0,
             "active": sched.active if sched else 0,
+            "engine_problem": sched.engine_problem if sched else None,
             "updated": time.time(),
         }
 

@@ -20,6 +20,8 @@ from rich.table import Table
 
 from rkmqtt import __version__
 from rkmqtt.bench.busy import LoadVerdict
+from rkmqtt.bench.gain import batching_gain, print_batching_gain
+from rkmqtt.bench.gain import markdown_lines as gain_markdown_lines
 from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
@@ -122,6 +124,7 @@ def targets(points: Sequence[Point]) -> list[Target]:
     else:
         ok, measured = None, "-"
     out.append(Target("CPU engine, 8 devices: n_batch 8 vs 1", ">= 2.5x tokens/s, lower median latency", measured, ok))
+    out.append(single_round(points))
     costs = {c["n_batch"]: c for c in bridge_cost(points) if c["scenario"] == "cpu-8-devices"}
     for nb in (1, 8):
         c = costs.get(nb)
@@ -172,6 +175,22 @@ def targets(points: Sequence[Point]) -> list[Target]:
     out.append(journal_cost(points))
     out.append(scale_out(points))
     return out
+
+
+def single_round(points: Sequence[Point]) -> Target:
+    """One round of 8 devices asking at once (scenario cpu-8-at-once): the gain of n_batch 8 over 1."""
+    g = next((r for r in batching_gain(points) if r["scenario"] == "cpu-8-at-once" and r["n_batch"] == 8), None)
+    measured = "-"
+    if g is not None and g["mqtt_gain"] is not None:
+        measured = f"{g['mqtt_gain']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in g['mqtt_pair_gains'])})"
+        if g["direct_gain"] is not None:
+            measured += f"; engine alone {g['direct_gain']:.2f}x"
+    return Target(
+        "CPU engine, 8 devices at once, one round: n_batch 8 vs 1",
+        ">= 2.5x tokens/s",
+        measured,
+        None if g is None or g["mqtt_gain"] is None else g["mqtt_gain"] >= 2.5,
+    )
 
 
 def scale_out(points: Sequence[Point]) -> Target:
@@ -270,6 +289,7 @@ def print_table(points: Sequence[Point], console: Console, cpus: int | None = No
                 "-" if ratio is None else f"{100 * ratio:.1f} %",
             )
         console.print(c)
+    print_batching_gain(points, console)
     print_http_cost(points, console)
     ts = [x for x in targets(points) if x.met is not None]
     if ts:
@@ -299,6 +319,7 @@ def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]
         **meta,
         "points": [p.as_dict() for p in points],
         "bridge_cost": bridge_cost(points),
+        "batching_gain": batching_gain(points),
         "http_cost": http_cost(points),
         "targets": [asdict(t) for t in targets(points)],
     }
@@ -451,6 +472,7 @@ def markdown(points: Sequence[Point], load: LoadVerdict | None = None) -> str:
                 + ", ".join(f"{100 * x:.0f} %" for x in c["pair_ratios"])
                 + " |"
             )
+    lines += gain_markdown_lines(points)
     lines += http_markdown_lines(points)
     rows = cpu_rows(points)
     if rows:

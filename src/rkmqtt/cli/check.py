@@ -1,7 +1,8 @@
 """`rkmqtt check` (main thread): settings, broker reachability, the bridges online on it and, for the
-rkllm engine, the board (driver, NPU device, runtime library, model, platform), in plain words; the
-engine's model only when asked (`--load-model`, or an engine or model given as a flag). Exit 0 when
-everything needed to run is fine, 1 otherwise.
+rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai engine,
+the upstream server (reachable, model listed, one token generated), in plain words; the engine's own
+model only when asked (`--load-model`, or an engine or model given as a flag). Exit 0 when everything
+needed to run is fine, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -160,11 +161,16 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
 
 def run_checks(settings: Settings, load_model: bool = False, config_file: Path | None = None) -> int:
     failures = 0
+    served = (
+        f"upstream_model={settings.upstream_model or '(the first listed)'}"
+        if settings.engine == "openai"
+        else f"model={settings.model or '(default)'}"
+    )
     _line(
         True,
         "settings",
         f"{f'config file {config_file}' if config_file else 'no config file'}; engine={settings.engine} "
-        f"model={settings.model or '(default)'} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
+        f"{served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
     )
     ok, detail = check_broker(settings)
     _line(ok, "broker", detail)
@@ -193,9 +199,17 @@ def run_checks(settings: Settings, load_model: bool = False, config_file: Path |
             for c in run_checks(settings):
                 _line(c.ok, c.name, c.message)
                 failures += not c.ok
-    if load_model:
+    if name == "openai":
+        # The model is the upstream server's: checking that server (reachable, the model listed, one
+        # token) loads nothing here, so it is done without --load-model, as the board's checks are.
+        from rkmqtt.engines.openai.check import check_upstream
+
+        for ok3, what, detail3 in check_upstream(settings):
+            _line(ok3, what, detail3)
+            failures += ok3 is False
+    if load_model and not (name == "openai" and failures):  # openai: it would only wait for the same server
         failures += not _check_engine(settings, name)
-    else:
+    elif name != "openai":
         _line(None, "engine", f"{name}: model not loaded (rkmqtt check --load-model loads it to check it)")
     if failures:
         print(f"{failures} problem(s) found")
@@ -207,7 +221,7 @@ def run_checks(settings: Settings, load_model: bool = False, config_file: Path |
 
 
 def _check_engine(settings: Settings, name: str) -> bool:
-    """Load the engine's model (seconds, and its memory) and say how it went."""
+    """Load the engine's model (seconds, and its memory; for openai, start its client) and say how it went."""
     t0 = time.monotonic()
     try:
         engine = create_engine(settings)
@@ -216,12 +230,15 @@ def _check_engine(settings: Settings, name: str) -> bool:
         _line(False, "engine", f"{name}: {e}")
         return False
     info = engine.info()
+    problem = engine.problem()
     _line(
-        True,
+        problem is None,
         "engine",
-        f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
+        f"{name}: {problem}"
+        if problem is not None
+        else f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
         f"{engine.capabilities.max_batch} slots, {'continuous' if engine.capabilities.continuous else 'static'} "
         f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
     )
     engine.close()
-    return True
+    return problem is None

@@ -122,7 +122,8 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "check",
         help="check settings, broker, the bridges online, engine and NPU, in plain words",
         description="Check the settings, the broker, which bridges are online on it and (on a board) the NPU, and "
-        "say what to fix. The model is loaded only with --load-model, or when --engine or --model is given.",
+        "say what to fix. The model is loaded only with --load-model, or when --engine or --model is given; "
+        "engine openai's upstream server (it holds the model) is always checked, with one token.",
         usage=f"rkmqtt check [--load-model] {SETTINGS_USAGE}",
     )
     check.add_argument(

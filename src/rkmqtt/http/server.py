@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.loopthread import run_loop
 from rkmqtt.protocol import Info
 from rkmqtt.sched.admission import Admission
 from rkmqtt.sched.finals import Finals
@@ -53,7 +54,7 @@ class HttpServer:
         self.auth = Auth(settings.http_token_names(), settings.http_client)
         self.gateway = Gateway(settings, scheduler, admission, finals, self.auth)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
+        self._thread = threading.Thread(target=run_loop, args=(self._loop,), name="rkmqtt-http", daemon=True)
         self._sockets = sockets  # bound already (`open_listeners`), else bound at `start`
         self._runner: web.AppRunner | None = None
         self._sites: list[web.SockSite] = []
@@ -107,13 +108,6 @@ class HttpServer:
         return fut.result(timeout)
 
     # -- the event loop's thread ------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_payload_bytes,
