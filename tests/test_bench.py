@@ -254,19 +254,28 @@ def test_one_round_at_once_reports_the_batching_gain_beside_the_engine_alone(
 ) -> None:
     """One round of 4 devices at once, n_batch 1 and 4, through MQTT and for the engine alone: the
     report has both gains and what the bridge keeps (a small run of what `--suite batching` does);
-    `rkmqtt bench --render` shows them again from the saved JSON."""
+    `rkmqtt bench --render` shows them again from the saved JSON. The engine-alone runs report their
+    progress and the session its load verdict, as the bridge's runs do."""
     out = tmp_path / "out"
     args = ["--engines", "rkllm-zero", "--shape", "burst", "--devices", "4", "--requests", "4", "--tokens", "8"]
-    args += ["--n-batch", "1,4", "--direct", "1,4", "--out", str(out), "--no-plot", "--no-progress"]
+    args += ["--n-batch", "1,4", "--direct", "1,4", "--out", str(out), "--no-plot"]
     assert harness(args) == 0
+    table, err = capsys.readouterr()
+    for line in (
+        "bench: run 1/4: ",
+        "bench: run 4/4: loading the engine (no bridge)",
+        "bench: run 4/4: the measured requests, straight to the engine",
+        "bench: run 4/4 over after",
+    ):
+        assert line in err, err  # fmt: skip
     data = json.loads((out / "bench.json").read_text())
+    assert data["load"]["verdict"] in (out / "bench.md").read_text().splitlines()[0]
     tps = {(p["n_batch"], p["mode"]): p["median"]["tokens_per_s"] for p in data["points"]}
     (g,) = data["batching_gain"]
     assert (g["scenario"], g["n_batch"]) == ("rkllm-zero", 4)
     assert g["mqtt_gain"] == pytest.approx(tps[4, "mqtt"] / tps[1, "mqtt"], rel=1e-3)
     assert g["direct_gain"] == pytest.approx(tps[4, "direct"] / tps[1, "direct"], rel=1e-3)
     assert g["bridge_keeps"] == pytest.approx(g["mqtt_gain"] / g["direct_gain"], rel=1e-3)
-    table = capsys.readouterr().out
     assert "batching gain" in table and "| batching gain |" in (out / "bench.md").read_text()
     assert main(["bench", "--render", str(out / "bench.json"), "--no-plot"]) == 0
     assert capsys.readouterr().out == table
