@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from rkmqtt.cli.check import run_checks
 from rkmqtt.engines.base import ChatMessage, Prepared
 from rkmqtt.engines.chat.source import builtin
 from rkmqtt.engines.rkllm.engine import RkllmEngine
 from rkmqtt.errors import ConfigError, RequestRejected
+from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorCode
 from tests.rkllm_fixtures import (  # noqa: F401
     Standin,
@@ -24,6 +26,7 @@ from tests.rkllm_fixtures import (  # noqa: F401
     drive,
     expected_text,
     make_engine,
+    make_settings,
     read_input_log,
     request,
     standin_env_fixture,
@@ -162,3 +165,42 @@ def test_the_settings_that_choose_the_template(standin: Standin, tmp_path: Path)
         assert isinstance(prepared, Prepared) and prepared.data[0] == "hello @len=2|"
     finally:
         engine.close()
+
+
+def test_check_names_the_template_without_loading_the_model(
+    standin: Standin, tmp_path: Path, mosquitto: Mosquitto, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rkmqtt check` says which template renders conversations, found from the settings and the files
+    beside the model with no model loaded; with --load-model, the loaded engine's, with its context; a
+    template that cannot be found is a problem before anything is loaded."""
+    model = vocab_model(tmp_path / "m")
+    (model.parent / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ tools }}{{ messages }}"}))
+    settings = make_settings(
+        standin, "1.3", model=str(model), broker=mosquitto.url, topic_prefix=prefix, session_expiry=0
+    )
+    assert run_checks(settings) == 0
+    out = capsys.readouterr().out
+    assert "[note] engine: rkllm: model not loaded" in out and "loaded" not in out.split("model not loaded")[1]
+    assert (
+        f"[note] chat template: {model.parent / 'tokenizer_config.json'} (chat_template), rendered here "
+        "(the runtime's own template off); tools reach the model\n"
+    ) in out
+    assert run_checks(settings.model_copy(update={"chat_template": "llama3"}), load_model=True) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] engine: rkllm loaded" in out
+    assert "[note] chat template: built-in llama3, rendered here (the runtime's own template off); tools reach " in out
+    assert out.split("tools reach the model")[1].startswith("; context 4096 tokens\n")
+    assert run_checks(settings.model_copy(update={"rkllm_chat_template": "s|p|q"})) == 0
+    assert (
+        "[note] chat template: rkllm_chat_template (the runtime's, with the conversation flattened into one user "
+        "turn); no place for tools (answered without them; strict_tools refuses them)\n"
+    ) in capsys.readouterr().out
+    both = settings.model_copy(update={"rkllm_chat_template": "s|p|q", "chat_template": "qwen2.5"})
+    assert run_checks(both) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] chat template: settings chat_template and rkllm_chat_template are both set" in out
+    missing = str(tmp_path / "nope.jinja")
+    assert run_checks(settings.model_copy(update={"chat_template": missing})) == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL] chat template: setting chat_template={missing!r}: neither a built-in template" in out
+    assert "1 problem(s) found" in out

@@ -1,12 +1,14 @@
 """Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
-`--config` file > the add-on's options > defaults. Each field is also `RKMQTT_<NAME>` and
-`--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
+file (`--config`, `RKMQTT_CONFIG`, else ./config.yaml) > the add-on's options > the model's own
+(`MODEL_DEFAULTED`) > defaults. Each field is also `RKMQTT_<NAME>` and `--<name-with-dashes>`;
+`config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -17,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.suggest import did_you_mean
 from rkmqtt.topics import shared_group_of
 
 # Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
@@ -35,11 +38,15 @@ def rkllm_n_batch_problem(n_batch: int) -> str | None:
 
 
 ENV_PREFIX = "RKMQTT_"
+#: The settings file every command reads from the current folder when none is named.
+CONFIG_FILE_NAME = "config.yaml"
+#: `RKMQTT_*` variables that are not settings: the file's, and those of the repository's own tools.
+NOT_SETTINGS = frozenset({"CONFIG", "VENV", "TORCH_INDEX", "REFERENCE", "BENCH_UNSET"})
 
 #: Settings whose default depends on the engine's model when no layer (flag, environment, file,
 #: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
 #: shows them commented out, so that a copy of it does not pin them.
-MODEL_DEFAULTED = ("temperature",)
+MODEL_DEFAULTED = ("temperature", "repeat_penalty")
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 
@@ -189,12 +196,20 @@ class Settings(BaseSettings):
             ge=0,
             le=5,
             description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
-            "engine, SmolLM2-135M: 0.2), else 0.7.",
+            "engine, SmolLM2-135M: 0, greedy), else 0.7.",
         ),
     ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
-    repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
+    repeat_penalty: Annotated[
+        float,
+        Field(
+            ge=0.1,
+            le=10,
+            description="Default repeat penalty (1 is off). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 1.05), else 1.1.",
+        ),
+    ] = 1.1
 
     numpy_threads: Annotated[
         int,
@@ -660,6 +675,31 @@ class DictSource(PydanticBaseSettingsSource):
 _EXTRA_SOURCES: dict[type[BaseSettings], tuple[PydanticBaseSettingsSource, ...]] = {}
 
 
+def find_config_file(explicit: Path | None = None, folder: Path | None = None) -> Path | None:
+    """The YAML file of settings a command reads: `--config`, else `RKMQTT_CONFIG`, else
+    config.yaml in the current folder (`folder`) when there is one; None: no file."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    here = (folder or Path()) / CONFIG_FILE_NAME
+    return here if here.is_file() else None
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """One line for each `RKMQTT_*` variable that is not a setting (pydantic ignores them): a
+    typo such as RKMQTT_N_BACH would otherwise change nothing, silently."""
+    env = os.environ if environ is None else environ
+    names = [f"{ENV_PREFIX}{n.upper()}" for n in Settings.model_fields]
+    out = []
+    for key in sorted(env):
+        rest = key[len(ENV_PREFIX) :] if key.upper().startswith(ENV_PREFIX) else None
+        if rest is None or rest.upper() in NOT_SETTINGS or rest.lower() in Settings.model_fields:
+            continue
+        out.append(f"environment variable {key} is not a setting and is ignored{did_you_mean(key, names)}")
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -677,8 +717,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: must be a mapping of setting: value")
     unknown = sorted(set(map(str, data)) - set(Settings.model_fields))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}; see config.yaml for the names")
+        hint = did_you_mean(unknown[0], Settings.model_fields)
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}{hint}; see config.yaml for the names")
     return {str(k): v for k, v in data.items()}
+
+
+def with_model_defaults(settings: Settings, advice: Mapping[str, float]) -> Settings:
+    """`settings` with the model's own value (`Engine.recommended_sampling`) for each setting of
+    `MODEL_DEFAULTED` that no layer set."""
+    update = {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in settings.model_fields_set}
+    return settings.model_copy(update=update) if update else settings
 
 
 def load_settings(
@@ -722,7 +770,8 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
     else:
         origin = next((o for data, o in layers if name in data), "default")
     if err["type"] == "extra_forbidden":
-        return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
+        hint = did_you_mean(name, Settings.model_fields)
+        return f"setting {name!r} ({origin}) is unknown{hint}; see config.yaml for the names"
     secret = name in ("password", "http_tokens", "upstream_api_key")
     shown = "***" if secret else repr(_hide_password(value) if name in ("broker", "upstream_url") else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"

@@ -1,7 +1,7 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only; it starts no
-threads). One `poll()` is one step: a decode for every generating slot, a prefill chunk for a
-joining one; a slot's held prompt prefix is reused; `prepare` trims a conversation to the context;
-the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
+threads). One `poll()` is one step: a decode for every generating slot, prefill chunks for joining
+ones (prompts that arrive together go in together); a slot's held prompt prefix is reused; `prepare`
+trims a conversation to the context; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from rkmqtt.engines.base import (
     FinishEvent,
     Generation,
     Prepared,
+    TemplateInUse,
     TokenEvent,
 )
 from rkmqtt.engines.chat.fit import DoesNotFit, fit
@@ -38,6 +39,7 @@ from rkmqtt.engines.chat.toolcalls import CallFilter
 from rkmqtt.engines.numpy.gguf_file import GGUFFile, ModelConfig, resolve_model_path
 from rkmqtt.engines.numpy.model import KVDtype, Segment, StepPlan, Transformer
 from rkmqtt.engines.numpy.sampling import REPEAT_WINDOW, Sampler
+from rkmqtt.engines.numpy.sampling_defaults import model_sampling
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.engines.numpy.weights import load_weights
 from rkmqtt.errors import EngineError, RequestRejected
@@ -47,11 +49,6 @@ if TYPE_CHECKING:
     from rkmqtt.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
-
-#: Default temperatures of models that answer badly at the usual 0.7, by a lower-case part of the
-#: model's name. SmolLM2-135M-Instruct at 0.7 answers "What is the capital of France?" with Paris
-#: in about 2 of 3 tries, often in garbled French; at 0.2 it nearly always does.
-MODEL_TEMPERATURES = {"smollm2-135m": 0.2}
 
 PREFILL_CHUNK = 32
 IDLE_PREFILL_CHUNK = 256
@@ -151,10 +148,8 @@ class NumpyEngine(Engine):
         return Path(self._model_setting).stem if self._model_setting else "SmolLM2-135M-Instruct.Q4_1"
 
     @property
-    def recommended_temperature(self) -> float | None:
-        """The default temperature this model answers well at, when the settings give none."""
-        name = self.model_name.lower()
-        return next((t for part, t in MODEL_TEMPERATURES.items() if part in name), None)
+    def recommended_sampling(self) -> dict[str, float]:
+        return model_sampling(self.model_name).as_settings()
 
     @property
     def tokenizer(self) -> GGUFTokenizer:
@@ -207,7 +202,7 @@ class NumpyEngine(Engine):
                 raise EngineError(
                     f"model {path}: the tokenizer has {tok.vocab_size} tokens but the model {cfg.vocab_size}"
                 )
-            chat = self._template(gguf, tok, path)
+            chat = self._template(gguf, path, tok)
             weights = load_weights(gguf, cfg)
             n_params = gguf.n_parameters()
             types = sorted(set(gguf.tensor_types.values()))
@@ -249,10 +244,22 @@ class NumpyEngine(Engine):
             self._max_context,
         )
 
-    def _template(self, gguf: GGUFFile, tok: GGUFTokenizer, path: Path) -> ChatTemplate:
-        """The setting's template, else the file's own, else ChatML."""
-        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+    def template_in_use(self) -> TemplateInUse:
+        chat = self._chat
+        if chat is None:  # before load: from the setting and the file's metadata, no weights read
+            path = resolve_model_path(self._model_setting)
+            gguf = GGUFFile(path)
+            try:
+                chat = self._template(gguf, path, None)
+            finally:
+                gguf.close()
+        return TemplateInUse(chat.origin, chat.takes_tools)
+
+    def _template(self, gguf: GGUFFile, path: Path, tok: GGUFTokenizer | None) -> ChatTemplate:
+        """The setting's template, else the file's own, else ChatML; with the tokenizer's BOS and EOS
+        texts (none given: only where it comes from and whether it takes tools are asked)."""
+        bos = tok.token_text(tok.bos_id) if tok is not None and tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok is not None and tok.eos_id is not None else ""
         found = find_template(self._template_setting, None)
         if found is not None:
             found.bos_token, found.eos_token = found.bos_token or bos, found.eos_token or eos
@@ -448,7 +455,10 @@ class NumpyEngine(Engine):
         tokens = [r.pending for r in decoding]
         owners: list[_Running] = list(decoding)
         logit_rows = list(range(len(decoding)))
-        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
+        # A decoder at its first token (it came with the joiners, or one step before them) waits one
+        # full pass for its second; one that has decoded is kept to the small chunk's stall.
+        settled = any(len(r.generated) > 1 for r in decoding)
+        budget = self.prefill_chunk if settled else self.idle_prefill_chunk
         segments: list[Segment] = []
         row = len(decoding)
         for key in self._join_order:

@@ -28,6 +28,7 @@ from rkmqtt.engines.base import (
     Generation,
     Prepared,
     SamplingParams,
+    TemplateInUse,
 )
 from rkmqtt.engines.chat.fit import DoesNotFit, fit
 from rkmqtt.engines.chat.source import find_template, find_tokenizer
@@ -182,7 +183,7 @@ class RkllmEngine(Engine):
             "cpus": self._cpus,
             "pad_batch": self._settings.rkllm_pad_batch,
             "max_context": self._max_context,
-            "chat_template": self.template_in_use(),
+            "chat_template": self._template_words(),
             "tools": self.capabilities.tools,
             "prompt_input": "token ids" if self._token_input() else "text",
             "prompt_cache": str(self._prompt_cache) if self._prompt_cache is not None else None,
@@ -192,7 +193,11 @@ class RkllmEngine(Engine):
             "recoveries": self._recoveries,
         }
 
-    def template_in_use(self) -> str:
+    def template_in_use(self) -> TemplateInUse:
+        # Found at construction, from the settings and the files beside the model: loading changes nothing.
+        return TemplateInUse(self._template_words(), self.capabilities.tools)
+
+    def _template_words(self) -> str:
         """Which chat template renders the conversations, in words (`rkmqtt check`, info)."""
         if self._host is not None:
             return f"{self._host.origin}, rendered here (the runtime's own template off)"
