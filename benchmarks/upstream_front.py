@@ -43,6 +43,8 @@ TARGET_RATIO = 0.95
 TARGET_ADDED_TTFT_MS = 20.0
 PREFIX = "bench-front"
 NODE = "bench-front"
+# The bridges this starts read their flags only, not a config.yaml of the folder it runs in.
+NO_CONFIG_FILE = {"RKMQTT_CONFIG": os.devnull}
 
 
 # -- the server alone ---------------------------------------------------------------------------
@@ -162,7 +164,7 @@ class Upstream:
             raise SystemExit(
                 f"--upstream must be rkmqtt, llamacpp or the server's URL (http://host:port/v1), not {kind!r}"
             )
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **NO_CONFIG_FILE}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         end = time.monotonic() + 300
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "state_dir": str(workdir / "state"),
         }  # fmt: skip
         settings: Settings = load_settings(flags)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **NO_CONFIG_FILE}
         front = BridgeProcess(settings, flags, env, workdir / "front.log").start()
         sampling = SamplingParams(0.0, settings.top_k, settings.top_p, settings.repeat_penalty)
         direct_runs: list[RunMetrics] = []

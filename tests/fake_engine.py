@@ -30,6 +30,7 @@ from rkmqtt.engines.base import (
     Prepared,
     TokenEvent,
 )
+from rkmqtt.engines.chat.toolcalls import CallFilter
 from rkmqtt.errors import RequestRejected
 from rkmqtt.protocol import ErrorCode
 
@@ -54,10 +55,16 @@ class FakeEngine(Engine):
     loaded: bool = False
     tools: bool = True  # Capabilities.tools: tool definitions reach it
     prepared: list[Generation] = field(default_factory=list)  # every request it was asked to prepare
+    advice: dict[str, float] = field(default_factory=dict)  # its `recommended_sampling`
 
     def __post_init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
         self._batch_running = False
+        self._calls = CallFilter()
+
+    @property
+    def recommended_sampling(self) -> dict[str, float]:
+        return dict(self.advice)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -109,6 +116,8 @@ class FakeEngine(Engine):
             if call:
                 words = _tool_call_tokens(req, call.group(1))
             self._slots[req.key] = _Slot(req, slot, words, explode="explode" in text)
+            if req.tools:  # as the real engines do: the calls come out of the text
+                self._calls.watch(req.key)
         self.batches.append([str(r.key) for r in reqs])
         if not self.continuous:
             self._batch_running = True
@@ -134,9 +143,10 @@ class FakeEngine(Engine):
                 del self._slots[key]
         if not self._slots:
             self._batch_running = False
-        return events
+        return self._calls.events(events)
 
     def cancel(self, key: Hashable) -> None:
+        self._calls.forget(key)
         if self._slots.pop(key, None) is not None:
             self.cancelled.append(str(key))
         if not self._slots:

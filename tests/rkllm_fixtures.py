@@ -94,7 +94,79 @@ STANDIN_OPTIONS = (
     "RKLLM_STANDIN_REPLAY_PART",
     "RKLLM_STANDIN_REPLAY_SPEED",
     "RKLLM_LOG_LEVEL",
+    "RKLLM_STANDIN_INPUT_LOG",
 )
+
+
+# ---- a model with a vocabulary: token inputs the stand-in can read -----------------------------------
+
+# Special tokens of the built-in templates: each one token, as in the models' own tokenizers.
+SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+)
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character byte-level BPE names it by."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def vocab_model(
+    folder: Path, name: str = "Qwen2.5-1.5B-Instruct-w8a8.rkllm", corpus: Sequence[str] = (), vocab_size: int = 2000
+) -> Path:
+    """A stand-in model file that carries a vocabulary, and beside it the tokenizer.json (Hugging Face,
+    byte-level BPE) that encodes text with the same ids: the engine finds it there and sends token ids,
+    which the stand-in decodes back to text. Every byte is a token; merges learned from `corpus` make
+    text like it a few times shorter in tokens, as a real model's vocabulary would."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=[symbols[b] for b in range(256)],
+        show_progress=False,
+    )
+    tok.train_from_iterator([*corpus, "The quick brown fox jumps over the lazy dog."], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    byte_of = {c: b for b, c in symbols.items()}
+    lines = []
+    for i in range(tok.get_vocab_size()):
+        piece = tok.id_to_token(i)
+        data = piece.encode() if piece in SPECIAL_TOKENS else bytes(byte_of[c] for c in piece)
+        lines.append(data.hex())
+    model = folder / name
+    model.write_text("rkllm-standin vocab 1\n" + "\n".join(lines) + "\n")
+    return model
+
+
+def read_input_log(path: Path) -> list[tuple[str, str]]:
+    """What RKLLM_STANDIN_INPUT_LOG wrote: (the entry's header line, the input's text) per slot and run."""
+    import re
+
+    data = path.read_text(encoding="utf-8") if path.exists() else ""
+    parts = re.split(r"^(--- rkllm-standin input: .*? ---)\n", data, flags=re.M)
+    return [(parts[i], parts[i + 1].removesuffix("\n")) for i in range(1, len(parts) - 1, 2)]
 
 
 def make_settings(standin: Standin, abi: str, **overrides: Any) -> Settings:

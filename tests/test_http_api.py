@@ -268,9 +268,27 @@ def test_tool_calls_come_back_as_tool_calls(live: Callable[..., Live]) -> None:
     _settled(lv)
 
 
-def test_tools_are_refused_when_the_model_takes_none(live: Callable[..., Live]) -> None:
+def test_tools_the_model_takes_none_of_are_left_out(
+    live: Callable[..., Live], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Answered without them (Home Assistant's Assist with "Control Home Assistant" on, served by a model
+    whose template has no place for tools), with one warning per client in the log, not one a request."""
     lv = live(FakeEngine(tools=False))
     assert lv.ollama().show(MODEL).capabilities == ["completion"]
+    with caplog.at_level(logging.WARNING, logger="rkmqtt.sched.admission"):
+        for _ in range(3):
+            reply = lv.ollama().chat(MODEL, messages=[{"role": "user", "content": "hi there"}], tools=TOOLS)
+            assert reply.message.content == "hi there " and not reply.message.tool_calls
+        r = lv.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "yo"}], tools=TOOLS)  # type: ignore[arg-type]
+        assert r.choices[0].message.content == "yo "
+    assert lv.engine.prepared[-1].tools == ()  # type: ignore[attr-defined]
+    warned = [r for r in caplog.records if "no place for them" in r.getMessage()]
+    assert len(warned) == 1 and "'http'" not in warned[0].getMessage() and warned[0].getMessage().startswith("http's")
+    _settled(lv)
+
+
+def test_strict_tools_refuses_tools_the_model_takes_none_of(live: Callable[..., Live]) -> None:
+    lv = live(FakeEngine(tools=False), strict_tools=True)
     with pytest.raises(ollama.ResponseError) as e:
         lv.ollama().chat(MODEL, messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
     assert e.value.status_code == 400 and "takes no tools" in e.value.error
@@ -285,7 +303,13 @@ def test_tools_are_refused_when_the_model_takes_none(live: Callable[..., Live]) 
 
 
 def test_bad_inputs_get_clear_errors_with_http_statuses(live: Callable[..., Live]) -> None:
-    lv = live(max_payload_bytes=4096, max_new_tokens=100, default_new_tokens=50, max_prompt_chars=500)
+    lv = live(
+        max_payload_bytes=4096,
+        max_new_tokens=100,
+        default_new_tokens=50,
+        max_prompt_chars=500,
+        ollama_stream_errors="status",
+    )
     chat = {"model": MODEL, "stream": False, "messages": [{"role": "user", "content": "hi"}]}
     cases: list[tuple[str, bytes | dict[str, Any], int, str]] = [
         ("/api/chat", b"{not json", 400, "not valid JSON"),
@@ -339,7 +363,8 @@ def test_bad_inputs_get_clear_errors_with_http_statuses(live: Callable[..., Live
 
 
 def test_rate_limit_429_and_full_queue_503(live: Callable[..., Live]) -> None:
-    lv = live(FakeEngine(n_batch=1, step_s=0.02), rate_limit=1, rate_burst=3, max_queue=1)
+    """With http_wait_s 0 the limits refuse at once (tests/test_http_waits.py: what waiting does)."""
+    lv = live(FakeEngine(n_batch=1, step_s=0.02), rate_limit=1, rate_burst=3, max_queue=1, http_wait_s=0)
     chat = {"model": MODEL, "stream": False, "messages": [{"role": "user", "content": "tokens:100"}]}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(lv.request, "POST", "/api/chat", chat)

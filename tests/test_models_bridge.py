@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,3 +206,97 @@ def test_rkllm_switches_models_between_batches_and_unloads_an_idle_one(
     probe.publish(f"{prefix}/request/b", {"id": "l3", "prompt": "y @len=3", "model": "llama", "keep_alive": 0})
     assert probe.final(f"{prefix}/reply/b/l3", timeout=60)["model"] == "llama"
     stats(probe, svc, lambda s: s["loaded"] == [] and s["completed"] == 5, timeout=15)
+
+
+def test_each_model_takes_its_own_sampling_defaults(tmp_path: Path) -> None:
+    """Where no setting gives temperature or repeat_penalty, a request takes its model's own: the
+    packaged SmolLM2's (greedy, 1.05) by its file name before it is loaded, its engine's once loaded;
+    a model without a row takes the settings' defaults. A setting that is set wins for every model."""
+    from rkmqtt.engines.base import ChatMessage
+    from rkmqtt.models.catalog import Catalog
+    from rkmqtt.mqtt.outbox import Outbox
+    from rkmqtt.mqtt.replies import MqttRoute, Replies
+    from rkmqtt.mqtt.sink import MqttSink
+    from rkmqtt.sched.admission import Admission, Ask
+    from rkmqtt.sched.finals import Finals
+    from rkmqtt.sched.request import Request, RequestKey
+    from rkmqtt.settings import load_settings
+
+    models = {"smol": str(default_model_path()), "qwen": str(tmp_path / "qwen2.5-0.5b-instruct-q8_0.gguf")}
+    route = MqttRoute("p/reply/dev/1", MqttSink(Outbox(100), Replies(Finals("m"))))
+
+    def sampling(flags: dict[str, Any], model: str) -> tuple[float, float]:
+        s = load_settings({"engine": "numpy", "models": json.dumps(models), "models_dir": str(tmp_path), **flags})
+        adm = Admission(s, lambda code: None, models=Catalog.for_settings(s, "numpy"))
+        req = adm.admit(RequestKey("dev", "1"), Ask((ChatMessage("user", "hi"),), model=model), route, 0.0)
+        assert isinstance(req, Request) and req.model == model
+        return req.gen.sampling.temperature, req.gen.sampling.repeat_penalty
+
+    assert sampling({}, "smol") == (0.0, 1.05)
+    assert sampling({}, "qwen") == (0.7, 1.1)  # no row of its own: the settings' defaults
+    assert sampling({"temperature": 0.5}, "smol") == (0.5, 1.05)
+    assert sampling({"repeat_penalty": 1.2}, "smol") == (0.0, 1.2)
+    # Loaded, the engine's own advice is the model's (the same row, read from the loaded file's name).
+    s = load_settings({"engine": "numpy", "models": json.dumps(models), "models_dir": str(tmp_path)})
+    catalog = Catalog.for_settings(s, "numpy")
+    engine = catalog.open("smol")
+    try:
+        assert (
+            catalog.choose("smol").sampling
+            == engine.recommended_sampling
+            == {"temperature": 0.0, "repeat_penalty": 1.05}
+        )
+        assert catalog.choose("smol").tools is False  # learned at its load
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_tools_for_a_model_found_at_its_load_to_take_none(
+    strict: bool, prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """A request with tools for a model not loaded yet cannot be judged by admission: once the model
+    loads and its template has no place for tools, the loop does what admission would (strict_tools:
+    refused; else answered without them)."""
+    path = str(default_model_path())
+    start_bridge(engine="numpy", models=json.dumps({"first": path, "later": path}), max_loaded_models=2,
+                 strict_tools=strict)  # fmt: skip
+    probe = probe_factory([f"{prefix}/reply/#"])
+    tool = {"type": "function", "function": {"name": "turn_on", "parameters": {"type": "object"}}}
+    ask(probe, prefix, "hall", "t1", prompt="Turn the light on.", model="later", tools=[tool])
+    reply = probe.final(f"{prefix}/reply/hall/t1", timeout=120)
+    if strict:
+        assert reply["error"]["code"] == "invalid_request", reply
+        assert reply["error"]["message"].startswith("later takes no tools")
+    else:
+        assert reply["status"] == "ok" and reply["model"] == "later" and reply["text"], reply
+
+
+def test_run_with_a_reference_not_here_yet_pulls_it_then_says_ready_and_answers(
+    hub: HfEndpoint, mosquitto: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    """`rkmqtt run --model hf://…` whose file is not here: the start-up says so and pulls it (progress
+    in the log) while the bridge goes online; the model's load lines follow the download, and only
+    then the ready line, whose command is answered by the pulled model."""
+    from tests.test_newcomer import clean_env, run_in, stop, wait_for_text
+
+    log = tmp_path / "run.log"
+    env = clean_env(RKMQTT_STATE_DIR=str(tmp_path / "state"))
+    proc = run_in(tmp_path, log, "--model", SMOLLM_REF, "--models-dir", str(tmp_path / "models"), "--broker",
+                  mosquitto.url, "--topic-prefix", prefix, "--no-discovery", env=env)  # fmt: skip
+    try:
+        out = wait_for_text(log, "ready: try", timeout=240)
+        marks = ["is not here yet: pulling", f"downloading {DEFAULT_MODEL_FILE}", "verifying",
+                 "loading model SmolLM2-135M-Instruct.Q4_1", "model SmolLM2-135M-Instruct.Q4_1 loaded in",
+                 "ready: try"]  # fmt: skip
+        at = [out.index(m) for m in marks]
+        assert at == sorted(at), out
+        line = next(x for x in out.splitlines() if "ready: try" in x)
+        command = shlex.split(line.split("ready: try", 1)[1].split("  (or", 1)[0])
+        asked = subprocess.run([sys.executable, "-m", "rkmqtt", *command[1:], "--json"], capture_output=True,
+                               text=True, timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr
+        reply = json.loads(asked.stdout)
+        assert reply["status"] == "ok" and reply["model"] == "SmolLM2-135M-Instruct.Q4_1" and reply["text"]
+    finally:
+        stop(proc)

@@ -10,7 +10,8 @@ import pytest
 
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import ChatMessage
-from rkmqtt.engines.numpy.chat import ChatTemplate
+from rkmqtt.engines.chat.source import builtin
+from rkmqtt.engines.chat.template import ChatTemplate
 from rkmqtt.engines.numpy.engine import NumpyEngine
 from rkmqtt.engines.numpy.gguf_file import GGUFFile
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
@@ -184,7 +185,7 @@ def test_chat_template_renders_prompt_system_and_turns(tmp_path: Path) -> None:
     turns = chat.render([ChatMessage("user", "A"), ChatMessage("assistant", "B"), ChatMessage("user", "C")])
     assert "<|im_start|>assistant\nB<|im_end|>\n<|im_start|>user\nC<|im_end|>\n<|im_start|>assistant\n" in turns
     # a file without a template gets ChatML
-    assert ChatTemplate(None).render([ChatMessage("user", "x")]) == (
+    assert builtin("chatml").render([ChatMessage("user", "x")]) == (
         "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
     )
 

@@ -294,6 +294,8 @@ def test_a_server_down_at_start_without_upstream_model_stops_with_one_line(mosqu
 def test_check_tries_the_server_in_plain_words(
     scripted: ScriptedServer, mosquitto: Mosquitto, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The upstream server is checked without --load-model (it loads nothing here: the model is the
+    server's); --load-model also starts the engine, unless a check failed already."""
     settings = bridge_settings(mosquitto.url, prefix, engine="openai", upstream_url=scripted.url, session_expiry=0)
     assert run_checks(settings) == 0
     out = capsys.readouterr().out
@@ -301,6 +303,9 @@ def test_check_tries_the_server_in_plain_words(
     assert "[ok  ] upstream model: scripted-model (the first of those listed: scripted-model)" in out
     assert "[ok  ] upstream generation: one token ('Hello there')" in out
     assert scripted.bodies[-1]["max_tokens"] == 1
+    assert "engine:" not in out, out
+    assert run_checks(settings, load_model=True) == 0
+    assert "[ok  ] engine: openai loaded scripted-model in" in capsys.readouterr().out
 
     scripted.handler = ScriptedServer.error(404, "model 'x' not found")
     assert run_checks(settings.model_copy(update={"upstream_model": "x"})) == 1
@@ -309,16 +314,22 @@ def test_check_tries_the_server_in_plain_words(
     assert "[FAIL] upstream generation: the upstream server answered 404: model 'x' not found" in out
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    assert run_checks(settings.model_copy(update={"upstream_url": dead})) == 1
+    assert run_checks(settings.model_copy(update={"upstream_url": dead}), load_model=True) == 1
     out = capsys.readouterr().out
     assert f"[FAIL] upstream: cannot reach {dead} (Connection refused): start the server or fix upstream_url" in out
+    assert "engine:" not in out and "1 problem(s) found" in out, out
 
 
-def test_mqtt_tools_to_an_engine_that_takes_none_are_refused(
+def test_mqtt_tools_to_an_engine_that_takes_none(
     start_bridge: Callable[..., Service], device: Device, mosquitto: Mosquitto, prefix: str
 ) -> None:
-    """Admission refuses them, for both doors, as the HTTP API does."""
-    start_bridge(FakeEngine(tools=False))
+    """Admission leaves them out (or refuses them with strict_tools), for both doors, as the HTTP API does."""
+    svc = start_bridge(FakeEngine(tools=False))
+    wait_online(mosquitto.url, prefix)
+    answered = device.ask({"prompt": "call:get_weather", "tools": TOOLS})
+    assert answered["status"] == "ok" and answered["text"] == "no tool get_weather" and answered["tool_calls"] == []
+    svc.stop()
+    start_bridge(FakeEngine(tools=False), strict_tools=True)
     wait_online(mosquitto.url, prefix)
     refused = device.ask({"prompt": "call:get_weather", "tools": TOOLS})
     assert refused["error"]["code"] == "invalid_request" and "takes no tools" in refused["error"]["message"]

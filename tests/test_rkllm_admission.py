@@ -1,6 +1,7 @@
 """An over-long prompt is refused `too_long` before admission (RkllmEngine.prepare), so it never
 stops the run of its whole batch: counted with the model's tokenizer.json (setting rkllm_tokenizer),
-or bounded at one token per UTF-8 byte."""
+or bounded at one token per UTF-8 byte; it must leave room for the answer, min(max_new_tokens,
+max_context / 4) tokens (here 128 of 512)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from tests.rkllm_fixtures import (  # noqa: F401
 pytestmark = pytest.mark.usefixtures("standin_env")
 
 WORDS = [f"w{i}" for i in range(50)]
+ROOM = 128  # request()'s max_new_tokens 256, a quarter of max_context 512
 
 
 def word_tokenizer(path: Path) -> Path:
@@ -50,13 +52,14 @@ def words(n: int) -> str:
 def test_without_a_tokenizer_the_bound_is_one_token_per_byte(standin: Standin) -> None:
     engine = make_engine(standin, "1.3", max_context=512)
     try:
-        fits = "a" * (512 - TEMPLATE_ALLOWANCE - 2)  # bytes + 1 + allowance = 511 < 512
+        fits = "a" * (512 - ROOM - TEMPLATE_ALLOWANCE - 1)  # bytes + 1 + allowance = 384, with room for 128
         assert engine.prepare(request("ok", fits)).prompt_tokens is None
         with pytest.raises(RequestRejected) as e:
             engine.prepare(request("long", fits + "a"))
         assert e.value.code is ErrorCode.TOO_LONG
         msg = e.value.message
-        assert "\n" not in msg and "up to 512 tokens" in msg and "max_context=512" in msg and "rkllm_tokenizer" in msg
+        assert "\n" not in msg and "up to 385 tokens" in msg and "max_context=512" in msg and "rkllm_tokenizer" in msg
+        assert f"room for {ROOM} reply tokens" in msg
         # multibyte characters count their bytes
         with pytest.raises(RequestRejected):
             engine.prepare(request("cjk", "中" * 150))
@@ -72,13 +75,13 @@ def test_with_the_tokenizer_file_the_prompt_is_counted(standin: Standin, tmp_pat
     tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
     engine = make_engine(standin, "1.3", max_context=512, rkllm_tokenizer=str(tokenizer))
     try:
-        prompt = words(400)  # ~1,500 bytes: the bound would refuse it; 400 tokens + 64 do fit
+        prompt = words(300)  # ~1,100 bytes: the bound would refuse it; 300 tokens + 64 do fit
         assert len(prompt.encode()) > 1000
         assert engine.prepare(request("ok", prompt)).prompt_tokens is None  # the built-in template's share is a guess
         with pytest.raises(RequestRejected) as e:
-            engine.prepare(request("long", words(512 - TEMPLATE_ALLOWANCE)))
-        assert f"is {512} tokens (counted with rkllm_tokenizer" in e.value.message
-        assert engine.info()["prompt_length"] == "counted (rkllm_tokenizer)"
+            engine.prepare(request("long", words(512 - ROOM - TEMPLATE_ALLOWANCE + 1)))
+        assert "is 385 tokens (counted with the model's tokenizer" in e.value.message
+        assert engine.info()["prompt_length"] == f"counted ({tokenizer})"
     finally:
         engine.close()
 

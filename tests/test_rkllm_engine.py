@@ -336,7 +336,7 @@ def test_chat_template_setting_is_given_to_the_runtime(standin: Standin, abi: st
     try:
         info = describe(standin.lib(abi))
         assert (info["template_system"], info["template_prefix"]) == ("You are terse.", "<user> ")
-        assert engine.info()["chat_template"] == "custom"
+        assert engine.info()["chat_template"].startswith("rkllm_chat_template (the runtime's")
         submit(engine, [request("t", "hello @len=2")])
         final = drive(engine, ["t"])["t"].final
         assert isinstance(final, FinishEvent)

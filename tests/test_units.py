@@ -202,23 +202,34 @@ def test_admission_is_one_wording_for_both_doors() -> None:
     adm = Admission(s, counted.append, "m", tools=False)
     key, route = RequestKey("dev", "1"), MqttRoute("p/reply/dev/1", SINK)
     long = adm.admit(key, Ask((ChatMessage("user", "x" * 31),)), route, 0.0)
-    assert long == Refused(ErrorCode.TOO_LONG, "prompt is 31 characters; the limit is 30")
+    assert long == Refused(ErrorCode.TOO_LONG, "a message is 31 characters; the limit is 30 (max_prompt_chars)")
+    # a conversation is never refused for its length alone: only one message over the limit is
+    many_turns = tuple(ChatMessage("user" if i % 2 == 0 else "assistant", "x" * 30) for i in range(11))
+    assert isinstance(adm.admit(key, Ask(many_turns), route, 0.0), Request)
     many = adm.admit(key, Ask((ChatMessage("user", "hi"),), max_new_tokens=51), route, 0.0)
     assert many == Refused(ErrorCode.TOO_MANY_TOKENS, "max_new_tokens is 51; the limit is 50")
+    # tools the model's template has no place for: answered without them, or refused with strict_tools
     tools = adm.admit(key, Ask((ChatMessage("user", "hi"),), tools=({"type": "function"},)), route, 0.0)
-    assert isinstance(tools, Refused) and tools.code == ErrorCode.INVALID_REQUEST
-    assert tools.message.startswith("m takes no tools")
+    assert isinstance(tools, Request) and tools.gen.tools == ()
+    strict = Admission(s.model_copy(update={"strict_tools": True}), counted.append, "m", tools=False)
+    refused = strict.admit(key, Ask((ChatMessage("user", "hi"),), tools=({"type": "function"},)), route, 0.0)
+    assert isinstance(refused, Refused) and refused.code == ErrorCode.INVALID_REQUEST
+    assert refused.message.startswith("m takes no tools")
     req = adm.admit(key, Ask((ChatMessage("user", "hi"),), top_k=3), route, 2.0, expires_in=5.0)
     assert isinstance(req, Request) and req.route is route and req.deadline == 7.0
     assert (req.gen.max_new_tokens, req.gen.sampling.temperature, req.gen.sampling.top_k) == (7, 0.3, 3)
     assert req.gen.sampling_requested
     assert counted == []  # a door counts what it answers
+    assert (
+        req.gen.context is None
+        and adm.admit(key, Ask((ChatMessage("user", "hi"),), num_ctx=512), route).gen.context == 512
+    )  # type: ignore[union-attr]
     adm.refused(ErrorCode.TOO_LONG)
     assert counted == [ErrorCode.TOO_LONG]
 
 
-def test_an_assistant_turns_tool_calls_count_towards_the_prompt_length() -> None:
-    """The template renders them for the model, so a client cannot slip a long prompt past
+def test_an_assistant_turns_tool_calls_count_towards_its_length() -> None:
+    """The template renders them for the model, so a client cannot slip a long message past
     max_prompt_chars inside a call's arguments (engine openai takes such turns over MQTT too)."""
     s = load_settings({"max_prompt_chars": 100})
     adm = Admission(s, lambda code: None, "m", tools=True)
@@ -226,4 +237,4 @@ def test_an_assistant_turns_tool_calls_count_towards_the_prompt_length() -> None
     turns = (ChatMessage("user", "hi"), ChatMessage("assistant", "", (call,)), ChatMessage("tool", "ok", (), "c1"))
     refused = adm.admit(RequestKey("dev", "1"), Ask(turns), MqttRoute("p/reply/dev/1", SINK), 0.0)
     assert isinstance(refused, Refused) and refused.code == ErrorCode.TOO_LONG
-    assert Ask(turns).prompt_chars() == len("hi") + len(json.dumps([call])) + len("ok")
+    assert Ask(turns).longest_message_chars() == len(json.dumps([call]))

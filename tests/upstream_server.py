@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rkmqtt.mqtt.broker import free_port, port_answers
+from rkmqtt.mqtt.broker import free_port
 from rkmqtt.service import Service
 from tests.bridge_process import BridgeProcess
 from tests.conftest import bridge_settings
@@ -41,13 +42,19 @@ class UpstreamRkmqtt:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout: float = 120) -> UpstreamRkmqtt:
+        """Start it and wait until its HTTP API answers: its port is bound before the model loads,
+        so a port that answers is not yet a server that does."""
         self.process.start()
         end = time.monotonic() + timeout
-        while not port_answers("127.0.0.1", self.port):
+        while True:
             assert self.process.proc is not None and self.process.proc.poll() is None, self.process.output()[-3000:]
-            assert time.monotonic() < end, "the upstream did not open its HTTP port"
-            time.sleep(0.1)
-        return self
+            assert time.monotonic() < end, "the upstream's HTTP API did not answer"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
 
     def active(self) -> int:
         """Requests the upstream's engine runs now (its health file, rewritten every second)."""

@@ -38,6 +38,8 @@ ADDON_OPTIONS: tuple[str, ...] = (
     "keep_alive",
     "engine",
     "n_batch",
+    "max_context",
+    "chat_template",
     "rkllm_library",
     "topic_prefix",
     "max_queue",

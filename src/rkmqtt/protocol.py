@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rkmqtt.suggest import did_you_mean
 
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -35,7 +38,7 @@ class ErrorCode(str, Enum):
     CORRELATION_TOO_LARGE = "correlation_too_large"  # limit: max_correlation_bytes
     DUPLICATE_ID = "duplicate_id"  # the id is in flight with replies going elsewhere
     PAYLOAD_TOO_LARGE = "payload_too_large"  # limit: max_payload_bytes
-    TOO_LONG = "too_long"  # limit: max_prompt_chars, or the prompt does not fit the context
+    TOO_LONG = "too_long"  # limit: max_prompt_chars (one message), or the last turn does not fit the context
     TOO_MANY_TOKENS = "too_many_tokens"  # limit: max_new_tokens
     BUSY = "busy"  # limit: max_queue
     RATE_LIMITED = "rate_limited"  # limit: rate_limit / rate_burst
@@ -111,8 +114,8 @@ class RequestPayload(_Strict):
         list[ToolSpec] | None,
         Field(
             max_length=128,
-            description="tools the model may call, for engines that take them (else `invalid_request`); its "
-            "calls come in the reply's `tool_calls`",
+            description="tools the model may call, where its chat template takes them (else they are left out, "
+            "or `invalid_request` with `strict_tools`); its calls come in the reply's `tool_calls`",
         ),
     ] = None
     model: Annotated[
@@ -220,8 +223,8 @@ class OkReply(_Strict):
     node: str | None = Field(default=None, description="the bridge (node) that answered")
     tool_calls: list[ToolCall] = Field(
         default_factory=list,
-        description="tools the model asked to call (a request with `tools`, an engine that returns them "
-        "structured); `text` is then often empty",
+        description="tools the model asked to call (a request with `tools`: its `<tool_call>` blocks, taken out "
+        "of `text`, or the calls an upstream server returned); `text` is then often empty",
     )
 
 
@@ -375,16 +378,37 @@ def parse_cancel_payload(payload: bytes) -> CancelRequest:
     return CancelRequest(id=text)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad field, for the error reply's message."""
+def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming each bad field, for the error reply's message; an unknown field of `model`
+    (or of a model inside it) names the field it is most like."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "request"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+            inner = _model_at(model, err["loc"][:-1])
+            if inner is not None and err["loc"]:
+                msg += did_you_mean(str(err["loc"][-1]), inner.model_fields)
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def _model_at(model: type[BaseModel] | None, path: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the field at `path` inside `model` (list indexes skipped), if any."""
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = None if field is None else _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or inside `X | None`, `list[X]`, `Annotated[X, ...]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None), None)
 
 
 def extract_routing(payload: bytes) -> tuple[str | None, str | None]:

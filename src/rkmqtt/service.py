@@ -1,6 +1,7 @@
 """The service behind `rkmqtt run` (main thread): wires the engine, the scheduler, admission, the MQTT
-bridge and its sink, the HTTP server, the embedded broker and the health file; takes up the journal
-before connecting; shuts them down in order (its threads: docs/architecture.md, "Threads")."""
+bridge and its sink, the HTTP server, the embedded broker and the health file; checks the broker and
+binds the HTTP port before the model loads; takes up the journal before connecting; shuts them down
+in order (its threads: docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.engines import create_engine, default_temperature, resolve_engine_name
+from rkmqtt.engines import create_engine, resolve_engine_name
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError, RkmqttError
 from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
-from rkmqtt.mqtt.journal import Journal, journal_path
+from rkmqtt.mqtt.journal import Journal, journal_path, legacy_journal_path
+from rkmqtt.mqtt.link import Link
 from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.reach import reach_broker
 from rkmqtt.mqtt.replies import Replies
 from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits, PullStatus
@@ -32,7 +35,7 @@ from rkmqtt.sched.lineup import Lineup
 from rkmqtt.sched.loop import ModelsState, Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
 from rkmqtt.sched.residency import ResidencyConfig
-from rkmqtt.settings import Settings
+from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
@@ -65,6 +68,8 @@ class Service:
         self.bridge: Bridge | None = None
         self.journal: Journal | None = None
         self.http: HttpServer | None = None
+        self._http_sockets: list[socket.socket] = []  # bound before the model loads
+        self.link: Link | None = None
         self.info: Info | None = None
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
@@ -74,6 +79,8 @@ class Service:
         self._sink: MqttSink | None = None
         self._pull_topic: str | None = None
         self._pull_mark: tuple[object, ...] | None = None
+        self._first_settled = threading.Event()  # the first model is loaded, or failed
+        self._first_problem: str | None = None  # why the first model cannot be had
 
     # -- start ------------------------------------------------------------------------------
     def _ensure_broker(self) -> None:
@@ -120,34 +127,67 @@ class Service:
             models=models,
         )
 
+    def _check_broker(self) -> None:
+        """Say at once, in one line, when the broker does not answer (the bridge keeps trying once
+        the model is loaded): not after a model load of half a minute."""
+        self.link = Link(str(self.settings.broker_url))
+        reach = reach_broker(self.settings)
+        if not reach.ok:
+            self.link.failed(reach.detail)
+
+    def _bind_http(self) -> None:
+        """Bind the HTTP port now: a busy one stops start-up before the model loads."""
+        s = self.settings
+        if s.http_listen is None or s.http_address is None:
+            return
+        from rkmqtt.http.listen import open_listeners
+
+        self._http_sockets = open_listeners(s.http_listen, *s.http_address)
+
+    def _open_journal(self) -> None:
+        """Open (and lock) the journal now: one that another process holds stops start-up at once."""
+        s = self.settings
+        if not s.journal:
+            return
+        state, client_id, addr = s.effective_state_dir(), s.effective_client_id(), s.broker_url
+        path = journal_path(state, client_id, s.topic_prefix, f"{addr.host}:{addr.port}")
+        legacy = legacy_journal_path(state, client_id)
+        self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20), legacy=legacy)
+        self.journal.prune()
+
     def _load_one(self) -> tuple[Lineup, int, bool]:
         """The one engine of engine openai, a custom engine or the tests' (loaded here: a failure ends
         the start-up with one line)."""
         s = self.settings
         if self.engine is None:
             self.engine = create_engine(s)
+        _LOGGER.info("loading model %s (engine %s)…", self.engine.model_name, self.engine.capabilities.name)
         t0 = time.monotonic()
         self.engine.load()
         _LOGGER.info(
-            "engine %s ready with model %s in %.1f s (n_batch %d)",
-            self.engine.capabilities.name,
+            "model %s loaded in %.1f s: engine %s, n_batch %d",
             self.engine.model_name,
             time.monotonic() - t0,
+            self.engine.capabilities.name,
             self.engine.capabilities.max_batch,
         )
-        if "temperature" not in s.model_fields_set:
-            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
-            # answers in garbled French at 0.7).
-            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
-            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
+        # What no flag, variable, file or option set takes the model's own default, if it has one
+        # (SmolLM2-135M answers best greedy: at 0.7 it often answers in garbled French).
+        self.settings = with_model_defaults(s, self.engine.recommended_sampling)
+        if self.settings is not s:
+            s = self.settings
+            _LOGGER.info("sampling defaults of %s: temperature %g, repeat penalty %g", self.engine.model_name,
+                         s.temperature, s.repeat_penalty)  # fmt: skip
         caps = self.engine.capabilities
         self.info = self._build_info(self.engine, self.engine.model_name, [self.engine.model_name], 0, caps.continuous)
+        self._first_settled.set()
         return Lineup.single(self.engine.model_name, self.engine), caps.max_batch, caps.continuous
 
     def _load_models(self, engine_name: str) -> tuple[Lineup, int, bool]:
         """numpy and rkllm: models by name, loaded on first use; the first is loaded now when it is here,
-        else pulled and loaded in the background. A model that cannot be had leaves the bridge online,
-        saying why (stats, Home Assistant's engine connectivity), instead of a restart loop."""
+        else pulled and loaded in the background while the bridge goes online. A model that cannot be
+        had leaves the bridge online, saying why (stats, Home Assistant's engine connectivity), instead
+        of a restart loop."""
         from rkmqtt.models.catalog import Catalog, needs_pull
         from rkmqtt.models.pull import LogProgress
 
@@ -166,10 +206,17 @@ class Service:
             try:
                 engines[first.name] = catalog.open(first.name)
             except RkmqttError as e:
-                failed[first.name] = str(e)
+                failed[first.name] = self._first_problem = str(e)
                 _LOGGER.error("model %s cannot be had: %s; the bridge stays online, saying so", first.name, e)
+            self._first_settled.set()
         else:
             self._preload = first.name
+            _LOGGER.info(
+                "model %s is not here yet: pulling %s into %s while the bridge goes online (its requests wait)",
+                first.name,
+                first.reference,
+                s.effective_models_dir(),
+            )
         entry = first.entry
         n_batch = entry.n_batch if entry is not None and entry.n_batch is not None else s.n_batch
         continuous = engine_name == "numpy"
@@ -211,6 +258,9 @@ class Service:
         if bridge is None or info is None:
             return
         engine = state.engines.get(info.model)
+        if not self._first_settled.is_set() and (engine is not None or info.model in state.failures):
+            self._first_problem = state.failures.get(info.model) if engine is None else None
+            self._first_settled.set()  # the ready line (or why not) can go out
         if engine is not None:
             einfo = engine.info()
             bridge.update_info(
@@ -220,9 +270,19 @@ class Service:
                 n_batch=engine.capabilities.max_batch,
             )
 
+    def first_model(self) -> tuple[bool, str | None]:
+        """(settled, problem): whether the first model is loaded or has failed (not while it is pulled
+        or loaded in the background), and why it cannot be had (None: it is loaded). Any thread."""
+        return self._first_settled.is_set(), self._first_problem
+
     def start(self) -> None:
-        s = self.settings
+        """Start in the order a user can act on: the broker (answers or not), the HTTP port, the
+        journal, the model (or, one still to pull, its download in the background), then the bridge,
+        which says `online` once it takes requests."""
         self._ensure_broker()
+        self._check_broker()
+        self._bind_http()
+        self._open_journal()
         s = self.settings
         engine_name = None if self.engine is not None else resolve_engine_name(s)
         if engine_name in ("numpy", "rkllm"):
@@ -231,10 +291,6 @@ class Service:
             lineup, n_batch, continuous = self._load_one()
         s = self.settings
         assert self.info is not None
-        if s.journal:
-            path = journal_path(s.effective_state_dir(), s.effective_client_id())
-            self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
-            self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
         finals = Finals(self.info.model, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
@@ -251,6 +307,7 @@ class Service:
                     dedup_window_s=s.dedup_window,
                 ),
                 stats_interval_s=s.stats_interval,
+                strict_tools=s.strict_tools,
             ),
             on_stats=sink.stats,
             on_models=self._models_changed,
@@ -271,6 +328,7 @@ class Service:
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
+            link=self.link,
         )
         self.scheduler.start()
         if self._preload is not None:
@@ -281,7 +339,10 @@ class Service:
             from rkmqtt.http.server import HttpServer
 
             tools = self.engine.capabilities.tools if self.engine is not None else False
-            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, tools, self.catalog)
+            sockets, self._http_sockets = self._http_sockets, []
+            self.http = HttpServer(
+                s, self.scheduler, admission, finals, self.info, tools, self.catalog, sockets or None
+            )
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
@@ -338,6 +399,11 @@ class Service:
             _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        """`stop` has been called."""
+        return self._stopped
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish within the grace period, answer the
         rest `shutting_down`, publish `offline`, release everything."""
@@ -366,6 +432,10 @@ class Service:
             steps.append(("release the engines", scheduler.close_engines))
         elif self.engine is not None:
             steps.append(("release the engine", self.engine.close))
+        if self._http_sockets:  # bound, but start-up stopped before the server took them
+            from rkmqtt.http.listen import close_all
+
+            steps.append(("close the HTTP port", lambda: close_all(self._http_sockets)))
         if self.embedded is not None:
             steps.append(("stop the private Mosquitto", self.embedded.close))
         for what, step in steps:
@@ -379,8 +449,10 @@ class Service:
             self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
 
-    def run_forever(self) -> int:
-        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0)."""
+    def run_forever(self, on_ready: Callable[[Service], None] | None = None) -> int:
+        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0).
+        `on_ready` is called once, when the bridge first says `online` with its first model loaded
+        (or failed: `first_model` says why)."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             _LOGGER.info("%s received: stopping", signal.Signals(signum).name)
@@ -390,7 +462,14 @@ class Service:
         status = 0
         try:
             self.start()
-            while not self._stop_requested.wait(0.5):
+            ready = on_ready is None
+            while not self._stop_requested.wait(0.2 if not ready else 0.5):
+                # Ready once online with the first model loaded (or failed: on_ready says why).
+                settled = self._first_settled.is_set()
+                if not ready and settled and self.bridge is not None and self.bridge.wait_connected(0):
+                    ready = True
+                    assert on_ready is not None
+                    on_ready(self)
                 if self.scheduler is not None and self.scheduler.stopped:
                     _LOGGER.error("the scheduler stopped unexpectedly; exiting so that a supervisor restarts us")
                     status = 1

@@ -1,6 +1,7 @@
 """Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
-`--config` file > the add-on's options > defaults. Each field is also `RKMQTT_<NAME>` and
-`--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
+file (`--config`, `RKMQTT_CONFIG`, else ./config.yaml) > the add-on's options > the model's own
+(`MODEL_DEFAULTED`) > defaults. Each field is also `RKMQTT_<NAME>` and `--<name-with-dashes>`;
+`config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -19,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from rkmqtt.errors import ConfigError
 from rkmqtt.protocol import parse_duration
+from rkmqtt.suggest import did_you_mean
 from rkmqtt.topics import shared_group_of
 
 # Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
@@ -37,11 +40,15 @@ def rkllm_n_batch_problem(n_batch: int) -> str | None:
 
 
 ENV_PREFIX = "RKMQTT_"
+#: The settings file every command reads from the current folder when none is named.
+CONFIG_FILE_NAME = "config.yaml"
+#: `RKMQTT_*` variables that are not settings: the file's, and those of the repository's own tools.
+NOT_SETTINGS = frozenset({"CONFIG", "VENV", "TORCH_INDEX", "REFERENCE", "BENCH_UNSET"})
 
 #: Settings whose default depends on the engine's model when no layer (flag, environment, file,
 #: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
 #: shows them commented out, so that a copy of it does not pin them.
-MODEL_DEFAULTED = ("temperature",)
+MODEL_DEFAULTED = ("temperature", "repeat_penalty")
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 
@@ -58,11 +65,11 @@ class ModelEntry(BaseModel):
     n_batch: Annotated[int | None, Field(ge=1, le=64)] = None
     max_context: Annotated[int | None, Field(ge=64, le=131_072)] = None
     chat_template: Annotated[
-        str | None,
-        Field(description="rkllm: system|prefix|postfix (as rkllm_chat_template); numpy: a Jinja2 chat template"),
+        str | None, Field(description="as the setting chat_template: a built-in name, a Jinja or tokenizer_config file")
     ] = None
     tokenizer: Annotated[
-        str | None, Field(description="rkllm: hf://owner/repo whose tokenizer files go beside the .rkllm")
+        str | None,
+        Field(description="rkllm: hf://owner/repo whose tokenizer files (and chat template) go beside the .rkllm"),
     ] = None
 
 
@@ -209,7 +216,32 @@ class Settings(BaseSettings):
         float,
         Field(ge=0, le=10_000, description="Static batching: wait this long for batch-mates after the first request."),
     ] = 30.0
-    max_context: Annotated[int, Field(ge=64, le=131_072, description="Context length per slot, tokens.")] = 2048
+    max_context: Annotated[
+        int | None,
+        Field(
+            ge=64,
+            le=131_072,
+            description="Context length per slot, tokens; a longer conversation is trimmed to its newest turns. "
+            "Empty: the model's own where memory allows (numpy: the GGUF's, SmolLM2-135M 8192, halved while the "
+            "KV cache would take more than half the free memory; rkllm: 4096, which the .rkllm file must allow).",
+        ),
+    ] = None
+    chat_template: Annotated[
+        str | None,
+        Field(
+            description="The chat template that renders conversations, tools included: a built-in (qwen2.5, qwen3, "
+            "llama3, deepseek-r1, chatml) or the path of a Jinja file or of a tokenizer_config.json. Empty: the "
+            "model's own (numpy: the GGUF's; rkllm: chat_template.jinja or tokenizer_config.json beside the model, "
+            "else the runtime's built-in template with the conversation flattened into one user turn).",
+        ),
+    ] = None
+    strict_tools: Annotated[
+        bool,
+        Field(
+            description="Refuse (invalid_request) a request with tools when the model's chat template has no place "
+            "for them. Off: such a request is answered without its tools (one warning per client in the log).",
+        ),
+    ] = False
     default_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="max_new_tokens of a request that gives none.")
     ] = 256
@@ -219,12 +251,20 @@ class Settings(BaseSettings):
             ge=0,
             le=5,
             description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
-            "engine, SmolLM2-135M: 0.2), else 0.7.",
+            "engine, SmolLM2-135M: 0, greedy), else 0.7.",
         ),
     ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
-    repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
+    repeat_penalty: Annotated[
+        float,
+        Field(
+            ge=0.1,
+            le=10,
+            description="Default repeat penalty (1 is off). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 1.05), else 1.1.",
+        ),
+    ] = 1.1
 
     numpy_threads: Annotated[
         int,
@@ -291,8 +331,15 @@ class Settings(BaseSettings):
         ),
     ] = 256
     max_prompt_chars: Annotated[
-        int, Field(ge=1, le=10_000_000, description="Longest prompt, system and messages together (too_long).")
-    ] = 16_000
+        int,
+        Field(
+            ge=1,
+            le=10_000_000,
+            description="Longest single message of a request (the system prompt, one turn or one tool result), "
+            "characters (too_long). A conversation as a whole is bounded by max_payload_bytes and trimmed to the "
+            "context, never refused for its length alone.",
+        ),
+    ] = 32_000
     max_new_tokens: Annotated[
         int, Field(ge=1, le=1_000_000, description="Largest max_new_tokens a request may ask for (too_many_tokens).")
     ] = 1024
@@ -368,8 +415,9 @@ class Settings(BaseSettings):
     rkllm_tokenizer: Annotated[
         Path | None,
         Field(
-            description="The model's tokenizer.json, to count prompt tokens exactly and refuse an over-long prompt "
-            "(too_long) before it stops a whole batch; empty: a safe bound of one token per UTF-8 byte."
+            description="The model's tokenizer.json, to count prompt tokens exactly (an over-long one never stops a "
+            "whole batch) and, with a chat template, to give the runtime token ids. Empty: tokenizer.json beside the "
+            "model if there is one, else a safe bound of one token per UTF-8 byte."
         ),
     ] = None
     rkllm_chat_template: Annotated[
@@ -419,6 +467,26 @@ class Settings(BaseSettings):
             "client http_client."
         ),
     ] = None
+    http_wait_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=3600,
+            description="Seconds an HTTP request may wait for its place when its client's rate budget is spent or "
+            "the queue is full, before it is refused (rate_limited, busy): a limit meant for one device does not "
+            "turn away Home Assistant's Assist. 0: refused at once.",
+        ),
+    ] = 60.0
+    ollama_stream_errors: Annotated[
+        Literal["auto", "text", "status"],
+        Field(
+            description="How a streamed Ollama /api/chat that fails reaches its client. status: Ollama's own way (an "
+            "HTTP error before the first token, an error line after it); text: a normal answer whose text says "
+            "what went wrong (what Home Assistant's Assist can show; its integration fails on an HTTP error with "
+            "'Unexpected error during intent recognition'); auto: text for Ollama's Python client, which Home "
+            "Assistant uses, status for others.",
+        ),
+    ] = "auto"
     http_client: Annotated[
         str,
         Field(
@@ -436,6 +504,8 @@ class Settings(BaseSettings):
         "rkllm_tokenizer",
         "rkllm_chat_template",
         "rkllm_prompt_cache",
+        "chat_template",
+        "max_context",
         "client_id",
         "shared_group",
         "node_name",
@@ -711,6 +781,31 @@ class DictSource(PydanticBaseSettingsSource):
 _EXTRA_SOURCES: dict[type[BaseSettings], tuple[PydanticBaseSettingsSource, ...]] = {}
 
 
+def find_config_file(explicit: Path | None = None, folder: Path | None = None) -> Path | None:
+    """The YAML file of settings a command reads: `--config`, else `RKMQTT_CONFIG`, else
+    config.yaml in the current folder (`folder`) when there is one; None: no file."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    here = (folder or Path()) / CONFIG_FILE_NAME
+    return here if here.is_file() else None
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """One line for each `RKMQTT_*` variable that is not a setting (pydantic ignores them): a
+    typo such as RKMQTT_N_BACH would otherwise change nothing, silently."""
+    env = os.environ if environ is None else environ
+    names = [f"{ENV_PREFIX}{n.upper()}" for n in Settings.model_fields]
+    out = []
+    for key in sorted(env):
+        rest = key[len(ENV_PREFIX) :] if key.upper().startswith(ENV_PREFIX) else None
+        if rest is None or rest.upper() in NOT_SETTINGS or rest.lower() in Settings.model_fields:
+            continue
+        out.append(f"environment variable {key} is not a setting and is ignored{did_you_mean(key, names)}")
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -728,8 +823,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: must be a mapping of setting: value")
     unknown = sorted(set(map(str, data)) - set(Settings.model_fields))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}; see config.yaml for the names")
+        hint = did_you_mean(unknown[0], Settings.model_fields)
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}{hint}; see config.yaml for the names")
     return {str(k): v for k, v in data.items()}
+
+
+def model_defaults(settings: Settings, advice: Mapping[str, float]) -> dict[str, float]:
+    """The model's own value (`Engine.recommended_sampling`) for each setting of `MODEL_DEFAULTED`
+    that no layer set: what a model's requests take where they give none."""
+    return {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in settings.model_fields_set}
+
+
+def with_model_defaults(settings: Settings, advice: Mapping[str, float]) -> Settings:
+    """`settings` with `model_defaults` applied (a bridge of one engine)."""
+    update = model_defaults(settings, advice)
+    return settings.model_copy(update=update) if update else settings
 
 
 def load_settings(
@@ -772,8 +880,16 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
         origin = f"{ENV_PREFIX}{name.upper()}"
     else:
         origin = next((o for data, o in layers if name in data), "default")
+    if err["type"] == "extra_forbidden" and name == "models" and len(err["loc"]) > 2:
+        key = str(err["loc"][-1])
+        hint = did_you_mean(key, ModelEntry.model_fields)
+        return (
+            f"setting models.{err['loc'][1]} ({origin}): {key!r} is not a model's own setting{hint}; "
+            f"give {', '.join(ModelEntry.model_fields)}"
+        )
     if err["type"] == "extra_forbidden":
-        return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
+        hint = did_you_mean(name, Settings.model_fields)
+        return f"setting {name!r} ({origin}) is unknown{hint}; see config.yaml for the names"
     secret = name in ("password", "http_tokens", "upstream_api_key")
     shown = "***" if secret else repr(_hide_password(value) if name in ("broker", "upstream_url") else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"

@@ -43,13 +43,28 @@
  * Every result array the callback gets lies flush against an inaccessible page: a binding that
  * reads one RKLLMResult more than it was given dies with SIGSEGV instead of reading garbage.
  *
- * Prompt words (directives) that inject failures, per slot, anywhere in the prompt (the table
- * DIRECTIVES below; each sets an int of the slot, -1 when absent):
+ * Prompt words (directives) that inject failures, per slot, anywhere in the input (the table
+ * DIRECTIVES below; each sets an int of the slot, -1 when absent); a token input is read as the text
+ * its ids stand for when the model file carries a vocabulary (below):
  *     @len=N        natural length N tokens
  *     @error=K      when this slot has produced K tokens, one RKLLM_RUN_ERROR callback (text NULL,
  *                   token_id -1 in every slot); no FINISH; rkllm_run then returns 0
  *     @fail=K       at step K, rkllm_run returns -1 without any further callback (K=0: at once)
  *     @initfail=N   the next N calls of rkllm_init fail with -1 (combine with @error/@fail)
+ *     @say64=B64    the first time the handle sees the directive (the same base64 text), the slot
+ *                   answers exactly the text B64 decodes to (then EOS); every later time, "Done." -
+ *                   what a model answers after the tool it called has run, when the conversation
+ *                   that carries the directive in its history comes back with the tool's result
+ *
+ * Vocabulary: a model file that begins with the line "rkllm-standin vocab 1" carries one token a
+ * line after it, line k being token k's bytes in hex (an empty line: no bytes). A token input is
+ * then decoded to text (its reply source, its directives), as the real runtime's tokenizer would;
+ * without one, a token input's "bytes" are its ids in decimal. (Tests write the file, and a
+ * tokenizer.json that agrees with it, from one list: tests/rkllm_fixtures.py.)
+ *
+ * RKLLM_STANDIN_INPUT_LOG=FILE appends each slot's input of every run to FILE, as text (a token
+ * input decoded when there is a vocabulary; a prompt with the template in force around it), each
+ * after a line "--- rkllm-standin input: run N, slot I, prompt|tokens, B bytes ---".
  *
  * Environment (read at every rkllm_init / rkllm_run; the struct Behaviour below holds them). Where
  * the real runtime's behaviour is unknown, the stand-in can behave either way, so that what
@@ -464,7 +479,9 @@ typedef struct {
     int error_at, fail_at, initfail; /* directives; -1 when absent */
     int produced;
     bool ended;
+    bool exact;        /* @say64: the reply is the source once, not repeated */
     char buf[64];      /* this step's token */
+    int buf_len;       /* its bytes (an exact reply's last token may be shorter) */
     char pend[112];    /* repeat mode: the slot's bytes since its last complete character */
     size_t pend_len;
 } Slot;
@@ -502,6 +519,7 @@ typedef struct {
     bool crash, hang; /* RKLLM_STANDIN_CRASH_AT_RUN / HANG_AT_RUN chose this run */
     ResultBuf res;
     const JVal *replay; /* the recorded "run" call to replay, or NULL */
+    int nth;            /* the process's nth rkllm_run */
 } Run;
 
 struct Runtime {
@@ -513,6 +531,11 @@ struct Runtime {
     char *tmpl[3];
     bool tmpl_set;
     char *cache_text; /* the loaded prompt cache's input, or NULL */
+    char **vocab;     /* token k's bytes (the model file's vocabulary), or NULL */
+    size_t *vocab_len;
+    int n_vocab;
+    char **said;      /* @say64: the directives this handle has seen (under mu) */
+    size_t n_said, cap_said;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool running;
@@ -554,6 +577,109 @@ static void logf_(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+}
+
+/* The model file's vocabulary, if it has one (see the header). */
+static void load_vocab(Runtime *rt) {
+    FILE *f = fopen(rt->model_path, "rb");
+    if (!f) return;
+    char head[32] = "";
+    if (!fgets(head, sizeof head, f) || strcmp(head, "rkllm-standin vocab 1\n") != 0) { fclose(f); return; }
+    size_t cap = 0;
+    char line[1024];
+    while (fgets(line, sizeof line, f)) {
+        size_t n = strcspn(line, "\r\n") / 2;
+        if ((size_t)rt->n_vocab == cap) {
+            cap = cap ? cap * 2 : 512;
+            rt->vocab = realloc(rt->vocab, cap * sizeof *rt->vocab);
+            rt->vocab_len = realloc(rt->vocab_len, cap * sizeof *rt->vocab_len);
+        }
+        char *bytes = malloc(n + 1);
+        for (size_t k = 0; k < n; k++) {
+            unsigned v = 0;
+            sscanf(line + 2 * k, "%2x", &v);
+            bytes[k] = (char)v;
+        }
+        bytes[n] = '\0';
+        rt->vocab[rt->n_vocab] = bytes;
+        rt->vocab_len[rt->n_vocab++] = n;
+    }
+    fclose(f);
+}
+
+/* A token input as the text its ids stand for (malloc'd); an id outside the vocabulary reads "?". */
+static char *decode_tokens(const Runtime *rt, const RKLLMTokenInput *t) {
+    size_t need = 1;
+    for (size_t k = 0; k < t->n_tokens; k++) {
+        int id = t->input_ids[k];
+        need += id >= 0 && id < rt->n_vocab ? rt->vocab_len[id] : 1;
+    }
+    char *out = malloc(need), *p = out;
+    if (!out) return NULL;
+    for (size_t k = 0; k < t->n_tokens; k++) {
+        int id = t->input_ids[k];
+        if (id >= 0 && id < rt->n_vocab) { memcpy(p, rt->vocab[id], rt->vocab_len[id]); p += rt->vocab_len[id]; }
+        else *p++ = '?';
+    }
+    *p = '\0';
+    return out;
+}
+
+
+static int b64_value(char c) {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+' || c == '-') return 62;
+    if (c == '/' || c == '_') return 63;
+    return -1;
+}
+
+/* What a slot whose input holds `@say64=B64` answers (malloc'd), or NULL without the directive. */
+static char *say64_answer(Runtime *rt, const char *input) {
+    const char *p = strstr(input, "@say64=");
+    if (!p) return NULL;
+    p += strlen("@say64=");
+    size_t n = 0;
+    while (b64_value(p[n]) >= 0) n++;
+    char *key = strndup(p, n);
+    pthread_mutex_lock(&rt->mu);
+    bool seen = false;
+    for (size_t k = 0; k < rt->n_said && !seen; k++) seen = strcmp(rt->said[k], key) == 0;
+    if (!seen) {
+        if (rt->n_said == rt->cap_said) {
+            rt->cap_said = rt->cap_said ? rt->cap_said * 2 : 16;
+            rt->said = realloc(rt->said, rt->cap_said * sizeof *rt->said);
+        }
+        rt->said[rt->n_said++] = strdup(key);
+    }
+    pthread_mutex_unlock(&rt->mu);
+    if (seen) { free(key); return strdup("Done."); }
+    char *out = malloc(n / 4 * 3 + 4), *o = out;
+    unsigned acc = 0;
+    int bits = 0;
+    for (size_t k = 0; k < n; k++) {
+        acc = (acc << 6) | (unsigned)b64_value(key[k]);
+        bits += 6;
+        if (bits >= 8) { bits -= 8; *o++ = (char)((acc >> bits) & 0xFF); }
+    }
+    *o = '\0';
+    free(key);
+    return out;
+}
+
+/* RKLLM_STANDIN_INPUT_LOG: the slot's input appended to the file. */
+static void log_input(int run, int slot, bool tokens, const char *text) {
+    const char *path = getenv("RKLLM_STANDIN_INPUT_LOG");
+    if (!path || !*path) return;
+    pthread_mutex_lock(&global_mu);
+    FILE *f = fopen(path, "ab");
+    if (f) {
+        fprintf(f, "--- rkllm-standin input: run %d, slot %d, %s, %zu bytes ---\n%s\n", run, slot,
+                tokens ? "tokens" : "prompt", strlen(text), text);
+        fclose(f);
+    }
+    pthread_mutex_unlock(&global_mu);
 }
 
 static void parse_directives(Slot *s, const char *prompt) {
@@ -819,6 +945,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback)
     rt->magic = HANDLE_MAGIC;
     rt->param = *param;
     rt->model_path = strdup(param->model_path);
+    load_vocab(rt);
     rt->param.model_path = rt->model_path;
 #ifdef RKLLM_ABI_13
     rt->callback = callback->result_callback;
@@ -945,6 +1072,7 @@ static char *token_source(const RKLLMTokenInput *t) {
 
 /* Byte `pos` of the endless reply stream source+' '+source+' '... */
 static unsigned char stream_byte(const Slot *s, size_t pos) {
+    if (s->exact) return pos < s->len - 1 ? (unsigned char)s->source[pos] : ' ';
     size_t q = (pos + s->offset) % s->len;
     return q < s->len - 1 ? (unsigned char)s->source[q] : ' ';
 }
@@ -953,17 +1081,20 @@ static unsigned char stream_byte(const Slot *s, size_t pos) {
  * inside a character (the next byte is a UTF-8 continuation byte). */
 static bool make_token(Slot *s, int k, int tb) {
     size_t start = (size_t)k * tb;
-    for (int j = 0; j < tb; j++) s->buf[j] = (char)stream_byte(s, start + j);
-    s->buf[tb] = '\0';
+    s->buf_len = tb;
+    if (s->exact && start + (size_t)tb > s->len - 1) s->buf_len = start < s->len - 1 ? (int)(s->len - 1 - start) : 0;
+    for (int j = 0; j < s->buf_len; j++) s->buf[j] = (char)stream_byte(s, start + j);
+    s->buf[s->buf_len] = '\0';
     return (stream_byte(s, start + tb) & 0xC0) == 0x80;
 }
 
 /* The text a slot reports for its token this step (RKLLM_STANDIN_WAITING_TEXT, see the header). */
 static const char *slot_text(Slot *s, int tb, bool repeat) {
     if (!repeat) return s->buf;
-    if (s->pend_len + (size_t)tb >= sizeof s->pend) s->pend_len = 0; /* cannot happen with tb <= 32 */
-    memcpy(s->pend + s->pend_len, s->buf, (size_t)tb);
-    s->pend_len += (size_t)tb;
+    (void)tb;
+    if (s->pend_len + (size_t)s->buf_len >= sizeof s->pend) s->pend_len = 0; /* cannot happen with tb <= 32 */
+    memcpy(s->pend + s->pend_len, s->buf, (size_t)s->buf_len);
+    s->pend_len += (size_t)s->buf_len;
     s->pend[s->pend_len] = '\0';
     return s->pend;
 }
@@ -1159,8 +1290,16 @@ static void setup_slot(Run *run, int i, const RKLLMInput *in) {
     Slot *s = &run->slots[i];
     bool tokens = in->input_type == RKLLM_INPUT_TOKEN;
     const char *p = tokens ? "" : in->prompt_input;
-    s->source = tokens ? token_source(&in->token_input) : strdup(p);
+    if (tokens && rt->vocab) {
+        s->source = decode_tokens(rt, &in->token_input);
+        p = s->source; /* what the model reads: its directives too (a token input has no template) */
+    } else {
+        s->source = tokens ? token_source(&in->token_input) : strdup(p);
+    }
     s->full = tokens ? strdup(s->source) : full_input(rt, &run->b, p);
+    log_input(run->nth, i, tokens, s->full);
+    char *say = *p ? say64_answer(rt, s->full) : NULL;
+    if (say) { free(s->source); s->source = say; s->exact = true; }
     s->len = strlen(s->source) + 1;
     s->prompt_tokens = tokens ? (int)in->token_input.n_tokens : (*p ? tokens_of_bytes(strlen(s->full)) : 0);
     s->prefill_tokens = s->prompt_tokens;
@@ -1168,7 +1307,8 @@ static void setup_slot(Run *run, int i, const RKLLMInput *in) {
                  !(run->b.prompt_cache == CACHE_BATCH1 && run->n > 1);
     if (cache && !tokens && *p && strncmp(s->full, rt->cache_text, strlen(rt->cache_text)) == 0)
         s->prefill_tokens = tokens_of_bytes(strlen(s->full) - strlen(rt->cache_text));
-    parse_directives(s, p);
+    parse_directives(s, s->full);
+    if (s->exact) s->natural_len = (int)((s->len - 1 + (size_t)run->b.token_bytes - 1) / (size_t)run->b.token_bytes);
     s->natural_len = s->natural_len >= 0 ? s->natural_len : 8 + (int)(fnv1a(s->source) % 25u);
 }
 
@@ -1325,6 +1465,7 @@ static int start_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer
         const JVal *threads = jget(rec, "callback_threads");
         run->b.callback_on_caller = jnum(jget(threads, "caller"), 0) > 0 && jnum(jget(threads, "other"), 0) == 0;
     }
+    run->nth = nth;
     run->crash = b.crash_at_run == nth;
     run->hang = b.hang_at_run == nth;
     int limit = rt->param.max_new_tokens;

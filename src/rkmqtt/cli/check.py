@@ -1,7 +1,8 @@
-"""`rkmqtt check` (main thread): settings, broker reachability, engine readiness and, for the
-rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai
-engine, the upstream server (reachable, model listed, one token generated), in plain words.
-Exit 0 when everything needed to run is fine, 1 otherwise.
+"""`rkmqtt check` (main thread): settings, broker reachability, the bridges online on it and, for the
+rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai engine,
+the upstream server (reachable, model listed, one token generated), the chat template in use (from the
+settings and the model's files), in plain words; the engine's own model only when asked (`--load-model`,
+or an engine or model given as a flag). Exit 0 when everything needed to run is fine, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import contextlib
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from rkmqtt.cli.bridges import bridge_lines
 from rkmqtt.engines import create_engine, resolve_engine_name
+from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RkmqttError
 from rkmqtt.mqtt.broker import port_answers
 from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
+from rkmqtt.mqtt.reach import reach_broker
 from rkmqtt.settings import Settings
 
 
@@ -41,31 +46,8 @@ def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None,
         else:
             return False, "none set and none answers on localhost:1883: set broker=mqtt://host:port"
     addr = settings.broker_url
-    result: dict[str, Any] = {}
-    done = threading.Event()
-    client = make_client(settings, f"rkmqtt-check-{uuid.uuid4().hex[:8]}")
-
-    def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
-        result["reason"] = reason
-        done.set()
-
-    client.on_connect = on_connect
-    t0 = time.monotonic()
-    try:
-        client.connect(addr.host, addr.port, keepalive=10)
-    except OSError as e:
-        return False, f"cannot reach {addr}: {e}"
-    client.loop_start()
-    try:
-        if not done.wait(timeout):
-            return False, f"{addr} did not answer the MQTT handshake within {timeout:.0f} s"
-        reason = result["reason"]
-        if reason.is_failure:
-            return False, f"{addr} refused the connection: {reason} (check username and password)"
-        return True, f"{addr} accepted a connection in {(time.monotonic() - t0) * 1000:.0f} ms"
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    reach = reach_broker(settings, timeout)
+    return reach.ok, f"{addr} {reach.detail}" if reach.ok else f"{addr}: {reach.detail}"
 
 
 class _Client:
@@ -178,7 +160,7 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
                 cleanup.close()
 
 
-def run_checks(settings: Settings) -> int:
+def run_checks(settings: Settings, load_model: bool = False, config_file: Path | None = None) -> int:
     failures = 0
     served = (
         f"upstream_model={settings.upstream_model or '(the first listed)'}"
@@ -188,15 +170,21 @@ def run_checks(settings: Settings) -> int:
     _line(
         True,
         "settings",
-        f"engine={settings.engine} {served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
+        f"{f'config file {config_file}' if config_file else 'no config file'}; engine={settings.engine} "
+        f"{served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
     )
     ok, detail = check_broker(settings)
     _line(ok, "broker", detail)
     failures += ok is False
+    none_online = False
     if ok:
         for ok2, what, detail2 in check_broker_settings(_with_broker(settings)):
             _line(ok2, what, detail2)
             failures += ok2 is False
+        for ok2, what, detail2 in bridge_lines(_with_broker(settings)):
+            _line(ok2, what, detail2)
+            failures += ok2 is False
+            none_online |= what == "bridges" and ok2 is None
     name = resolve_engine_name(settings)
     if name == "rkllm" or settings.engine == "auto":
         from rkmqtt.engines.rkllm.platform import find_soc, run_checks
@@ -213,27 +201,56 @@ def run_checks(settings: Settings) -> int:
                 _line(c.ok, c.name, c.message)
                 failures += not c.ok
     if name == "openai":
+        # The model is the upstream server's: checking that server (reachable, the model listed, one
+        # token) loads nothing here, so it is done without --load-model, as the board's checks are.
         from rkmqtt.engines.openai.check import check_upstream
 
         for ok3, what, detail3 in check_upstream(settings):
             _line(ok3, what, detail3)
             failures += ok3 is False
-        if failures:  # the engine would only wait for the same server again
-            print(f"{failures} problem(s) found")
-            return 1
-    from rkmqtt.cli.pull import with_local_model
+    unchecked = False  # the model cannot be loaded or its template read here: said why
+    if name in ("numpy", "rkllm"):
+        from rkmqtt.cli.pull import with_local_model
 
-    settings, not_here = with_local_model(settings)
-    if not_here is not None:
-        _line(False, "model", not_here)
-        return 1
+        # A hf:// reference: its pulled file (nothing is downloaded here), or a line saying it is not here.
+        try:
+            settings, not_here = with_local_model(settings)
+        except RkmqttError as e:
+            not_here, load_model = str(e), True  # a failure either way
+        if not_here is not None:  # `rkmqtt run` pulls what is not here yet
+            _line(False if load_model else None, "model", not_here)
+            failures += load_model
+            unchecked = True
+    if unchecked:
+        pass  # the line above said why
+    elif load_model and not (name == "openai" and failures):  # openai: it would only wait for the same server
+        failures += not _check_engine(settings, name)
+    elif name != "openai":
+        _line(None, "engine", f"{name}: model not loaded (rkmqtt check --load-model loads it to check it)")
+        failures += not _check_template(settings)
+    if failures:
+        print(f"{failures} problem(s) found")
+    elif none_online:
+        print("no problem found, but no bridge is online: start one with `rkmqtt run`")
+    else:
+        print("all good")
+    return 0 if failures == 0 else 1
+
+
+def _check_engine(settings: Settings, name: str) -> bool:
+    """Load the engine's model (seconds, and its memory; for openai, start its client) and say how it went."""
     t0 = time.monotonic()
     try:
         engine = create_engine(settings)
+    except RkmqttError as e:
+        _line(False, "engine", f"{name}: {e}")
+        return False
+    try:
         engine.load()
     except RkmqttError as e:
         _line(False, "engine", f"{name}: {e}")
-        return 1
+        _template_line(engine, {})  # still found from the settings and the files
+        return False
     info = engine.info()
     problem = engine.problem()
     _line(
@@ -245,7 +262,36 @@ def run_checks(settings: Settings) -> int:
         f"{engine.capabilities.max_batch} slots, {'continuous' if engine.capabilities.continuous else 'static'} "
         f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
     )
-    failures += problem is not None
+    ok = problem is None and _template_line(engine, info)
     engine.close()
-    print("all good" if failures == 0 else f"{failures} problem(s) found")
-    return 0 if failures == 0 else 1
+    return ok
+
+
+def _template_line(engine: Engine, info: dict[str, Any]) -> bool:
+    """Which chat template renders conversations and whether tools reach the model: the loaded model's,
+    or, not loaded, the one the settings and the model's files give (file reads; no weights). False when
+    it cannot be found or read (as `rkmqtt run` would fail)."""
+    try:
+        used = engine.template_in_use()
+    except RkmqttError as e:
+        _line(False, "chat template", str(e))
+        return False
+    if used is not None:
+        tools = (
+            "tools reach the model"
+            if used.tools
+            else "no place for tools (answered without them; strict_tools refuses them)"
+        )
+        context = f"; context {info['max_context']} tokens" if "max_context" in info else ""
+        _line(None, "chat template", f"{used.origin}; {tools}{context}")
+    return True
+
+
+def _check_template(settings: Settings) -> bool:
+    """The chat template line without loading the model (the engine built, not loaded)."""
+    try:
+        engine = create_engine(settings)
+    except RkmqttError as e:
+        _line(False, "chat template", str(e))
+        return False
+    return _template_line(engine, {})

@@ -88,18 +88,18 @@ def _progress() -> Iterator[ProgressSink]:
 
 
 def with_local_model(settings: Settings) -> tuple[Settings, str | None]:
-    """`rkmqtt check`: the settings with the first model's file when it is a reference that is here,
-    or why it cannot be checked (not pulled yet); nothing is downloaded."""
+    """`rkmqtt check`: the settings the first model loads with (its file, when a reference that is
+    here, and its own settings), or why it cannot be checked (not pulled yet); nothing is downloaded."""
     from rkmqtt.models.catalog import Catalog
 
     engine = resolve_engine_name(settings)
     if engine not in ("numpy", "rkllm"):
         return settings, None
     catalog = Catalog.for_settings(settings, engine)
-    first = catalog.find(None)
+    first = catalog.find(None)  # `model`, else the first of `models`, with its own settings
     ref = catalog.reference(first)
     if not isinstance(ref, HubRef):
-        return settings, None
+        return catalog.engine_settings(first, ref), None
     local = catalog.puller.local(ref)
     if local is None:
         return settings, f"model {ref} is not here yet: rkmqtt pull {ref} (rkmqtt run pulls it at its first start)"

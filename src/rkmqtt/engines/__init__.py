@@ -16,17 +16,6 @@ if TYPE_CHECKING:
     from rkmqtt.settings import Settings
 
 
-#: The default temperature when neither the request, the settings nor the engine's model give one.
-DEFAULT_TEMPERATURE = 0.7
-
-
-def default_temperature(engine: Engine) -> float:
-    """The temperature for requests that give none when no setting does either: the engine's advice
-    for its model (`recommended_temperature`, e.g. 0.2 for SmolLM2-135M), else `DEFAULT_TEMPERATURE`."""
-    value = getattr(engine, "recommended_temperature", None)
-    return DEFAULT_TEMPERATURE if value is None else float(value)
-
-
 def resolve_engine_name(settings: Settings) -> str:
     """`auto` means rkllm on an RK3588/RK3576 board whose runtime library can be found, else numpy."""
     if settings.engine != "auto":

@@ -65,6 +65,8 @@ class Generation:
     # Tool definitions for the chat template, {"type": "function", "function": {"name", "description",
     # "parameters"}} each (the HTTP API). Only engines with `Capabilities.tools` get any.
     tools: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # The context the client asked for (Ollama's num_ctx), in tokens; an engine gives at most its own.
+    context: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,14 @@ class Capabilities:
     max_batch: int  # number of slots (n_batch)
     per_request_sampling: bool  # False: every request in a batch shares the init-time sampling
     tools: bool = False  # `Generation.tools` reach the model (its chat template takes them)
+
+
+@dataclass(frozen=True)
+class TemplateInUse:
+    """Which chat template renders an engine's conversations (`rkmqtt check`)."""
+
+    origin: str  # where it comes from, in words
+    tools: bool  # tool definitions reach the model (the template has a place for them)
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def model_name(self) -> str:
         """A short name of the loaded model for replies and `info` (e.g. the file's stem)."""
+
+    @property
+    def recommended_sampling(self) -> dict[str, float]:
+        """Sampling defaults the loaded model answers best at (setting name -> value, names from
+        `settings.MODEL_DEFAULTED`); the service uses them for the settings that no layer sets."""
+        return {}
+
+    def template_in_use(self) -> TemplateInUse | None:
+        """The chat template, found from the settings and the model's files without loading the model
+        (the loaded one's after `load`); None for an engine that renders none (openai: the upstream's).
+        Raises ConfigError or EngineError, as `load` would, when it cannot be found or read."""
+        return None
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load the model (slow). Called once, on the scheduler thread, before any other call.

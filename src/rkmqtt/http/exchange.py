@@ -1,7 +1,7 @@
 """One HTTP request's trip through the scheduler (the HTTP event-loop thread, "rkmqtt-http"): admitted
-like an MQTT one (`Admission`), its replies through its own `ReplySink`, whose methods the scheduler
-thread calls and which only `call_soon_threadsafe` them onto the exchange's queue. Each error code
-has one HTTP status (`HTTP_STATUS`); a client that goes away cancels its request (`Exchange.close`).
+like an MQTT one (`Admission`), waiting up to `http_wait_s` where a rate budget or a full queue is in
+the way; its replies through its own `ReplySink`, which only `call_soon_threadsafe`s them onto the
+exchange's queue. One HTTP status per error code; a client that goes away cancels its request.
 """
 
 from __future__ import annotations
@@ -225,16 +225,48 @@ class Gateway:
             raise ApiError(401, "a bearer token is required: Authorization: Bearer <token> (setting http_tokens)")
         return name
 
-    def open(self, client: str, call: Call) -> Exchange:
-        """Admit `call` as `client` and submit it; raise `ApiError` when it is refused."""
-        if not self.accepting or self.scheduler.stopped:
-            closed = Admission.shutting_down()
-            raise self.refuse(closed.code, closed.message)
-        sink = _QueueSink(asyncio.get_running_loop(), self.finals)
-        # Text chunks only when someone reads them: a streaming client, or stop sequences to watch.
-        route = HttpRoute(sink, stream=call.stream or bool(call.stop))
-        admitted = self.admission.admit(RequestKey(client, new_request_id()), call, route)
-        if isinstance(admitted, Refused):
-            raise self.refuse(admitted.code, admitted.message)
-        self.scheduler.submit(admitted)
-        return Exchange(self, admitted.key, call, sink)
+    async def open(self, client: str, call: Call) -> Exchange:
+        """Admit `call` as `client`, submit it and wait for its first text or its end; raise `ApiError`
+        when it is refused or fails before it starts. A refusal that time cures (the client's rate
+        budget, a full queue) is waited out while `http_wait_s` allows: the HTTP client holds its
+        connection open, as a device that retries would."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.http_wait_s
+        charged = False  # the rate budget is spent once per request, not per try
+        while True:
+            if not self.accepting or self.scheduler.stopped:
+                closed = Admission.shutting_down()
+                raise self.refuse(closed.code, closed.message)
+            sink = _QueueSink(loop, self.finals)
+            # Text chunks only when someone reads them: a streaming client, or stop sequences to watch.
+            route = HttpRoute(sink, stream=call.stream or bool(call.stop))
+            key = RequestKey(client, new_request_id())
+            admitted = self.admission.admit(key, call, route, rate_limit=not charged)
+            if isinstance(admitted, Refused):
+                if await self._waited(admitted, client, deadline):
+                    continue
+                raise self.refuse(admitted.code, admitted.message)
+            charged = True
+            full = Refused(ErrorCode.BUSY, "the queue is full")
+            if self.scheduler.queue_depth >= self.settings.max_queue and await self._waited(full, client, deadline):
+                continue  # a hint (the core decides): wait for a place rather than be refused by it
+            self.scheduler.submit(admitted)
+            ex = Exchange(self, admitted.key, call, sink)
+            try:
+                await ex.start()
+            except ApiError as e:
+                if e.code == ErrorCode.BUSY and await self._waited(Refused(e.code, e.message), client, deadline):
+                    continue
+                raise
+            except BaseException:
+                ex.close()  # the client went away while it waited
+                raise
+            return ex
+
+    async def _waited(self, refused: Refused, client: str, deadline: float) -> bool:
+        """Wait as admission says, when the deadline allows; False when the refusal stands."""
+        wait = self.admission.retry_in(refused, client)
+        if wait is None or asyncio.get_running_loop().time() + wait > deadline:
+            return False
+        await asyncio.sleep(wait)
+        return True

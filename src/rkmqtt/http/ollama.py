@@ -19,7 +19,7 @@ from rkmqtt.protocol import ErrorCode, OkReply, parse_duration
 from .common import Cards, ModelCard, ToolSpec, check_model, read_body, rfc3339
 from .exchange import ApiError, Call, Exchange, Gateway
 from .pulls import ModelsApi
-from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
+from .textscan import ToolCall, reply_calls
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class _Body(BaseModel):
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="allow")  # num_ctx, num_thread...: accepted, no effect
+    model_config = ConfigDict(extra="allow")  # num_thread, num_gpu...: accepted, no effect
 
     temperature: Annotated[float | None, Field(ge=0.0, le=5.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
@@ -45,6 +45,7 @@ class Options(BaseModel):
     seed: Annotated[int | None, Field(ge=-(2**31), le=2**32 - 1)] = None  # negative: random
     repeat_penalty: Annotated[float | None, Field(ge=0.1, le=10.0)] = None
     stop: list[Annotated[str, Field(min_length=1)]] | str | None = None
+    num_ctx: Annotated[float | None, Field(ge=1, le=10_000_000)] = None  # Home Assistant sends 8192.0
 
 
 class CallFunction(_Body):
@@ -220,6 +221,7 @@ class OllamaApi:
             "seed": o.seed if o.seed is not None and o.seed >= 0 else None,
             "stop": tuple(s for s in stop if s),
             "stream": body.stream,
+            "num_ctx": int(o.num_ctx) if o.num_ctx is not None else None,
             "model": card.name.removesuffix(":latest"),
             "keep_alive": keep_alive,
         }
@@ -234,8 +236,16 @@ class OllamaApi:
         return web.json_response(out)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, ChatBody, self.gateway)
+        try:
+            return await self._chat(request, body)
+        except ApiError as e:
+            if body.stream and self._errors_as_text(request):
+                return await self._error_as_text(request, e, body.model)
+            raise
+
+    async def _chat(self, request: web.Request, body: ChatBody) -> web.StreamResponse:
         g = self.gateway
-        body = await read_body(request, ChatBody, g)
         common = self._common(body)
         messages: list[ChatMessage] = []
         for i, m in enumerate(body.messages):
@@ -271,17 +281,34 @@ class OllamaApi:
         messages.append(ChatMessage("user", body.prompt))
         return await self._run(request, Call(messages=tuple(messages), **common), "generate")
 
+    def _errors_as_text(self, request: web.Request) -> bool:
+        """Whether a streamed chat's failure is answered as text (setting ollama_stream_errors)."""
+        how = self.gateway.settings.ollama_stream_errors
+        return how == "text" or (how == "auto" and request.headers.get("User-Agent", "").startswith("ollama-python/"))
+
+    async def _error_as_text(self, request: web.Request, e: ApiError, model: str) -> web.StreamResponse:
+        """A 200 stream whose assistant message states the error: Home Assistant's integration raises on
+        an HTTP error while reading the stream ("Unexpected error during intent recognition") and on an
+        error line, and shows only the assistant's text."""
+        _LOGGER.info("HTTP %s %s: %s (answered as text)", request.method, request.path, error_text(e))
+        resp = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await resp.prepare(request)
+        await resp.write(_line(self._piece("chat", spoken_error(e), model)))
+        last = self._piece("chat", "", model)
+        last.update({"done": True, "done_reason": "stop"})
+        await resp.write(_line(last))
+        await resp.write_eof()
+        return resp
+
     async def _run(self, request: web.Request, call: Call, kind: _Kind) -> web.StreamResponse:
-        ex = self.gateway.open(self.gateway.client(request.headers.get("Authorization", "")), call)
+        ex = await self.gateway.open(self.gateway.client(request.headers.get("Authorization", "")), call)
         try:
-            await ex.start()
             if call.stream:
-                return await self._stream(request, ex, kind)
+                return await self._stream(request, ex, kind, text_errors=self._errors_as_text(request))
             result = await ex.result()
             out = self._head(call.model or "")
             if kind == "chat":
-                content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
-                calls += reply_calls(result.reply)
+                content, calls = result.text, reply_calls(result.reply)
                 message: dict[str, Any] = {"role": "assistant", "content": content.strip() if calls else content}
                 if calls:
                     message["tool_calls"] = _tool_calls(calls)
@@ -305,30 +332,29 @@ class OllamaApi:
         out["done"] = False
         return out
 
-    async def _stream(self, request: web.Request, ex: Exchange, kind: _Kind) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, ex: Exchange, kind: _Kind, text_errors: bool = False
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": NDJSON, "X-Request-Id": ex.key.id})
         await resp.prepare(request)
-        scanner = ToolCallScanner() if ex.call.tools else None
+        model = ex.call.model or ""
         async for text in ex.texts():
-            shown = scanner.feed(text) if scanner is not None else text
-            if shown:
-                await resp.write(_line(self._piece(kind, shown, ex.call.model or "")))
+            await resp.write(_line(self._piece(kind, text, model)))
         end = ex.ending()
-        if isinstance(end, ApiError):
+        if isinstance(end, ApiError) and text_errors and kind == "chat":
+            await resp.write(_line(self._piece(kind, "\n\n" + spoken_error(end), model)))
+            last = self._piece(kind, "", model)
+            last.update({"done": True, "done_reason": "stop"})
+            await resp.write(_line(last))
+        elif isinstance(end, ApiError):
             await resp.write(_line(error_body(end)))
         else:
-            calls: list[ToolCall] = []
-            if scanner is not None:
-                rest = scanner.finish()
-                if rest:
-                    await resp.write(_line(self._piece(kind, rest, ex.call.model or "")))
-                calls = scanner.calls
-            calls += reply_calls(end.reply) if kind == "chat" else []
+            calls: list[ToolCall] = reply_calls(end.reply) if kind == "chat" else []
             if calls:
-                piece = self._piece(kind, "", ex.call.model or "")
+                piece = self._piece(kind, "", model)
                 piece["message"]["tool_calls"] = _tool_calls(calls)
                 await resp.write(_line(piece))
-            last = self._piece(kind, "", ex.call.model or "")
+            last = self._piece(kind, "", model)
             last.update({"done": True, "done_reason": end.done_reason, **_stats(end.reply)})
             await resp.write(_line(last))
         await resp.write_eof()
@@ -342,6 +368,12 @@ def _shown(model: str) -> str:
 
 def error_text(e: ApiError) -> str:
     return f"{e.code.value}: {e.message}" if e.code is not None else e.message
+
+
+def spoken_error(e: ApiError) -> str:
+    """An error as a Home Assistant user reads it in Assist: what went wrong and the code."""
+    code = f" ({e.code.value})" if e.code is not None else ""
+    return f"Sorry, rkmqtt could not answer: {e.message}{code}."
 
 
 def error_body(e: ApiError) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from rkmqtt.protocol import ErrorCode, OkReply
 
 from .common import Cards, ModelCard, ToolSpec, check_model, read_body
 from .exchange import ApiError, Call, Exchange, Gateway, Result
-from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
+from .textscan import ToolCall, reply_calls
 
 _Stop = Annotated[str, Field(min_length=1)]
 
@@ -188,15 +188,13 @@ class OpenAiApi:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request, ChatCompletionBody, self.gateway)
         call = self._call(body)
-        ex = self.gateway.open(self.gateway.client(request.headers.get("Authorization", "")), call)
+        ex = await self.gateway.open(self.gateway.client(request.headers.get("Authorization", "")), call)
         try:
-            await ex.start()
             if call.stream:
                 usage = body.stream_options is not None and body.stream_options.include_usage
                 return await self._stream(request, ex, usage)
             result = await ex.result()
-            content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
-            calls += reply_calls(result.reply)
+            content, calls = result.text, reply_calls(result.reply)
             message: dict[str, Any] = {"role": "assistant", "content": (content.strip() or None) if calls else content}
             if calls:
                 message["tool_calls"] = _calls(calls, ex.key.id, stream=False)
@@ -230,22 +228,13 @@ class OpenAiApi:
         )
         await resp.prepare(request)
         await resp.write(_event(self._chunk(ex, {"role": "assistant", "content": ""})))
-        scanner = ToolCallScanner() if ex.call.tools else None
         async for text in ex.texts():
-            shown = scanner.feed(text) if scanner is not None else text
-            if shown:
-                await resp.write(_event(self._chunk(ex, {"content": shown})))
+            await resp.write(_event(self._chunk(ex, {"content": text})))
         end = ex.ending()
         if isinstance(end, ApiError):
             await resp.write(_event(error_body(end)))
         else:
-            calls: list[ToolCall] = []
-            if scanner is not None:
-                rest = scanner.finish()
-                if rest:
-                    await resp.write(_event(self._chunk(ex, {"content": rest})))
-                calls = scanner.calls
-            calls += reply_calls(end.reply)
+            calls: list[ToolCall] = reply_calls(end.reply)
             if calls:
                 await resp.write(_event(self._chunk(ex, {"tool_calls": _calls(calls, ex.key.id, stream=True)})))
             await resp.write(_event(self._chunk(ex, {}, _finish_reason(end, calls))))

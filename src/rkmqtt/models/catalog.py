@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rkmqtt.models.pull import ProgressSink, Puller, no_progress
 from rkmqtt.models.reference import HubRef, Reference, is_hub_reference, parse_reference
 from rkmqtt.models.store import LocalModel, ModelStore
 from rkmqtt.sched.admission import Chosen
-from rkmqtt.settings import ModelEntry, Settings
+from rkmqtt.settings import ModelEntry, Settings, model_defaults
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Catalog:
         self.progress = progress
         self._lock = threading.Lock()
         self._tools: dict[str, bool] = {}  # learned when a model loads
+        self._sampling: dict[str, dict[str, float]] = {}  # its engine's recommended_sampling, once loaded
         self._configured: dict[str, Served] = {}
         for name, entry in settings.models.items():
             self._configured[name] = Served(name, entry.model, entry)
@@ -146,15 +148,17 @@ class Catalog:
         served = self.find(name)
         with self._lock:
             tools = self._tools.get(served.name)
-        return Chosen(served.name, self.temperature(served), tools)
+            sampling = self._sampling.get(served.name)
+        return Chosen(served.name, self.sampling_of(served) if sampling is None else sampling, tools)
 
-    def temperature(self, served: Served) -> float | None:
+    def sampling_of(self, served: Served) -> dict[str, float]:
+        """The model's own sampling defaults before it is loaded (numpy: its row by file name, as
+        its engine will say); once loaded, its engine's `recommended_sampling` replaces them."""
         if self.engine != "numpy":
-            return None
-        from rkmqtt.engines.numpy.engine import MODEL_TEMPERATURES
+            return {}
+        from rkmqtt.engines.numpy.sampling_defaults import model_sampling
 
-        text = f"{served.name} {served.reference}".lower()
-        return next((t for part, t in MODEL_TEMPERATURES.items() if part in text), None)
+        return model_sampling(f"{served.name} {served.reference}").as_settings()
 
     # -- opening ----------------------------------------------------------------------------
     def reference(self, served: Served) -> Reference | None:
@@ -178,7 +182,9 @@ class Catalog:
         return local.path
 
     def engine_settings(self, served: Served, path: Path | None) -> Settings:
-        """The bridge's settings with the model's own (its file, n_batch, max_context, chat template)."""
+        """The bridge's settings with the model's own: its file, n_batch, max_context, chat template
+        (which replaces both of the bridge's template settings for it). Its tokenizer files, when
+        pulled with it, lie beside it, where the engine looks for them."""
         update: dict[str, object] = {"model": None if path is None else str(path)}
         e = served.entry
         if e is not None:
@@ -186,12 +192,9 @@ class Catalog:
                 update["n_batch"] = e.n_batch
             if e.max_context is not None:
                 update["max_context"] = e.max_context
-            if e.chat_template is not None and self.engine == "rkllm":
-                update["rkllm_chat_template"] = e.chat_template
-        if self.engine == "rkllm" and path is not None and self.settings.rkllm_tokenizer is None:
-            beside = path.parent / "tokenizer.json"
-            if beside.is_file():
-                update["rkllm_tokenizer"] = beside  # pulled with the model: count prompts exactly
+            if e.chat_template is not None:
+                update["chat_template"] = e.chat_template
+                update["rkllm_chat_template"] = None
         return self.settings.model_copy(update=update)
 
     def open(self, name: str) -> Engine:
@@ -203,15 +206,24 @@ class Catalog:
         if self.engine == "numpy":
             from rkmqtt.engines.numpy.engine import NumpyEngine
 
-            template = served.entry.chat_template if served.entry is not None else None
-            engine = NumpyEngine.from_settings(settings, chat_template=template)
+            engine = NumpyEngine.from_settings(settings)
         else:
             from rkmqtt.engines.rkllm.engine import RkllmEngine
 
             engine = RkllmEngine.from_settings(settings)
+        _LOGGER.info("loading model %s (engine %s)…", served.name, self.engine)
+        t0 = time.monotonic()
         engine.load()
+        caps = engine.capabilities
+        took = time.monotonic() - t0
+        _LOGGER.info("model %s loaded in %.1f s: engine %s, n_batch %d", served.name, took, caps.name, caps.max_batch)
+        advice = engine.recommended_sampling
+        if own := model_defaults(self.settings, advice):
+            words = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in own.items())
+            _LOGGER.info("sampling defaults of %s: %s", served.name, words)
         with self._lock:
-            self._tools[served.name] = engine.capabilities.tools
+            self._tools[served.name] = caps.tools
+            self._sampling[served.name] = advice
         return engine
 
 

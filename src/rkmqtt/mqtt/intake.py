@@ -96,7 +96,7 @@ class Intake:
         except UnicodeDecodeError:
             return self._unreadable(msg, ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8")
         except ValidationError as e:
-            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, describe_validation_error(e))
+            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, describe_validation_error(e, RequestPayload))
 
     def _unreadable(self, msg: Incoming, code: ErrorCode, message: str, parse: bool = True) -> Refusal:
         # Not a valid request: its id and reply_to are read on a best-effort basis, only here, so

@@ -1,24 +1,30 @@
 """Admission, the one way in for both doors (called on their threads: paho's, the HTTP event loop).
 
-The limits (prompt length, `max_new_tokens`, tools, the client's rate), sampling over the settings'
-defaults, the engine's view of a request (`Generation`) and the `Request`. Each refusal made here
-has one wording per code, and every refusal a door answers is counted through `refused`.
+The limits (a message's length, `max_new_tokens`, tools, the client's rate) and how long a door whose
+client can wait should wait for them; sampling over the settings' defaults; the engine's view of a
+request (`Generation`) and the `Request`. Each refusal has one wording; doors count theirs (`refused`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rkmqtt.engines.base import ChatMessage, Generation, SamplingParams
 from rkmqtt.protocol import ErrorCode, parse_duration
 from rkmqtt.sched.request import KeepAlive, Request, RequestKey, Route
-from rkmqtt.settings import Settings
+from rkmqtt.settings import Settings, model_defaults
+
+_LOGGER = logging.getLogger(__name__)
+
+# How often a waiting HTTP request looks again for a place in a full queue.
+QUEUE_RETRY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -33,14 +39,17 @@ class Ask:
     repeat_penalty: float | None = None
     seed: int | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    num_ctx: int | None = None  # the context the client asked for (Ollama's option), tokens
     model: str | None = None  # a name the bridge serves; None: the default
     keep_alive: float | str | None = None  # seconds or a duration (Ollama's); checked by the door
 
-    def prompt_chars(self) -> int:
-        """Characters the model reads: the messages (an assistant turn's tool calls included), and the
-        tool definitions the template renders."""
-        n = sum(len(m.content) + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0) for m in self.messages)
-        return n + (len(json.dumps(self.tools)) if self.tools else 0)
+    def longest_message_chars(self) -> int:
+        """Characters of the longest single message (an assistant turn's tool calls included): a
+        conversation as a whole is trimmed to the context, never refused for its length."""
+        return max(
+            (len(m.content) + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0) for m in self.messages),
+            default=0,
+        )
 
 
 @dataclass(frozen=True)
@@ -53,11 +62,12 @@ class Refused:
 
 @dataclass(frozen=True)
 class Chosen:
-    """A served model as admission needs it: its name, its default temperature (None: the setting's),
-    and whether it takes tools (None: not known until it is loaded; the loop checks then)."""
+    """A served model as admission needs it: its name, its own sampling defaults (`Engine.
+    recommended_sampling`, for the settings no layer set), and whether it takes tools (None: not
+    known until it is loaded; the loop checks then)."""
 
     name: str
-    temperature: float | None = None
+    sampling: Mapping[str, float] = field(default_factory=dict)
     tools: bool | None = None
 
 
@@ -79,11 +89,22 @@ class OneModel:
 
 
 def no_tools_message(model: str) -> str:
-    """The one wording of a refusal of tools to a model that takes none."""
+    """The one wording of a refusal of tools to a model that takes none (strict_tools)."""
     return (
         f"{model} takes no tools: its chat template has no place for them (or the engine does "
         "not pass them); send the request without tools, or serve a model whose template takes them "
-        "(e.g. Qwen2.5-Instruct) with the numpy engine, or use engine openai"
+        "(e.g. Qwen2.5-Instruct, setting chat_template), or use engine openai"
+    )
+
+
+def warn_tools_left_out(client: str, model: str) -> None:
+    """The one wording of the warning for tools answered without (said once per client or model)."""
+    _LOGGER.warning(
+        "%s's requests carry tools, but the chat template of %s has no place for them: they are answered "
+        "without the tools (said once; set strict_tools to refuse them, or serve a model whose "
+        "template takes tools, e.g. Qwen2.5-Instruct, with chat_template)",
+        client,
+        model,
     )
 
 
@@ -110,6 +131,16 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
             return ok
 
+    def wait_time(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` has a request's worth of budget again (0: it has now)."""
+        if self._rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self._burst, now))
+        tokens = min(self._burst, tokens + max(0.0, now - last) * self._rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
+
 
 class Admission:
     """Shared by the doors: one rate budget per client over MQTT and HTTP together."""
@@ -124,8 +155,10 @@ class Admission:
     ) -> None:
         self.settings = settings
         self._count = count  # the scheduler's `refused`: the stats add up over both doors
-        self.models: ModelNames = models or OneModel(Chosen(model_name, None, tools))
+        self.models: ModelNames = models or OneModel(Chosen(model_name, {}, tools))
         self.rate = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self._warned_tools: set[str] = set()  # clients told once that their tools are left out
+        self._warn_lock = threading.Lock()
 
     def admit(
         self,
@@ -147,9 +180,7 @@ class Admission:
         if problem is not None:
             return problem
         s = self.settings
-        temperature = s.temperature
-        if chosen.temperature is not None and "temperature" not in s.model_fields_set:
-            temperature = chosen.temperature  # no setting gave one: the model's own
+        own = model_defaults(s, chosen.sampling)  # the model's own, where no setting is set
         keep: KeepAlive | None = None
         if ask.keep_alive is not None:
             try:
@@ -157,21 +188,28 @@ class Admission:
             except ValueError as e:
                 return Refused(ErrorCode.INVALID_REQUEST, f"keep_alive {ask.keep_alive!r} {e}")
         sampling = SamplingParams(
-            temperature=temperature if ask.temperature is None else ask.temperature,
+            temperature=own.get("temperature", s.temperature) if ask.temperature is None else ask.temperature,
             top_k=s.top_k if ask.top_k is None else ask.top_k,
             top_p=s.top_p if ask.top_p is None else ask.top_p,
-            repeat_penalty=s.repeat_penalty if ask.repeat_penalty is None else ask.repeat_penalty,
+            repeat_penalty=(
+                own.get("repeat_penalty", s.repeat_penalty) if ask.repeat_penalty is None else ask.repeat_penalty
+            ),
             seed=ask.seed,
         )
         # Set by the request itself: equal requests get equal sampling and batch keys over both doors.
         requested = any(v is not None for v in (ask.temperature, ask.top_k, ask.top_p, ask.repeat_penalty, ask.seed))
+        tools = ask.tools
+        if tools and chosen.tools is False:
+            tools = ()  # not strict_tools (else refused above): answered without them
+            self._warn_tools(key.client, chosen.name)
         gen = Generation(
             key=key,
             messages=ask.messages,
             max_new_tokens=ask.max_new_tokens or s.default_new_tokens,
             sampling=sampling,
             sampling_requested=requested,
-            tools=ask.tools,
+            tools=tools,
+            context=ask.num_ctx,
         )
         deadline = None if expires_in is None else now + expires_in
         return Request(
@@ -182,6 +220,23 @@ class Admission:
         """Count a refusal the door answered (thread-safe: a command on the scheduler's inbox)."""
         self._count(code)
 
+    def retry_in(self, refused: Refused, client: str, now: float | None = None) -> float | None:
+        """For a door whose client waits (HTTP: it holds its connection open): seconds to wait before
+        asking again for a refusal that time cures (the client's rate budget, a full queue), or None
+        for one it does not. The door gives up at its own deadline (`http_wait_s`)."""
+        if refused.code == ErrorCode.RATE_LIMITED:
+            return max(self.rate.wait_time(client, now), 0.01)
+        if refused.code == ErrorCode.BUSY:
+            return QUEUE_RETRY_S
+        return None
+
+    def _warn_tools(self, client: str, model: str) -> None:
+        with self._warn_lock:
+            if client in self._warned_tools or len(self._warned_tools) >= 10_000:
+                return
+            self._warned_tools.add(client)
+        warn_tools_left_out(client, model)
+
     @staticmethod
     def shutting_down() -> Refused:
         """The door is closing: the bridge takes nothing new."""
@@ -189,14 +244,17 @@ class Admission:
 
     def _over_limits(self, client: str, ask: Ask, now: float, rate_limit: bool, chosen: Chosen) -> Refused | None:
         s = self.settings
-        chars = ask.prompt_chars()
+        chars = ask.longest_message_chars()
         if chars > s.max_prompt_chars:
-            return Refused(ErrorCode.TOO_LONG, f"prompt is {chars} characters; the limit is {s.max_prompt_chars}")
+            return Refused(
+                ErrorCode.TOO_LONG,
+                f"a message is {chars} characters; the limit is {s.max_prompt_chars} (max_prompt_chars)",
+            )
         if ask.max_new_tokens is not None and ask.max_new_tokens > s.max_new_tokens:
             return Refused(
                 ErrorCode.TOO_MANY_TOKENS, f"max_new_tokens is {ask.max_new_tokens}; the limit is {s.max_new_tokens}"
             )
-        if ask.tools and chosen.tools is False:
+        if ask.tools and chosen.tools is False and s.strict_tools:
             return Refused(ErrorCode.INVALID_REQUEST, no_tools_message(chosen.name))
         if rate_limit and not self.rate.allow(client, now):
             return Refused(

@@ -64,7 +64,6 @@ class Lineup:
         assert source is not None
 
         def run() -> None:
-            t0 = time.monotonic()
             try:
                 engine = source.open(name)
             except RkmqttError as e:
@@ -75,8 +74,7 @@ class Lineup:
                 _LOGGER.exception("model %s: loading failed", name)
                 done(name, None, f"{type(e).__name__}: {e}")
                 return
-            _LOGGER.info("model %s loaded in %.1f s", name, time.monotonic() - t0)
-            done(name, engine, None)
+            done(name, engine, None)  # the source said it loaded, and in how long
 
         thread = threading.Thread(target=run, name=f"rkmqtt-load-{name}"[:60], daemon=True)
         self._loads = {n: t for n, t in self._loads.items() if t.is_alive()}

@@ -11,12 +11,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
 from rkmqtt.protocol import ErrorCode, Stats
-from rkmqtt.sched.admission import no_tools_message
+from rkmqtt.sched.admission import no_tools_message, warn_tools_left_out
 from rkmqtt.sched.lineup import Lineup
 from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
 from rkmqtt.sched.request import Outcome, Request, RequestKey
@@ -35,6 +35,8 @@ _FULL_WAIT_S = 0.05
 class SchedulerConfig:
     core: CoreConfig
     stats_interval_s: float
+    # A model found to take no tools once loaded: refuse its requests with tools (else answer them without).
+    strict_tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class Scheduler:
         # Engines that wake this loop (no polling in a loop for them).
         self._wakers = {name for name, e in self.lineup.engines.items() if e.set_wake(self._wake)}
         self._loaded_names = tuple(self.lineup.engines)  # for other threads (replaced, never changed)
+        self._warned_tools: set[str] = set()  # models whose requests' tools were left out (said once)
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -276,7 +279,7 @@ class Scheduler:
             for req in self.core.waiting_for(name):
                 req.prepared = None  # the next engine of this model prepares it again
         for name in moves.load:
-            _LOGGER.info("loading model %s (%d waiting)", name, len(self.core.waiting_for(name)))
+            _LOGGER.debug("model %s to load (%d waiting)", name, len(self.core.waiting_for(name)))
             lineup.start_load(name, self._loaded)
         if moves:
             self._models_changed()
@@ -374,8 +377,14 @@ class Scheduler:
                 self._carry_out(self.core.refuse(req, ErrorCode.ENGINE_ERROR, message, now))
             return  # it waits for its model's engine, which prepares it once loaded
         if req.gen.tools and not engine.capabilities.tools:
-            self._carry_out(self.core.refuse(req, ErrorCode.INVALID_REQUEST, no_tools_message(req.model), now))
-            return
+            # Admission could not tell before the model loaded: the same rule as its (strict_tools).
+            if self.config.strict_tools:
+                self._carry_out(self.core.refuse(req, ErrorCode.INVALID_REQUEST, no_tools_message(req.model), now))
+                return
+            if req.model not in self._warned_tools:
+                self._warned_tools.add(req.model)
+                warn_tools_left_out(req.key.client, req.model)
+            req.gen = replace(req.gen, tools=())
         try:
             handle = engine.prepare(req.gen)
         except RequestRejected as e:

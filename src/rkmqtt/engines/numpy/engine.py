@@ -1,7 +1,7 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only; it starts no
-threads). One `poll()` is one step: a decode for every generating slot, a prefill chunk for a
-joining one; a slot's held prompt prefix is reused; the context rule refuses `too_long` at
-`prepare`; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
+threads). One `poll()` is one step: a decode for every generating slot, prefill chunks for joining
+ones (prompts that arrive together go in together); a slot's held prompt prefix is reused; `prepare`
+trims a conversation to the context; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 
@@ -22,18 +22,24 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from rkmqtt.engines.base import (
     Capabilities,
+    ChatMessage,
     Engine,
     EngineEvent,
     ErrorEvent,
     FinishEvent,
     Generation,
     Prepared,
+    TemplateInUse,
     TokenEvent,
 )
-from rkmqtt.engines.numpy.chat import ChatTemplate
+from rkmqtt.engines.chat.fit import DoesNotFit, fit
+from rkmqtt.engines.chat.source import builtin, find_template
+from rkmqtt.engines.chat.template import ChatTemplate
+from rkmqtt.engines.chat.toolcalls import CallFilter
 from rkmqtt.engines.numpy.gguf_file import GGUFFile, ModelConfig, resolve_model_path
 from rkmqtt.engines.numpy.model import KVDtype, Segment, StepPlan, Transformer
 from rkmqtt.engines.numpy.sampling import REPEAT_WINDOW, Sampler
+from rkmqtt.engines.numpy.sampling_defaults import model_sampling
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.engines.numpy.weights import load_weights
 from rkmqtt.errors import EngineError, RequestRejected
@@ -44,14 +50,13 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-#: Default temperatures of models that answer badly at the usual 0.7, by a lower-case part of the
-#: model's name. SmolLM2-135M-Instruct at 0.7 answers "What is the capital of France?" with Paris
-#: in about 2 of 3 tries, often in garbled French; at 0.2 it nearly always does.
-MODEL_TEMPERATURES = {"smollm2-135m": 0.2}
-
 PREFILL_CHUNK = 32
 IDLE_PREFILL_CHUNK = 256
 KV_FLOAT32_BUDGET = 512 * 2**20
+# The default max_context (the model's own) is halved until the whole KV cache, in the dtype it would
+# have, takes at most this share of the memory available at load.
+KV_MEMORY_SHARE = 0.5
+MIN_DEFAULT_CONTEXT = 2048
 
 
 @dataclass
@@ -60,6 +65,7 @@ class _Running:
     slot: int
     prompt: list[int]
     max_new_tokens: int
+    context: int  # the request's own (num_ctx), at most the engine's
     sampler: Sampler
     prefilled: int = 0
     generated: list[int] = field(default_factory=list)
@@ -80,7 +86,7 @@ class NumpyEngine(Engine):
         self,
         model: str | None = None,
         n_batch: int = 4,
-        max_context: int = 2048,
+        max_context: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         idle_prefill_chunk: int = IDLE_PREFILL_CHUNK,
         kv_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
@@ -88,17 +94,19 @@ class NumpyEngine(Engine):
         reuse_prefix: bool = True,
         chat_template: str | None = None,
     ) -> None:
-        if n_batch < 1 or max_context < 8 or prefill_chunk < 1 or idle_prefill_chunk < 1:
+        if n_batch < 1 or (max_context is not None and max_context < 8) or prefill_chunk < 1 or idle_prefill_chunk < 1:
             raise EngineError("numpy engine: n_batch, max_context and the prefill chunks must be positive")
         self._model_setting = model
         self._n_batch = n_batch
-        self._max_context = max_context
+        self._context_setting = max_context  # None: the model's own, where memory allows
+        self._max_context = max_context or MIN_DEFAULT_CONTEXT  # until load() reads the model
+        self._template_setting = chat_template
+        self._calls = CallFilter()
         self.prefill_chunk = prefill_chunk
         self.idle_prefill_chunk = idle_prefill_chunk
         self._kv_dtype_setting = kv_dtype
         self._threads = threads
         self.reuse_prefix = reuse_prefix
-        self._chat_template_setting = chat_template  # instead of the file's (a model's own setting)
         self._kv_tokens: list[list[int]] = [[] for _ in range(n_batch)]  # what each slot's KV cache holds
         self.reused_prompt_tokens = 0
         self._path: Path | None = None
@@ -113,13 +121,13 @@ class NumpyEngine(Engine):
         self.steps = 0
 
     @classmethod
-    def from_settings(cls, settings: Settings, chat_template: str | None = None) -> NumpyEngine:
+    def from_settings(cls, settings: Settings) -> NumpyEngine:
         return cls(
             model=settings.model,
             n_batch=settings.n_batch,
             max_context=settings.max_context,
             threads=settings.numpy_threads,
-            chat_template=chat_template,
+            chat_template=settings.chat_template,
         )
 
     # -- facts --------------------------------------------------------------------------------
@@ -140,10 +148,8 @@ class NumpyEngine(Engine):
         return Path(self._model_setting).stem if self._model_setting else "SmolLM2-135M-Instruct.Q4_1"
 
     @property
-    def recommended_temperature(self) -> float | None:
-        """The default temperature this model answers well at, when the settings give none."""
-        name = self.model_name.lower()
-        return next((t for part, t in MODEL_TEMPERATURES.items() if part in name), None)
+    def recommended_sampling(self) -> dict[str, float]:
+        return model_sampling(self.model_name).as_settings()
 
     @property
     def tokenizer(self) -> GGUFTokenizer:
@@ -196,29 +202,14 @@ class NumpyEngine(Engine):
                 raise EngineError(
                     f"model {path}: the tokenizer has {tok.vocab_size} tokens but the model {cfg.vocab_size}"
                 )
-            bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
-            eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-            chat = ChatTemplate(self._chat_template_setting or gguf.get("tokenizer.chat_template"), bos, eos)
+            chat = self._template(gguf, path, tok)
             weights = load_weights(gguf, cfg)
             n_params = gguf.n_parameters()
             types = sorted(set(gguf.tensor_types.values()))
         finally:
             gguf.close()
-        if self._max_context > cfg.context_length:
-            _LOGGER.warning(
-                "max_context %d is more than %s was trained for (%d); using %d",
-                self._max_context,
-                path.name,
-                cfg.context_length,
-                cfg.context_length,
-            )
-            self._max_context = cfg.context_length
-        kv_dtype: KVDtype
-        if self._kv_dtype_setting == "auto":
-            f32_bytes = 2 * cfg.n_layers * self._n_batch * self._max_context * cfg.kv_dim * 4
-            kv_dtype = "float32" if f32_bytes <= KV_FLOAT32_BUDGET else "bfloat16"
-        else:
-            kv_dtype = self._kv_dtype_setting
+        self._max_context = self._context(cfg, path)
+        kv_dtype = self._kv_dtype(cfg, self._max_context)
         self._model = Transformer(cfg, weights, self._n_batch, self._max_context, kv_dtype)
         self._forget_cached_prompts()  # a new cache holds nothing yet
         _release_freed_memory()
@@ -237,7 +228,9 @@ class NumpyEngine(Engine):
             "vocab_size": cfg.vocab_size,
             "weights_bytes": weights.nbytes,
             "kv_cache_dtype": kv_dtype,
-            "chat_template": "builtin ChatML" if chat.builtin else "from the model file",
+            "context_length": cfg.context_length,
+            "kv_bytes_per_token": self._kv_bytes_per_token(cfg, kv_dtype),
+            "chat_template": chat.origin,
             "blas": _blas_description(),
             "load_seconds": round(time.perf_counter() - t0, 2),
         }
@@ -251,20 +244,88 @@ class NumpyEngine(Engine):
             self._max_context,
         )
 
+    def template_in_use(self) -> TemplateInUse:
+        chat = self._chat
+        if chat is None:  # before load: from the setting and the file's metadata, no weights read
+            path = resolve_model_path(self._model_setting)
+            gguf = GGUFFile(path)
+            try:
+                chat = self._template(gguf, path, None)
+            finally:
+                gguf.close()
+        return TemplateInUse(chat.origin, chat.takes_tools)
+
+    def _template(self, gguf: GGUFFile, path: Path, tok: GGUFTokenizer | None) -> ChatTemplate:
+        """The setting's template, else the file's own, else ChatML; with the tokenizer's BOS and EOS
+        texts (none given: only where it comes from and whether it takes tools are asked)."""
+        bos = tok.token_text(tok.bos_id) if tok is not None and tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok is not None and tok.eos_id is not None else ""
+        found = find_template(self._template_setting, None)
+        if found is not None:
+            found.bos_token, found.eos_token = found.bos_token or bos, found.eos_token or eos
+            return found
+        own = gguf.get("tokenizer.chat_template")
+        if isinstance(own, str) and own.strip():
+            return ChatTemplate(own, bos, eos, origin=f"{path.name} (tokenizer.chat_template)")
+        chatml = builtin("chatml")
+        chatml.bos_token, chatml.eos_token = bos, eos
+        return chatml
+
+    def _kv_bytes_per_token(self, cfg: ModelConfig, dtype: KVDtype) -> int:
+        """K and V of one token in one slot, every layer."""
+        return 2 * cfg.n_layers * cfg.kv_dim * (4 if dtype == "float32" else 2)
+
+    def _kv_dtype(self, cfg: ModelConfig, context: int) -> KVDtype:
+        if self._kv_dtype_setting != "auto":
+            return self._kv_dtype_setting
+        f32_bytes = self._n_batch * context * self._kv_bytes_per_token(cfg, "float32")
+        return "float32" if f32_bytes <= KV_FLOAT32_BUDGET else "bfloat16"
+
+    def _context(self, cfg: ModelConfig, path: Path) -> int:
+        """max_context: the setting (at most the model's own), else the model's own, halved while the
+        whole KV cache would take more than `KV_MEMORY_SHARE` of the memory available now."""
+        own = cfg.context_length
+        if self._context_setting is not None:
+            if self._context_setting > own:
+                _LOGGER.warning(
+                    "max_context %d is more than %s was trained for (%d); using %d",
+                    self._context_setting,
+                    path.name,
+                    own,
+                    own,
+                )
+            return min(self._context_setting, own)
+        available = _available_memory()
+        context = own
+        while context > MIN_DEFAULT_CONTEXT and available is not None:
+            need = self._n_batch * context * self._kv_bytes_per_token(cfg, self._kv_dtype(cfg, context))
+            if need <= KV_MEMORY_SHARE * available:
+                break
+            context //= 2
+        if context < own:
+            _LOGGER.info(
+                "max_context %d, not %s's own %d: %d slots of %d tokens would not fit in half of the %d MiB "
+                "available (set max_context to choose)",
+                context,
+                path.name,
+                own,
+                self._n_batch,
+                own,
+                (available or 0) // 2**20,
+            )
+        return max(8, context)
+
     # -- requests -----------------------------------------------------------------------------
     def encode_chat(self, req: Generation) -> list[int]:
-        """The prompt tokens of a request: its messages through the chat template."""
+        """The prompt tokens of a whole request: its messages through the chat template."""
+        return self._encode(req.messages, req)
+
+    def _encode(self, messages: Sequence[ChatMessage], req: Generation) -> list[int]:
         tok = self.tokenizer
         if self._chat is None:
             raise EngineError("numpy engine: load() has not been called")
-        if req.tools and not self._chat.takes_tools:
-            raise RequestRejected(
-                ErrorCode.INVALID_REQUEST,
-                f"the chat template of {self.model_name} takes no tools: use a model whose template does "
-                "(e.g. Qwen2.5-Instruct) or send no tools",
-            )
         try:
-            text = self._chat.render(req.messages, add_generation_prompt=True, tools=req.tools)
+            text = self._chat.render(messages, tools=req.tools if self._chat.takes_tools else ())
         except ValueError as e:
             raise RequestRejected(ErrorCode.INVALID_REQUEST, str(e)) from e
         ids = tok.encode(text)
@@ -272,19 +333,39 @@ class NumpyEngine(Engine):
             ids.insert(0, tok.bos_id)
         return ids
 
-    def answer_room(self, max_new_tokens: int) -> int:
-        return max(1, min(max_new_tokens, self._max_context // 4))
+    def context_of(self, gen: Generation) -> int:
+        """The context a request gets: its own (Ollama's num_ctx) up to the engine's."""
+        return min(gen.context or self._max_context, self._max_context)
+
+    def answer_room(self, max_new_tokens: int, context: int | None = None) -> int:
+        return max(1, min(max_new_tokens, (context or self._max_context) // 4))
 
     def prepare(self, gen: Generation) -> Prepared:
-        ids = self.encode_chat(gen)
-        room = self.answer_room(gen.max_new_tokens)
-        if len(ids) + room > self._max_context:
+        """The prompt's tokens, the conversation trimmed to the context (the oldest turns out); refuses
+        `too_long` only a last turn that cannot fit with the system messages and room for the answer."""
+        context = self.context_of(gen)
+        room = self.answer_room(gen.max_new_tokens, context)
+
+        def measure(messages: tuple[ChatMessage, ...]) -> tuple[int, list[int]]:
+            ids = self._encode(messages, gen)
+            return len(ids), ids
+
+        try:
+            fitted = fit(gen.messages, context - room, measure)
+        except DoesNotFit as e:
             raise RequestRejected(
                 ErrorCode.TOO_LONG,
-                f"the prompt is {len(ids)} tokens; with room for {room} answer tokens it needs "
-                f"{len(ids) + room}, more than the context of {self._max_context}",
+                f"the prompt is {e.tokens} tokens{' with the older turns left out' if len(gen.messages) > 2 else ''}; "
+                f"with room for {room} answer tokens it needs {e.tokens + room}, more than the context of {context}",
+            ) from None
+        if fitted.dropped:
+            _LOGGER.info(
+                "request %s: the %d oldest messages left out to fit the context of %d tokens",
+                gen.key,
+                fitted.dropped,
+                context,
             )
-        return Prepared(gen, len(ids), data=ids)
+        return Prepared(gen, fitted.tokens, data=fitted.rendered)
 
     def decoding(self) -> int:
         """Requests past their prompt (each makes one token a step)."""
@@ -302,6 +383,8 @@ class NumpyEngine(Engine):
                 raise EngineError(f"numpy engine: request {gen.key!r} is already running")
             if not isinstance(ids, list):
                 raise EngineError(f"numpy engine: request {gen.key!r} was not prepared by this engine")
+            if gen.tools:
+                self._calls.watch(gen.key, bare_json=self._chat is not None and self._chat.bare_json_calls)
             slot, reuse = self._pick_slot(ids)
             self._slots[slot] = gen.key
             del self._kv_tokens[slot][reuse:]
@@ -311,6 +394,7 @@ class NumpyEngine(Engine):
                 slot=slot,
                 prompt=ids,
                 max_new_tokens=gen.max_new_tokens,
+                context=self.context_of(gen),
                 sampler=Sampler(gen.sampling),
                 prefilled=reuse,
                 reused=reuse,
@@ -333,6 +417,7 @@ class NumpyEngine(Engine):
         self._kv_tokens = [[] for _ in range(self._n_batch)]
 
     def cancel(self, key: Hashable) -> None:
+        self._calls.forget(key)
         self._release(key)
 
     def close(self) -> None:
@@ -354,7 +439,7 @@ class NumpyEngine(Engine):
         events: list[EngineEvent] = []
         try:
             self._step(events)
-            return events
+            return self._calls.events(events)
         except Exception as e:  # a failed step fails the requests in it, not the bridge
             _LOGGER.exception("numpy engine: step failed")
             self._forget_cached_prompts()  # a half-written cache is nobody's prefix
@@ -363,14 +448,17 @@ class NumpyEngine(Engine):
             for key in list(self._running):
                 events.append(ErrorEvent(key, ErrorCode.ENGINE_ERROR, f"numpy engine step failed: {e}"))
                 self._release(key)
-            return events
+            return self._calls.events(events)
 
     def _plan(self) -> tuple[list[int], StepPlan, list[_Running]]:
         decoding = sorted((r for r in self._running.values() if not r.prefilling), key=lambda r: r.slot)
         tokens = [r.pending for r in decoding]
         owners: list[_Running] = list(decoding)
         logit_rows = list(range(len(decoding)))
-        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
+        # A decoder at its first token (it came with the joiners, or one step before them) waits one
+        # full pass for its second; one that has decoded is kept to the small chunk's stall.
+        settled = any(len(r.generated) > 1 for r in decoding)
+        budget = self.prefill_chunk if settled else self.idle_prefill_chunk
         segments: list[Segment] = []
         row = len(decoding)
         for key in self._join_order:
@@ -422,7 +510,7 @@ class NumpyEngine(Engine):
         if text:
             events.append(TokenEvent(run.key, text, run.held))
             run.held = 0
-        if len(run.generated) >= run.max_new_tokens or len(run.prompt) + len(run.generated) >= self._max_context:
+        if len(run.generated) >= run.max_new_tokens or len(run.prompt) + len(run.generated) >= run.context:
             events.extend(self._finish(run, "length", now))
         else:
             run.pending = token
@@ -453,6 +541,15 @@ class NumpyEngine(Engine):
         )
         self._release(run.key)
         return events
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (psutil), or None when it cannot tell."""
+    try:
+        psutil = importlib.import_module("psutil")  # untyped: imported by name for strict mypy
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, ErrorEvent, FinishEvent, Prepared
+from rkmqtt.engines.chat.toolcalls import CallFilter
 from rkmqtt.errors import ConfigError
 from rkmqtt.settings import Settings
 
@@ -28,6 +29,7 @@ class OpenAiEngine(Engine):
         self._events: queue.SimpleQueue[tuple[int, EngineEvent]] = queue.SimpleQueue()
         self._active: dict[Hashable, int] = {}  # key -> ticket of the submission holding a slot
         self._tickets = itertools.count(1)
+        self._calls = CallFilter()
         self._wake: Callable[[], None] | None = None
         self._wake_due = False  # a wake is on its way: no need for another
         self._model = config.model or ""
@@ -97,6 +99,8 @@ class OpenAiEngine(Engine):
         for p in batch:
             ticket = next(self._tickets)
             self._active[p.key] = ticket
+            if p.gen.tools:  # a server that answers a call as text (no tool parser of its own)
+                self._calls.watch(p.key)
             self.worker.start(ticket, p.key, request_body(p.gen, self._model))
 
     def poll(self, timeout: float) -> list[EngineEvent]:
@@ -114,9 +118,10 @@ class OpenAiEngine(Engine):
                 item = self._events.get_nowait()
         except queue.Empty:
             pass
-        return out
+        return self._calls.events(out)
 
     def cancel(self, key: Hashable) -> None:
+        self._calls.forget(key)
         ticket = self._active.pop(key, None)
         if ticket is not None:
             self.worker.cancel(ticket)

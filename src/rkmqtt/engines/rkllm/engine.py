@@ -19,10 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from rkmqtt.engines.base import Capabilities, Engine, EngineEvent, ErrorEvent, Generation, Prepared, SamplingParams
+from rkmqtt.engines.base import (
+    Capabilities,
+    ChatMessage,
+    Engine,
+    EngineEvent,
+    ErrorEvent,
+    Generation,
+    Prepared,
+    SamplingParams,
+    TemplateInUse,
+)
+from rkmqtt.engines.chat.fit import DoesNotFit, fit
+from rkmqtt.engines.chat.source import find_template, find_tokenizer
+from rkmqtt.engines.chat.template import ChatTemplate
+from rkmqtt.engines.chat.toolcalls import CallFilter
 from rkmqtt.engines.rkllm.abi import LLMHandle, LLMResultCallback, cpu_mask
 from rkmqtt.engines.rkllm.batch import AbortWanted, Batch, BatchEnded, QueueItem
-from rkmqtt.engines.rkllm.length import PromptLength
+from rkmqtt.engines.rkllm.length import Measure, PromptLength
 from rkmqtt.engines.rkllm.library import RuntimeLibrary, locate_runtime
 from rkmqtt.engines.rkllm.platform import runtime_cpus
 from rkmqtt.engines.rkllm.prompt import cached_prefix, host_rendered, parse_chat_template, render_prompt
@@ -43,6 +57,10 @@ SamplingTuple = tuple[int, float, float, float]  # top_k, top_p, temperature, re
 RELOAD_AFTER_FAILURES = 2
 # How long an abort waits for the runtime to show that its run has begun (see the module docstring).
 ABORT_CONFIRM_S = 1.0
+# max_context when the setting leaves it to the model: what rkllm-toolkit converts for by default and
+# Rockchip's model zoo uses (a .rkllm file converted for less makes rkllm_init fail: set max_context).
+DEFAULT_CONTEXT = 4096
+NO_TEMPLATE = ("", "", "")
 
 
 def runtime_sampling(s: SamplingParams) -> SamplingTuple:
@@ -73,13 +91,26 @@ class RkllmEngine(Engine):
         self._n_batch = settings.n_batch
         self._cpus = runtime_cpus(settings.rkllm_cpus, root)
         self._template = parse_chat_template(settings.rkllm_chat_template) if settings.rkllm_chat_template else None
+        self._max_context = settings.max_context or DEFAULT_CONTEXT
+        # The conversation rendered here with the model's template (the runtime's own switched off), or,
+        # without one, flattened into one user turn for the runtime's template (docs/rkllm-runtime.md).
+        self._host: ChatTemplate | None = None
+        if settings.chat_template and self._template is not None:
+            raise ConfigError(
+                "settings chat_template and rkllm_chat_template are both set: chat_template renders the whole "
+                "conversation here, rkllm_chat_template configures the runtime's own template; keep one"
+            )
+        if self._template is None:
+            self._host = find_template(settings.chat_template, self._model)
+        self._tokenizer_file = find_tokenizer(settings.rkllm_tokenizer, self._model)
+        self._calls = CallFilter()
         self._prompt_cache = settings.rkllm_prompt_cache
         if self._prompt_cache is not None and (self._template is None or not cached_prefix(self._template)):
             raise ConfigError(
                 "setting rkllm_prompt_cache needs rkllm_chat_template (system|prefix|postfix) whose system part "
                 "is the fixed system prompt to cache"
             )
-        self._length = PromptLength(None, self._template)  # the bound until load() reads rkllm_tokenizer
+        self._length = PromptLength(None, self._runtime_template())  # the bound until load() reads the tokenizer
         self._recorder = recorder
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
@@ -112,7 +143,10 @@ class RkllmEngine(Engine):
     @property
     def capabilities(self) -> Capabilities:
         per_run = self._runtime is not None and self._runtime.abi.per_run_sampling
-        return Capabilities(name="rkllm", continuous=False, max_batch=self._n_batch, per_request_sampling=per_run)
+        tools = self._host is not None and self._host.takes_tools
+        return Capabilities(
+            name="rkllm", continuous=False, max_batch=self._n_batch, per_request_sampling=per_run, tools=tools
+        )
 
     @property
     def model_name(self) -> str:
@@ -123,7 +157,7 @@ class RkllmEngine(Engine):
         self._runtime = locate_runtime(s.rkllm_library, s.rkllm_abi)
         if not self._model.is_file():
             raise ConfigError(f"setting model={str(self._model)!r}: no such file; give the path of a .rkllm model")
-        self._length = PromptLength(s.rkllm_tokenizer, self._template)
+        self._length = PromptLength(self._tokenizer_file, self._runtime_template())
         self._lib = self._runtime.load()
         self._handle = self._init_handle()
         if self._prompt_cache is not None and not self._prompt_cache.is_file():
@@ -148,26 +182,60 @@ class RkllmEngine(Engine):
             "n_batch": self._n_batch,
             "cpus": self._cpus,
             "pad_batch": self._settings.rkllm_pad_batch,
-            "chat_template": "custom" if self._template else "built-in",
+            "max_context": self._max_context,
+            "chat_template": self._template_words(),
+            "tools": self.capabilities.tools,
+            "prompt_input": "token ids" if self._token_input() else "text",
             "prompt_cache": str(self._prompt_cache) if self._prompt_cache is not None else None,
-            "prompt_length": "counted (rkllm_tokenizer)" if self._settings.rkllm_tokenizer else "bounded",
+            "prompt_length": f"counted ({self._tokenizer_file})" if self._tokenizer_file else "bounded",
             "batches": self._batches,
             "failed_runs": self._failed_runs,
             "recoveries": self._recoveries,
         }
 
+    def template_in_use(self) -> TemplateInUse:
+        # Found at construction, from the settings and the files beside the model: loading changes nothing.
+        return TemplateInUse(self._template_words(), self.capabilities.tools)
+
+    def _template_words(self) -> str:
+        """Which chat template renders the conversations, in words (`rkmqtt check`, info)."""
+        if self._host is not None:
+            return f"{self._host.origin}, rendered here (the runtime's own template off)"
+        if self._template is not None:
+            return "rkllm_chat_template (the runtime's, with the conversation flattened into one user turn)"
+        return "the runtime's built-in template (the conversation flattened into one user turn; set chat_template)"
+
     def prepare(self, req: Generation) -> Prepared:
-        """Refuse a prompt the context cannot hold (too_long); its token count when it was counted."""
-        measure = self._length.measure(self._prompt_of(req))
-        limit = self._settings.max_context
-        if measure.tokens >= limit:
+        """The runtime's input: the conversation rendered (trimmed to the context, the oldest turns out),
+        as token ids where a tokenizer is at hand. Refuses `too_long` a last turn that cannot fit."""
+        limit = min(req.context or self._max_context, self._max_context)
+        room = max(1, min(req.max_new_tokens, limit // 4))
+
+        def measure(messages: tuple[ChatMessage, ...]) -> tuple[int, tuple[str, Measure]]:
+            text = self._input_text(messages, req)
+            m = self._length.measure(text)
+            return m.tokens, (text, m)
+
+        try:
+            fitted = fit(req.messages, limit - room, measure)
+        except DoesNotFit as e:
             raise RequestRejected(
                 ErrorCode.TOO_LONG,
-                f"the prompt is {'' if measure.exact else 'up to '}{measure.tokens} tokens ({measure.describe()}), "
-                f"and the model's context is max_context={limit} tokens with room for the reply: shorten it",
+                f"the prompt is {'' if self._length.exact else 'up to '}{e.tokens} tokens "
+                f"({self._length.describe()}), and the model's "
+                f"context is max_context={limit} tokens with room for {room} reply tokens: shorten it",
+            ) from None
+        text, measured = fitted.rendered
+        if fitted.dropped:
+            _LOGGER.info(
+                "request %s: the %d oldest messages left out to fit the context of %d tokens",
+                req.key,
+                fitted.dropped,
+                limit,
             )
-        tokens = measure.tokens if measure.exact and measure.allowance == 0 else None
-        return Prepared(req, tokens, self.batch_key(req))
+        ids = self._length.encode(text) if self._token_input() else None
+        tokens = measured.tokens if measured.exact and measured.allowance == 0 else None
+        return Prepared(req, tokens, self.batch_key(req), data=(text, ids))
 
     def batch_key(self, req: Generation) -> Hashable:
         if self._runtime is not None and self._runtime.abi.per_run_sampling:
@@ -186,6 +254,8 @@ class RkllmEngine(Engine):
     ) -> None:
         """Start a batch; `token_inputs` (for `rkmqtt probe`) gives some requests token ids instead of their prompt."""
         reqs = [p.gen for p in prepared]
+        texts = {p.key: p.data[0] if p.data is not None else self._input_text(p.gen.messages, p.gen) for p in prepared}
+        ids = {p.key: p.data[1] for p in prepared if p.data is not None and p.data[1] is not None}
         if self._running is not None or self._handle is None:
             raise EngineError("submit while the RKLLM engine is busy or not initialised")
         if not 1 <= len(reqs) <= self._n_batch:
@@ -211,9 +281,12 @@ class RkllmEngine(Engine):
             sampling=sampling,
             warnings={r.key: self._warnings(r, per_run) for r in reqs},
             out=self._events,
-            render=self._runtime_input,
-            token_inputs=token_inputs,
+            render=lambda r: texts[r.key],
+            token_inputs={**ids, **(token_inputs or {})},
         )
+        for r in reqs:
+            if r.tools:
+                self._calls.watch(r.key, bare_json=self._host is not None and self._host.bare_json_calls)
         self._running = batch
         self._batches += 1
         self._worker = threading.Thread(
@@ -240,13 +313,14 @@ class RkllmEngine(Engine):
             try:
                 item = self._events.get_nowait()
             except queue.Empty:
-                return out
+                return self._calls.events(out)
 
     def cancel(self, key: Hashable) -> None:
         batch = self._running
         if batch is None or key not in batch.by_key:
             return
         self._cancelled.add(key)
+        self._calls.forget(key)
         if batch.cancel(key):
             self._abort(batch)
 
@@ -284,13 +358,27 @@ class RkllmEngine(Engine):
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _prompt_of(self, req: Generation) -> str:
-        """The request's one user turn (a system message the template's system part holds is not repeated)."""
-        return render_prompt(req.messages, self._template[0] if self._template else None)
+    def _runtime_template(self) -> tuple[str, str, str] | None:
+        """The template the runtime applies around our input: none when we render (the host template,
+        the prompt cache's rendering), rkllm_chat_template's parts, or None for its built-in one."""
+        if self._host is not None or self._prompt_cache is not None:
+            return NO_TEMPLATE
+        return self._template
 
-    def _runtime_input(self, req: Generation) -> str:
-        """What goes to the runtime: the user turn, inside the template when the engine renders it."""
-        prompt = self._prompt_of(req)
+    def _token_input(self) -> bool:
+        """Token ids go to the runtime: the whole input is rendered here and a tokenizer is at hand."""
+        return self._host is not None and self._tokenizer_file is not None
+
+    def _input_text(self, messages: tuple[ChatMessage, ...], req: Generation) -> str:
+        """What the runtime reads for `messages` as text: the rendered conversation; else one user turn
+        (a system message the configured template's system part holds is not repeated), inside that
+        template when the engine renders it (prompt cache)."""
+        if self._host is not None:
+            try:
+                return self._host.render(messages, tools=req.tools if self._host.takes_tools else ())
+            except ValueError as e:
+                raise RequestRejected(ErrorCode.INVALID_REQUEST, str(e)) from e
+        prompt = render_prompt(messages, self._template[0] if self._template else None)
         if self._prompt_cache is not None and self._template is not None:
             return host_rendered(self._template, prompt)
         return prompt
@@ -307,16 +395,17 @@ class RkllmEngine(Engine):
         return list(sizes) if rc == 0 else None
 
     def _set_template(self, handle: Any) -> None:
-        """The configured chat template, or none at all when the engine renders it (prompt cache)."""
-        if self._template is None:
+        """The configured chat template, or none at all when the engine renders it (host template, prompt cache)."""
+        parts = self._runtime_template()
+        if parts is None:
             return
-        parts = ("", "", "") if self._prompt_cache is not None else self._template
         rc = self._lib.rkllm_set_chat_template(handle, *(t.encode() for t in parts))
         if self._recorder is not None:
             self._recorder.call("set_chat_template", rc=rc, empty=not any(parts))
         if rc != 0:
             self._call_destroy(handle)
-            raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting rkllm_chat_template", rc)
+            what = "rkllm_chat_template" if parts != NO_TEMPLATE else "chat_template (the runtime's template off)"
+            raise EngineError(f"rkllm_set_chat_template failed ({rc}): check setting {what}", rc)
 
     def _load_prompt_cache(self, handle: Any) -> None:
         """rkllm_load_prompt_cache of the rkllm_prompt_cache file. Raises EngineError with one line."""
@@ -409,7 +498,7 @@ class RkllmEngine(Engine):
         param: Any = lib.rkllm_createDefaultParam()  # by value: restype is this ABI's RKLLMParam
         model_path = os.fsencode(self._model)  # the file system's bytes, whatever the name's encoding
         param.model_path = model_path
-        param.max_context_len = s.max_context
+        param.max_context_len = self._max_context
         param.max_new_tokens = s.max_new_tokens
         top_k, top_p, temperature, repeat_penalty = runtime_sampling(
             SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, repeat_penalty=s.repeat_penalty)
@@ -445,7 +534,8 @@ class RkllmEngine(Engine):
                 f"rkllm_init failed ({rc}) for model {self._model} with runtime {version}: check that the RKNPU "
                 f"driver is 0.9.8 or newer (`rkmqtt check`), that the model was converted by rkllm-toolkit "
                 f"{version} for this SoC (model and runtime versions must match), and that there is memory for "
-                f"max_context={s.max_context} x n_batch={self._n_batch} (try smaller values)",
+                f"max_context={self._max_context} x n_batch={self._n_batch} (try smaller values; the .rkllm file "
+                "must have been converted for at least max_context)",
                 rc,
             )
         self._init_keep = (param, callback, model_path)

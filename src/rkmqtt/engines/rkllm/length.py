@@ -21,7 +21,11 @@ class Measure:
 
     def describe(self) -> str:
         """How `tokens` was found, for a too_long message."""
-        how = "counted with rkllm_tokenizer" if self.exact else "at one per UTF-8 byte; set rkllm_tokenizer to count"
+        how = (
+            "counted with the model's tokenizer"
+            if self.exact
+            else "at one per UTF-8 byte; put the model's tokenizer.json beside it, or set rkllm_tokenizer, to count"
+        )
         extra = f", {self.allowance} of them for the built-in chat template" if self.allowance else ""
         return f"{how}{extra}"
 
@@ -34,6 +38,19 @@ class PromptLength:
         self.tokenizer_file = tokenizer_file
         self._allowance = TEMPLATE_ALLOWANCE if template is None else 0
         self._overhead = self._allowance if template is None else sum(self._count(part) for part in template)
+
+    @property
+    def exact(self) -> bool:
+        return self._tokenizer is not None
+
+    def describe(self) -> str:
+        """How prompts are counted, for a too_long message."""
+        return Measure(0, self.exact, self._allowance).describe()
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text` (special tokens in it, such as <|im_start|>, as one id each)."""
+        assert self._tokenizer is not None, "encode without a tokenizer"
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def measure(self, prompt: str) -> Measure:
         return Measure(
