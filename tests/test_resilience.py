@@ -3,14 +3,21 @@ Mosquitto processes and, for shutdown, `rkmqtt run` as a real process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
@@ -251,3 +258,45 @@ def test_the_embedded_broker_does_not_outlive_a_killed_rkmqtt(tmp_path: Path) ->
     while port_answers("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not port_answers("127.0.0.1", port)
+
+
+def test_online_follows_the_brokers_grant_of_the_request_subscription(mosquitto: Mosquitto) -> None:
+    """A fresh session each time: a request published the moment `wait_connected` returns, and one
+    published the moment a device sees the status `online`, both reach the bridge (each would be
+    lost if it reached the broker before the bridge's subscription)."""
+    got: list[str] = []
+    cond = threading.Condition()
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        prefix = msg.topic.split("/")[0]
+        if msg.topic.endswith("/status") and msg.payload == b"online" and not msg.retain:
+            c.publish(f"{prefix}/request/dev", json.dumps({"id": "on-status", "prompt": "x", "stream": False}), 1)
+        elif "/reply/" in msg.topic:
+            with cond:
+                got.append(msg.topic)
+                cond.notify_all()
+
+    device.on_message = on_message
+    device.connect("127.0.0.1", mosquitto.port)
+    device.subscribe([("+/node/+/status", 1), ("+/reply/dev/+", 1)])
+    device.loop_start()
+    try:
+        for i in range(12):
+            prefix = f"sub{i}{uuid.uuid4().hex[:6]}"  # a new node, so a new session, every time
+            svc = Service(bridge_settings(mosquitto.url, prefix), engine=FakeEngine())
+            svc.start()
+            try:
+                assert svc.bridge is not None and svc.bridge.wait_connected(15)
+                device.publish(
+                    f"{prefix}/request/dev", json.dumps({"id": "on-wait", "prompt": "x", "stream": False}), 1
+                )
+                want = {f"{prefix}/reply/dev/on-wait", f"{prefix}/reply/dev/on-status"}
+                with cond:
+                    cond.wait_for(lambda w=want: w <= set(got), 10)  # type: ignore[misc]
+                assert want <= set(got), f"round {i}: {sorted(want - set(got))} never answered"
+            finally:
+                svc.stop(grace_s=0)
+    finally:
+        device.disconnect()
+        device.loop_stop()

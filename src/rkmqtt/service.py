@@ -23,13 +23,14 @@ from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
 from rkmqtt.mqtt.journal import Journal, journal_path
 from rkmqtt.mqtt.outbox import Outbox
-from rkmqtt.mqtt.replies import Replies
+from rkmqtt.mqtt.replies import Replies, in_journal
 from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits
 from rkmqtt.sched.admission import Admission
 from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.loop import Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
+from rkmqtt.sched.request import Request
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics
 
@@ -247,7 +248,10 @@ class Service:
         if http is not None:
             steps.append(("stop taking HTTP requests", http.stop_accepting))
         if scheduler is not None:
-            steps.append(("answer or finish requests", lambda: _drain(scheduler, grace)))
+            # Alone, the waiting MQTT requests stay in the journal for the next start; with other
+            # nodes online they are answered `shutting_down`, and their devices' retries go there.
+            # (Asked once the bridge has stopped taking requests: it knows then whether it was alone.)
+            steps.append(("answer or finish requests", lambda: _drain(scheduler, grace, self._kept())))
         if http is not None:
             steps.append(("finish HTTP responses", http.stop))
         if bridge is not None:
@@ -268,6 +272,9 @@ class Service:
             self._health_thread.join(5)
             self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
+
+    def _kept(self) -> Callable[[Request], bool] | None:
+        return in_journal if self.bridge is not None and self.bridge.keeps_waiting else None
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0)."""
@@ -295,6 +302,6 @@ class Service:
         return status
 
 
-def _drain(scheduler: Scheduler, grace_s: float) -> None:
-    scheduler.shutdown(grace_s)
+def _drain(scheduler: Scheduler, grace_s: float, keep: Callable[[Request], bool] | None) -> None:
+    scheduler.shutdown(grace_s, keep)
     scheduler.join(grace_s + 10)

@@ -97,6 +97,17 @@ class Journal:
             if self._deliveries % _PRUNE_EVERY == 0:
                 self._prune(now)
 
+    def has(self, key: RequestKey, now: float | None = None) -> bool:
+        """Whether a request with this key is in flight here, or was answered within the dedup
+        window (a failover drain's copy of a request this node has already)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM requests WHERE client = ? AND id = ? AND (delivered IS NULL OR delivered >= ?) LIMIT 1",
+                (key.client, key.id, now - self.dedup_window_s),
+            ).fetchone()
+        return row is not None
+
     # -- scheduler thread -------------------------------------------------------------------------
     def drop(self, seq: int) -> None:
         """Row `seq` was a duplicate of a request in flight (or a retry answered from memory)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
+from rkmqtt.logbudget import limited
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.sched.policy import CoreConfig, SchedulingCore, Step
 from rkmqtt.sched.request import Outcome, Request, RequestKey
@@ -55,6 +56,7 @@ class _Repeated:
 @dataclass(frozen=True)
 class _Shutdown:
     grace_s: float
+    keep: Callable[[Request], bool] | None
 
 
 _Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown
@@ -103,9 +105,10 @@ class Scheduler:
         """Count a retried id that a door answered from its own record of the final reply."""
         self._inbox.put(_Repeated())
 
-    def shutdown(self, grace_s: float) -> None:
-        """Answer waiting requests `shutting_down`, give running ones `grace_s` to finish."""
-        self._inbox.put(_Shutdown(grace_s))
+    def shutdown(self, grace_s: float, keep: Callable[[Request], bool] | None = None) -> None:
+        """Answer waiting requests `shutting_down` (but those `keep` says their door keeps for the
+        next start), give running ones `grace_s` to finish."""
+        self._inbox.put(_Shutdown(grace_s, keep))
 
     def join(self, timeout: float | None = None) -> bool:
         if self._thread.ident is None:  # never started (start-up failed before it)
@@ -179,8 +182,15 @@ class Scheduler:
             elif isinstance(cmd, _Repeated):
                 self.core.counters.repeated += 1
             else:
-                _LOGGER.info("shutting down: %d running get up to %.0f s", self.core.running, cmd.grace_s)
-                self._carry_out(self.core.shutdown(cmd.grace_s, now))
+                step = self.core.shutdown(cmd.grace_s, now, cmd.keep)
+                _LOGGER.info(
+                    "shutting down: %d running get up to %.0f s; %d waiting answered, %d kept for the next start",
+                    self.core.running,
+                    cmd.grace_s,
+                    len(step.outcomes),
+                    len(step.kept),
+                )
+                self._carry_out(step)
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
@@ -241,7 +251,8 @@ class Scheduler:
         req.route.sink.final(outcome)
         if outcome.error is not None:
             code, message = outcome.error
-            _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
+            if limited(_LOGGER, logging.WARNING, f"{code.value} replies", req.client):
+                _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
             return
         # The one INFO line of a request (queued/started are DEBUG): nothing per chunk.
         _LOGGER.info(
