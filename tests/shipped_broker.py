@@ -16,6 +16,11 @@ P = "rkmqtt"  # the shipped ACLs are written for the default topic prefix
 BRIDGE_USER = "rkmqtt"
 USERS = {"homeassistant": "ha-pw", "admin": "admin-pw", "alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 BRIDGES = {BRIDGE_USER: "bridge-pw"}
+USERS_DEV = "dev{}"
+
+
+def device_password(n: int) -> str:
+    return f"dev{n}-pw"
 
 
 def shipped_config(
@@ -45,9 +50,11 @@ def shipped_config(
 class ShippedBroker(Mosquitto):
     """A Mosquitto with the shipped conf: `url` is the devices' listener, `bridge_url` the bridges'."""
 
-    def __init__(self, workdir: Path, acl: bool = True, swaps: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, acl: bool = True, swaps: dict[str, str] | None = None, devices: int = 0) -> None:
+        """`devices`: users dev0, dev1, ... with the passwords `device_password(n)`, besides USERS."""
         workdir.mkdir(parents=True, exist_ok=True)
-        for name, users in (("rkmqtt.passwd", USERS), ("rkmqtt-bridges.passwd", BRIDGES)):
+        device_users = {USERS_DEV.format(n): device_password(n) for n in range(devices)}
+        for name, users in (("rkmqtt.passwd", {**USERS, **device_users}), ("rkmqtt-bridges.passwd", BRIDGES)):
             path = workdir / name
             path.write_text("")
             for user, pw in users.items():

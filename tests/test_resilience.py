@@ -105,28 +105,73 @@ def _run_bridge_process(url: str, prefix: str, *extra: str) -> subprocess.Popen[
     )  # fmt: skip
 
 
-def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mosquitto, prefix: str) -> None:
+def test_sigterm_alone_keeps_the_queue_for_the_restart(mosquitto: Mosquitto, prefix: str) -> None:
+    """32 requests accepted (4 running, 28 waiting), SIGTERM, 4 more sent while it stops: the running
+    ones finish within the grace period; the waiting ones stay in the journal and the late ones with
+    the broker; after the restart all 36 are answered ok, each once."""
     probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/node/+/status"])
-    proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20")
+    args = ("--grace-period", "20", "--node-name", "solo")
+    proc = _run_bridge_process(mosquitto.url, prefix, *args)
+    again = None
     try:
         probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", timeout=30)
-        # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), four wait.
-        for n in range(8):
-            probe.publish(f"{prefix}/request/dev{n}", {"id": "x", "prompt": "tokens:150", "stream": False})
+        # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), 28 wait.
+        for n in range(32):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"x{n}", "prompt": "tokens:150", "stream": False})
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
+        for n in range(32, 36):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"x{n}", "prompt": "tokens:5", "stream": False})
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        finals = {m.topic.split("/")[2]: m.json() for m in probe.wait_for(lambda m: "/reply/" in m.topic, count=8)}
-        ok = sorted(k for k, v in finals.items() if v["status"] == "ok")
-        down = sorted(k for k, v in finals.items() if v["status"] == "error")
-        assert len(ok) == 4 and all(finals[k]["finish_reason"] == "stop" for k in ok), finals
-        assert len(down) == 4 and all(finals[k]["error"]["code"] == "shutting_down" for k in down)
-        assert probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
-        assert "SIGTERM received" in out
+        assert "4 running get up to 20 s; 0 waiting answered, 28 kept for the next start" in out, out[-2000:]
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
+        first = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
+        assert len(first) == 4 and all(v["status"] == "ok" for v in first.values()), first
+        again = _run_bridge_process(mosquitto.url, prefix, *args)
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=36, timeout=60)
+        time.sleep(0.5)  # a second answer would be here by now
+        finals = probe.finals_under(f"{prefix}/reply/")
+        assert Counter(m.topic for m in finals) == Counter(f"{prefix}/reply/dev{n % 8}/x{n}" for n in range(36))
+        assert all(m.json()["status"] == "ok" for m in finals), [m.json() for m in finals if m.json()["status"] != "ok"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, again):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=30)
+        probe.close()
+
+
+def test_sigterm_with_another_node_online_answers_the_waiting_for_it_to_take(mosquitto: Mosquitto, prefix: str) -> None:
+    """Two nodes share; one stops: its waiting requests are answered shutting_down at once (its
+    journal is on its own disk), and their retries are served by the other node."""
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/node/+/info"])
+    a = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20", "--node-name", "a")
+    b = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20", "--node-name", "b")
+    try:
+        for node in ("a", "b"):
+            probe.wait_for(lambda m, n=node: m.topic == f"{prefix}/node/{n}/info" and m.json()["share"] == "shared", 60)  # type: ignore[misc]
+        for n in range(24):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"y{n}", "prompt": "tokens:150", "stream": False})
+        time.sleep(0.5)
+        a.send_signal(signal.SIGTERM)
+        out, _ = a.communicate(timeout=60)
+        assert a.returncode == 0 and "kept for the next start" in out and "0 kept" in out, out[-2000:]
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=24, timeout=60)
+        finals = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
+        down = [t for t, v in finals.items() if v["status"] == "error"]
+        assert down and all(finals[t]["error"]["code"] == "shutting_down" for t in down), finals
+        for t in down:  # the devices send them again: the other node answers
+            dev, rid = t.split("/")[-2:]
+            probe.publish(f"{prefix}/request/{dev}", {"id": rid, "prompt": "tokens:5", "stream": False})
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=24 + len(down), timeout=60)
+        retried = [m.json() for m in probe.finals_under(f"{prefix}/reply/")][24:]
+        assert all(r["status"] == "ok" and r["node"] == "b" for r in retried), retried
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=30)
         probe.close()
 
 

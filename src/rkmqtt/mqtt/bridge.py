@@ -513,19 +513,21 @@ class Bridge:
         self._drains[node] = drain
         drain.start()
 
-    def _on_drained(self, msg: mqtt.MQTTMessage) -> None:
+    def _on_drained(self, msg: mqtt.MQTTMessage) -> bool:
         """A drain's network thread: a message queued in the offline node's session, taken as if it
-        had come here. A request this node has already (it reached both sessions while a plain and a
-        shared subscription overlapped) is not taken twice."""
+        had come here; True for a request taken. A request this node has already (it reached both
+        sessions while a plain and a shared subscription overlapped) is not taken twice."""
         client = self.topics.client_of(msg.topic, "request")
         if client is not None:
-            if not self._journaled(client, bytes(msg.payload)):
-                self._on_request(client, msg)
-            return
+            if self._journaled(client, bytes(msg.payload)):
+                return False
+            self._on_request(client, msg)
+            return True
         client = self.topics.client_of(msg.topic, "cancel")
         if client is not None:
             self._on_cancel(client, bytes(msg.payload))
         # Anything else queued there (statuses, infos) is old news about the other nodes.
+        return False
 
     def _journaled(self, client: str, payload: bytes) -> bool:
         if self.journal is None or not is_valid_client(client):

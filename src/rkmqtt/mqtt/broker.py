@@ -50,6 +50,7 @@ class Mosquitto:
         nodelay: bool = True,
         config: str | None = None,
         save_on_changes: bool = True,
+        autosave_interval: int = 1,
     ) -> None:
         self.binary = binary or shutil.which("mosquitto") or _sbin("mosquitto")
         if self.binary is None:
@@ -69,6 +70,7 @@ class Mosquitto:
         # With persistence: the database is saved in the loop turn after any change, so that a
         # kill -9 of the broker loses nothing it acknowledged; else once a second.
         self.save_on_changes = save_on_changes
+        self.autosave_interval = autosave_interval  # changes (on changes) or seconds
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,7 +89,7 @@ class Mosquitto:
             f"persistence_location {self.workdir}/",
             # On changes, autosave_interval counts changes: every loop turn that changed something
             # rewrites the whole database (what it costs: docs/benchmarks.md, "Broker persistence").
-            "autosave_interval 1",
+            f"autosave_interval {self.autosave_interval}",
             f"autosave_on_changes {'true' if self.save_on_changes else 'false'}",
             "max_queued_messages 100000",
             # Mosquitto's default Nagle delays small packets (a stream chunk) by up to ~40 ms.

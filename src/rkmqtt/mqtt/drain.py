@@ -36,12 +36,12 @@ class Drain:
         node: str,
         client_id: str,
         shared_group: str,
-        handle: Callable[[mqtt.MQTTMessage], None],
+        handle: Callable[[mqtt.MQTTMessage], bool],
         on_end: Callable[[Drain], None],
     ) -> None:
         self.node = node
         self.client_id = client_id
-        self.taken = 0  # messages handed to the bridge
+        self.taken = 0  # requests the bridge took
         self.outcome = ""  # how it ended, in words
         self._settings = settings
         self._node_topics = Topics(topics.prefix, node)
@@ -109,8 +109,7 @@ class Drain:
                 if bytes(msg.payload) == self._marker:
                     self._end(f"{self.taken} requests taken over; its session ended", end_session=True)
                 return
-            self._handle(msg)
-            self.taken += 1
+            self.taken += self._handle(msg)
         finally:
             if msg.qos > 0 and not self._ended.is_set():
                 c.ack(msg.mid, msg.qos)
