@@ -88,7 +88,7 @@ class Bridge:
         self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
         self.shared_group = settings.effective_shared_group()
         self.sharing = Sharing(settings.share_requests, me=self.topics.node)
-        self._sharing_lock = threading.Lock()  # never held while calling paho
+        self._sharing_lock = threading.Lock()  # `sharing` and `_drains`; never held while calling paho
         self.scheduler = scheduler
         self.admission = admission
         self.sink = sink  # replies and their journal rows
@@ -180,10 +180,11 @@ class Bridge:
         to them, and what still arrives is answered `shutting_down` for the device to send again."""
         with self._sharing_lock:
             alone = not self.sharing.online_peers
+            drains = list(self._drains.values())
+        for drain in drains:  # first: what they have not acknowledged stays in their sessions
+            drain.stop()
         self._keeping = alone
         self._accepting = False
-        for drain in list(self._drains.values()):
-            drain.stop()
         if not self.connected:
             return
         with self._sharing_lock:
@@ -313,42 +314,51 @@ class Bridge:
             self._after_suback.clear()
             self._early_subacks.clear()
         code = int(getattr(reason, "value", 0))
-        if was:
-            self.link.lost(code if getattr(reason, "is_failure", False) else None, self._stopping)
         if code in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()
-        if was and not self._stopping and not self._taken_over:
-            self._after_loss(code)
+        if not was:
+            return
+        if self._stopping or self._taken_over:
+            self.link.lost(None, stopping=True)
+        else:
+            self._after_loss(code if getattr(reason, "is_failure", False) else None)
 
-    def _after_loss(self, code: int) -> None:
+    def _after_loss(self, code: int | None) -> None:
         """The broker closed our connection, or it was lost: find out whether a newer run of this
         node has the session now (then stop), else reconnect after the back-off. Runs before paho's
         reconnect, so that this run never takes the session back from a newer one."""
-        seen = takeover.look(self.settings, self.topics, self.info, self._own_instances)
+        seen = takeover.look(self.settings, self.address, self.topics, self.info, self._own_instances)
         newer = takeover.newer_run(self.info, seen, self._own_instances)
         if newer is not None:
             self._yield(newer)
             return
-        delay = self._backoff.lost(time.monotonic(), seen.reachable, taken=code == TAKEN_OVER)
+        # Closed (no reason, or 128: Mosquitto 2.0 sends no DISCONNECT 142 when a client takes our
+        # client id) while the broker answers others: another client with our client id, or a blip.
+        taken = code == TAKEN_OVER
+        suspect = taken or (seen.reachable and code in (None, 128))
+        delay = self._backoff.lost(time.monotonic(), suspect, taken=taken)
         self.client.reconnect_delay_set(min_delay=delay, max_delay=max(delay, RECONNECT_MAX_S))  # type: ignore[arg-type]
-        if self._backoff.strikes >= 2 and limited(_LOGGER, logging.WARNING, "session takeovers"):
+        if not suspect:
+            self.link.lost(code, stopping=False)  # an outage, or a reason of its own: the link says so once
+            return
+        cid = self.settings.effective_client_id()
+        who = (
+            "a node taking over the requests of one it saw go offline, a second bridge with this client_id, "
+            "or a client that borrowed it"
+        )
+        if taken:
+            cause = f"the broker gave our session to another client with our client id {cid} ({who})"
+        elif self._backoff.strikes >= 2:
             cause = (
-                "the broker gave our session to another client with our client id"
-                if code == TAKEN_OVER
-                else f"the broker closed our connection {self._backoff.strikes} times in a row while it answered "
-                "at once"
+                f"connection closed {self._backoff.strikes} times in a row while the broker answers: another "
+                f"client keeps connecting with our client id {cid} ({who})"
             )
-            _LOGGER.warning(
-                "%s: another client is using client id %s (a node taking over the requests of one it saw go "
-                "offline, a second bridge with this client_id, or a client that borrowed it); reconnecting in "
-                "%.0f s, later ones further apart",
-                cause,
-                self.settings.effective_client_id(),
-                delay,
-            )
+        else:
+            cause = f"connection closed while the broker answers: another client may have used client id {cid} ({who})"
+        self.link.failed(f"{cause}; reconnecting in {delay:.0f} s" if delay >= 1 else cause)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if self._keeping and self.topics.client_of(msg.topic, "request") is not None:
+        if self._keeping and msg.qos > 0 and self.topics.client_of(msg.topic, "request") is not None:
             return  # not acknowledged: the broker keeps it for the next start
         self._handle(client, msg)
 
@@ -500,17 +510,16 @@ class Bridge:
     def _maybe_drain(self, node: str) -> None:
         """Timer thread: take over offline `node`'s queued requests if it is still offline and this
         node is the one to do it."""
-        with self._sharing_lock:
-            ours = self.sharing.drains(node)
-        if not ours or not self._accepting or not self.connected or node in self._drains:
-            return
         client_id = self._peer_sessions.get(node, f"rkmqtt-{node}")
         if client_id == self.settings.effective_client_id():
             return
-        drain = Drain(
-            self.settings, self.topics, node, client_id, self.shared_group, self._on_drained, self._drain_ended
-        )
-        self._drains[node] = drain
+        with self._sharing_lock:
+            if not self.sharing.drains(node) or not self._accepting or not self.connected or node in self._drains:
+                return
+            drain = self._drains[node] = Drain(
+                self.settings, self.address, self.topics, node, client_id, self.shared_group,
+                self._on_drained, self._drain_ended,
+            )  # fmt: skip
         drain.start()
 
     def _on_drained(self, msg: mqtt.MQTTMessage) -> bool:
@@ -536,8 +545,9 @@ class Bridge:
         return rid is not None and self.journal.has(RequestKey(client, rid))
 
     def _drain_ended(self, drain: Drain) -> None:
-        if self._drains.get(drain.node) is drain:
-            del self._drains[drain.node]
+        with self._sharing_lock:
+            if self._drains.get(drain.node) is drain:
+                del self._drains[drain.node]
 
     # -- requests and cancels ----------------------------------------------------------------------
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:

@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 
 from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
 from rkmqtt.mqtt.link import describe_reason
-from rkmqtt.settings import Settings
+from rkmqtt.settings import BrokerAddress, Settings
 from rkmqtt.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class Drain:
     def __init__(
         self,
         settings: Settings,
+        address: BrokerAddress,
         topics: Topics,
         node: str,
         client_id: str,
@@ -44,6 +45,7 @@ class Drain:
         self.taken = 0  # requests the bridge took
         self.outcome = ""  # how it ended, in words
         self._settings = settings
+        self._address = address  # the bridge's broker and current credentials
         self._node_topics = Topics(topics.prefix, node)
         self._unsubscribe = [
             topics.request_subscription(shared_group),
@@ -59,14 +61,14 @@ class Drain:
         self._ended = threading.Event()
         self._last = time.monotonic()
         self._mqtt5 = settings.mqtt_version == "5"
-        self._client = make_client(settings, client_id, persistent=True, manual_ack=True)
+        self._client = make_client(settings, client_id, address, persistent=True, manual_ack=True)
         self._client.on_socket_open = set_nodelay
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect
 
     def start(self) -> None:
-        addr = self._settings.broker_url
+        addr = self._address
         _LOGGER.warning(
             "node %s is offline: taking over the requests queued in its session (client id %s)",
             self.node,

@@ -81,11 +81,9 @@ class Link:
     def up(self, session_present: bool) -> None:
         now = time.monotonic()
         if self._down_since is not None:
+            gone = " (it had no session for us: what was queued there went to another node, or was lost)"
             _LOGGER.warning(
-                "broker %s is back after %.1f s%s",
-                self.broker,
-                now - self._down_since,
-                "" if session_present else " (it had lost our session: requests sent meanwhile may be lost)",
+                "broker %s is back after %.1f s%s", self.broker, now - self._down_since, "" if session_present else gone
             )
         self._down_since = None
         self._cause = None

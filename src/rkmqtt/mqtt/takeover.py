@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from rkmqtt.mqtt.connection import connect_args, make_client
 from rkmqtt.protocol import Info
-from rkmqtt.settings import Settings
+from rkmqtt.settings import BrokerAddress, Settings
 from rkmqtt.topics import Topics
 
 LOOK_S = 2.0  # how long the look waits for a newer run's status and info after our connection closed
@@ -56,13 +56,16 @@ def newer_run(me: Info, seen: Seen, known: Iterable[str]) -> Info | None:
     return None
 
 
-def look(settings: Settings, topics: Topics, me: Info, known: Iterable[str], wait_s: float = LOOK_S) -> Seen:
-    """Read `topics.status` and `topics.info` over a connection of their own (a random client id,
-    a clean session), for up to `wait_s` seconds or until a newer run shows."""
+def look(
+    settings: Settings, address: BrokerAddress, topics: Topics, me: Info, known: Iterable[str], wait_s: float = LOOK_S
+) -> Seen:
+    """Read `topics.status` and `topics.info` on the broker at `address` (the bridge's, with its
+    current credentials) over a connection of their own (a random client id, a clean session), for up
+    to `wait_s` seconds or until a newer run shows."""
     known = set(known)
     cond = threading.Condition()
     state: dict[str, Any] = {"connected": None, "online": False, "infos": []}
-    client = make_client(settings, f"rkmqtt-look-{uuid.uuid4().hex[:12]}")
+    client = make_client(settings, f"rkmqtt-look-{uuid.uuid4().hex[:12]}", address)
     client.connect_timeout = min(wait_s, 2.0)
 
     def on_connect(c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -87,9 +90,8 @@ def look(settings: Settings, topics: Topics, me: Info, known: Iterable[str], wai
 
     client.on_connect = on_connect
     client.on_message = on_message
-    addr = settings.broker_url
     try:
-        client.connect(addr.host, addr.port, **connect_args(settings, keepalive=10))
+        client.connect(address.host, address.port, **connect_args(settings, keepalive=10))
     except (OSError, ValueError):
         return Seen(False)
     client.loop_start()
