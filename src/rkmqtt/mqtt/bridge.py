@@ -25,7 +25,7 @@ from rkmqtt.logbudget import limited
 from rkmqtt.logtext import clip
 from rkmqtt.mqtt import takeover
 from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
-from rkmqtt.mqtt.drain import Drain
+from rkmqtt.mqtt.drain import Drains
 from rkmqtt.mqtt.intake import Incoming, Intake
 from rkmqtt.mqtt.journal import Delivered
 from rkmqtt.mqtt.link import TAKEN_OVER, Link, describe_failure, describe_reason
@@ -34,6 +34,7 @@ from rkmqtt.mqtt.replies import Refusal, route_of
 from rkmqtt.mqtt.sharing import Action, Announce, Kind, Mode, Sharing, Subscribe, Unsubscribe
 from rkmqtt.mqtt.sharing import Drain as DrainAction
 from rkmqtt.mqtt.sink import MqttSink
+from rkmqtt.mqtt.subacks import Subacks
 from rkmqtt.protocol import ErrorCode, Info, extract_routing, parse_cancel_payload
 from rkmqtt.sched.admission import Admission, Refused
 from rkmqtt.sched.loop import Scheduler
@@ -88,7 +89,7 @@ class Bridge:
         self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
         self.shared_group = settings.effective_shared_group()
         self.sharing = Sharing(settings.share_requests, me=self.topics.node)
-        self._sharing_lock = threading.Lock()  # `sharing` and `_drains`; never held while calling paho
+        self._sharing_lock = threading.Lock()  # never held while calling paho
         self.scheduler = scheduler
         self.admission = admission
         self.sink = sink  # replies and their journal rows
@@ -110,15 +111,10 @@ class Bridge:
         self._connected = threading.Event()
         self._ready = threading.Event()  # connected, and taking requests (or handing them to the others)
         self.connects = 0
-        # SUBACKs: what to do when one comes, and those that came before anyone asked (a subscribe
-        # made on another thread can be acknowledged before `subscribe` returns its mid).
-        self._suback_lock = threading.Lock()  # never held while calling paho
-        self._after_suback: dict[int, Callable[[list[ReasonCode]], None]] = {}
-        self._early_subacks: dict[int, list[ReasonCode]] = {}
+        self._subacks = Subacks()
         self._backoff = takeover.Backoff(RECONNECT_MIN_S)
         self._own_instances: list[str] = []  # infos seen on our own info topic while connected
-        self._peer_sessions: dict[str, str] = {}  # node -> the client id of its session
-        self._drains: dict[str, Drain] = {}
+        self.drains = Drains(settings, self.topics, self.shared_group, self._on_drained)
         self.client = self._make_client()
         self.publisher = Publisher(self.outbox, self.client, self.mqtt5, self._connected.is_set)
         self.client.on_publish = self.publisher.acknowledged
@@ -180,9 +176,7 @@ class Bridge:
         to them, and what still arrives is answered `shutting_down` for the device to send again."""
         with self._sharing_lock:
             alone = not self.sharing.online_peers
-            drains = list(self._drains.values())
-        for drain in drains:  # first: what they have not acknowledged stays in their sessions
-            drain.stop()
+        self.drains.stop()  # first: what they have not acknowledged stays in their sessions
         self._keeping = alone
         self._accepting = False
         if not self.connected:
@@ -256,7 +250,7 @@ class Bridge:
         if mode is None:
             self._decide_after = mid  # once the others' retained statuses and infos are in
         elif kind is not None:
-            self._when_subscribed(self._subscribe_requests(kind), lambda codes: self._announce(mode, codes))
+            self._subacks.then(self._subscribe_requests(kind), lambda codes: self._announce(mode, codes))
         else:
             self._announce(mode, [])
 
@@ -310,9 +304,7 @@ class Bridge:
         was = self._connected.is_set()
         self._connected.clear()
         self._ready.clear()
-        with self._suback_lock:
-            self._after_suback.clear()
-            self._early_subacks.clear()
+        self._subacks.clear()
         code = int(getattr(reason, "value", 0))
         if code in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()
@@ -341,20 +333,7 @@ class Bridge:
         if not suspect:
             self.link.lost(code, stopping=False)  # an outage, or a reason of its own: the link says so once
             return
-        cid = self.settings.effective_client_id()
-        who = (
-            "a node taking over the requests of one it saw go offline, a second bridge with this client_id, "
-            "or a client that borrowed it"
-        )
-        if taken:
-            cause = f"the broker gave our session to another client with our client id {cid} ({who})"
-        elif self._backoff.strikes >= 2:
-            cause = (
-                f"connection closed {self._backoff.strikes} times in a row while the broker answers: another "
-                f"client keeps connecting with our client id {cid} ({who})"
-            )
-        else:
-            cause = f"connection closed while the broker answers: another client may have used client id {cid} ({who})"
+        cause = takeover.describe_close(self.settings.effective_client_id(), self._backoff.strikes, taken)
         self.link.failed(f"{cause}; reconnecting in {delay:.0f} s" if delay >= 1 else cause)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -420,24 +399,9 @@ class Bridge:
             return
         _LOGGER.debug("ignoring message on %s", clip(topic))
 
-    # -- subscriptions and their SUBACKs ----------------------------------------------------------
-    def _when_subscribed(self, mid: int, then: Callable[[list[ReasonCode]], None]) -> None:
-        with self._suback_lock:
-            codes = self._early_subacks.pop(mid, None)
-            if codes is None:
-                self._after_suback[mid] = then
-                return
-        then(codes)
-
+    # -- subscriptions and their SUBACKs (subacks.py) -----------------------------------------------
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        with self._suback_lock:
-            then = self._after_suback.pop(mid, None)
-            if then is None:
-                self._early_subacks[mid] = list(codes)
-                while len(self._early_subacks) > 32:  # those nobody waits for
-                    del self._early_subacks[next(iter(self._early_subacks))]
-        if then is not None:
-            then(list(codes))
+        self._subacks.acked(mid, list(codes))
         if mid == self._decide_after:
             self._decide_after = None
             # The broker sends retained messages right after the SUBACK; give them a moment.
@@ -464,7 +428,7 @@ class Bridge:
             if other.instance not in self._own_instances:
                 self._own_instances = [*self._own_instances[-63:], other.instance]
             return
-        self._peer_sessions[node] = other.client_id or f"rkmqtt-{node}"
+        self.drains.session_of(node, other.client_id or f"rkmqtt-{node}")
         with self._sharing_lock:
             actions = self.sharing.peer_info(node, other.share or None)
         self._carry_out(actions)
@@ -482,7 +446,7 @@ class Bridge:
                 if subscribed is None:
                     self._announce(mode, [], changed=True)
                 else:
-                    self._when_subscribed(subscribed, functools.partial(self._announce, mode, changed=True))
+                    self._subacks.then(subscribed, functools.partial(self._announce, mode, changed=True))
             elif isinstance(action, DrainAction):
                 timer = threading.Timer(DRAIN_AFTER_S, self._maybe_drain, (action.node,))
                 timer.daemon = True
@@ -510,17 +474,10 @@ class Bridge:
     def _maybe_drain(self, node: str) -> None:
         """Timer thread: take over offline `node`'s queued requests if it is still offline and this
         node is the one to do it."""
-        client_id = self._peer_sessions.get(node, f"rkmqtt-{node}")
-        if client_id == self.settings.effective_client_id():
-            return
         with self._sharing_lock:
-            if not self.sharing.drains(node) or not self._accepting or not self.connected or node in self._drains:
-                return
-            drain = self._drains[node] = Drain(
-                self.settings, self.address, self.topics, node, client_id, self.shared_group,
-                self._on_drained, self._drain_ended,
-            )  # fmt: skip
-        drain.start()
+            ours = self.sharing.drains(node)
+        if ours and self._accepting and self.connected:
+            self.drains.start(node, self.address)
 
     def _on_drained(self, msg: mqtt.MQTTMessage) -> bool:
         """A drain's network thread: a message queued in the offline node's session, taken as if it
@@ -543,11 +500,6 @@ class Bridge:
             return False
         rid = extract_routing(payload)[0]
         return rid is not None and self.journal.has(RequestKey(client, rid))
-
-    def _drain_ended(self, drain: Drain) -> None:
-        with self._sharing_lock:
-            if self._drains.get(drain.node) is drain:
-                del self._drains[drain.node]
 
     # -- requests and cancels ----------------------------------------------------------------------
     def _on_request(self, client: str, msg: mqtt.MQTTMessage) -> None:

@@ -146,3 +146,47 @@ class Drain:
         self._client.loop_stop()
         _LOGGER.warning("node %s: %s", self.node, self.outcome)
         self._on_end(self)
+
+
+class Drains:
+    """A bridge's drains, at most one per offline node (started on timer threads, ended on their
+    own), and the client id of each node's session, from its info."""
+
+    def __init__(
+        self, settings: Settings, topics: Topics, shared_group: str, handle: Callable[[mqtt.MQTTMessage], bool]
+    ) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._shared_group = shared_group
+        self._handle = handle
+        self._lock = threading.Lock()  # never held while calling paho
+        self._running: dict[str, Drain] = {}
+        self._sessions: dict[str, str] = {}  # node -> the client id of its session
+
+    def session_of(self, node: str, client_id: str) -> None:
+        """What a node's info says its session's client id is."""
+        with self._lock:
+            self._sessions[node] = client_id
+
+    def start(self, node: str, address: BrokerAddress) -> None:
+        """Drain `node`'s session, unless a drain of it runs already (or it is our own)."""
+        with self._lock:
+            client_id = self._sessions.get(node, f"rkmqtt-{node}")
+            if node in self._running or client_id == self._settings.effective_client_id():
+                return
+            drain = self._running[node] = Drain(
+                self._settings, address, self._topics, node, client_id, self._shared_group, self._handle, self._ended
+            )
+        drain.start()
+
+    def stop(self) -> None:
+        """The bridge stops: every drain leaves what it has not acknowledged in its session."""
+        with self._lock:
+            running = list(self._running.values())
+        for drain in running:
+            drain.stop()
+
+    def _ended(self, drain: Drain) -> None:
+        with self._lock:
+            if self._running.get(drain.node) is drain:
+                del self._running[drain.node]

@@ -106,6 +106,22 @@ def look(
         client.loop_stop()
 
 
+def describe_close(client_id: str, strikes: int, taken: bool) -> str:
+    """The log's words for a connection closed while the broker answers (`taken`: it said 142)."""
+    who = (
+        "a node taking over the requests of one it saw go offline, a second bridge with this client_id, "
+        "or a client that borrowed it"
+    )
+    if taken:
+        return f"the broker gave our session to another client with our client id {client_id} ({who})"
+    if strikes >= 2:
+        return (
+            f"connection closed {strikes} times in a row while the broker answers: another client keeps "
+            f"connecting with our client id {client_id} ({who})"
+        )
+    return f"connection closed while the broker answers: another client may have used client id {client_id} ({who})"
+
+
 class Backoff:
     """The reconnect delay after a close while the broker answers: the first is the usual one; each
     further close of a connection that lasted less than `STABLE_S` multiplies it by 4, up to
