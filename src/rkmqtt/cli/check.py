@@ -133,8 +133,9 @@ def check_broker_settings(settings: Settings) -> list[tuple[bool | None, str, st
         (
             None,
             "broker settings",
-            "not visible from a client: the broker needs `persistence true` for requests to survive its restart "
-            "and `set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
+            "not visible from a client: the broker needs `persistence true`, saved on changes (`autosave_on_changes "
+            "true`, `autosave_interval 1`), for what it acknowledged to survive its crash or restart, and "
+            "`set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
         )
     )
     return out
