@@ -174,9 +174,12 @@ class Drains:
             client_id = self._sessions.get(node, f"rkmqtt-{node}")
             if node in self._running or client_id == self._settings.effective_client_id():
                 return
-            drain = self._running[node] = Drain(
-                self._settings, address, self._topics, node, client_id, self._shared_group, self._handle, self._ended
-            )
+        topics, group = self._topics, self._shared_group
+        drain = Drain(self._settings, address, topics, node, client_id, group, self._handle, self._ended)
+        with self._lock:
+            if node in self._running:  # another timer was quicker
+                return
+            self._running[node] = drain
         drain.start()
 
     def stop(self) -> None:
