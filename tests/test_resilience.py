@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,10 +125,11 @@ def test_sigterm_alone_keeps_the_queue_for_the_restart(mosquitto: Mosquitto, pre
             probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"x{n}", "prompt": "tokens:5", "stream": False})
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        assert "4 running get up to 20 s; 0 waiting answered, 28 kept for the next start" in out, out[-2000:]
+        shutdown = re.search(r"(\d+) running get up to 20 s; 0 waiting answered, (\d+) kept for the next start", out)
+        assert shutdown is not None and int(shutdown[2]) >= 20, out[-2000:]
         probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
         first = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
-        assert len(first) == 4 and all(v["status"] == "ok" for v in first.values()), first
+        assert len(first) == 32 - int(shutdown[2]) and all(v["status"] == "ok" for v in first.values()), first
         again = _run_bridge_process(mosquitto.url, prefix, *args)
         probe.wait_for(lambda m: "/reply/" in m.topic, count=36, timeout=60)
         time.sleep(0.5)  # a second answer would be here by now
@@ -156,7 +158,7 @@ def test_sigterm_with_another_node_online_answers_the_waiting_for_it_to_take(mos
         time.sleep(0.5)
         a.send_signal(signal.SIGTERM)
         out, _ = a.communicate(timeout=60)
-        assert a.returncode == 0 and "kept for the next start" in out and "0 kept" in out, out[-2000:]
+        assert a.returncode == 0 and ", 0 kept for the next start" in out, out[-2000:]
         probe.wait_for(lambda m: "/reply/" in m.topic, count=24, timeout=60)
         finals = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
         down = [t for t, v in finals.items() if v["status"] == "error"]
