@@ -7,6 +7,7 @@ On a Mosquitto without an ACL or bound client ids: the worst case for these chec
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def borrower(mosquitto: Mosquitto, client_id: str, reconnect_s: float = 0.2) -> 
     return c
 
 
+def borrow_once(mosquitto: Mosquitto, client_id: str) -> None:
+    """Connect once with `client_id` (the broker closes its holder's connection) and leave."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    c.connect("127.0.0.1", mosquitto.port, clean_start=False)
+    c.loop_start()
+    assert connected.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
 def test_a_forged_info_stops_nothing(mosquitto: Mosquitto, prefix: str, tmp_path: Path) -> None:
     bridge = BridgeProcess(mosquitto.url, prefix, tmp_path / "bridge.log", *ARGS).start()
     probe = Probe(mosquitto.url, [f"{prefix}/node/+/status", f"{prefix}/node/+/info", f"{prefix}/reply/dev/#"])
@@ -42,8 +55,11 @@ def test_a_forged_info_stops_nothing(mosquitto: Mosquitto, prefix: str, tmp_path
         time.sleep(3.0)
         # The connection taken from it for a moment (a client with its client id, gone at once):
         # what the bridge then reads of its node is the forged info it saw while connected.
-        borrower(mosquitto, "rkmqtt-victim").disconnect()
-        time.sleep(4.0)
+        borrowed = time.monotonic()
+        borrow_once(mosquitto, "rkmqtt-victim")
+        # Back with a session of its own (the borrower's, with no expiry, replaced and ended it).
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online" and m.at > borrowed, 60)
+        time.sleep(2.0)
         assert bridge.proc is not None and bridge.proc.poll() is None, bridge.output()[-2000:]
         probe.publish(f"{prefix}/request/dev", {"id": "after", "prompt": "still here", "stream": False})
         assert probe.final(f"{prefix}/reply/dev/after", 30)["status"] == "ok"
