@@ -64,7 +64,7 @@ class DirectDriver:
         self._n += 1
         rid = f"direct-{self._n}"
         key = RequestKey(f"device-{device}", rid)
-        pidx = w.prompt_index(device, seq)
+        pidx = w.prompt_index(device, seq) if measured else w.warmup_prompt_index(device, seq)
         rec = RequestRecord(device=device, seq=seq, id=rid if measured else rid + ".w", prompt_index=pidx, sent=0.0)
         gen = Generation(
             key=key,

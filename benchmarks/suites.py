@@ -18,20 +18,38 @@ def _rk3588(rkllm_real: bool) -> str:
     return "RKLLM " + ("runtime" if rkllm_real else "stand-in RK3588 timing model")
 
 
+def _cpu_closed_loop(prompts: tuple[str, ...], n_batch: tuple[int, ...], http: tuple[int, ...] = ()) -> Scenario:
+    return Scenario(
+        "cpu-8-devices",
+        "numpy",
+        Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
+        n_batch=n_batch,
+        direct_n_batch=(1, 8),
+        http_n_batch=http,
+        description="CPU engine, 8 devices in a closed loop",
+    )
+
+
+def _cpu_one_round(prompts: tuple[str, ...]) -> Scenario:
+    """8 devices ask new questions at the same moment, once (the warm-up sent other prompts)."""
+    return Scenario(
+        "cpu-8-at-once",
+        "numpy",
+        Workload("burst", devices=8, requests=8, max_new_tokens=48, prompts=prompts, fresh_prompts=True),
+        n_batch=(1, 8),
+        direct_n_batch=(1, 8),
+        description="CPU engine, 8 devices asking at the same moment, one round",
+    )
+
+
 def targets(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
-    """The CPU engine with 8 devices, the RK3588 model with 4 users, and the zero-cost relay (with
-    and without the request journal, and with Mosquitto's Nagle), with the engine-alone comparison."""
+    """The CPU engine with 8 devices (a closed loop and one round at once), the RK3588 model with 4
+    users, and the zero-cost relay (with and without the request journal, and with Mosquitto's
+    Nagle), with the engine-alone comparison."""
     relay = Workload("closed", devices=16, requests=1600, max_new_tokens=64, prompts=prompts)
     return [
-        Scenario(
-            "cpu-8-devices",
-            "numpy",
-            Workload("closed", devices=8, requests=32, max_new_tokens=32, prompts=prompts),
-            n_batch=(1, 2, 4, 8),
-            direct_n_batch=(1, 8),
-            http_n_batch=(8,),
-            description="CPU engine, 8 devices in a closed loop",
-        ),
+        _cpu_closed_loop(prompts, (1, 2, 4, 8), http=(8,)),
+        _cpu_one_round(prompts),
         Scenario(
             "rk3588-4-users",
             "rkllm",
@@ -72,6 +90,12 @@ def targets(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
             broker_nodelay=False,
         ),
     ]
+
+
+def batching(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
+    """The CPU engine's batching gain, n_batch 8 against 1, in a closed loop of 8 devices and in one
+    round of 8 at once, each beside the engine alone (the report's batching gain table)."""
+    return [_cpu_closed_loop(prompts, (1, 8)), _cpu_one_round(prompts)]
 
 
 def journal(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
@@ -129,6 +153,7 @@ def persistence(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
 
 SUITES: dict[str, Suite] = {
     "targets": targets,
+    "batching": batching,
     "journal": journal,
     "scaleout": scaleout,
     "persistence": persistence,

@@ -32,7 +32,7 @@ from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.broker import Mosquitto, free_port
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import Settings, load_settings, with_model_defaults
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,10 +40,13 @@ ENGINES = ("numpy", "rkllm", "rkllm-zero")
 
 # What the bench sets on the bridges it starts, unless its command line gives the setting:
 # no rate limit (devices send far more than 120 a minute), greedy sampling (the same prompt gives
-# the same tokens through MQTT and directly), no discovery, a deep queue, quiet logs.
+# the same tokens through MQTT and directly) with the repeat penalty of the figures in
+# docs/benchmarks.md (it sets the answers' lengths; SmolLM2's own default is 1.05), no discovery,
+# a deep queue, quiet logs.
 BRIDGE_DEFAULTS: dict[str, SettingValue] = {
     "rate_limit": "0",
     "temperature": "0",
+    "repeat_penalty": "1.1",
     "discovery": False,
     "max_queue": "4096",
     "log_level": "WARNING",
@@ -248,6 +251,8 @@ class Sweep(Runner):
             self.broker_url if given else ("set_tcp_nodelay true" if sc.broker_nodelay else "Mosquitto default config")
         )
         engine_flags, env = self.engine_setup(sc.engine)
+        # The bridges read the harness's --config, or none: not a config.yaml of the folder it runs in.
+        env = {**env, "RKMQTT_CONFIG": str(self.config_file.resolve()) if self.config_file else os.devnull}
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         flags = self.point_flags(engine_flags, p.n_batch, prefix, sc.bridge_flags)
         settings = self._settings(flags)
@@ -259,11 +264,13 @@ class Sweep(Runner):
             settings = self._settings(flags)
         bridges: list[BridgeProcess] = []
         try:
+            self.progress.phase(f"starting {sc.bridges} bridge{'s' if sc.bridges > 1 else ''} (the model loads)")
             for i in range(sc.bridges):  # one broker and prefix; each bridge a node of its own
                 node_flags = flags if sc.bridges == 1 else {**flags, "node_name": f"{prefix}-{i}"}
                 log = self.workdir / f"bridge-{p.scenario}-{p.n_batch}-{p.mode}-{i}.log"
                 bridges.append(BridgeProcess(self._settings(node_flags), node_flags, env, log).start())
             p.bridge_info = bridges[0].info
+            self.progress.phase(f"{sc.workload.warmup} warm-up round(s), then the measured requests")
             t0 = time.monotonic()
             meter = _Meters(self._pids(bridges), self._write_meter(sc, bridges))
             gen: LoadGenerator | HttpLoadGenerator
@@ -311,8 +318,11 @@ class Sweep(Runner):
         os.environ.clear()
         os.environ.update(env)  # the stand-in reads its timing model at every init and run
         try:
+            self.progress.phase("loading the engine (no bridge)")
             engine = create_engine(settings)
             engine.load()
+            settings = with_model_defaults(settings, engine.recommended_sampling)  # as the bridge does
+            self.progress.phase("the measured requests, straight to the engine")
             try:
                 sampling = SamplingParams(
                     temperature=settings.temperature,

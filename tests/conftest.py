@@ -54,11 +54,18 @@ def bridge_settings(url: str, prefix: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def start_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
-    """start_bridge(engine, **settings) -> a running in-process Service on the test's broker."""
+def start_bridge(
+    mosquitto: Mosquitto, prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Service]]:
+    """start_bridge(engine, **settings) -> a running in-process Service on the test's broker.
+
+    A bridge started while another of the test still runs gets a state directory of its own: one
+    journal file is one process's (it is locked), and in a test both bridges are in this process."""
     services: list[Service] = []
 
     def start(engine: Engine | None = None, **overrides: Any) -> Service:
+        if any(not s.stopped for s in services):
+            overrides.setdefault("state_dir", str(tmp_path_factory.mktemp("state")))
         svc = Service(bridge_settings(mosquitto.url, prefix, **overrides), engine=engine)
         svc.start()
         assert svc.bridge is not None and svc.bridge.wait_connected(15), "bridge did not connect"

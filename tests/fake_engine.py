@@ -54,10 +54,15 @@ class FakeEngine(Engine):
     loaded: bool = False
     tools: bool = True  # Capabilities.tools: tool definitions reach it
     prepared: list[Generation] = field(default_factory=list)  # every request it was asked to prepare
+    advice: dict[str, float] = field(default_factory=dict)  # its `recommended_sampling`
 
     def __post_init__(self) -> None:
         self._slots: dict[str, _Slot] = {}
         self._batch_running = False
+
+    @property
+    def recommended_sampling(self) -> dict[str, float]:
+        return dict(self.advice)
 
     @property
     def capabilities(self) -> Capabilities:

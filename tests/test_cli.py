@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,57 @@ def test_ask_stops_waiting_when_the_bridge_goes_offline(
     assert err.strip().splitlines()[-1].startswith("rkmqtt: the bridge went offline: is `rkmqtt run` running")
 
 
+def test_ctrl_c_on_ask_cancels_its_request(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe]
+) -> None:
+    """Ctrl-C (SIGINT) while the answer streams: `ask` cancels the request, the bridge's final reply
+    says `cancelled` long before the 300 tokens are out, and `ask` exits 130."""
+    svc = start_bridge(FakeEngine(step_s=0.1))
+    probe = probe_factory([f"{prefix}/reply/#"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rkmqtt", "ask", "tokens:300", "--id", "long", "--broker", mosquitto.url,
+         "--topic-prefix", prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RKMQTT_")}, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        probe.wait_for(lambda m: m.topic.endswith("/long/stream"), 60)  # it is answering
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    final = probe.final(f"{prefix}/reply/cli/long")
+    assert final["status"] == "ok" and final["finish_reason"] == "cancelled", final
+    assert final["usage"]["completion_tokens"] < 300
+    assert proc.returncode == 130, err
+    assert "cancelling request long" in err and "[cancelled by Ctrl-C after" in err
+    assert svc.scheduler is not None and svc.scheduler.active == 0
+
+
+def test_typos_get_a_did_you_mean(tmp_path: Path) -> None:
+    """A flag, a key of the YAML file, an environment variable."""
+    flag = rkmqtt("run", "--n-bach", "8")
+    assert flag.returncode == 2
+    assert flag.stderr.strip().splitlines()[-1] == (
+        "rkmqtt run: error: unrecognized arguments: --n-bach 8; --n-bach (did you mean --n-batch?)"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_bach: 8\n")
+    yaml_key = rkmqtt("run", "--config", str(cfg))
+    assert yaml_key.returncode == 2
+    assert yaml_key.stderr.strip() == (
+        f"rkmqtt: config file {cfg}: unknown setting 'n_bach' (did you mean n_batch?); see config.yaml for the names"
+    )
+    health = tmp_path / "health.json"
+    env_var = rkmqtt("health", "--health-file", str(health), env={"RKMQTT_N_BACH": "8", "RKMQTT_VENV": ".venv"})
+    assert (
+        "environment variable RKMQTT_N_BACH is not a setting and is ignored (did you mean RKMQTT_N_BATCH?)"
+        in env_var.stderr
+    )
+    assert "RKMQTT_VENV" not in env_var.stderr  # ./dev's own
+
+
 def test_wrong_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
     out = rkmqtt("run", "--n-batch", "0")
     assert out.returncode == 2
@@ -110,15 +162,69 @@ def test_wrong_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_check_reports_broker_and_engine(mosquitto: Mosquitto) -> None:
+    """--engine given: the engine is what the user asks about, so its model is loaded."""
     out = rkmqtt("check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[ok  ] broker: mqtt://127.0.0.1:" in out.stdout
-    assert "[ok  ] engine:" in out.stdout and "all good" in out.stdout
+    assert "[ok  ] engine: tests.fake_engine:FakeEngine loaded fake-echo" in out.stdout
     assert "[ok  ] broker sessions: kept while a client is away" in out.stdout
     assert "[note] broker settings: not visible from a client" in out.stdout
     mosquitto.kill()
     out = rkmqtt("check", "--broker", mosquitto.url, "--engine", "tests.fake_engine:FakeEngine")
-    assert out.returncode == 1 and "[FAIL] broker: cannot reach" in out.stdout
+    assert out.returncode == 1 and "[FAIL] broker: mqtt://127.0.0.1:" in out.stdout
+    assert "connection refused" in out.stdout
+
+
+def test_check_says_when_no_bridge_is_online_and_loads_no_model(
+    mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    args = ("check", "--broker", mosquitto.url, "--topic-prefix", prefix)
+    none = rkmqtt(*args, env={"RKMQTT_ENGINE": "tests.fake_engine:FakeEngine"})
+    assert none.returncode == 0, none.stdout + none.stderr
+    assert (f"[note] bridges: none has run on this broker with topic_prefix {prefix!r}: start `rkmqtt run`"
+            in none.stdout)  # fmt: skip
+    assert "[note] engine: tests.fake_engine:FakeEngine: model not loaded (rkmqtt check --load-model" in none.stdout
+    assert (
+        none.stdout.strip().splitlines()[-1] == "no problem found, but no bridge is online: start one with `rkmqtt run`"
+    )
+    assert "all good" not in none.stdout
+    svc = start_bridge(FakeEngine())
+    one = rkmqtt(*args, env={"RKMQTT_ENGINE": "tests.fake_engine:FakeEngine"})
+    assert one.returncode == 0, one.stdout
+    line = next(x for x in one.stdout.splitlines() if x.startswith("[ok  ] bridges: "))
+    assert line.startswith(
+        f"[ok  ] bridges: 1 online with topic_prefix {prefix!r}: node-{prefix} (fake, fake-echo, n_batch 4"
+    )
+    assert one.stdout.strip().splitlines()[-1] == "all good"
+    loaded = rkmqtt(*args, "--load-model", env={"RKMQTT_ENGINE": "tests.fake_engine:FakeEngine"})
+    assert "[ok  ] engine: tests.fake_engine:FakeEngine loaded fake-echo" in loaded.stdout
+    svc.stop(grace_s=0)
+    gone = rkmqtt(*args, env={"RKMQTT_ENGINE": "tests.fake_engine:FakeEngine"})
+    assert f"[note] bridges: none online with topic_prefix {prefix!r} (offline: node-{prefix})" in gone.stdout
+
+
+def test_check_says_when_the_acl_hides_the_node_info(
+    tmp_path: Path, prefix: str, start_bridge: Callable[..., Service]
+) -> None:
+    """A device's user may read the bridges' status but not their info: check still counts them."""
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    passwd.write_text("")
+    for user in ("bridge", "dev"):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, f"{user}-pw"], check=True, timeout=30)
+    acl.write_text(f"user bridge\ntopic readwrite #\n\nuser dev\ntopic read {prefix}/node/+/status\n")
+    extra = f"password_file {passwd}\nacl_file {acl}\n"
+    with Mosquitto(workdir=tmp_path / "broker", extra_config=extra) as broker:
+        settings = bridge_settings(broker.url, prefix, username="bridge", password="bridge-pw")
+        svc = Service(settings, engine=FakeEngine())
+        svc.start()
+        try:
+            assert svc.bridge is not None and svc.bridge.wait_connected(15)
+            out = rkmqtt("check", "--broker", broker.url, "--topic-prefix", prefix, "--username", "dev",
+                         "--session-expiry", "0", env={"RKMQTT_PASSWORD": "dev-pw"})  # fmt: skip
+        finally:
+            svc.stop(grace_s=0)
+    assert f"[ok  ] bridges: 1 online with topic_prefix {prefix!r}: node-{prefix}\n" in out.stdout, out.stdout
+    assert f"[note] node info: cannot read node info of node-{prefix} (the broker's ACL, most likely)" in out.stdout
 
 
 def test_health_follows_the_service(

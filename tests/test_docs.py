@@ -17,9 +17,10 @@ import yaml
 from tools import reference
 
 from rkmqtt.cli.main import build_parser
+from rkmqtt.engines.numpy.gguf_file import GGUFFile, default_model_path
 from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.protocol import ErrorReply, Info, OkReply, RequestPayload, Stats, StreamChunk
-from rkmqtt.settings import MODEL_DEFAULTED, Settings, load_settings
+from rkmqtt.settings import MODEL_DEFAULTED, Settings, find_config_file, load_settings
 from tests.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,34 @@ def test_config_yaml_lists_every_setting_with_its_default() -> None:
     for name in MODEL_DEFAULTED:  # shown, but commented out: a copy must not pin them
         assert re.search(rf"(?m)^# {name}: \S", text), name
     assert load_settings(config_file=REPO / "config.yaml") == load_settings()
+
+
+def test_the_repositorys_config_yaml_is_what_dev_run_reads(tmp_path: Path) -> None:
+    """`./dev run` runs in the repository's top folder, where `rkmqtt run` finds config.yaml; a folder
+    without one has none, and --config wins."""
+    assert find_config_file(folder=REPO) == REPO / "config.yaml"
+    assert find_config_file(folder=tmp_path) is None
+    assert find_config_file(tmp_path / "mine.yaml", folder=REPO) == tmp_path / "mine.yaml"
+    assert (
+        'cd "$(dirname "$0")"' in (REPO / "dev").read_text()
+        and 'exec "$VENV/bin/rkmqtt" run' in (REPO / "dev").read_text()
+    )
+
+
+def test_the_request_table_says_stream_is_on_unless_turned_off() -> None:
+    assert "| `stream` | bool, optional | publish token chunks on .../stream; default `true` |" in README
+    assert RequestPayload(prompt="x").stream is True
+
+
+def test_the_readmes_memory_row_of_the_built_in_model_is_what_its_file_says() -> None:
+    """The README's memory table works the figures out from each model's architecture: for the built-in
+    model they must be what its GGUF file says (weights as float32, K and V per slot in float32)."""
+    gguf = GGUFFile(default_model_path())
+    cfg, params = gguf.config(), gguf.n_parameters()
+    kv_slot = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2048 * 4
+    row = (f"| SmolLM2-135M-Instruct (built in) | {params / 1e6:.0f} M | {params * 4 / 1e9:.2f} GB | "
+           f"{kv_slot / 2**20:.0f} MiB | {(params * 4 + 4 * kv_slot) / 1e9:.1f} GB |")  # fmt: skip
+    assert row in README
 
 
 def test_every_setting_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,7 +202,8 @@ def test_the_readmes_stand_in_commands_run_the_bridge(mosquitto: Mosquitto, pref
                               "--topic-prefix", prefix], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=120)  # fmt: skip
         assert ask.returncode == 0, ask.stderr
-        assert ask.stdout.strip()
+        assert ask.stdout.startswith("Hello there Hello"), ask.stdout  # "answers by repeating your prompt"
+        assert "answers by repeating your prompt" in README
         assert "[stop;" in ask.stderr or "[length;" in ask.stderr
     finally:
         status.close()

@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from rkmqtt.mqtt.broker import Mosquitto
+from rkmqtt.mqtt.journal import journal_path
 from tests.bridge_process import BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401
@@ -221,7 +222,8 @@ def test_a_damaged_journal_is_moved_aside_and_the_bridge_serves(
 ) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / "journal-rkmqtt-damaged.sqlite3").write_bytes(b"this is not a database" * 100)
+    journal = journal_path(state, "rkmqtt-damaged", prefix, f"127.0.0.1:{mosquitto.port}")
+    journal.write_bytes(b"this is not a database" * 100)
     bridge = BridgeProcess(mosquitto.url, prefix, tmp_path / "bridge.log", "--engine", "tests.fake_engine:FakeEngine",
                            "--state-dir", str(state), "--node-name", "damaged").start()  # fmt: skip
     probe = Probe(mosquitto.url, [f"{prefix}/reply/dev/#", f"{prefix}/node/+/status"])
@@ -230,7 +232,7 @@ def test_a_damaged_journal_is_moved_aside_and_the_bridge_serves(
         probe.publish(f"{prefix}/request/dev", {"id": "x", "prompt": "still served"})
         assert probe.final(f"{prefix}/reply/dev/x")["status"] == "ok"
         assert "is damaged" in bridge.output() and "moved aside" in bridge.output()
-        assert len(list(state.glob("journal-rkmqtt-damaged.sqlite3.corrupt-*"))) == 1
+        assert len(list(state.glob(f"{journal.name}.corrupt-*"))) == 1
     finally:
         bridge.stop()
         probe.close()
@@ -249,10 +251,13 @@ def test_a_state_dir_that_cannot_be_written_is_one_line_and_exit_2(mosquitto: Mo
 def test_a_second_bridge_with_the_same_client_id_ends_the_first_in_one_line(
     mosquitto: Mosquitto, prefix: str, tmp_path: Path
 ) -> None:
+    # Two machines (a cloned SD card): each its own state directory. On one machine the second would
+    # not start at all: the journal is locked (tests/test_newcomer.py).
     args = ("--engine", "tests.fake_engine:FakeEngine", "--node-name", "twin")
-    first = BridgeProcess(mosquitto.url, prefix, tmp_path / "first.log", *args).start()
+    first = BridgeProcess(mosquitto.url, prefix, tmp_path / "first.log", *args, "--state-dir", str(tmp_path / "a"))
+    first.start()
     probe = Probe(mosquitto.url, [f"{prefix}/node/+/status", f"{prefix}/reply/dev/#"])
-    second = BridgeProcess(mosquitto.url, prefix, tmp_path / "second.log", *args)
+    second = BridgeProcess(mosquitto.url, prefix, tmp_path / "second.log", *args, "--state-dir", str(tmp_path / "b"))
     try:
         wait_online(probe, prefix)
         second.start()

@@ -3,20 +3,25 @@ packaged SmolLM2 model, a real Mosquitto, `mosquitto_pub` for the prompt, SIGTER
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+import pytest
 
 from rkmqtt.engines.numpy.engine import NumpyEngine
+from rkmqtt.engines.numpy.sampling_defaults import MODEL_SAMPLING, ModelSampling
 from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
+from rkmqtt.settings import MODEL_DEFAULTED, Settings
 from tests.fake_engine import FakeEngine
-from tests.mqtt_probe import Probe
+from tests.mqtt_probe import Probe, Received
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,36 +61,68 @@ def test_rkmqtt_run_answers_mosquitto_pub_with_the_real_model(mosquitto: Mosquit
         probe.close()
 
 
-PARIS_TRIES = 32
+README = (REPO / "README.md").read_text()
+QUESTION = "What is the capital of France?"
 
 
-def paris_answers(start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str,
-                  **settings: Any) -> tuple[Service, int]:  # fmt: skip
-    """Ask the README's first question PARIS_TRIES times (seeds 0, 1, ...; no temperature in the
-    request, as `mosquitto_pub` sends it) of a bridge on the packaged SmolLM2; count the answers
-    that name Paris."""
-    svc = start_bridge(NumpyEngine(n_batch=8, max_context=256), rate_limit=0, **settings)
-    probe = probe_factory([f"{prefix}/reply/#"])
-    for seed in range(PARIS_TRIES):
-        probe.publish(f"{prefix}/request/kitchen", {"id": f"q{seed}", "prompt": "What is the capital of France?",
-                                                    "seed": seed, "max_new_tokens": 16, "stream": False})  # fmt: skip
-    finals = probe.wait_for(lambda m: m.topic.startswith(f"{prefix}/reply/kitchen/"), 300, PARIS_TRIES)
-    assert all(m.json()["status"] == "ok" for m in finals)
-    return svc, sum("Paris" in m.json()["text"] for m in finals)
+def first_sentence(text: str) -> str:
+    """Up to the first . ! or ? that ends a sentence, or the first line break."""
+    m = re.search(r"[.!?](\s|$)|\n", text.strip())
+    return text.strip()[: m.start() + 1] if m else text.strip()
 
 
-def test_the_readmes_first_question_at_the_default_temperature(
+def test_the_readmes_first_question_at_the_default_settings(
     start_bridge: Callable[..., Service], probe_factory: Callable[..., Probe], prefix: str
 ) -> None:
-    """SmolLM2-135M at the usual 0.7 names Paris in about 2 of 3 tries (the rest is garbled French).
-    With no temperature set anywhere (`temperature=None` drops the test fixture's 0), the bridge
-    takes the packaged model's own default, 0.2, and nearly always does."""
-    svc, paris = paris_answers(start_bridge, probe_factory, prefix, temperature=None)
-    assert svc.settings.temperature == 0.2
-    assert paris >= PARIS_TRIES - 4, f"{paris} of {PARIS_TRIES}"  # (0.7: 18 of 32)
+    """With no sampling setting anywhere (`temperature=None` drops the test fixture's 0), the bridge takes
+    the packaged model's own defaults (greedy, repeat penalty 1.05: docs/sampling.md), and the README's
+    first question, sent as `mosquitto_pub` sends it, is answered with a first sentence that names Paris
+    as the capital: 8 at once (one batch) and then one alone, the same answer, the one the README shows.
+    (At the old 0.2 and 1.1, 12 of 20 were; the rest began "L'Étoile…".)"""
+    svc = start_bridge(NumpyEngine(n_batch=8, max_context=256), rate_limit=0, temperature=None)
+    assert (svc.settings.temperature, svc.settings.repeat_penalty) == (0.0, 1.05)
+    probe = probe_factory([f"{prefix}/reply/#"])
+
+    def final(m: Received) -> bool:
+        return m.topic.startswith(f"{prefix}/reply/kitchen/") and not m.topic.endswith("/stream")
+
+    for _ in range(8):
+        probe.publish(f"{prefix}/request/kitchen", QUESTION)
+    probe.wait_for(final, 300, 8)
+    probe.publish(f"{prefix}/request/kitchen", QUESTION)
+    replies = [m.json() for m in probe.wait_for(final, 300, 9)]
+    assert all(r["status"] == "ok" for r in replies), replies
+    assert max(r["batch"]["size"] for r in replies) > 1, "the 8 shared a batch"
+    texts = {r["text"] for r in replies}
+    assert len(texts) == 1, texts
+    answer = texts.pop()
+    assert "Paris" in first_sentence(answer) and "capital" in first_sentence(answer), answer
+    assert f'"text":"{answer}"' in README and f"# {answer}\n" in README, "the README shows another answer"
 
 
-def test_a_temperature_that_is_set_is_kept_and_other_models_get_0_7(start_bridge: Callable[..., Service]) -> None:
-    assert start_bridge(FakeEngine()).settings.temperature == 0.0  # the fixture sets it
-    assert start_bridge(FakeEngine(), temperature=0.9).settings.temperature == 0.9
-    assert start_bridge(FakeEngine(), temperature=None).settings.temperature == 0.7  # no advice from the engine
+def test_a_setting_that_is_set_wins_over_the_models_default(
+    start_bridge: Callable[..., Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each sampling setting on its own: set (flag, variable, file), it is kept; unset, the model's
+    value; without one from the model, the setting's general default."""
+    advice = {"temperature": 0.0, "repeat_penalty": 1.05}
+    s = start_bridge(FakeEngine(advice=advice), temperature=None).settings
+    assert (s.temperature, s.repeat_penalty) == (0.0, 1.05)
+    s = start_bridge(FakeEngine(advice=advice), temperature=0.9).settings
+    assert (s.temperature, s.repeat_penalty) == (0.9, 1.05)
+    monkeypatch.setenv("RKMQTT_REPEAT_PENALTY", "1.2")
+    s = start_bridge(FakeEngine(advice=advice), temperature=None).settings
+    assert (s.temperature, s.repeat_penalty) == (0.0, 1.2)
+    monkeypatch.delenv("RKMQTT_REPEAT_PENALTY")
+    s = start_bridge(FakeEngine(), temperature=None).settings  # no advice from the engine
+    assert (s.temperature, s.repeat_penalty) == (0.7, 1.1)
+
+
+def test_the_model_table_covers_the_model_defaulted_settings_and_the_docs_quote_it() -> None:
+    assert tuple(f.name for f in dataclasses.fields(ModelSampling)) == MODEL_DEFAULTED
+    assert NumpyEngine().recommended_sampling == {"temperature": 0.0, "repeat_penalty": 1.05}  # the packaged model
+    assert NumpyEngine(model="/models/qwen2.5-0.5b-instruct-q4_0.gguf").recommended_sampling == {}
+    smol = MODEL_SAMPLING["smollm2-135m"]
+    assert "SmolLM2-135M: 0, greedy" in (Settings.model_fields["temperature"].description or "")
+    assert f"SmolLM2-135M: {smol.repeat_penalty:g}" in (Settings.model_fields["repeat_penalty"].description or "")
+    assert smol.temperature == 0.0

@@ -45,7 +45,7 @@ def test_rkmqtt_run_serves_ollama_and_openai_clients_with_the_real_model(mosquit
         reply = client.chat(model, messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in (reply.message.content or "") and reply.done_reason == "stop"
         assert reply.prompt_eval_count and reply.eval_count and reply.eval_duration
-        parts = list(client.generate(model, "Name one colour.", options={"num_predict": 8}, stream=True))
+        parts = list(client.generate(model, "Name three colours.", options={"num_predict": 8}, stream=True))
         assert parts[-1].done and parts[-1].eval_count == 8 and parts[-1].done_reason == "length"
         oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         chunks = list(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.intake import Incoming
-from rkmqtt.mqtt.journal import Delivered, Journal, journal_path
+from rkmqtt.mqtt.journal import Delivered, Journal, journal_path, legacy_journal_path
 from rkmqtt.sched.request import RequestKey
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def incoming(client: str = "dev", text: str = "hello", **kw: object) -> Incoming:
@@ -60,9 +66,64 @@ def test_pruning_keeps_requests_in_flight_and_honours_the_size_cap(tmp_path: Pat
     j.close()
 
 
+def test_a_journal_is_named_by_session_prefix_and_broker(tmp_path: Path) -> None:
+    """Two bridges of one node name on one host against two brokers keep two journals."""
+    path = journal_path(tmp_path, "rkmqtt-node/1", "rkmqtt", "192.168.1.10:1883")
+    assert path.name.startswith("journal-rkmqtt-node_1-192.168.1.10_1883-") and path.suffix == ".sqlite3"
+    others = {journal_path(tmp_path, "rkmqtt-node/1", "rkmqtt", "192.168.1.11:1883"),
+              journal_path(tmp_path, "rkmqtt-node/1", "house", "192.168.1.10:1883"),
+              journal_path(tmp_path, "rkmqtt-node_1", "rkmqtt", "192.168.1.10:1883")}  # fmt: skip
+    assert len(others) == 3 and path not in others
+    assert path == journal_path(tmp_path, "rkmqtt-node/1", "rkmqtt", "192.168.1.10:1883")
+
+
+def test_a_journal_of_the_old_name_is_taken_over_with_its_requests(tmp_path: Path) -> None:
+    legacy = legacy_journal_path(tmp_path, "rkmqtt-node")
+    assert legacy.name == "journal-rkmqtt-node.sqlite3"  # what rkmqtt 0.1.0 wrote
+    old = Journal(legacy, 60, 10**6)
+    seq = old.admit(incoming(text="left over"), RequestKey("dev", "a"), now=1.0)
+    old.close()
+    path = journal_path(tmp_path, "rkmqtt-node", "rkmqtt", "127.0.0.1:1883")
+    j = Journal(path, 60, 10**6, legacy=legacy)
+    assert [(p.seq, p.incoming.payload) for p in j.pending()] == [(seq, b"left over")]
+    assert not legacy.exists()
+    j.close()
+    legacy.write_bytes(b"another file of the old name")  # once the new one exists, the old name is left alone
+    Journal(path, 60, 10**6, legacy=legacy).close()
+    assert legacy.read_bytes() == b"another file of the old name"
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from rkmqtt.mqtt.journal import Journal
+j = Journal(Path(sys.argv[1]), 60, 10**6)
+print("open", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_is_refused_the_journal_in_one_line_naming_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "journal-x.sqlite3"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(ConfigError) as refused:
+            Journal(path, 60, 10**6)
+        message = str(refused.value)
+        assert f"is in use by another rkmqtt (pid {holder.pid})" in message and "\n" not in message
+        holder.send_signal(signal.SIGKILL)  # a killed process leaves no lock behind
+        holder.wait(10)
+        Journal(path, 60, 10**6).close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+
+
 def test_a_journal_survives_reopening(tmp_path: Path) -> None:
-    path = journal_path(tmp_path, "rkmqtt-node/1")
-    assert path.name == "journal-rkmqtt-node_1.sqlite3"
+    path = journal_path(tmp_path, "rkmqtt-node/1", "rkmqtt", "localhost:1883")
     j = Journal(path, 60, 10**6)
     seq = j.admit(incoming(), RequestKey("dev", "a"), now=1.0)
     j.close()

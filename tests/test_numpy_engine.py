@@ -4,6 +4,7 @@ tests cover what SmolLM2 cannot be made to do on demand."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rkmqtt.bench.prompts import BUILTIN_PROMPTS
 from rkmqtt.engines.base import ErrorEvent, FinishEvent, TokenEvent
 from rkmqtt.engines.numpy.engine import NumpyEngine
 from rkmqtt.errors import RequestRejected
@@ -26,12 +28,16 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol() -> Iterator[NumpyEngine]:
-    engine = NumpyEngine(n_batch=3, max_context=512)
+def loaded(n_batch: int, reuse_prefix: bool = True) -> Iterator[NumpyEngine]:
+    engine = NumpyEngine(n_batch=n_batch, max_context=512, reuse_prefix=reuse_prefix)
     engine.load()
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[NumpyEngine]:
+    yield from loaded(3)
 
 
 def test_paris(smol: NumpyEngine) -> None:
@@ -186,24 +192,84 @@ def test_numpy_threads_limits_blas() -> None:
 
 
 def test_long_prompt_prefill_is_chunked_while_others_decode(smol: NumpyEngine) -> None:
-    """A joining request with a long prompt does not stall the slot that is decoding: the
-    decoding slot gets a token on every step while the prompt goes in by chunks."""
+    """A joining request with a long prompt does not stall a slot that has been decoding: that
+    slot gets a token on every step while the prompt goes in by chunks of `prefill_chunk`."""
     first = req("first", "Write a long poem about autumn.", 30)
     smol.submit([smol.prepare(first)])
-    while not any(isinstance(e, TokenEvent) for e in smol.poll(0.0)):
-        pass
+    tokens = 0
+    while tokens < 2:  # its first token, and one decoded
+        tokens += sum(isinstance(e, TokenEvent) for e in smol.poll(0.0))
     joiner = req("join", "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 20, 4)
     prepared = smol.prepare(joiner)
     n = prepared.prompt_tokens
     assert n is not None and n > 3 * smol.prefill_chunk
+    reused = smol.reused_prompt_tokens
     smol.submit([prepared])
-    steps_with_first_token = 0
-    for _ in range(n // smol.prefill_chunk):
+    chunks = math.ceil((n - (smol.reused_prompt_tokens - reused)) / smol.prefill_chunk)  # a cached prefix is skipped
+    steps_with_first_token, joiner_first = 0, None
+    for step in range(1, chunks + 1):
         events = smol.poll(0.0)
         steps_with_first_token += any(e.key == "first" for e in events)
-    assert steps_with_first_token == n // smol.prefill_chunk
+        if joiner_first is None and any(e.key == "join" for e in events):
+            joiner_first = step
+    assert steps_with_first_token == chunks
+    assert joiner_first == chunks  # its prompt went in by chunks
     smol.cancel("first")
     smol.cancel("join")
+
+
+HOUSE = BUILTIN_PROMPTS[:8]  # what 8 devices of a house ask at once (`rkmqtt bench`'s first 8 prompts)
+
+
+@pytest.fixture(scope="module")
+def smol8() -> Iterator[NumpyEngine]:
+    yield from loaded(8, reuse_prefix=False)  # every prompt whole: the passes below count all of it
+
+
+def passes_to_first_event(engine: NumpyEngine, keys: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Poll until every request has ended: the pass (1, 2, ...) of each one's first event, and its text."""
+    first: dict[str, int] = {}
+    text = dict.fromkeys(keys, "")
+    passes = 0
+    while engine.active():
+        passes += 1
+        for ev in engine.poll(0.0):
+            first.setdefault(str(ev.key), passes)
+            if isinstance(ev, TokenEvent):
+                text[str(ev.key)] += ev.text
+    return first, text
+
+
+def test_prompts_that_arrive_together_are_prefilled_together(smol8: NumpyEngine) -> None:
+    """8 prompts submitted at once, more than one pass's budget in all, are prefilled in
+    ⌈total / idle_prefill_chunk⌉ passes: the requests that got their first token in the first pass
+    decode in the second while the rest of the prompts go in (one pass more before, at
+    `prefill_chunk`). Each answers as it does alone (greedy)."""
+    reqs = [req(f"h{i}", p, 6) for i, p in enumerate(HOUSE)]
+    alone = {r.key: drive(smol8, [r])[r.key].text for r in reqs}
+    prepared = [smol8.prepare(r) for r in reqs]
+    total = sum(p.prompt_tokens or 0 for p in prepared)
+    assert smol8.idle_prefill_chunk < total <= 2 * smol8.idle_prefill_chunk  # 312 tokens
+    smol8.submit(prepared)
+    first, text = passes_to_first_event(smol8, list(alone))
+    assert max(first.values()) == math.ceil(total / smol8.idle_prefill_chunk) == 2
+    assert text == alone
+
+
+def test_requests_that_come_one_step_apart_are_prefilled_in_one_pass(smol8: NumpyEngine) -> None:
+    """Through MQTT the first of several devices' requests often reaches the engine a step before
+    the others (a few ms apart): they join while it is at its first token, and all their prompts go
+    in at the next pass (the first one waits that pass for its second token)."""
+    reqs = [req(f"s{i}", p, 6) for i, p in enumerate(HOUSE[:7])]
+    smol8.submit([smol8.prepare(reqs[0])])
+    first_pass = smol8.poll(0.0)
+    assert [type(e) for e in first_pass] == [TokenEvent]
+    rest = [smol8.prepare(r) for r in reqs[1:]]
+    total = sum(p.prompt_tokens or 0 for p in rest)
+    assert 3 * smol8.prefill_chunk < total <= smol8.idle_prefill_chunk  # 237 tokens
+    smol8.submit(rest)
+    first, _ = passes_to_first_event(smol8, [r.key for r in reqs])
+    assert {first[r.key] for r in reqs[1:]} == {1}  # one pass for all 6 (at prefill_chunk: 8)
 
 
 def test_benchmark_size_uses_a_bfloat16_cache() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from rkmqtt.engines.numpy.gguf_file import GGUFFile
-from rkmqtt.engines.numpy.model import Segment, StepPlan, Transformer
+from rkmqtt.engines.numpy.model import Segment, StepPlan, Transformer, linear
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.engines.numpy.weights import load_weights
 from tests import reference
@@ -126,6 +126,18 @@ def test_mixed_step_matches_separate_runs(tmp_path: Path) -> None:
         ref = reference.logits(f"mixed-step-{x}", path, ids)
         last = dataclasses.replace(ref, top_ids=ref.top_ids[-1:], top_values=ref.top_values[-1:])
         assert_close(row[None], last, REL_TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 13])
+def test_linear_gives_each_row_its_own_product_whatever_the_row_count(rows: int) -> None:
+    """Row counts that are not a multiple of GEMM_ROW_BLOCK are padded for BLAS; the padding
+    never shows (shape, values)."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 64), dtype=np.float32)
+    w = rng.standard_normal((64, 96), dtype=np.float32)
+    out = linear(x, w)
+    assert out.shape == (rows, 96) and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.stack([row @ w for row in x]), rtol=1e-5, atol=1e-4)
 
 
 def test_tolerance_catches_a_wrong_rotary_layout(tmp_path: Path) -> None:

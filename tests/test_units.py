@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,15 @@ def test_admission_is_one_wording_for_both_doors() -> None:
     assert counted == []  # a door counts what it answers
     adm.refused(ErrorCode.TOO_LONG)
     assert counted == [ErrorCode.TOO_LONG]
+
+
+def test_an_assistant_turns_tool_calls_count_towards_the_prompt_length() -> None:
+    """The template renders them for the model, so a client cannot slip a long prompt past
+    max_prompt_chars inside a call's arguments (engine openai takes such turns over MQTT too)."""
+    s = load_settings({"max_prompt_chars": 100})
+    adm = Admission(s, lambda code: None, "m", tools=True)
+    call = {"type": "function", "function": {"name": "f", "arguments": {"text": "x" * 100}}}
+    turns = (ChatMessage("user", "hi"), ChatMessage("assistant", "", (call,)), ChatMessage("tool", "ok", (), "c1"))
+    refused = adm.admit(RequestKey("dev", "1"), Ask(turns), MqttRoute("p/reply/dev/1", SINK), 0.0)
+    assert isinstance(refused, Refused) and refused.code == ErrorCode.TOO_LONG
+    assert Ask(turns).prompt_chars() == len("hi") + len(json.dumps([call])) + len("ok")

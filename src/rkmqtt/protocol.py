@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rkmqtt.suggest import did_you_mean
 
 CLIENT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -52,9 +55,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class ToolFunction(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=256, description="the tool's name")]
+    arguments: dict[str, Any] = Field(default_factory=dict, description="its arguments, a JSON object")
+
+
+class ToolCall(_Strict):
+    """A tool the model asked to call: in a final reply's `tool_calls`, and in an assistant message."""
+
+    id: Annotated[
+        str | None,
+        Field(
+            max_length=256,
+            description="the call's id, when the engine gives one; a tool message "
+            "answering it names it in `tool_call_id`",
+        ),
+    ] = None
+    type: Literal["function"] = Field("function", description="always function")
+    function: ToolFunction = Field(description="the call")
+
+
+class ToolSpecFunction(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=256, description="the tool's name")]
+    description: str | None = Field(None, description="what it does, for the model")
+    parameters: dict[str, Any] | None = Field(None, description="its arguments as a JSON Schema")
+
+
+class ToolSpec(_Strict):
+    """A tool the model may call, as the OpenAI and Ollama APIs define them."""
+
+    type: Literal["function"] = Field("function", description="always function")
+    function: ToolSpecFunction = Field(description="the tool")
+
+
 class Message(_Strict):
-    role: Annotated[Literal["system", "user", "assistant"], Field(description="who says it")]
+    role: Annotated[
+        Literal["system", "user", "assistant", "tool"], Field(description="who says it (tool: a tool's result)")
+    ]
     content: Annotated[str, Field(max_length=1_000_000, description="what is said")]
+    tool_calls: Annotated[
+        list[ToolCall] | None, Field(max_length=64, description="an assistant turn's calls, as its reply gave them")
+    ] = None
+    tool_call_id: Annotated[
+        str | None, Field(max_length=256, description="a tool turn: the `id` of the call it answers")
+    ] = None
 
 
 class RequestPayload(_Strict):
@@ -66,6 +110,14 @@ class RequestPayload(_Strict):
         list[Message] | None, Field(min_length=1, max_length=256, description="a multi-turn chat instead of prompt")
     ] = None
     system: Annotated[str | None, Field(description="a system prompt")] = None
+    tools: Annotated[
+        list[ToolSpec] | None,
+        Field(
+            max_length=128,
+            description="tools the model may call, for engines that take them (else `invalid_request`); its "
+            "calls come in the reply's `tool_calls`",
+        ),
+    ] = None
     max_new_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="cap on generated tokens")] = None
     temperature: Annotated[
         float | None, Field(ge=0.0, le=5.0, description=f"0 is greedy, and so is anything below {MIN_TEMPERATURE:g}")
@@ -152,6 +204,11 @@ class OkReply(_Strict):
     model: str = Field(description="the model that answered")
     warnings: list[str] = Field(default_factory=list, description="e.g. sampling fields the engine could not honour")
     node: str | None = Field(default=None, description="the bridge (node) that answered")
+    tool_calls: list[ToolCall] = Field(
+        default_factory=list,
+        description="tools the model asked to call (a request with `tools`, an engine that returns them "
+        "structured); `text` is then often empty",
+    )
 
 
 class ErrorReply(_Strict):
@@ -229,6 +286,12 @@ class Stats(_Strict):
     errors: int = Field(description="final replies with status error, refusals included")
     errors_by_code: dict[str, int] = Field(description="errors counted by code")
     repeated: int = Field(default=0, description="final replies sent again to a retried id")
+    engine_ready: bool = Field(
+        default=True,
+        description="false while the engine cannot take requests (engine openai: its server is "
+        "unreachable or refuses); requests wait meanwhile",
+    )
+    engine_problem: str | None = Field(default=None, description="why not, in words; null when ready")
 
 
 def new_request_id() -> str:
@@ -253,16 +316,37 @@ def parse_cancel_payload(payload: bytes) -> CancelRequest:
     return CancelRequest(id=text)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad field, for the error reply's message."""
+def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming each bad field, for the error reply's message; an unknown field of `model`
+    (or of a model inside it) names the field it is most like."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "request"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+            inner = _model_at(model, err["loc"][:-1])
+            if inner is not None and err["loc"]:
+                msg += did_you_mean(str(err["loc"][-1]), inner.model_fields)
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def _model_at(model: type[BaseModel] | None, path: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the field at `path` inside `model` (list indexes skipped), if any."""
+    for part in path:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = None if field is None else _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or inside `X | None`, `list[X]`, `Annotated[X, ...]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None), None)
 
 
 def extract_routing(payload: bytes) -> tuple[str | None, str | None]:

@@ -1,6 +1,7 @@
 """The service behind `rkmqtt run` (main thread): wires the engine, the scheduler, admission, the MQTT
-bridge and its sink, the HTTP server, the embedded broker and the health file; takes up the journal
-before connecting; shuts them down in order (its threads: docs/architecture.md, "Threads")."""
+bridge and its sink, the HTTP server, the embedded broker and the health file; checks the broker and
+binds the HTTP port before the model loads; takes up the journal before connecting; shuts them down
+in order (its threads: docs/architecture.md, "Threads")."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rkmqtt import __version__
-from rkmqtt.engines import create_engine, default_temperature
+from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.bridge import Bridge, CredentialsProvider
 from rkmqtt.mqtt.broker import Mosquitto, port_answers
-from rkmqtt.mqtt.journal import Journal, journal_path
+from rkmqtt.mqtt.journal import Journal, journal_path, legacy_journal_path
+from rkmqtt.mqtt.link import Link
 from rkmqtt.mqtt.outbox import Outbox
+from rkmqtt.mqtt.reach import reach_broker
 from rkmqtt.mqtt.replies import Replies, in_journal
 from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits
@@ -31,7 +34,7 @@ from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.loop import Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
 from rkmqtt.sched.request import Request
-from rkmqtt.settings import Settings
+from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
 
 if TYPE_CHECKING:
@@ -62,6 +65,8 @@ class Service:
         self.bridge: Bridge | None = None
         self.journal: Journal | None = None
         self.http: HttpServer | None = None
+        self._http_sockets: list[socket.socket] = []  # bound before the model loads
+        self.link: Link | None = None
         self.info: Info | None = None
         self._stop_requested = threading.Event()
         self._health_thread: threading.Thread | None = None
@@ -112,31 +117,62 @@ class Service:
             engine_info=einfo,
         )
 
-    def start(self) -> None:
+    def _check_broker(self) -> None:
+        """Say at once, in one line, when the broker does not answer (the bridge keeps trying once
+        the model is loaded): not after a model load of half a minute."""
+        self.link = Link(str(self.settings.broker_url))
+        reach = reach_broker(self.settings)
+        if not reach.ok:
+            self.link.failed(reach.detail)
+
+    def _bind_http(self) -> None:
+        """Bind the HTTP port now: a busy one stops start-up before the model loads."""
         s = self.settings
+        if s.http_listen is None or s.http_address is None:
+            return
+        from rkmqtt.http.listen import open_listeners
+
+        self._http_sockets = open_listeners(s.http_listen, *s.http_address)
+
+    def _open_journal(self) -> None:
+        """Open (and lock) the journal now: one that another process holds stops start-up at once."""
+        s = self.settings
+        if not s.journal:
+            return
+        state, client_id, addr = s.effective_state_dir(), s.effective_client_id(), s.broker_url
+        path = journal_path(state, client_id, s.topic_prefix, f"{addr.host}:{addr.port}")
+        legacy = legacy_journal_path(state, client_id)
+        self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20), legacy=legacy)
+        self.journal.prune()
+
+    def start(self) -> None:
+        """Start in the order a user can act on: the broker (answers or not), the HTTP port, the
+        journal, the model, then the bridge, which says `online` once it takes requests."""
         self._ensure_broker()
+        self._check_broker()
+        self._bind_http()
+        self._open_journal()
         s = self.settings
         if self.engine is None:
             self.engine = create_engine(s)
+        _LOGGER.info("loading model %s (engine %s)…", self.engine.model_name, self.engine.capabilities.name)
         t0 = time.monotonic()
         self.engine.load()
         _LOGGER.info(
-            "engine %s ready with model %s in %.1f s (n_batch %d)",
-            self.engine.capabilities.name,
+            "model %s loaded in %.1f s: engine %s, n_batch %d",
             self.engine.model_name,
             time.monotonic() - t0,
+            self.engine.capabilities.name,
             self.engine.capabilities.max_batch,
         )
-        if "temperature" not in s.model_fields_set:
-            # No flag, variable, file or option set it: the default suits the model (SmolLM2-135M
-            # answers in garbled French at 0.7).
-            self.settings = s = s.model_copy(update={"temperature": default_temperature(self.engine)})
-            _LOGGER.info("default temperature %g for %s", s.temperature, self.engine.model_name)
+        # What no flag, variable, file or option set takes the model's own default, if it has one
+        # (SmolLM2-135M answers best greedy: at 0.7 it often answers in garbled French).
+        self.settings = with_model_defaults(s, self.engine.recommended_sampling)
+        if self.settings is not s:
+            s = self.settings
+            _LOGGER.info("sampling defaults of %s: temperature %g, repeat penalty %g", self.engine.model_name,
+                         s.temperature, s.repeat_penalty)  # fmt: skip
         self.info = self._build_info(self.engine)
-        if s.journal:
-            path = journal_path(s.effective_state_dir(), s.effective_client_id())
-            self.journal = Journal(path, s.dedup_window, int(s.journal_max_mb * 2**20))
-            self.journal.prune()
         topics = Topics(s.topic_prefix, s.effective_node_name())
         finals = Finals(self.engine.model_name, s.effective_node_name())
         outbox = Outbox(s.outgoing_queue, s.outgoing_queue_bytes)
@@ -168,6 +204,7 @@ class Service:
             retained_extra=retained,
             extra_subscriptions=extra_subs,
             credentials_provider=self.credentials_provider,
+            link=self.link,
         )
         self.scheduler.start()
         self.bridge.take_up()
@@ -175,7 +212,8 @@ class Service:
         if s.http_listen is not None:
             from rkmqtt.http.server import HttpServer
 
-            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools)
+            sockets, self._http_sockets = self._http_sockets, []
+            self.http = HttpServer(s, self.scheduler, admission, finals, self.info, caps.tools, sockets or None)
             self.http.start()
         if s.health_file is not None:
             self._health_thread = threading.Thread(target=self._health_loop, name="rkmqtt-health", daemon=True)
@@ -213,6 +251,7 @@ class Service:
             "engine_stalled_s": round(sched.engine_stalled_s(), 1) if sched else 0.0,
             "queue_depth": sched.queue_depth if sched else 0,
             "active": sched.active if sched else 0,
+            "engine_problem": sched.engine_problem if sched else None,
             "updated": time.time(),
         }
 
@@ -231,6 +270,11 @@ class Service:
             _LOGGER.warning("cannot write health file %s: %s", path, e)
 
     # -- stop -------------------------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        """`stop` has been called."""
+        return self._stopped
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking requests, let running ones finish within the grace period, answer the
         rest `shutting_down`, publish `offline`, release everything."""
@@ -260,6 +304,10 @@ class Service:
             steps.append(("close the journal", self.journal.close))
         if self.engine is not None:
             steps.append(("release the engine", self.engine.close))
+        if self._http_sockets:  # bound, but start-up stopped before the server took them
+            from rkmqtt.http.listen import close_all
+
+            steps.append(("close the HTTP port", lambda: close_all(self._http_sockets)))
         if self.embedded is not None:
             steps.append(("stop the private Mosquitto", self.embedded.close))
         for what, step in steps:
@@ -276,8 +324,9 @@ class Service:
     def _kept(self) -> Callable[[Request], bool] | None:
         return in_journal if self.bridge is not None and self.bridge.keeps_waiting else None
 
-    def run_forever(self) -> int:
-        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0)."""
+    def run_forever(self, on_ready: Callable[[Service], None] | None = None) -> int:
+        """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0).
+        `on_ready` is called once, when the bridge first says `online`."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             _LOGGER.info("%s received: stopping", signal.Signals(signum).name)
@@ -287,7 +336,12 @@ class Service:
         status = 0
         try:
             self.start()
-            while not self._stop_requested.wait(0.5):
+            ready = on_ready is None
+            while not self._stop_requested.wait(0.2 if not ready else 0.5):
+                if not ready and self.bridge is not None and self.bridge.wait_connected(0):
+                    ready = True
+                    assert on_ready is not None
+                    on_ready(self)
                 if self.scheduler is not None and self.scheduler.stopped:
                     _LOGGER.error("the scheduler stopped unexpectedly; exiting so that a supervisor restarts us")
                     status = 1

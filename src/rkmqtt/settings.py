@@ -1,12 +1,14 @@
 """Settings (main thread, at start-up): pydantic-settings, layered: flags > `RKMQTT_*` > the YAML
-`--config` file > the add-on's options > defaults. Each field is also `RKMQTT_<NAME>` and
-`--<name-with-dashes>`; `config.yaml` lists them all (generated: `./dev docs`)."""
+file (`--config`, `RKMQTT_CONFIG`, else ./config.yaml) > the add-on's options > the model's own
+(`MODEL_DEFAULTED`) > defaults. Each field is also `RKMQTT_<NAME>` and `--<name-with-dashes>`;
+`config.yaml` lists them all (generated: `./dev docs`)."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -17,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.suggest import did_you_mean
 from rkmqtt.topics import shared_group_of
 
 # Rockchip's manual recommends n_batch <= 8 (not a limit of the runtime, whose field is a uint8):
@@ -35,11 +38,15 @@ def rkllm_n_batch_problem(n_batch: int) -> str | None:
 
 
 ENV_PREFIX = "RKMQTT_"
+#: The settings file every command reads from the current folder when none is named.
+CONFIG_FILE_NAME = "config.yaml"
+#: `RKMQTT_*` variables that are not settings: the file's, and those of the repository's own tools.
+NOT_SETTINGS = frozenset({"CONFIG", "VENV", "TORCH_INDEX", "REFERENCE", "BENCH_UNSET"})
 
 #: Settings whose default depends on the engine's model when no layer (flag, environment, file,
 #: add-on option) sets them; the service resolves them once the engine is loaded. config.yaml
 #: shows them commented out, so that a copy of it does not pin them.
-MODEL_DEFAULTED = ("temperature",)
+MODEL_DEFAULTED = ("temperature", "repeat_penalty")
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 
@@ -132,7 +139,7 @@ class Settings(BaseSettings):
         str,
         Field(
             description="auto (rkllm on an RK3588/RK3576 with the runtime installed, else numpy), numpy, rkllm, "
-            "or module:Class of a custom engine."
+            "openai (an OpenAI-compatible server at upstream_url), or module:Class of a custom engine."
         ),
     ] = "auto"
     model: Annotated[
@@ -144,7 +151,10 @@ class Settings(BaseSettings):
     n_batch: Annotated[
         int,
         Field(
-            ge=1, le=64, description="Requests per batch (engine slots). rkllm: 1-8, the RKLLM manual's recommendation."
+            ge=1,
+            le=64,
+            description="Requests per batch (engine slots). rkllm: 1-8, the RKLLM manual's recommendation; "
+            "openai: requests in flight upstream.",
         ),
     ] = 4
     batch_window_ms: Annotated[
@@ -161,12 +171,20 @@ class Settings(BaseSettings):
             ge=0,
             le=5,
             description="Default temperature (0 is greedy). Unset: the model's own if the engine knows one (numpy "
-            "engine, SmolLM2-135M: 0.2), else 0.7.",
+            "engine, SmolLM2-135M: 0, greedy), else 0.7.",
         ),
     ] = 0.7
     top_k: Annotated[int, Field(ge=0, le=100_000, description="Default top-k (0 is off).")] = 40
     top_p: Annotated[float, Field(gt=0, le=1, description="Default top-p.")] = 0.9
-    repeat_penalty: Annotated[float, Field(ge=0.1, le=10, description="Default repeat penalty (1 is off).")] = 1.1
+    repeat_penalty: Annotated[
+        float,
+        Field(
+            ge=0.1,
+            le=10,
+            description="Default repeat penalty (1 is off). Unset: the model's own if the engine knows one (numpy "
+            "engine, SmolLM2-135M: 1.05), else 1.1.",
+        ),
+    ] = 1.1
 
     numpy_threads: Annotated[
         int,
@@ -178,6 +196,38 @@ class Settings(BaseSettings):
             "that wait on each other run 2-3x slower there.",
         ),
     ] = 0
+
+    # -- openai engine (an OpenAI-compatible server behind the bridge) -----------------------
+    upstream_url: Annotated[
+        str | None,
+        Field(
+            description="engine openai: the server's OpenAI API base, ending in /v1, e.g. http://gpu:8000/v1 "
+            "(vLLM), http://minipc:8080/v1 (llama.cpp's server), http://minipc:11434/v1 (Ollama)."
+        ),
+    ] = None
+    upstream_model: Annotated[
+        str | None,
+        Field(description="engine openai: the model to ask for. Empty: the first the server lists (GET /v1/models)."),
+    ] = None
+    upstream_api_key: Annotated[
+        SecretStr | None,
+        Field(
+            description="engine openai: the server's API key (sent as a bearer token); overrides upstream_api_key_file."
+        ),
+    ] = None
+    upstream_api_key_file: Annotated[
+        Path | None,
+        Field(description="engine openai: file holding the server's API key (a trailing newline is ignored)."),
+    ] = None
+    upstream_timeout: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=86_400,
+            description="engine openai: seconds the server may stay silent in an answer before the request fails "
+            "(engine_error).",
+        ),
+    ] = 120.0
 
     # -- limits (each answered with its own error code) ------------------------------------
     max_payload_bytes: Annotated[
@@ -353,6 +403,10 @@ class Settings(BaseSettings):
         "password_file",
         "http_listen",
         "http_tokens",
+        "upstream_url",
+        "upstream_model",
+        "upstream_api_key",
+        "upstream_api_key_file",
         mode="before",
     )
     @classmethod
@@ -377,7 +431,21 @@ class Settings(BaseSettings):
             raise ValueError("has a port that is not a number from 1 to 65535")
         return v
 
-    @field_validator("password_file")
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_upstream_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be the server's API base, http://host:port/v1 or https://...")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError("has a port that is not a number from 1 to 65535") from e
+        return v
+
+    @field_validator("password_file", "upstream_api_key_file")
     @classmethod
     def _password_file(cls, v: Path | None) -> Path | None:
         if v is None:
@@ -412,9 +480,9 @@ class Settings(BaseSettings):
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, v: str) -> str:
-        if v in ("auto", "numpy", "rkllm") or (":" in v and all(v.split(":", 1))):
+        if v in ("auto", "numpy", "rkllm", "openai") or (":" in v and all(v.split(":", 1))):
             return v
-        raise ValueError("must be auto, numpy, rkllm or module:Class")
+        raise ValueError("must be auto, numpy, rkllm, openai or module:Class")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -424,6 +492,8 @@ class Settings(BaseSettings):
             )
         if self.engine == "rkllm" and (problem := rkllm_n_batch_problem(self.n_batch)):
             raise ValueError(problem)
+        if self.engine == "openai" and self.upstream_url is None:
+            raise ValueError("engine openai needs upstream_url: the server's API base, e.g. http://127.0.0.1:8080/v1")
         return self
 
     # -- derived ------------------------------------------------------------------------------
@@ -433,6 +503,12 @@ class Settings(BaseSettings):
         if password is None and self.password_file is not None:
             password = SecretStr(_read_password(self.password_file))
         return BrokerAddress.parse(self.broker or "mqtt://localhost:1883", self.username, password)
+
+    def upstream_key(self) -> str | None:
+        """The upstream server's API key: upstream_api_key, else the file's, else None."""
+        if self.upstream_api_key is not None:
+            return self.upstream_api_key.get_secret_value()
+        return None if self.upstream_api_key_file is None else _read_password(self.upstream_api_key_file)
 
     def effective_client_id(self) -> str:
         """The bridge's client id: stable, so that the broker keeps its session across restarts."""
@@ -544,6 +620,31 @@ class DictSource(PydanticBaseSettingsSource):
 _EXTRA_SOURCES: dict[type[BaseSettings], tuple[PydanticBaseSettingsSource, ...]] = {}
 
 
+def find_config_file(explicit: Path | None = None, folder: Path | None = None) -> Path | None:
+    """The YAML file of settings a command reads: `--config`, else `RKMQTT_CONFIG`, else
+    config.yaml in the current folder (`folder`) when there is one; None: no file."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    here = (folder or Path()) / CONFIG_FILE_NAME
+    return here if here.is_file() else None
+
+
+def unknown_environment(environ: dict[str, str] | None = None) -> list[str]:
+    """One line for each `RKMQTT_*` variable that is not a setting (pydantic ignores them): a
+    typo such as RKMQTT_N_BACH would otherwise change nothing, silently."""
+    env = os.environ if environ is None else environ
+    names = [f"{ENV_PREFIX}{n.upper()}" for n in Settings.model_fields]
+    out = []
+    for key in sorted(env):
+        rest = key[len(ENV_PREFIX) :] if key.upper().startswith(ENV_PREFIX) else None
+        if rest is None or rest.upper() in NOT_SETTINGS or rest.lower() in Settings.model_fields:
+            continue
+        out.append(f"environment variable {key} is not a setting and is ignored{did_you_mean(key, names)}")
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -561,8 +662,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: must be a mapping of setting: value")
     unknown = sorted(set(map(str, data)) - set(Settings.model_fields))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}; see config.yaml for the names")
+        hint = did_you_mean(unknown[0], Settings.model_fields)
+        raise ConfigError(f"config file {path}: unknown setting {unknown[0]!r}{hint}; see config.yaml for the names")
     return {str(k): v for k, v in data.items()}
+
+
+def with_model_defaults(settings: Settings, advice: Mapping[str, float]) -> Settings:
+    """`settings` with the model's own value (`Engine.recommended_sampling`) for each setting of
+    `MODEL_DEFAULTED` that no layer set."""
+    update = {n: advice[n] for n in MODEL_DEFAULTED if n in advice and n not in settings.model_fields_set}
+    return settings.model_copy(update=update) if update else settings
 
 
 def load_settings(
@@ -606,8 +715,10 @@ def _one_line(exc: ValidationError, flags: dict[str, Any], layers: list[tuple[di
     else:
         origin = next((o for data, o in layers if name in data), "default")
     if err["type"] == "extra_forbidden":
-        return f"setting {name!r} ({origin}) is unknown; see config.yaml for the names"
-    shown = "***" if name in ("password", "http_tokens") else repr(_hide_password(value) if name == "broker" else value)
+        hint = did_you_mean(name, Settings.model_fields)
+        return f"setting {name!r} ({origin}) is unknown{hint}; see config.yaml for the names"
+    secret = name in ("password", "http_tokens", "upstream_api_key")
+    shown = "***" if secret else repr(_hide_password(value) if name in ("broker", "upstream_url") else value)
     return f"setting {name}={shown} ({origin}) is not allowed: {msg}"
 
 

@@ -106,6 +106,7 @@ class RunningBridge(Runner):
         p.n_batch = int(p.bridge_info.get("n_batch", 0))
         p.label = f"{p.bridge_info.get('engine', '?')} (running bridge)"
         p.broker = str(self.settings.broker_url)
+        self.progress.phase(f"{sc.workload.warmup} warm-up round(s), then the measured requests")
         meter = CpuMeter({"bench": os.getpid()})  # the bridge's process is not ours to measure
         gen: LoadGenerator | HttpLoadGenerator
         if p.mode == "http":

@@ -49,7 +49,7 @@ class _Device:
             seq = self.seq
             self.seq += 1
             rid = f"{self.gen.tag}.{self.name}.{seq}" if measured else f"{self.gen.tag}.{self.name}.w{seq}"
-            pidx = w.prompt_index(self.index, seq)
+            pidx = w.prompt_index(self.index, seq) if measured else w.warmup_prompt_index(self.index, seq)
             rec = RequestRecord(device=self.index, seq=seq, id=rid, prompt_index=pidx, sent=0.0)
             self.records[rid] = rec
         payload = json.dumps(

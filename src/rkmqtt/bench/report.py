@@ -19,6 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from rkmqtt import __version__
+from rkmqtt.bench.busy import LoadVerdict
+from rkmqtt.bench.gain import batching_gain, print_batching_gain
+from rkmqtt.bench.gain import markdown_lines as gain_markdown_lines
 from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
@@ -122,6 +125,7 @@ def targets(points: Sequence[Point]) -> list[Target]:
     else:
         ok, measured = None, "-"
     out.append(Target("CPU engine, 8 devices: n_batch 8 vs 1", ">= 2.5x tokens/s, lower median latency", measured, ok))
+    out.append(single_round(points))
     costs = {c["n_batch"]: c for c in bridge_cost(points) if c["scenario"] == "cpu-8-devices"}
     for nb in (1, 8):
         c = costs.get(nb)
@@ -172,6 +176,22 @@ def targets(points: Sequence[Point]) -> list[Target]:
     out.append(journal_cost(points))
     out.append(scale_out(points))
     return out
+
+
+def single_round(points: Sequence[Point]) -> Target:
+    """One round of 8 devices asking at once (scenario cpu-8-at-once): the gain of n_batch 8 over 1."""
+    g = next((r for r in batching_gain(points) if r["scenario"] == "cpu-8-at-once" and r["n_batch"] == 8), None)
+    measured = "-"
+    if g is not None and g["mqtt_gain"] is not None:
+        measured = f"{g['mqtt_gain']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in g['mqtt_pair_gains'])})"
+        if g["direct_gain"] is not None:
+            measured += f"; engine alone {g['direct_gain']:.2f}x"
+    return Target(
+        "CPU engine, 8 devices at once, one round: n_batch 8 vs 1",
+        ">= 2.5x tokens/s",
+        measured,
+        None if g is None or g["mqtt_gain"] is None else g["mqtt_gain"] >= 2.5,
+    )
 
 
 def scale_out(points: Sequence[Point]) -> Target:
@@ -270,6 +290,7 @@ def print_table(points: Sequence[Point], console: Console, cpus: int | None = No
                 "-" if ratio is None else f"{100 * ratio:.1f} %",
             )
         console.print(c)
+    print_batching_gain(points, console)
     print_http_cost(points, console)
     print_writes(points, console)
     ts = [x for x in targets(points) if x.met is not None]
@@ -300,6 +321,7 @@ def report_dict(points: Sequence[Point], meta: dict[str, Any]) -> dict[str, Any]
         **meta,
         "points": [p.as_dict() for p in points],
         "bridge_cost": bridge_cost(points),
+        "batching_gain": batching_gain(points),
         "http_cost": http_cost(points),
         "targets": [asdict(t) for t in targets(points)],
     }
@@ -330,7 +352,33 @@ def write_requests_csv(path: Path, points: Sequence[Point]) -> Path:
     return path
 
 
-def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") -> Path:
+def series_name(scenario: str, label: str, mode: str) -> str:
+    """A plot line's name: the scenario, then its engine's label, unless the label says it already
+    ("numpy (CPU)", not "numpy: numpy (CPU)")."""
+    name = label if label.split(" ")[0] == scenario or scenario == "running" else f"{scenario}: {label}"
+    return name + {"direct": " — engine alone", "http": " — HTTP API"}.get(mode, "")
+
+
+def plain_number(value: float) -> str:
+    """A tick label without powers of ten: 0.5, 20, 300, 4,000."""
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def _log_ticks(ax: Any) -> None:
+    """Log-scale ticks as plain numbers (matplotlib's default is 4×10¹): powers of ten, and between
+    them as many of the minor ticks as matplotlib finds room for."""
+    from matplotlib.ticker import LogFormatter, NullFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return plain_number(x)
+
+    ax.yaxis.set_major_formatter(Plain())
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def figure(points: Sequence[Point], title: str = "rkmqtt bench") -> Any:
     """Throughput and median latency against n_batch; one line per scenario (engine and load),
     solid through MQTT, dashed for the engine called directly. Log scales: the engines differ
     by orders of magnitude."""
@@ -351,7 +399,7 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
         colour = colours.setdefault(scenario, cycle[len(colours) % len(cycle)])
         xs = [p.n_batch for p in pts]
         ms = [p.metrics for p in pts]
-        name = f"{scenario}: {pts[0].label}" + {"direct": " — engine alone", "http": " — HTTP API"}.get(mode, "")
+        name = series_name(scenario, pts[0].label, mode)
         style = dict(color=colour, marker="o" if mode == "mqtt" else "x", linestyle="-" if mode == "mqtt" else "--")
         ax_t.plot(xs, [m.tokens_per_s if m else 0 for m in ms], label=name, **style)
         if mode == "mqtt":
@@ -364,6 +412,7 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
         nbs = sorted({p.n_batch for p in points})
         if nbs:
             ax.set_xticks(nbs, [str(n) for n in nbs])
+        _log_ticks(ax)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.set_title("throughput")
     ax_l.set_title("latency (through MQTT)")
@@ -371,15 +420,26 @@ def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") 
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
+    return fig
+
+
+def write_png(path: Path, points: Sequence[Point], title: str = "rkmqtt bench") -> Path:
+    """The plot of `figure` as a PNG."""
+    fig = figure(points, title)
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def markdown(points: Sequence[Point]) -> str:
-    """The figures as Markdown tables (for docs/benchmarks.md)."""
-    lines = [
+def markdown(points: Sequence[Point], load: LoadVerdict | None = None) -> str:
+    """The figures as Markdown tables (for docs/benchmarks.md), after the machine's load verdict."""
+    lines: list[str] = []
+    if load is not None:
+        lines += [f"**{load.text()}**" if load.meaningful is False else load.text(), ""]
+    lines += [
         "| scenario | engine | n_batch | mode | req/s | tok/s | latency p50 / p95 / p99 / mean, ms | TTFT p50, ms "
         "| queue p50, ms | batch | errors | stream msg/s |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -414,6 +474,7 @@ def markdown(points: Sequence[Point]) -> str:
                 + ", ".join(f"{100 * x:.0f} %" for x in c["pair_ratios"])
                 + " |"
             )
+    lines += gain_markdown_lines(points)
     lines += http_markdown_lines(points)
     lines += writes_markdown_lines(points)
     rows = cpu_rows(points)

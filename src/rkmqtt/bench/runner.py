@@ -19,16 +19,36 @@ Mode = Literal["mqtt", "http", "direct"]
 
 
 class ProgressSink(Protocol):
-    def begin(self, description: str, total: int) -> None: ...
+    def plan(self, runs: int) -> None:
+        """The session makes `runs` runs (points x repeats)."""
 
-    def advance(self, n: int) -> None: ...
+    def begin(self, description: str, total: int) -> None:
+        """A run starts; `total` requests are to be answered."""
+
+    def phase(self, text: str) -> None:
+        """What the run does now, before its requests go out (starting a bridge, say)."""
+
+    def advance(self, n: int) -> None:
+        """`n` more of the run's requests were answered."""
+
+    def end(self) -> None:
+        """The run is over."""
 
 
 class NoProgress:
+    def plan(self, runs: int) -> None:
+        pass
+
     def begin(self, description: str, total: int) -> None:
         pass
 
+    def phase(self, text: str) -> None:
+        pass
+
     def advance(self, n: int) -> None:
+        pass
+
+    def end(self) -> None:
         pass
 
 
@@ -106,6 +126,7 @@ class Runner:
         """Run every point `repeat` times; `checkpoint(points)` after each run (to save partial results)."""
         points = self.plan()
         by_name = {s.name: s for s in self.scenarios}
+        self.progress.plan(len(points) * self.repeat)
         for rep in range(self.repeat):
             for p in points:
                 sc = by_name[p.scenario]
@@ -119,6 +140,8 @@ class Runner:
                     _LOGGER.exception("bench point failed: %s", what)
                     p.failures.append(f"{type(e).__name__}: {e}")
                     continue
+                finally:
+                    self.progress.end()
                 m = summarize(records)
                 m.cpu = cpu
                 m.extra.update(self.take_extra())

@@ -8,12 +8,22 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from rkmqtt.bench.busy import LoadVerdict, LoadWatch
 from rkmqtt.bench.report import (
     machine,
     markdown,
@@ -29,24 +39,59 @@ from rkmqtt.errors import ConfigError
 
 
 class _RichProgress:
+    """Two bars on a terminal, the runs and the current run's requests, with what the run does now
+    (starting a bridge...); elsewhere (a pipe, a CI log) a plain line at each step."""
+
     def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             console=console,
+            disable=not self.live,
         )
+        self._runs: TaskID | None = None
         self._task: TaskID | None = None
+        self._what = ""
+        self._done = 0
+        self._total = 0
+        self._t0 = 0.0
+
+    def plan(self, runs: int) -> None:
+        self._total = runs
+        self._runs = self.bar.add_task("runs", total=runs)
 
     def begin(self, description: str, total: int) -> None:
+        self._what, self._t0 = description, time.monotonic()
+        if self._task is None:
+            self._task = self.bar.add_task(description, total=total)
+        else:
+            self.bar.reset(self._task, total=total, description=description)
+        self._say(f"run {self._done + 1}/{self._total}: {description}")
+
+    def phase(self, text: str) -> None:
         if self._task is not None:
-            self.bar.stop_task(self._task)
-        self._task = self.bar.add_task(description, total=total)
+            self.bar.update(self._task, description=f"{self._what}: {text}")
+        self._say(f"run {self._done + 1}/{self._total}: {text}")
 
     def advance(self, n: int) -> None:
         if self._task is not None:
             self.bar.advance(self._task, n)
+
+    def end(self) -> None:
+        self._done += 1
+        if self._runs is not None:
+            self.bar.advance(self._runs, 1)
+        self._say(f"run {self._done}/{self._total} over after {time.monotonic() - self._t0:.0f} s")
+
+    def _say(self, line: str) -> None:
+        if not self.live:
+            self.console.print(f"bench: {line}", soft_wrap=True, markup=False, highlight=False)
 
 
 def setup_logging(debug: bool) -> None:
@@ -65,9 +110,13 @@ def run_session(args: argparse.Namespace, runner: Runner, command: list[str]) ->
         runner.progress = progress
     json_file: Path = args.json or args.out / "bench.json"
 
+    watch = LoadWatch()
+    verdict: LoadVerdict | None = None
+
     def meta(done: bool) -> dict[str, Any]:
         return {
             "complete": done,
+            "load": None if verdict is None else verdict.as_dict(),
             "machine": machine(),
             "command": command,
             "repeat": runner.repeat,
@@ -82,6 +131,7 @@ def run_session(args: argparse.Namespace, runner: Runner, command: list[str]) ->
         write_json(json_file, report_dict(points, meta(False)))
         write_requests_csv(json_file.with_suffix(".requests.csv"), points)
 
+    watch.start()
     try:
         if progress is not None:
             with progress.bar:
@@ -90,11 +140,13 @@ def run_session(args: argparse.Namespace, runner: Runner, command: list[str]) ->
             points = runner.run(checkpoint)
     finally:
         runner.close()
+        verdict = watch.stop()
     data = report_dict(points, meta(True))
     print_table(points, _out_console(), data["machine"]["cpus"])
+    say_load(verdict, console)
     json_path = write_json(json_file, data)
     md_path = json_path.with_suffix(".md")
-    md_path.write_text(markdown(points))
+    md_path.write_text(markdown(points, verdict))
     csv_path = write_requests_csv(json_path.with_suffix(".requests.csv"), points)
     console.print(f"JSON: {json_path}; Markdown: {md_path}; every request: {csv_path}", soft_wrap=True, markup=False)
     if not args.no_plot:
@@ -113,12 +165,22 @@ def render(args: argparse.Namespace) -> int:
         raise ConfigError(f"--render {args.render}: cannot read it ({e})") from e
     points = points_from_json(data)
     print_table(points, _out_console(), (data.get("machine") or {}).get("cpus"))
+    verdict = LoadVerdict.from_dict(data.get("load"))
+    say_load(verdict, Console(stderr=True))
     md = (args.json or args.render).with_suffix(".md")
-    md.write_text(markdown(points))
+    md.write_text(markdown(points, verdict))
     if not args.no_plot:
         cpu = (data.get("machine") or {}).get("cpu", "")
         _plot(args.png or args.render.with_suffix(".png"), points, f"rkmqtt bench on {cpu}", args.render)
     return 0
+
+
+def say_load(verdict: LoadVerdict | None, console: Console) -> None:
+    """Whether other work on the machine makes the figures meaningless, in one line."""
+    if verdict is None:
+        return
+    colour = {True: "green", False: "bold red", None: "yellow"}[verdict.meaningful]
+    console.print(verdict.text(), style=colour, soft_wrap=True, markup=False, highlight=False)
 
 
 def _out_console() -> Console:

@@ -25,6 +25,9 @@ class Workload:
     warmup: int = 1  # rounds of one request per device, at once, before the measured run (not counted)
     seed: int = 0
     timeout_s: float = 300.0  # a request with no final reply by then counts as error "timeout"
+    # The warm-up sends the prompts of the round after the last, not the first round's again, so no
+    # slot's cache holds a measured prompt (devices asking new questions; needs more prompts than requests).
+    fresh_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -51,6 +54,10 @@ class Workload:
         """The prompt of the `seq`-th request (from 0) of device `device` (from 0)."""
         return (device + seq * self.devices) % len(self.prompts)
 
+    def warmup_prompt_index(self, device: int, seq: int) -> int:
+        """The prompt of warm-up request `seq` (from 0) of device `device`."""
+        return self.prompt_index(device, self.rounds + seq if self.fresh_prompts else seq)
+
     def open_arrivals(self) -> list[tuple[float, int]]:
         """Open loop: (seconds after the start, device) of every request; exponential gaps."""
         rng = random.Random(self.seed)
@@ -73,7 +80,7 @@ class Workload:
         if self.shape == "open":
             return f"open loop {self.rate:g}/s over {self.devices} devices"
         if self.shape == "burst":
-            return f"{self.devices} at once x {self.rounds}"
+            return f"{self.devices} at once x {self.rounds}" + (", new prompts" if self.fresh_prompts else "")
         return f"closed loop, {self.devices} devices"
 
 

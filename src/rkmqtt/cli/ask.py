@@ -1,6 +1,7 @@
 """`rkmqtt ask` (main thread; paho's network thread for the callbacks): one request, its stream
 printed as it comes, timing at the end; exit 0 on an ok reply, 1 on an error reply or none. It
-reads the bridges' retained status first (`mqtt/presence.py`): with none online it says so at once."""
+reads the bridges' retained status first (`mqtt/presence.py`): with none online it says so at once.
+Ctrl-C cancels the request on the bridge and waits briefly for its final (exit 130)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import json
 import queue
 import re
 import sys
+import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from rkmqtt.errors import ConfigError
 from rkmqtt.mqtt.connection import make_client
+from rkmqtt.mqtt.link import describe_failure
 from rkmqtt.mqtt.presence import bridge_online, is_status_topic, status_subscriptions
+from rkmqtt.mqtt.reach import CONNECT_TIMEOUT_S, not_mqtt
 from rkmqtt.protocol import ID_PATTERN, ErrorReply, OkReply, StreamChunk
 from rkmqtt.settings import Settings
 from rkmqtt.topics import Topics, is_valid_client
@@ -28,6 +33,18 @@ STATUS_WAIT_S = 3.0
 #: Seconds a final reply may still take after the bridge's status turned offline (a bridge that
 #: stops cleanly answers before it says offline; one that vanished never will).
 OFFLINE_GRACE_S = 5.0
+#: Seconds to wait for the final reply (`cancelled`) after Ctrl-C has cancelled the request.
+CANCEL_WAIT_S = 5.0
+#: The exit status of a command ended by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class _Progress:
+    """How far the conversation got: what Ctrl-C has to undo."""
+
+    sent: bool = False
+    printed: list[str] = field(default_factory=list)
 
 
 def build_request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
@@ -57,12 +74,22 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
     addr = settings.broker_url
 
     client = make_client(settings, f"rkmqtt-ask-{uuid.uuid4().hex[:8]}")
+    client.connect_timeout = CONNECT_TIMEOUT_S
+    answered = threading.Event()  # a CONNACK came
+    handshake_over = threading.Event()  # a CONNACK came, or the peer closed the connection
 
     def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        answered.set()
+        handshake_over.set()
         if reason.is_failure:
-            events.put(("connect-failed", str(reason).encode()))
+            events.put(("connect-failed", f"the broker refused the connection: {reason}".encode()))
             return
         c.subscribe([(reply_topic, 1), (stream_topic, 0), *((t, 1) for t in status_subscriptions(topics))])
+
+    def on_disconnect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        if not answered.is_set():  # an HTTP server, say, closes the connection at MQTT's CONNECT
+            events.put(("connect-failed", f"{addr}: {not_mqtt(closed=True)}".encode()))
+            handshake_over.set()
 
     def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: Any, p: Any) -> None:
         events.put(("subscribed", b""))
@@ -71,14 +98,27 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
         events.put((msg.topic, bytes(msg.payload)))
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.on_disconnect = on_disconnect
     try:
         client.connect(addr.host, addr.port, keepalive=30)
-    except OSError as e:
-        print(f"rkmqtt: cannot reach the broker at {addr}: {e}; start one or set --broker", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(
+            f"rkmqtt: cannot reach the broker at {addr}: {describe_failure(e)}; start one or set --broker",
+            file=sys.stderr,
+        )
         return 1
     client.loop_start()
+    progress = _Progress()
     try:
-        return _converse(client, args, events, topics, reply_topic, stream_topic, request_id)
+        try:
+            # A peer that took the TCP connection but does not answer MQTT is not waited for over
+            # the whole --timeout.
+            if not handshake_over.wait(CONNECT_TIMEOUT_S):
+                print(f"rkmqtt: {addr}: {not_mqtt(closed=False)}", file=sys.stderr)
+                return 1
+            return _converse(client, args, events, topics, reply_topic, stream_topic, request_id, progress)
+        except KeyboardInterrupt:
+            return _cancel(client, events, topics.cancel(args.client), reply_topic, request_id, progress)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -92,31 +132,31 @@ def _converse(
     reply_topic: str,
     stream_topic: str,
     request_id: str,
+    progress: _Progress,
 ) -> int:
     statuses: dict[str, bytes] = {}
     t0 = time.monotonic()
     deadline = t0 + args.timeout
     status_deadline: float | None = None  # set at the SUBACK: when to give up on a bridge being online
-    sent = False
     went_offline = False
     next_seq = 0
-    printed: list[str] = []
+    printed = progress.printed
     pending: dict[int, str] = {}
     while True:
-        if not sent and status_deadline is not None:
+        if not progress.sent and status_deadline is not None:
             online = bridge_online(statuses)
             if online:
                 client.publish(topics.request(args.client), json.dumps(build_request(args, request_id)), qos=1)
                 t0 = time.monotonic()
                 deadline = t0 + args.timeout
-                sent = True
+                progress.sent = True
             elif time.monotonic() >= status_deadline:
                 return _no_bridge(online, topics)
-        wait_until = deadline if sent or status_deadline is None else min(deadline, status_deadline)
+        wait_until = deadline if progress.sent or status_deadline is None else min(deadline, status_deadline)
         try:
             topic, payload = events.get(timeout=max(0.01, wait_until - time.monotonic()))
         except queue.Empty:
-            if not sent and status_deadline is not None and time.monotonic() < deadline:
+            if not progress.sent and status_deadline is not None and time.monotonic() < deadline:
                 continue  # the status wait is over: decided at the top of the loop
             why = "the bridge went offline" if went_offline else f"no reply within {args.timeout:.0f} s"
             print(
@@ -125,13 +165,13 @@ def _converse(
             )
             return 1
         if topic == "connect-failed":
-            print(f"rkmqtt: the broker refused the connection: {payload.decode()}", file=sys.stderr)
+            print(f"rkmqtt: {payload.decode()}", file=sys.stderr)
             return 1
         if topic == "subscribed" and status_deadline is None:
             status_deadline = time.monotonic() + STATUS_WAIT_S
         elif is_status_topic(topics, topic):
             statuses[topic] = payload
-            if sent and not bridge_online(statuses) and not went_offline:
+            if progress.sent and not bridge_online(statuses) and not went_offline:
                 went_offline = True
                 deadline = min(deadline, time.monotonic() + OFFLINE_GRACE_S)
         elif topic == stream_topic and not args.json:
@@ -147,6 +187,44 @@ def _converse(
             sys.stdout.flush()
         elif topic == reply_topic:
             return _final(payload, args, "".join(printed), t0)
+
+
+def _cancel(
+    client: mqtt.Client,
+    events: queue.Queue[tuple[str, bytes]],
+    cancel_topic: str,
+    reply_topic: str,
+    request_id: str,
+    progress: _Progress,
+) -> int:
+    """Ctrl-C: cancel the request on the bridge (it would otherwise hold a slot to its end) and wait
+    a moment for its final reply, which says `cancelled`. A second Ctrl-C ends the wait."""
+    if not progress.sent:
+        print("\nrkmqtt: interrupted before the request was sent", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    client.publish(cancel_topic, request_id.encode(), qos=1)
+    print(f"\nrkmqtt: cancelling request {request_id}…", file=sys.stderr)
+    end = time.monotonic() + CANCEL_WAIT_S
+    while (left := end - time.monotonic()) > 0:
+        try:
+            topic, payload = events.get(timeout=left)
+        except queue.Empty:
+            break
+        if topic != reply_topic:
+            continue
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            break
+        if data.get("status") == "ok":
+            tokens = (data.get("usage") or {}).get("completion_tokens")
+            print(f"[{data.get('finish_reason')} by Ctrl-C after {tokens} tokens]", file=sys.stderr)
+        else:
+            error = data.get("error") or {}
+            print(f"rkmqtt: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"rkmqtt: no final reply within {CANCEL_WAIT_S:.0f} s of the cancel", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _no_bridge(online: bool | None, topics: Topics) -> int:

@@ -123,9 +123,9 @@ def run_bench(args: argparse.Namespace) -> int:
     session.setup_logging(args.debug)
     from rkmqtt.bench.attach import RunningBridge
     from rkmqtt.bench.prompts import load_prompts
-    from rkmqtt.settings import load_settings
+    from rkmqtt.settings import find_config_file, load_settings
 
-    settings = load_settings(flag_values(args), config_file=args.config)  # a wrong setting stops here
+    settings = load_settings(flag_values(args), config_file=find_config_file(args.config))  # a wrong one stops here
     workload = workload_of(args, tuple(load_prompts(args.prompts)))
     runner = RunningBridge(settings, workload, args.repeat, args.http_url, args.http_token)
     command = ["rkmqtt", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("rkmqtt") else sys.argv

@@ -1,6 +1,8 @@
-"""`rkmqtt check` (main thread): settings, broker reachability, engine readiness and, for the
-rkllm engine, the board (driver, NPU device, runtime library, model, platform), in plain words.
-Exit 0 when everything needed to run is fine, 1 otherwise.
+"""`rkmqtt check` (main thread): settings, broker reachability, the bridges online on it and, for the
+rkllm engine, the board (driver, NPU device, runtime library, model, platform), for the openai engine,
+the upstream server (reachable, model listed, one token generated), in plain words; the engine's own
+model only when asked (`--load-model`, or an engine or model given as a flag). Exit 0 when everything
+needed to run is fine, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ import contextlib
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from rkmqtt.cli.bridges import bridge_lines
 from rkmqtt.engines import create_engine, resolve_engine_name
 from rkmqtt.errors import RkmqttError
 from rkmqtt.mqtt.broker import port_answers
 from rkmqtt.mqtt.connection import connect_args, make_client, set_nodelay
+from rkmqtt.mqtt.reach import reach_broker
 from rkmqtt.settings import Settings
 
 
@@ -40,31 +45,8 @@ def check_broker(settings: Settings, timeout: float = 5.0) -> tuple[bool | None,
         else:
             return False, "none set and none answers on localhost:1883: set broker=mqtt://host:port"
     addr = settings.broker_url
-    result: dict[str, Any] = {}
-    done = threading.Event()
-    client = make_client(settings, f"rkmqtt-check-{uuid.uuid4().hex[:8]}")
-
-    def on_connect(c: mqtt.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
-        result["reason"] = reason
-        done.set()
-
-    client.on_connect = on_connect
-    t0 = time.monotonic()
-    try:
-        client.connect(addr.host, addr.port, keepalive=10)
-    except OSError as e:
-        return False, f"cannot reach {addr}: {e}"
-    client.loop_start()
-    try:
-        if not done.wait(timeout):
-            return False, f"{addr} did not answer the MQTT handshake within {timeout:.0f} s"
-        reason = result["reason"]
-        if reason.is_failure:
-            return False, f"{addr} refused the connection: {reason} (check username and password)"
-        return True, f"{addr} accepted a connection in {(time.monotonic() - t0) * 1000:.0f} ms"
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    reach = reach_broker(settings, timeout)
+    return reach.ok, f"{addr} {reach.detail}" if reach.ok else f"{addr}: {reach.detail}"
 
 
 class _Client:
@@ -178,21 +160,31 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
                 cleanup.close()
 
 
-def run_checks(settings: Settings) -> int:
+def run_checks(settings: Settings, load_model: bool = False, config_file: Path | None = None) -> int:
     failures = 0
+    served = (
+        f"upstream_model={settings.upstream_model or '(the first listed)'}"
+        if settings.engine == "openai"
+        else f"model={settings.model or '(default)'}"
+    )
     _line(
         True,
         "settings",
-        f"engine={settings.engine} model={settings.model or '(default)'} "
-        f"n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
+        f"{f'config file {config_file}' if config_file else 'no config file'}; engine={settings.engine} "
+        f"{served} n_batch={settings.n_batch} topic_prefix={settings.topic_prefix}",
     )
     ok, detail = check_broker(settings)
     _line(ok, "broker", detail)
     failures += ok is False
+    none_online = False
     if ok:
         for ok2, what, detail2 in check_broker_settings(_with_broker(settings)):
             _line(ok2, what, detail2)
             failures += ok2 is False
+        for ok2, what, detail2 in bridge_lines(_with_broker(settings)):
+            _line(ok2, what, detail2)
+            failures += ok2 is False
+            none_online |= what == "bridges" and ok2 is None
     name = resolve_engine_name(settings)
     if name == "rkllm" or settings.engine == "auto":
         from rkmqtt.engines.rkllm.platform import find_soc, run_checks
@@ -208,21 +200,46 @@ def run_checks(settings: Settings) -> int:
             for c in run_checks(settings):
                 _line(c.ok, c.name, c.message)
                 failures += not c.ok
+    if name == "openai":
+        # The model is the upstream server's: checking that server (reachable, the model listed, one
+        # token) loads nothing here, so it is done without --load-model, as the board's checks are.
+        from rkmqtt.engines.openai.check import check_upstream
+
+        for ok3, what, detail3 in check_upstream(settings):
+            _line(ok3, what, detail3)
+            failures += ok3 is False
+    if load_model and not (name == "openai" and failures):  # openai: it would only wait for the same server
+        failures += not _check_engine(settings, name)
+    elif name != "openai":
+        _line(None, "engine", f"{name}: model not loaded (rkmqtt check --load-model loads it to check it)")
+    if failures:
+        print(f"{failures} problem(s) found")
+    elif none_online:
+        print("no problem found, but no bridge is online: start one with `rkmqtt run`")
+    else:
+        print("all good")
+    return 0 if failures == 0 else 1
+
+
+def _check_engine(settings: Settings, name: str) -> bool:
+    """Load the engine's model (seconds, and its memory; for openai, start its client) and say how it went."""
     t0 = time.monotonic()
     try:
         engine = create_engine(settings)
         engine.load()
     except RkmqttError as e:
         _line(False, "engine", f"{name}: {e}")
-        return 1
+        return False
     info = engine.info()
+    problem = engine.problem()
     _line(
-        True,
+        problem is None,
         "engine",
-        f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
+        f"{name}: {problem}"
+        if problem is not None
+        else f"{name} loaded {engine.model_name} in {time.monotonic() - t0:.1f} s; "
         f"{engine.capabilities.max_batch} slots, {'continuous' if engine.capabilities.continuous else 'static'} "
         f"batching" + (f"; {info['rss_mb']:.0f} MB resident" if "rss_mb" in info else ""),
     )
     engine.close()
-    print("all good" if failures == 0 else f"{failures} problem(s) found")
-    return 0 if failures == 0 else 1
+    return problem is None

@@ -15,7 +15,8 @@ from rkmqtt import __version__
 from rkmqtt.cli.bench import add_bench_parser
 from rkmqtt.cli.flags import CONNECTION_SETTINGS, add_settings_flags, flag_values
 from rkmqtt.errors import RkmqttError, exit_status
-from rkmqtt.settings import Settings, load_settings
+from rkmqtt.settings import Settings, find_config_file, load_settings, unknown_environment
+from rkmqtt.suggest import did_you_mean
 
 _LOGGER = logging.getLogger("rkmqtt")
 
@@ -25,7 +26,8 @@ DESCRIPTION = (
 )
 EPILOG = (
     "Every setting is also a flag (--<name-with-dashes>), an environment variable (RKMQTT_<NAME>) and a key "
-    "of the --config YAML file; `rkmqtt run --help` lists them with their defaults."
+    "of the YAML file of settings (--config FILE, else config.yaml in the current folder); `rkmqtt run --help` "
+    "lists them with their defaults."
 )
 SETTINGS_USAGE = "[--config FILE] [--<setting> VALUE ...]"
 
@@ -33,7 +35,18 @@ SETTINGS_USAGE = "[--config FILE] [--<setting> VALUE ...]"
 def settings_from_args(args: argparse.Namespace) -> Settings:
     from rkmqtt.addon import addon_layers
 
-    return load_settings(flag_values(args), config_file=args.config, file_layers=addon_layers())
+    return load_settings(flag_values(args), config_file=find_config_file(args.config), file_layers=addon_layers())
+
+
+def unrecognized(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments", with the nearest flag of `parser` for a mistyped one."""
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and (hint := did_you_mean(name, flags)):
+            hints.append(f"{name}{hint}")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f"; {', '.join(hints)}" if hints else "")
 
 
 def password_on_command_line(args: argparse.Namespace) -> bool:
@@ -107,9 +120,14 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
     check = sub.add_parser(
         "check",
-        help="check settings, broker, engine and NPU, in plain words",
-        description="Check the settings, the broker, the engine and (on a board) the NPU, and say what to fix.",
-        usage=f"rkmqtt check {SETTINGS_USAGE}",
+        help="check settings, broker, the bridges online, engine and NPU, in plain words",
+        description="Check the settings, the broker, which bridges are online on it and (on a board) the NPU, and "
+        "say what to fix. The model is loaded only with --load-model, or when --engine or --model is given; "
+        "engine openai's upstream server (it holds the model) is always checked, with one token.",
+        usage=f"rkmqtt check [--load-model] {SETTINGS_USAGE}",
+    )
+    check.add_argument(
+        "--load-model", action="store_true", help="also load the engine's model to check it (seconds, and its memory)"
     )
     check.add_argument("--debug", action="store_true", help="log everything")
     add_settings_flags(check)
@@ -152,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = _build()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would answer with the top-level usage; the command's own is the useful one
-        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        commands[args.command].error(unrecognized(commands[args.command], unknown))
     try:
         if args.command == "bench":
             from rkmqtt.cli.bench import run_bench
@@ -167,10 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
         setup_logging(settings.log_level, getattr(args, "debug", False))
         warn_password_on_command_line(args)
+        for line in unknown_environment():
+            _LOGGER.warning("%s", line)
         if args.command == "run":
             from rkmqtt.cli.run import run
 
-            return run(settings)
+            return run(settings, find_config_file(args.config))
         if args.command == "ask":
             from rkmqtt.cli.ask import ask
 
@@ -178,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             from rkmqtt.cli.check import run_checks
 
-            return run_checks(settings)
+            load = args.load_model or args.setting_engine is not None or args.setting_model is not None
+            return run_checks(settings, load, find_config_file(args.config))
         if args.command == "forget-node":
             from rkmqtt.cli.forget import forget_node
 

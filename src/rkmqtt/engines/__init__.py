@@ -1,7 +1,7 @@
 """Engines: the model runtimes behind the scheduler (see `base.py` for the interface).
 
 Native and heavy code is imported lazily: building an engine is the first time numpy's model
-code or the RKLLM ctypes binding is loaded.
+code, the RKLLM ctypes binding or the OpenAI client is loaded.
 """
 
 from __future__ import annotations
@@ -14,17 +14,6 @@ from rkmqtt.errors import ConfigError
 if TYPE_CHECKING:
     from rkmqtt.engines.base import Engine
     from rkmqtt.settings import Settings
-
-
-#: The default temperature when neither the request, the settings nor the engine's model give one.
-DEFAULT_TEMPERATURE = 0.7
-
-
-def default_temperature(engine: Engine) -> float:
-    """The temperature for requests that give none when no setting does either: the engine's advice
-    for its model (`recommended_temperature`, e.g. 0.2 for SmolLM2-135M), else `DEFAULT_TEMPERATURE`."""
-    value = getattr(engine, "recommended_temperature", None)
-    return DEFAULT_TEMPERATURE if value is None else float(value)
 
 
 def resolve_engine_name(settings: Settings) -> str:
@@ -49,6 +38,11 @@ def create_engine(settings: Settings) -> Engine:
 
         rkllm_engine: Engine = RkllmEngine.from_settings(settings)
         return rkllm_engine
+    if name == "openai":
+        from rkmqtt.engines.openai.engine import OpenAiEngine
+
+        openai_engine: Engine = OpenAiEngine.from_settings(settings)
+        return openai_engine
     module_name, _, class_name = name.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

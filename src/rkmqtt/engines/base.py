@@ -7,7 +7,7 @@ I/O. The life of a request in an engine: docs/architecture.md, "Engines"."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,9 +42,12 @@ class SamplingParams:
 class ChatMessage:
     role: Literal["system", "user", "assistant", "tool"]  # "tool": a tool's result (the HTTP API)
     content: str
-    # An assistant turn's tool calls, as chat templates take them:
-    # {"type": "function", "function": {"name": ..., "arguments": {...}}}
+    # An assistant turn's tool calls, as chat templates take them. The one shape of a tool call
+    # inside the bridge (here and in `FinishEvent.tool_calls`; the wire's `ToolCall` is the same):
+    # {"id": str (optional), "type": "function", "function": {"name": str, "arguments": {...}}}.
     tool_calls: tuple[dict[str, Any], ...] = field(default=(), hash=False)
+    # A tool turn: the id of the call it answers, when the client gave one (OpenAI's `tool_call_id`).
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class FinishEvent:
     # other keys are the engine's own (logged at DEBUG). RKLLM's figures are for the whole batch.
     perf: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    # Tools the model asked to call (shaped as `ChatMessage.tool_calls`), from an engine that returns
+    # them structured (an upstream server); they reach the final reply's `tool_calls`.
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def model_name(self) -> str:
         """A short name of the loaded model for replies and `info` (e.g. the file's stem)."""
+
+    @property
+    def recommended_sampling(self) -> dict[str, float]:
+        """Sampling defaults the loaded model answers best at (setting name -> value, names from
+        `settings.MODEL_DEFAULTED`); the service uses them for the settings that no layer sets."""
+        return {}
 
     def load(self) -> None:  # noqa: B027 - optional hook
         """Load the model (slow). Called once, on the scheduler thread, before any other call.
@@ -175,6 +187,18 @@ class Engine(abc.ABC):
     def active(self) -> int:
         """Requests currently holding a slot."""
         return self.capabilities.max_batch - self.free_slots()
+
+    def set_wake(self, wake: Callable[[], None]) -> bool:
+        """Offer the engine a `wake()` it may call from any thread once events wait for `poll()`
+        (or once slots free up). An engine that does returns True: the scheduler then sleeps on its
+        inbox between events instead of polling in a loop (an engine whose work happens on threads
+        of its own, such as a client of an upstream server). The default declines."""
+        return False
+
+    def problem(self) -> str | None:
+        """Why the engine cannot take requests now (its upstream server is unreachable, ...), in
+        words, or None when it can. While it has one, `free_slots()` is 0 and requests wait."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop everything that runs and release the model. Called once, at shutdown."""

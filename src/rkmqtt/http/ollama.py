@@ -17,7 +17,7 @@ from rkmqtt.protocol import ErrorCode, OkReply
 
 from .common import ModelCard, ToolSpec, check_model, read_body, rfc3339
 from .exchange import ApiError, Call, Exchange, Gateway
-from .textscan import ToolCall, ToolCallScanner, split_tool_calls
+from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class OllamaApi:
             out = self._head()
             if kind == "chat":
                 content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
+                calls += reply_calls(result.reply)
                 message: dict[str, Any] = {"role": "assistant", "content": content.strip() if calls else content}
                 if calls:
                     message["tool_calls"] = _tool_calls(calls)
@@ -302,14 +303,17 @@ class OllamaApi:
         if isinstance(end, ApiError):
             await resp.write(_line(error_body(end)))
         else:
+            calls: list[ToolCall] = []
             if scanner is not None:
                 rest = scanner.finish()
                 if rest:
                     await resp.write(_line(self._piece(kind, rest)))
-                if scanner.calls:
-                    piece = self._piece(kind, "")
-                    piece["message"]["tool_calls"] = _tool_calls(scanner.calls)
-                    await resp.write(_line(piece))
+                calls = scanner.calls
+            calls += reply_calls(end.reply) if kind == "chat" else []
+            if calls:
+                piece = self._piece(kind, "")
+                piece["message"]["tool_calls"] = _tool_calls(calls)
+                await resp.write(_line(piece))
             last = self._piece(kind, "")
             last.update({"done": True, "done_reason": end.done_reason, **_stats(end.reply)})
             await resp.write(_line(last))

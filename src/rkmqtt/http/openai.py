@@ -15,7 +15,7 @@ from rkmqtt.protocol import ErrorCode, OkReply
 
 from .common import ModelCard, ToolSpec, check_model, read_body
 from .exchange import ApiError, Call, Exchange, Gateway, Result
-from .textscan import ToolCall, ToolCallScanner, split_tool_calls
+from .textscan import ToolCall, ToolCallScanner, reply_calls, split_tool_calls
 
 _Stop = Annotated[str, Field(min_length=1)]
 
@@ -91,7 +91,7 @@ def _calls(calls: list[ToolCall], rid: str, stream: bool) -> list[dict[str, Any]
     out = []
     for i, c in enumerate(calls):
         item: dict[str, Any] = {
-            "id": f"call_{rid}_{i}",
+            "id": c.id or f"call_{rid}_{i}",
             "type": "function",
             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
         }
@@ -158,9 +158,12 @@ class OpenAiApi:
                     args = json.loads(c.function.arguments or "{}")
                 except ValueError:
                     raise bad(f"messages.{i}.tool_calls.{j}.function.arguments: not JSON") from None
-                calls.append({"type": "function", "function": {"name": c.function.name, "arguments": args}})
+                call: dict[str, Any] = {"type": "function", "function": {"name": c.function.name, "arguments": args}}
+                if c.id:
+                    call["id"] = c.id
+                calls.append(call)
             role: Literal["system", "user", "assistant", "tool"] = "system" if m.role == "developer" else m.role
-            messages.append(ChatMessage(role, text, tuple(calls)))
+            messages.append(ChatMessage(role, text, tuple(calls), m.tool_call_id))
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         tools = () if choice == "none" else tuple(t.model_dump(exclude_none=True) for t in body.tools or ())
         return Call(
@@ -187,6 +190,7 @@ class OpenAiApi:
                 return await self._stream(request, ex, usage)
             result = await ex.result()
             content, calls = split_tool_calls(result.text) if call.tools else (result.text, [])
+            calls += reply_calls(result.reply)
             message: dict[str, Any] = {"role": "assistant", "content": (content.strip() or None) if calls else content}
             if calls:
                 message["tool_calls"] = _calls(calls, ex.key.id, stream=False)
@@ -233,8 +237,9 @@ class OpenAiApi:
                 if rest:
                     await resp.write(_event(self._chunk(ex, {"content": rest})))
                 calls = scanner.calls
-                if calls:
-                    await resp.write(_event(self._chunk(ex, {"tool_calls": _calls(calls, ex.key.id, stream=True)})))
+            calls += reply_calls(end.reply)
+            if calls:
+                await resp.write(_event(self._chunk(ex, {"tool_calls": _calls(calls, ex.key.id, stream=True)})))
             await resp.write(_event(self._chunk(ex, {}, _finish_reason(end, calls))))
             if usage:
                 last = {**self._head(ex), "object": "chat.completion.chunk", "choices": [], "usage": _usage(end.reply)}

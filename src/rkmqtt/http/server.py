@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from rkmqtt.errors import ConfigError
+from rkmqtt.loopthread import run_loop
 from rkmqtt.protocol import Info
 from rkmqtt.sched.admission import Admission
 from rkmqtt.sched.finals import Finals
@@ -24,6 +26,7 @@ from . import ollama, openai
 from .auth import Auth, is_local
 from .common import ModelCard
 from .exchange import ApiError, Gateway
+from .listen import close_all, open_listeners
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,7 +36,14 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class HttpServer:
     def __init__(
-        self, settings: Settings, scheduler: Scheduler, admission: Admission, finals: Finals, info: Info, tools: bool
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        admission: Admission,
+        finals: Finals,
+        info: Info,
+        tools: bool,
+        sockets: list[socket.socket] | None = None,
     ) -> None:
         address = settings.http_address
         if address is None:
@@ -44,18 +54,22 @@ class HttpServer:
         self.auth = Auth(settings.http_token_names(), settings.http_client)
         self.gateway = Gateway(settings, scheduler, admission, finals, self.auth)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="rkmqtt-http", daemon=True)
+        self._thread = threading.Thread(target=run_loop, args=(self._loop,), name="rkmqtt-http", daemon=True)
+        self._sockets = sockets  # bound already (`open_listeners`), else bound at `start`
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._sites: list[web.SockSite] = []
 
     # -- the main thread's side -------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
-        """Listen on `http_listen`; raise ConfigError with one line when that is not possible."""
+        """Serve on `http_listen`; raise ConfigError with one line when that is not possible."""
+        if self._sockets is None:
+            self._sockets = open_listeners(str(self.settings.http_listen), self.host, self.port)
         self._thread.start()
         try:
-            self._call(self._open(), timeout)
+            self._call(self._open(self._sockets), timeout)
         except OSError as e:
             self.stop()
+            close_all(self._sockets)
             raise ConfigError(
                 f"setting http_listen={self.settings.http_listen!r}: cannot listen there ({e.strerror or e}); "
                 "choose a free port or an address of this machine"
@@ -72,8 +86,9 @@ class HttpServer:
     def stop_accepting(self, timeout: float = 5.0) -> None:
         """Close the listening socket and answer new requests on open connections `shutting_down`."""
         self.gateway.accepting = False
-        if self._thread.is_alive() and self._site is not None:
-            self._call(self._site.stop(), timeout)
+        if self._thread.is_alive():
+            for site in self._sites:
+                self._call(site.stop(), timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the responses under way (their requests have been answered by then), close every
@@ -93,13 +108,6 @@ class HttpServer:
         return fut.result(timeout)
 
     # -- the event loop's thread ------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.settings.max_payload_bytes,
@@ -110,11 +118,13 @@ class HttpServer:
         app.router.add_routes(openai.OpenAiApi(self.gateway, self.card).routes())
         return app
 
-    async def _open(self) -> None:
+    async def _open(self, sockets: list[socket.socket]) -> None:
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await self._site.start()
+        for sock in sockets:
+            site = web.SockSite(self._runner, sock)
+            await site.start()
+            self._sites.append(site)
 
     async def _root(self, request: web.Request) -> web.Response:
         return web.Response(text="Ollama is running (rkmqtt)")  # what clients probe for

@@ -1,6 +1,6 @@
 """What the HTTP API does to the model's text before a client sees it (the HTTP thread; pure): cut
 at stop sequences (held back while it could be the start of one), and `<tool_call>` blocks taken
-out as structured calls."""
+out as structured calls (`reply_calls`: those an engine returned structured, engine openai)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from rkmqtt.protocol import OkReply
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -67,6 +69,12 @@ class StopScanner:
 class ToolCall:
     name: str
     arguments: dict[str, Any]
+    id: str | None = None  # the engine's id for it, when it gave one
+
+
+def reply_calls(reply: OkReply) -> list[ToolCall]:
+    """The calls an engine returned structured, in the final reply."""
+    return [ToolCall(c.function.name, c.function.arguments, c.id) for c in reply.tool_calls]
 
 
 def parse_call(body: str) -> ToolCall | None:

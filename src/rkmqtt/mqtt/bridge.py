@@ -30,6 +30,7 @@ from rkmqtt.mqtt.intake import Incoming, Intake
 from rkmqtt.mqtt.journal import Delivered
 from rkmqtt.mqtt.link import TAKEN_OVER, Link, describe_failure, describe_reason
 from rkmqtt.mqtt.outbox import Publisher
+from rkmqtt.mqtt.reach import not_mqtt
 from rkmqtt.mqtt.replies import Refusal, route_of
 from rkmqtt.mqtt.sharing import Action, Announce, Kind, Mode, Sharing, Subscribe, Unsubscribe
 from rkmqtt.mqtt.sharing import Drain as DrainAction
@@ -49,6 +50,8 @@ _CANNOT_RECORD = Refused(ErrorCode.BUSY, "the bridge cannot record requests now;
 
 # Reason codes that mean "your credentials are wrong": MQTT 5 (134, 135) and 3.1.1 (4, 5).
 _BAD_CREDENTIALS = {134, 135, 4, 5}
+# What paho reports when no packet came for a keep-alive period (141, "Keep alive timeout").
+_KEEPALIVE_TIMEOUT = 141
 
 CredentialsProvider = Callable[[], "tuple[str | None, str | None] | None"]
 RetainedProvider = Callable[[], "list[tuple[str, bytes]]"]
@@ -84,6 +87,7 @@ class Bridge:
         retained_extra: RetainedProvider | None = None,
         extra_subscriptions: dict[str, Callable[[bytes], None]] | None = None,
         credentials_provider: CredentialsProvider | None = None,
+        link: Link | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix, settings.effective_node_name())
@@ -103,12 +107,13 @@ class Bridge:
         self._extra_subs = extra_subscriptions or {}
         self._credentials_provider = credentials_provider
         self.address: BrokerAddress = settings.broker_url
-        self.link = Link(str(self.address))
+        self.link = link or Link(str(self.address))  # the service's, when it tried the broker already
         self.mqtt5 = settings.mqtt_version == "5"
         self._accepting = True
         self._keeping = False  # stopping alone: new requests stay with the broker for the next start
         self._stopping = False
         self._connected = threading.Event()
+        self._answered = False  # a CONNACK came on this connection (paho's network thread only)
         self._ready = threading.Event()  # connected, and taking requests (or handing them to the others)
         self.connects = 0
         self._subacks = Subacks()
@@ -148,7 +153,14 @@ class Bridge:
         args = connect_args(self.settings, persistent=True)
         self.client.connect_async(self.address.host, self.address.port, **args)
         self.client.loop_start()
-        _LOGGER.info("connecting to %s as %s", self.address, self.settings.effective_client_id())
+        down = self.link.cause is not None  # the service's own try found it down (its line says why)
+        _LOGGER.log(
+            logging.WARNING if down else logging.INFO,
+            "connecting to %s as %s%s",
+            self.address,
+            self.settings.effective_client_id(),
+            " (it has not answered yet, see above; retrying until it does)" if down else "",
+        )
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the bridge is connected and the broker granted its request subscription (or,
@@ -221,6 +233,7 @@ class Bridge:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
+        self._answered = True
         if reason.is_failure:
             self.link.failed(describe_reason(int(reason.value)))
             if int(reason.value) in _BAD_CREDENTIALS and self._credentials_provider is not None:
@@ -306,9 +319,13 @@ class Bridge:
         self._ready.clear()
         self._subacks.clear()
         code = int(getattr(reason, "value", 0))
+        answered, self._answered = self._answered, False
         if code in _BAD_CREDENTIALS and self._credentials_provider is not None:
             self._refresh_credentials()
         if not was:
+            if not answered and not self._stopping:
+                # Closed, or silent for a keep-alive, before any CONNACK: the peer does not speak MQTT.
+                self.link.failed(not_mqtt(closed=code != _KEEPALIVE_TIMEOUT))
             return
         if self._stopping or self._taken_over:
             self.link.lost(None, stopping=True)

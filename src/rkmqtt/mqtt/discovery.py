@@ -102,7 +102,9 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
             **options,
         }
 
-    def stat(key: str, name: str, field: str, live: bool, **options: Any) -> tuple[str, dict[str, Any]]:
+    def stat(
+        key: str, name: str, field: str, live: bool, platform: str = "sensor", **options: Any
+    ) -> tuple[str, dict[str, Any]]:
         config: dict[str, Any] = {
             "state_topic": topics.stats,
             "value_template": f"{{{{ value_json.{field} }}}}",
@@ -110,7 +112,7 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
         if live:
             config["expire_after"] = expire
         config.update(options)
-        return entity("sensor", key, name, **config)
+        return entity(platform, key, name, **config)
 
     def diagnostic(key: str, name: str, field: str, icon: str) -> tuple[str, dict[str, Any]]:
         return entity(
@@ -135,9 +137,24 @@ def discovery_payload(settings: Settings, info: Info) -> dict[str, Any]:
     )
     # Its state is the availability topic: with availability it could only ever show `on`.
     del connectivity[1]["availability"]
+    # Whether the engine can take requests (engine openai: its server answers). The bridge may be
+    # online while its server is not: requests then wait, and this shows why.
+    engine_connectivity = stat(
+        "engine_connectivity",
+        "Engine connectivity",
+        "engine_ready",
+        True,
+        platform="binary_sensor",
+        value_template="{{ 'ON' if value_json.engine_ready else 'OFF' }}",
+        device_class="connectivity",
+        entity_category="diagnostic",
+        json_attributes_topic=topics.stats,
+        json_attributes_template="{{ {'problem': value_json.engine_problem} | tojson }}",
+    )
     components = dict(
         [
             connectivity,
+            engine_connectivity,
             stat(
                 "queue_depth",
                 "Queue depth",

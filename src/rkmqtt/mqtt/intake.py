@@ -96,7 +96,7 @@ class Intake:
         except UnicodeDecodeError:
             return self._unreadable(msg, ErrorCode.INVALID_REQUEST, "payload is not valid UTF-8")
         except ValidationError as e:
-            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, describe_validation_error(e))
+            return self._unreadable(msg, ErrorCode.INVALID_REQUEST, describe_validation_error(e, RequestPayload))
 
     def _unreadable(self, msg: Incoming, code: ErrorCode, message: str, parse: bool = True) -> Refusal:
         # Not a valid request: its id and reply_to are read on a best-effort basis, only here, so
@@ -160,7 +160,12 @@ def _ask(req: RequestPayload) -> Ask:
     if req.prompt is not None:
         messages.append(ChatMessage("user", req.prompt))
     else:
-        messages.extend(ChatMessage(m.role, m.content) for m in req.messages or ())
+        messages.extend(
+            ChatMessage(
+                m.role, m.content, tuple(c.model_dump(exclude_none=True) for c in m.tool_calls or ()), m.tool_call_id
+            )
+            for m in req.messages or ()
+        )
     return Ask(
         tuple(messages),
         max_new_tokens=req.max_new_tokens,
@@ -169,4 +174,5 @@ def _ask(req: RequestPayload) -> Ask:
         top_p=req.top_p,
         repeat_penalty=req.repeat_penalty,
         seed=req.seed,
+        tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
     )

@@ -1,11 +1,16 @@
 """The request journal: accepted requests kept in SQLite until their final reply is delivered, and the
-recorded finals that answer a retried id. `admit` and `delivered` run on paho's network thread,
-`drop` on the scheduler thread, `pending` and `close` on the main thread. How a row ends:
-docs/architecture.md, "The request journal"."""
+recorded finals that answer a retried id; one file per bridge (its client id, prefix and broker; it also
+holds what the bridge drained from an offline node's session), locked against a second process. `admit`
+and `delivered` run on paho's network thread, `drop` on the scheduler thread, `pending` and `close` on
+the main thread. How a row ends: docs/architecture.md, "The request journal"."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -56,13 +61,22 @@ class Delivered:
 
 
 class Journal:
-    def __init__(self, path: Path, dedup_window_s: float, max_bytes: int) -> None:
+    def __init__(self, path: Path, dedup_window_s: float, max_bytes: int, legacy: Path | None = None) -> None:
+        """`legacy`: a journal of the old name to take over when `path` does not exist yet."""
         self.path = path
         self.dedup_window_s = dedup_window_s
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._deliveries = 0
-        self._db = _open(path)
+        _make_dir(path.parent)
+        self._owner = _own(path)
+        try:
+            if legacy is not None:
+                adopt_legacy(legacy, path)
+            self._db = _open(path)
+        except BaseException:
+            os.close(self._owner)
+            raise
 
     # -- paho network thread ----------------------------------------------------------------
     def admit(self, msg: Incoming, key: RequestKey, now: float | None = None) -> int | Delivered:
@@ -146,6 +160,8 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            with contextlib.suppress(OSError):  # closing the file ends the lock
+                os.close(self._owner)
 
     def _prune(self, now: float) -> None:
         """Finished rows past the dedup window go; then, above the size cap, the oldest finished."""
@@ -169,21 +185,73 @@ class Journal:
         return int(self._db.execute(f"SELECT COALESCE(SUM({_ROW_BYTES}), 0) FROM requests").fetchone()[0])
 
 
-def journal_path(state_dir: Path, client_id: str) -> Path:
-    """One journal per MQTT session: the requests in it are the ones that session acknowledged."""
-    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in client_id)
-    return state_dir / f"journal-{safe}.sqlite3"
+def journal_path(state_dir: Path, client_id: str, topic_prefix: str, broker: str) -> Path:
+    """One journal per bridge: a client id on one broker (`host:port`), serving one prefix. The
+    requests in it are the ones this bridge acknowledged: on its own session, and on an offline
+    node's session that it drained (those are its own to answer from then on). Two bridges of one
+    node name on one machine against two brokers keep two journals. The name is readable; a short
+    hash of the three keeps names that read the same apart."""
+    digest = hashlib.sha256(f"{client_id}\n{topic_prefix}\n{broker}".encode()).hexdigest()[:8]
+    return state_dir / f"journal-{_safe(client_id)[:64]}-{_safe(broker)[:64]}-{digest}.sqlite3"
+
+
+def legacy_journal_path(state_dir: Path, client_id: str) -> Path:
+    """The name a journal had before it named the broker and prefix (rkmqtt 0.1.0)."""
+    return state_dir / f"journal-{_safe(client_id)}.sqlite3"
+
+
+def adopt_legacy(legacy: Path, path: Path) -> bool:
+    """Rename a journal of the old name to `path` (when there is none there yet), so that the
+    requests it holds are taken up; True when it did."""
+    if path.exists() or not legacy.is_file():
+        return False
+    for suffix in ("-wal", "-shm", ""):  # the database last: its presence is what is checked
+        src = Path(f"{legacy}{suffix}")
+        if src.exists():
+            src.replace(Path(f"{path}{suffix}"))
+    _LOGGER.warning("journal %s renamed to %s (journals are now named by broker and prefix too)", legacy, path)
+    return True
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in text)
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"state_dir {folder}: cannot create it ({e.strerror}); set state_dir to a writable directory"
+        ) from e
+
+
+def _own(path: Path) -> int:
+    """Lock the journal for this process (an flock on `<journal>.lock`, which holds our pid), or
+    raise ConfigError naming the process that has it: two processes must not take up and answer
+    the same requests. The lock ends with the process, however it ends."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"journal {path}: cannot open {lock_path.name} ({e.strerror}); set state_dir") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"journal {path} is in use by another rkmqtt (pid {other}) with the same node, prefix and broker: "
+            "stop that one, or give this one its own node_name or state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _open(path: Path) -> sqlite3.Connection:
     """Open (or create) the journal. A file that is not a sound SQLite journal is moved aside with a
-    warning; a directory that cannot be written to is a ConfigError naming it."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"state_dir {path.parent}: cannot create it ({e.strerror}); set state_dir to a writable directory"
-        ) from e
+    warning; a file that cannot be opened is a ConfigError naming it."""
     try:
         return _connect(path)
     except sqlite3.OperationalError as e:  # permissions, a read-only disk, a locked file

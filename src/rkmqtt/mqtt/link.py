@@ -78,6 +78,11 @@ class Link:
         self._cause: str | None = None
         self.outages = 0
 
+    @property
+    def cause(self) -> str | None:
+        """Why the broker is not reachable, while it is not."""
+        return self._cause
+
     def up(self, session_present: bool) -> None:
         now = time.monotonic()
         if self._down_since is not None:

@@ -35,8 +35,9 @@ class Ask:
     tools: tuple[dict[str, Any], ...] = ()
 
     def prompt_chars(self) -> int:
-        """Characters the model reads: the messages, and the tool definitions the template renders."""
-        n = sum(len(m.content) for m in self.messages)
+        """Characters the model reads: the messages (an assistant turn's tool calls included), and the
+        tool definitions the template renders."""
+        n = sum(len(m.content) + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0) for m in self.messages)
         return n + (len(json.dumps(self.tools)) if self.tools else 0)
 
 
@@ -143,7 +144,7 @@ class Admission:
                 ErrorCode.INVALID_REQUEST,
                 f"{self.model_name} takes no tools: its chat template has no place for them (or the engine does "
                 "not pass them); send the request without tools, or serve a model whose template takes them "
-                "(e.g. Qwen2.5-Instruct) with the numpy engine",
+                "(e.g. Qwen2.5-Instruct) with the numpy engine, or use engine openai",
             )
         if rate_limit and not self.rate.allow(client, now):
             return Refused(

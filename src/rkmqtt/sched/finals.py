@@ -3,7 +3,17 @@
 
 from __future__ import annotations
 
-from rkmqtt.protocol import BatchInfo, ErrorBody, ErrorCode, ErrorReply, FinalReply, OkReply, Timing, Usage
+from rkmqtt.protocol import (
+    BatchInfo,
+    ErrorBody,
+    ErrorCode,
+    ErrorReply,
+    FinalReply,
+    OkReply,
+    Timing,
+    ToolCall,
+    Usage,
+)
 from rkmqtt.sched.request import Outcome, Request
 
 
@@ -28,6 +38,7 @@ class Finals:
             model=self.model_name,
             warnings=list(outcome.warnings),
             node=self.node,
+            tool_calls=[ToolCall.model_validate(c, strict=False) for c in req.tool_calls],
         )
 
     def error(self, request_id: str, code: ErrorCode, message: str) -> ErrorReply:

@@ -2,7 +2,8 @@
 policy's `Step`s: engine calls here, replies to each request's route's sink (never waiting).
 
 Other threads only put commands on its inbox (`submit`, `cancel`, `refused`, `repeated`,
-`shutdown`), which return at once. It knows no transport: the stats go to `on_stats`.
+`shutdown`), which return at once. It knows no transport: the stats go to `on_stats`. An
+engine that takes `Engine.set_wake` wakes it through the inbox instead of being polled.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _LOGGER = logging.getLogger(__name__)
 
 _STATIC_POLL_S = 0.05  # how long a static engine's poll may wait before the inbox is looked at again
 _IDLE_WAIT_S = 0.5
+# An engine that wakes the loop, full or unavailable, with requests waiting: it wakes the loop when a
+# slot frees; this bounds how late an expiry among the waiting ones is answered.
+_FULL_WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,14 @@ class _Shutdown:
     keep: Callable[[Request], bool] | None
 
 
-_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown
+@dataclass(frozen=True)
+class _Wake:
+    """The engine has events (or free slots): the turn that takes this off the inbox polls it."""
+
+
+_WAKE = _Wake()
+
+_Command = _Submit | _Cancel | _Refused | _Repeated | _Shutdown | _Wake
 
 
 class Scheduler:
@@ -86,6 +97,8 @@ class Scheduler:
         self.active = 0
         self._last_stats = clock()
         self._tokens_at_stats = 0
+        self._engine_problem: str | None = None  # as the last stats said
+        self._woken = engine.set_wake(self._wake)  # the engine wakes this loop: no polling in a loop
 
     # -- thread-safe entry points ---------------------------------------------------------
     def start(self) -> None:
@@ -105,6 +118,10 @@ class Scheduler:
         """Count a retried id that a door answered from its own record of the final reply."""
         self._inbox.put(_Repeated())
 
+    def _wake(self) -> None:
+        """The engine's `wake` (any thread): never blocks."""
+        self._inbox.put(_WAKE)
+
     def shutdown(self, grace_s: float, keep: Callable[[Request], bool] | None = None) -> None:
         """Answer waiting requests `shutting_down` (but those `keep` says their door keeps for the
         next start), give running ones `grace_s` to finish."""
@@ -119,6 +136,11 @@ class Scheduler:
     @property
     def stopped(self) -> bool:
         return self._stopped.is_set()
+
+    @property
+    def engine_problem(self) -> str | None:
+        """Why the engine cannot take requests, as the loop last saw it (None: it can)."""
+        return self._engine_problem
 
     def engine_stalled_s(self) -> float:
         """Seconds the engine has held requests without producing an event (0 when idle)."""
@@ -158,10 +180,12 @@ class Scheduler:
 
     def _inbox_timeout(self, now: float) -> float:
         core = self.core
-        if core.running:
+        if core.running and not self._woken:
             return 0.0
         if core.waiting and self.engine.free_slots() == 0:
-            return 0.005  # a static engine still winding down its batch: don't spin
+            # A static engine still winding down its batch: don't spin. One that wakes the loop
+            # (full, or its upstream unavailable) does so when a slot frees.
+            return _FULL_WAIT_S if self._woken else 0.005
         wait = min(_IDLE_WAIT_S, max(0.01, self._last_stats + self.config.stats_interval_s - now))
         wake = core.wake_at(now)
         return wait if wake is None else max(0.0, min(wait, wake - now))
@@ -181,6 +205,8 @@ class Scheduler:
                 self.core.refused_early(cmd.code)
             elif isinstance(cmd, _Repeated):
                 self.core.counters.repeated += 1
+            elif isinstance(cmd, _Wake):
+                pass  # the turn goes on to poll the engine
             else:
                 step = self.core.shutdown(cmd.grace_s, now, cmd.keep)
                 _LOGGER.info(
@@ -282,12 +308,17 @@ class Scheduler:
             errors=c.errors,
             errors_by_code=dict(c.by_code),
             repeated=c.repeated,
+            engine_ready=self._engine_problem is None,
+            engine_problem=self._engine_problem,
         )
 
     def _maybe_stats(self) -> None:
         now = self.clock()
-        if now - self._last_stats < self.config.stats_interval_s:
+        problem = self.engine.problem()
+        if now - self._last_stats < self.config.stats_interval_s and problem == self._engine_problem:
             return
+        # A change of the engine's readiness goes out at once (Home Assistant's engine connectivity).
+        self._engine_problem = problem
         if self.on_stats is not None:
             self.on_stats(self.stats(now))
         self._tokens_at_stats = self.core.counters.tokens

@@ -338,6 +338,7 @@ class SchedulingCore:
                 req.completion_tokens = max(req.completion_tokens, ev.completion_tokens)
                 req.slot = ev.slot
                 req.perf = dict(ev.perf)
+                req.tool_calls = ev.tool_calls
                 state = RequestState.FINISHED_STOPPED if ev.reason == "stop" else RequestState.FINISHED_LENGTH
                 self._finish(step, req, state, now, warnings=ev.warnings, engine_ended=True)
             elif isinstance(ev, ErrorEvent):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from rkmqtt.engines.base import Generation, Prepared
 from rkmqtt.protocol import ErrorCode, FinishReason
@@ -110,6 +110,7 @@ class Request:
     slot: int | None = None  # the engine's slot, once it says (not for a cancelled one)
     batch_size: int = 0  # the largest batch it ran in
     perf: dict[str, float] = field(default_factory=dict)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # the engine's structured calls (`FinishEvent.tool_calls`)
 
     @property
     def client(self) -> str:

@@ -1,7 +1,7 @@
 """`NumpyEngine`: continuous batching over a numpy transformer (scheduler thread only; it starts no
-threads). One `poll()` is one step: a decode for every generating slot, a prefill chunk for a
-joining one; a slot's held prompt prefix is reused; the context rule refuses `too_long` at
-`prepare`; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
+threads). One `poll()` is one step: a decode for every generating slot, prefill chunks for joining
+ones (prompts that arrive together go in together); a slot's held prompt prefix is reused; the context
+rule refuses `too_long` at `prepare`; the KV cache is float32 or bfloat16 (docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from rkmqtt.engines.numpy.chat import ChatTemplate
 from rkmqtt.engines.numpy.gguf_file import GGUFFile, ModelConfig, resolve_model_path
 from rkmqtt.engines.numpy.model import KVDtype, Segment, StepPlan, Transformer
 from rkmqtt.engines.numpy.sampling import REPEAT_WINDOW, Sampler
+from rkmqtt.engines.numpy.sampling_defaults import model_sampling
 from rkmqtt.engines.numpy.tokenizer import GGUFTokenizer
 from rkmqtt.engines.numpy.weights import load_weights
 from rkmqtt.errors import EngineError, RequestRejected
@@ -43,11 +44,6 @@ if TYPE_CHECKING:
     from rkmqtt.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
-
-#: Default temperatures of models that answer badly at the usual 0.7, by a lower-case part of the
-#: model's name. SmolLM2-135M-Instruct at 0.7 answers "What is the capital of France?" with Paris
-#: in about 2 of 3 tries, often in garbled French; at 0.2 it nearly always does.
-MODEL_TEMPERATURES = {"smollm2-135m": 0.2}
 
 PREFILL_CHUNK = 32
 IDLE_PREFILL_CHUNK = 256
@@ -137,10 +133,8 @@ class NumpyEngine(Engine):
         return Path(self._model_setting).stem if self._model_setting else "SmolLM2-135M-Instruct.Q4_1"
 
     @property
-    def recommended_temperature(self) -> float | None:
-        """The default temperature this model answers well at, when the settings give none."""
-        name = self.model_name.lower()
-        return next((t for part, t in MODEL_TEMPERATURES.items() if part in name), None)
+    def recommended_sampling(self) -> dict[str, float]:
+        return model_sampling(self.model_name).as_settings()
 
     @property
     def tokenizer(self) -> GGUFTokenizer:
@@ -367,7 +361,10 @@ class NumpyEngine(Engine):
         tokens = [r.pending for r in decoding]
         owners: list[_Running] = list(decoding)
         logit_rows = list(range(len(decoding)))
-        budget = self.prefill_chunk if decoding else self.idle_prefill_chunk
+        # A decoder at its first token (it came with the joiners, or one step before them) waits one
+        # full pass for its second; one that has decoded is kept to the small chunk's stall.
+        settled = any(len(r.generated) > 1 for r in decoding)
+        budget = self.prefill_chunk if settled else self.idle_prefill_chunk
         segments: list[Segment] = []
         row = len(decoding)
         for key in self._join_order:

@@ -1,6 +1,6 @@
 """The forward pass of a Llama-family transformer over a mixed batch of decode rows and prefill
-chunks, with a KV cache per slot in float32 or bfloat16 (scheduler thread; docs/architecture.md,
-"Engines")."""
+chunks (rows padded to a multiple of 4 for BLAS), with a KV cache per slot in float32 or bfloat16
+(scheduler thread; docs/architecture.md, "Engines")."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ KVDtype = Literal["float32", "bfloat16"]
 # Up to this many rows a linear layer is computed as one matrix-vector product per row:
 # OpenBLAS's matrix-matrix path is slower than that for very small batches.
 GEMV_ROWS = 2
+# Above that, rows are padded to a multiple of this: OpenBLAS's sgemm kernels take the rows four at a
+# time (x86-64 and ARMv8) and run a remainder through slower edge kernels (7 rows cost more than 8:
+# docs/benchmarks.md, "A single round").
+GEMM_ROW_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,18 @@ class StepPlan:
 
 
 def linear(x: F32, w: F32) -> F32:
-    if x.shape[0] <= GEMV_ROWS:
-        out = np.empty((x.shape[0], w.shape[1]), dtype=np.float32)
-        for i in range(x.shape[0]):
+    n = x.shape[0]
+    if n <= GEMV_ROWS:
+        out = np.empty((n, w.shape[1]), dtype=np.float32)
+        for i in range(n):
             np.dot(x[i], w, out=out[i])
         return out
+    pad = -n % GEMM_ROW_BLOCK
+    if pad:
+        padded = np.zeros((n + pad, x.shape[1]), dtype=np.float32)
+        padded[:n] = x
+        result: F32 = (padded @ w)[:n]
+        return result
     return x @ w
 
 
