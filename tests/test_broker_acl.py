@@ -21,6 +21,7 @@ from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
 from tests.mqtt_probe import Probe
 from tests.shipped_broker import BRIDGE_USER, BRIDGES, DEPLOY, USERS, P, ShippedBroker
+from tests.test_cli import rkmqtt
 
 
 def test_the_shipped_conf_has_what_the_bridge_needs() -> None:
@@ -160,6 +161,47 @@ def test_without_the_acl_a_device_reads_and_spoofs_another(
     finally:
         alice.close()
         bob.close()
+
+
+def test_check_and_ask_on_the_shipped_files(secured: Callable[[bool], tuple[ShippedBroker, Service]]) -> None:
+    """`rkmqtt check` with the bridges' login checks everything; with a device's (or Home Assistant's),
+    whose client id is its user name and which may not publish on P/check/, it says why it skips the
+    session check, still finds the bridge, and exits 0. `rkmqtt ask` as the device is answered; asked in
+    another client's name, the broker's refusal is said at once (not a wait for a reply that never comes)."""
+    broker, _ = secured(True)
+    bridge = rkmqtt("check", *broker.bridge_flags())
+    assert bridge.returncode == 0, bridge.stdout + bridge.stderr
+    assert "[ok  ] broker sessions: kept while a client is away" in bridge.stdout
+    assert "[ok  ] bridges: 1 online with topic_prefix 'rkmqtt': acl_node (fake, fake-echo" in bridge.stdout
+    for user in ("alice", "homeassistant"):
+        out = rkmqtt("check", "--broker", broker.url, "--username", user, env={"RKMQTT_PASSWORD": USERS[user]})
+        assert out.returncode == 0, out.stdout + out.stderr
+        note = f"[note] broker sessions: not checked with this login: the broker did not let user {user} publish on "
+        assert f"{note}{P}/check/" in out.stdout, out.stdout
+        assert "run the check with the bridges' login and listener" in out.stdout
+        assert "[ok  ] bridges: 1 online with topic_prefix 'rkmqtt': acl_node" in out.stdout
+    login = ("--broker", broker.url, "--username", "alice")
+    env = {"RKMQTT_PASSWORD": USERS["alice"]}
+    out = rkmqtt("ask", "hello", "--client", "alice", *login, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("hello "), out.stdout + out.stderr
+    out = rkmqtt("ask", "hello", "--client", "bob", *login, env=env)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip() == (
+        f"rkmqtt: the broker refused the request on {P}/request/bob: Not authorized (deploy/mosquitto/rkmqtt.acl "
+        "lets a device's login ask only as itself, on the devices' listener: --client alice)"
+    )
+
+
+def test_check_says_when_the_broker_binds_client_ids(tmp_path: Path) -> None:
+    """The shipped conf without its ACLs: a device may publish on P/check/, but its two check clients get
+    one client id (its user name), so the session check cannot be made with its login; check says so."""
+    with ShippedBroker(tmp_path / "open", acl=False) as broker:
+        out = rkmqtt("check", "--broker", broker.url, "--username", "alice", env={"RKMQTT_PASSWORD": USERS["alice"]})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "[note] broker sessions: not checked with this login: the broker gives every connection of user alice one "
+        "client id (use_username_as_clientid)" in out.stdout
+    ), out.stdout
 
 
 def ha_command(template: str, value: str) -> str:
