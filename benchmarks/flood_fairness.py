@@ -2,8 +2,9 @@
 clients run on paho's threads). Three quiet devices send one request a second for `--rounds`
 seconds, first alone and then while a fourth device sends 5,000 requests in about a second; the
 bridge is `rkmqtt run` with the stand-in RKLLM runtime (decode 20 ms a step, n_batch 4, rate limit
-120 a minute). It prints p50 and p95 of both rounds and their ratio; tests/test_durability.py only
-checks that no quiet request is lost (a latency bound fails on a loaded machine).
+120 a minute). It prints p50 and p95 of both rounds, their ratio, and whether other work loaded the
+machine meanwhile (the bench's load verdict); tests/test_durability.py only checks that no quiet
+request is lost (a latency bound fails on a loaded machine).
 
     .venv/bin/python -m benchmarks.flood_fairness [--rounds 8] [--flood 5000]
 """
@@ -25,6 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks import standin
+from rkmqtt.bench.busy import LoadWatch
 from rkmqtt.mqtt.broker import Mosquitto
 
 PREFIX = "flood"
@@ -82,16 +84,24 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rkmqtt-flood-") as tmp, Mosquitto(workdir=Path(tmp) / "broker") as broker:
         lib, model = standin.build_library(Path(tmp) / "standin"), standin.model_file(Path(tmp) / "standin")
-        env = {**os.environ, **STANDIN_ENV, "RKMQTT_LOG_LEVEL": "WARNING", "RKMQTT_STATE_DIR": f"{tmp}/state"}
+        env = {
+            **os.environ,
+            **STANDIN_ENV,
+            "RKMQTT_LOG_LEVEL": "WARNING",
+            "RKMQTT_STATE_DIR": f"{tmp}/state",
+            "RKMQTT_CONFIG": os.devnull,  # its flags only, not a config.yaml of the folder
+        }
         cmd = [sys.executable, "-m", "rkmqtt", "run", "--broker", broker.url, "--topic-prefix", PREFIX,
                "--node-name", "flood", "--engine", "rkllm", "--rkllm-library", str(lib), "--model", str(model),
                "--n-batch", "4", "--rate-limit", "120", "--no-discovery"]  # fmt: skip
         with (Path(tmp) / "bridge.log").open("wb") as log:
             bridge = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         devices = [Device(broker.port, f"quiet{i}") for i in range(3)]
+        watch = LoadWatch()
         try:
             if not devices[0].online.wait(120):
                 raise SystemExit(f"the bridge did not come online; its log is in {tmp}/bridge.log")
+            watch.start()
             base, base_lost = quiet_round(devices, "b", args.rounds)
             flooder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flooder", protocol=mqtt.MQTTv5)
             flooder.max_inflight_messages_set(1000)
@@ -112,6 +122,7 @@ def main() -> int:
             flooder.disconnect()
             flooder.loop_stop()
         finally:
+            verdict = watch.stop()
             for d in devices:
                 d.close()
             bridge.terminate()
@@ -125,6 +136,7 @@ def main() -> int:
     for label, xs, lost in (("alone", base, base_lost), (f"beside a flood of {args.flood:,}", loaded, loaded_lost)):
         print(f"| {label} | {len(xs)} | {lost} | {p(xs, 50):.2f} | {p(xs, 95):.2f} |")
     print(f"\np95 with the flood / p95 alone: {p(loaded, 95) / p(base, 95):.2f}")
+    print(verdict.text())
     return 0 if base_lost == loaded_lost == 0 else 1
 
 
