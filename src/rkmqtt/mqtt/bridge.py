@@ -263,7 +263,9 @@ class Bridge:
         if mode is None:
             self._decide_after = mid  # once the others' retained statuses and infos are in
         elif kind is not None:
-            self._subacks.then(self._subscribe_requests(kind), lambda codes: self._announce(mode, codes))
+            mid = self._subscribe_requests(kind)
+            if mid is not None:  # else the connection is gone already: the next connect does this again
+                self._subacks.then(mid, lambda codes: self._announce(mode, codes))
         else:
             self._announce(mode, [])
 
@@ -452,14 +454,20 @@ class Bridge:
 
     def _carry_out(self, actions: list[Action]) -> None:
         subscribed: int | None = None  # the SUBACK an announcement that follows waits for
+        # Not connected (a timer fired after the connection went): nothing is sent, and no `online`;
+        # the next connect subscribes and announces from the mode decided here.
+        unsent = False
         for action in actions:
             if isinstance(action, Subscribe):
                 if self._accepting:
                     subscribed = self._subscribe_requests(action.kind)
+                    unsent |= subscribed is None
             elif isinstance(action, Unsubscribe):
                 self.client.unsubscribe(self._request_topic(action.kind))
             elif isinstance(action, Announce):
                 mode = action.mode
+                if unsent:
+                    continue
                 if subscribed is None:
                     self._announce(mode, [], changed=True)
                 else:
@@ -474,8 +482,8 @@ class Bridge:
     def _request_topic(self, kind: Kind) -> str:
         return self.topics.request_subscription(self.shared_group if kind == "shared" else None)
 
-    def _subscribe_requests(self, kind: Kind) -> int:
-        """Subscribe the requests; returns the SUBSCRIBE's mid."""
+    def _subscribe_requests(self, kind: Kind) -> int | None:
+        """Subscribe the requests; returns the SUBSCRIBE's mid (None: not connected, nothing sent)."""
         # A retained request is old news: it was answered when it was published (or it would be
         # run again on every reconnect). MQTT 5 can ask the broker not to send them at all.
         topic = self._request_topic(kind)
@@ -484,7 +492,6 @@ class Bridge:
             _, mid = self.client.subscribe([(topic, options)])
         else:
             _, mid = self.client.subscribe(topic, 1)
-        assert mid is not None
         return mid
 
     # -- failover: the session of a node that went offline (drain.py) -------------------------------
