@@ -133,4 +133,28 @@ def scaleout(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
     ]
 
 
-SUITES: dict[str, Suite] = {"targets": targets, "batching": batching, "journal": journal, "scaleout": scaleout}
+def persistence(prompts: tuple[str, ...], rkllm_real: bool) -> list[Scenario]:
+    """The broker's persistence: saved after every change (the shipped conf and the embedded broker)
+    against every 30 s (the old setting) and none, on the zero-cost relay with the journal: the relay
+    rate, and what the bridge (its journal) and the broker write per request."""
+    w = Workload("closed", devices=16, requests=800, max_new_tokens=64, prompts=prompts)
+    return [
+        Scenario(
+            f"persistence-{name.replace(' ', '-')}",
+            "rkllm-zero",
+            w,
+            n_batch=(8,),
+            description=f"stand-in with zero delays, broker persistence {name}",
+            broker_persistence="" if name == "off" else name,
+        )
+        for name in ("on changes", "every 30 s", "off")
+    ]
+
+
+SUITES: dict[str, Suite] = {
+    "targets": targets,
+    "batching": batching,
+    "journal": journal,
+    "scaleout": scaleout,
+    "persistence": persistence,
+}

@@ -27,6 +27,7 @@ from rkmqtt.bench.load import LoadGenerator
 from rkmqtt.bench.metrics import RequestRecord
 from rkmqtt.bench.runner import Point, Runner
 from rkmqtt.bench.workload import Workload, device_name
+from rkmqtt.bench.writes import WriteMeter, per_request
 from rkmqtt.engines import create_engine
 from rkmqtt.engines.base import SamplingParams
 from rkmqtt.errors import ConfigError
@@ -65,6 +66,34 @@ class Scenario(runner.Scenario):
     broker_nodelay: bool = True
     bridge_flags: Mapping[str, SettingValue] = field(default_factory=dict)  # settings of this scenario's bridges
     bridges: int = 1  # bridges on one broker and prefix, sharing the requests (the scale-out curve)
+    # The private Mosquitto's persistence: "" none, "on changes" (the shipped conf's and the embedded
+    # broker's: saved in the loop turn after any change), "every 30 s" (the old setting). With it the
+    # run also measures what the bridge and the broker write per request. Ignored with --broker.
+    broker_persistence: str = ""
+
+
+# broker_persistence -> (save on changes, autosave_interval)
+PERSISTENCE = {"on changes": (True, 1), "every 30 s": (False, 30)}
+
+
+class _Meters(CpuMeter):
+    """The CPU meter, and the writes over the same measured part."""
+
+    def __init__(self, pids: dict[str, int | list[int]], writes: WriteMeter | None) -> None:
+        super().__init__(pids)
+        self.writes = writes
+        self.written: dict[str, float] = {}
+
+    def start(self) -> None:
+        super().start()
+        if self.writes is not None:
+            self.writes.start()
+
+    def stop(self) -> dict[str, float]:
+        out = super().stop()
+        if self.writes is not None:
+            self.written = self.writes.stop()
+        return out
 
 
 def device_tokens(devices: int) -> dict[str, str]:
@@ -100,7 +129,8 @@ class Sweep(Runner):
         self._standin_model: Path | None = None
         self.broker_url: str | None = None
         self.broker_notes: set[str] = set()
-        self._brokers: dict[bool, Mosquitto] = {}
+        self._brokers: dict[tuple[bool, str], Mosquitto] = {}
+        self._extra: dict[str, Any] = {}
         if rkllm_library is not None and rkllm_model is None and any(s.engine == "rkllm" for s in scenarios):
             raise ConfigError("--rkllm-library needs --rkllm-model: the .rkllm model file the runtime loads")
 
@@ -160,16 +190,25 @@ class Sweep(Runner):
                 m.close()
             self._brokers.clear()
 
-    def _broker_for(self, nodelay: bool) -> str:
+    def _broker_for(self, nodelay: bool, persistence: str = "") -> str:
         given = self.user_flags.get("broker")
         if given:
             self.broker_notes.add(f"given broker {given}")
             return str(given)
-        m = self._brokers.get(nodelay)
+        m = self._brokers.get((nodelay, persistence))
         if m is None:
-            m = Mosquitto(workdir=self.workdir / f"mosquitto-{int(nodelay)}", nodelay=nodelay).start()
-            self._brokers[nodelay] = m
-            self.broker_notes.add(f"private Mosquitto ({'set_tcp_nodelay true' if nodelay else 'default config'})")
+            on_changes, interval = PERSISTENCE.get(persistence, (True, 1))
+            m = Mosquitto(
+                workdir=self.workdir / f"mosquitto-{int(nodelay)}-{persistence.replace(' ', '')}",
+                nodelay=nodelay,
+                persistence=bool(persistence),
+                save_on_changes=on_changes,
+                autosave_interval=interval,
+                extra_config="log_type information" if persistence else "",  # its saves, counted
+            ).start()
+            self._brokers[(nodelay, persistence)] = m
+            note = "set_tcp_nodelay true" if nodelay else "default config"
+            self.broker_notes.add(f"private Mosquitto ({note}{f', persistence {persistence}' if persistence else ''})")
         return m.url
 
     @property
@@ -206,7 +245,7 @@ class Sweep(Runner):
     def run_point(self, p: Point, sc: runner.Scenario) -> tuple[list[RequestRecord], dict[str, float]]:
         """One run of a point: its requests' records and its processes' CPU (MQTT and HTTP runs)."""
         assert isinstance(sc, Scenario)
-        self.broker_url = self._broker_for(sc.broker_nodelay)
+        self.broker_url = self._broker_for(sc.broker_nodelay, sc.broker_persistence)
         given = self.user_flags.get("broker")
         p.broker = (
             self.broker_url if given else ("set_tcp_nodelay true" if sc.broker_nodelay else "Mosquitto default config")
@@ -233,7 +272,7 @@ class Sweep(Runner):
             p.bridge_info = bridges[0].info
             self.progress.phase(f"{sc.workload.warmup} warm-up round(s), then the measured requests")
             t0 = time.monotonic()
-            meter = CpuMeter(self._pids(bridges))
+            meter = _Meters(self._pids(bridges), self._write_meter(sc, bridges))
             gen: LoadGenerator | HttpLoadGenerator
             if p.mode == "http":
                 url, tokens = f"http://127.0.0.1:{port}", device_tokens(sc.workload.devices)
@@ -241,6 +280,8 @@ class Sweep(Runner):
             else:
                 gen = LoadGenerator(settings, sc.workload, self.progress.advance, meter)
             records = gen.run()
+            if meter.writes is not None:
+                self._extra = {"writes": per_request(meter.written, len(records))}
             _LOGGER.debug("point took %.1f s", time.monotonic() - t0)
         finally:
             for bridge in bridges:
@@ -248,6 +289,18 @@ class Sweep(Runner):
                 if rc not in (0, None):
                     p.failures.append(f"the bridge exited with status {rc}: {bridge.log_tail(300)}")
         return records, gen.cpu
+
+    def take_extra(self) -> dict[str, Any]:
+        extra, self._extra = self._extra, {}
+        return extra
+
+    def _write_meter(self, sc: Scenario, bridges: list[BridgeProcess]) -> WriteMeter | None:
+        """With broker persistence: the bridges' and our broker's writes, and its saves."""
+        broker = self._brokers.get((sc.broker_nodelay, sc.broker_persistence))
+        if not sc.broker_persistence or broker is None or broker.proc is None:
+            return None
+        pids = {"bridge": [b.pid for b in bridges if b.pid is not None], "broker": [broker.proc.pid]}
+        return WriteMeter(pids, broker.workdir / "mosquitto.log")
 
     def _pids(self, bridges: list[BridgeProcess]) -> dict[str, int | list[int]]:
         """The processes whose CPU a run reports: this one, the bridges (together), and the broker if ours."""

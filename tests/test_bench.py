@@ -281,6 +281,44 @@ def test_one_round_at_once_reports_the_batching_gain_beside_the_engine_alone(
     assert capsys.readouterr().out == table
 
 
+def test_the_persistence_suite_reports_writes_with_progress_and_the_load_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--suite persistence` at a small size (4 devices, 12 requests): its three brokers (saved on
+    changes, every 30 s, off) each behind a bridge, every run with its progress; the broker saved on
+    changes saves during the run, and the writes table (also in the Markdown and a `--render`) has the
+    two with persistence; the session's load verdict heads the Markdown."""
+    suite = SUITES["persistence"]
+
+    def small(prompts: tuple[str, ...], rkllm_real: bool) -> list[Any]:
+        w = Workload("closed", devices=4, requests=12, max_new_tokens=8, prompts=prompts)
+        return [dataclasses.replace(s, workload=w) for s in suite(prompts, rkllm_real)]
+
+    monkeypatch.setitem(SUITES, "persistence", small)
+    out = tmp_path / "out"
+    assert harness(["--suite", "persistence", "--out", str(out), "--no-plot"]) == 0
+    table, err = capsys.readouterr()
+    for n in (1, 2, 3):
+        for line in (f"bench: run {n}/3: starting 1 bridge (the model loads)", f"bench: run {n}/3 over after"):
+            assert line in err, err  # fmt: skip
+    data = json.loads((out / "bench.json").read_text())
+    runs = {p["scenario"]: p["runs"] for p in data["points"]}
+    assert set(runs) == {"persistence-on-changes", "persistence-every-30-s", "persistence-off"}
+    for name, (run,) in runs.items():
+        assert run["ok"] == 12, (name, run)
+        assert ("writes" in run["extra"]) == (name != "persistence-off"), (name, run["extra"])
+    on_changes = runs["persistence-on-changes"][0]["extra"]["writes"]
+    assert on_changes["broker_saves"] > 0 and on_changes["bridge_write_chars"] > 0, on_changes
+    md = (out / "bench.md").read_text()
+    assert data["load"]["verdict"] in md.splitlines()[0]
+    writes = md.split("| writes per request |")[1].split("\n\n")[0]
+    assert "| persistence-on-changes | 8 |" in writes and "| persistence-every-30-s | 8 |" in writes
+    assert "persistence-off" not in writes
+    assert "writes per request" in table
+    assert main(["bench", "--render", str(out / "bench.json"), "--no-plot"]) == 0
+    assert capsys.readouterr().out == table
+
+
 def test_running_bridge_and_errors(
     tmp_path: Path, mosquitto: Mosquitto, prefix: str, start_bridge: Callable[..., Service]
 ) -> None:

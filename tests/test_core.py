@@ -41,6 +41,7 @@ class Harness:
     answered: Counter[int] = field(default_factory=Counter)  # by id() of the Request object
     seen: list[Request] = field(default_factory=list)  # keeps those ids unique
     refuse_prepare: set[str] = field(default_factory=set)  # keys the "engine" refuses: too_long
+    kept: int = 0  # left unanswered at a shutdown, for their door to keep
 
     def __post_init__(self) -> None:
         self.core = SchedulingCore(self.config)
@@ -72,7 +73,9 @@ class Harness:
             "out": [f"{o.request.key}={o.error[0].value if o.error else o.state.finish_reason}" for o in step.outcomes],
             "again": [f"{o.request.key}>{retry.route.topic}" for o, retry in step.repeats],
             "chunks": [f"{c.request.key}#{c.seq}" for c in step.chunks],
+            "kept": [str(r.key) for r in step.kept],
         }
+        self.kept += len(step.kept)
         return {k: v for k, v in out.items() if v}
 
     def do(self, now: float, action: str, arg: Any) -> dict[str, list[str]]:
@@ -86,6 +89,8 @@ class Harness:
             return self.summary(core.cancel(key(arg), now), now)
         if action == "shutdown":  # arg: grace seconds
             return self.summary(core.shutdown(arg, now), now)
+        if action == "shutdown, keeping k's":  # arg: grace seconds; client k's requests stay with their door
+            return self.summary(core.shutdown(arg, now, keep=lambda r: r.client == "k"), now)
         if action == "tokens":  # arg: ("client/id", "text") or "client/id"
             text, piece = (arg, "x") if isinstance(arg, str) else arg
             return self.summary(core.apply([TokenEvent(key(text), piece)], now), now)
@@ -99,7 +104,7 @@ class Harness:
     def check_books(self) -> None:
         c = self.core.counters
         in_flight = self.core.waiting + self.core.running
-        assert c.received == c.completed + c.errors + in_flight
+        assert c.received == c.completed + c.errors + in_flight + self.kept
         assert sum(c.by_code.values()) == c.errors
         assert all(n == 1 for n in self.answered.values()), self.answered
 
@@ -238,6 +243,16 @@ SCENARIOS: dict[str, tuple[CoreConfig, list[Row]]] = {
         (2.0, "finish", "a/1", {"out": ["a/1=stop"]}),
         (5.9, "plan", 2, {}),
         (6.0, "plan", 2, {"cancel": ["b/1"], "out": ["b/1=shutting_down"]}),
+    ]),
+    "shutdown keeping some: those wait for the next start, unanswered; the rest as always": (cfg(n_batch=1), [
+        (0.0, "add", "k/1", {"prepare": ["k/1"]}),
+        (0.0, "add", "k/2", {"prepare": ["k/2"]}),
+        (0.0, "add", "h/1", {"prepare": ["h/1"]}),
+        (0.0, "plan", 1, {"start": ["k/1"]}),
+        (1.0, "shutdown, keeping k's", 5.0, {"out": ["h/1=shutting_down"], "kept": ["k/2"]}),
+        (1.0, "add", "k/3", {"kept": ["k/3"]}),
+        (1.0, "add", "h/2", {"out": ["h/2=shutting_down"]}),
+        (6.0, "plan", 1, {"cancel": ["k/1"], "out": ["k/1=shutting_down"]}),
     ]),
 }  # fmt: skip
 

@@ -1,5 +1,6 @@
 """No accepted request lost: `rkmqtt run` processes killed with SIGKILL, a broker killed and
-restarted, a flood, retries across a restart, a damaged journal — against real Mosquitto brokers.
+restarted (the shipped conf's persistence and the embedded broker's), a flood, retries across a
+restart, a damaged journal — against real Mosquitto brokers.
 
 The RKLLM stand-in runs with its timing model sped up (decode 20 ms a step) so that a batch is
 still running when the bridge is killed.
@@ -8,7 +9,6 @@ still running when the bridge is killed.
 from __future__ import annotations
 
 import json
-import statistics
 import threading
 import time
 from collections import Counter
@@ -23,6 +23,7 @@ from rkmqtt.mqtt.journal import journal_path
 from tests.bridge_process import BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401
+from tests.shipped_broker import ShippedBroker, device_password
 
 STANDIN_ENV = {"RKLLM_STANDIN_DECODE_MS": "20", "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN": "0.5"}
 
@@ -103,12 +104,10 @@ def test_broker_outage_requests_queued_in_devices_clients_are_all_answered(
         broker.close()
 
 
-def test_a_flood_neither_loses_nor_starves_quiet_devices(
-    mosquitto: Mosquitto, prefix: str, standin: Standin, tmp_path: Path
-) -> None:
+def test_a_flood_loses_no_quiet_request(mosquitto: Mosquitto, prefix: str, standin: Standin, tmp_path: Path) -> None:
     """5,000 requests in about a second from one device while three quiet devices send one a
-    second: no quiet request is lost, and their p95 latency stays within twice the one without
-    the flood."""
+    second: every quiet request is answered ok. (Their latency beside the flood, against without
+    it, is a benchmark: `python -m benchmarks.flood_fairness`.)"""
     bridge = rkllm_bridge(standin, mosquitto.url, prefix, tmp_path / "bridge.log", "--rate-limit", "120").start()
     quiet = [Probe(mosquitto.url, [f"{prefix}/reply/quiet{i}/+"]) for i in range(3)]
     flood = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flooder", protocol=mqtt.MQTTv5)
@@ -119,24 +118,6 @@ def test_a_flood_neither_loses_nor_starves_quiet_devices(
     try:
         wait_online(watcher, prefix)
 
-        def quiet_round(tag: str, seconds: int) -> list[float]:
-            sent: dict[tuple[int, int], float] = {}
-            for k in range(seconds):
-                for i, dev in enumerate(quiet):
-                    sent[(i, k)] = time.monotonic()
-                    dev.publish(f"{prefix}/request/quiet{i}", {"id": f"{tag}{k}", "prompt": f"quiet {k} @len=25",
-                                                               "stream": False}, wait=False)  # fmt: skip
-                time.sleep(1.0)
-            latencies = []
-            for (i, k), t0 in sent.items():
-                topic = f"{prefix}/reply/quiet{i}/{tag}{k}"
-                m = quiet[i].wait_for(lambda m, t=topic: m.topic == t, timeout=60)[0]
-                assert m.json()["status"] == "ok", m.json()
-                latencies.append(m.at - t0)
-            return latencies
-
-        base = quiet_round("b", 8)
-
         def send_flood() -> None:
             for n in range(5000):
                 flood.publish(f"{prefix}/request/flood", json.dumps({"id": f"f{n}", "prompt": "flood @len=3"}), 1)
@@ -145,17 +126,72 @@ def test_a_flood_neither_loses_nor_starves_quiet_devices(
 
         flooding = threading.Thread(target=send_flood)
         flooding.start()
-        loaded = quiet_round("l", 8)
+        for k in range(8):
+            for i, dev in enumerate(quiet):
+                dev.publish(f"{prefix}/request/quiet{i}", {"id": f"l{k}", "prompt": f"quiet {k} @len=25",
+                                                           "stream": False}, wait=False)  # fmt: skip
+            time.sleep(1.0)
         flooding.join(60)
-        p95 = statistics.quantiles(base, n=20)[-1]
-        p95_loaded = statistics.quantiles(loaded, n=20)[-1]
-        assert p95_loaded <= 2 * p95, (base, loaded)
+        for i, dev in enumerate(quiet):
+            for k in range(8):
+                assert dev.final(f"{prefix}/reply/quiet{i}/l{k}", timeout=60)["status"] == "ok"
     finally:
         bridge.stop()
         for p in [*quiet, watcher]:
             p.close()
         flood.disconnect()
         flood.loop_stop()
+
+
+# The control: the shipped conf saving on a timer, as it did before (every 30 s; an hour here, so that
+# a slow start cannot reach the first save).
+ON_A_TIMER = {
+    r"^autosave_on_changes true$": "autosave_on_changes false",
+    r"^autosave_interval 1$": "autosave_interval 3600",
+}
+
+
+@pytest.mark.parametrize("conf", ["shipped", "embedded", "shipped, saved on a timer"])
+def test_a_broker_killed_2_s_after_acknowledging_requests_loses_none(conf: str, tmp_path: Path, prefix: str) -> None:
+    """The bridge is stopped; 8 devices each get a PUBACK for a request; 2 s later the broker is
+    killed with SIGKILL and started again; then the bridge: all 8 are answered. With the shipped
+    conf's persistence and the embedded broker's; the control, saving on a timer, loses them."""
+    if conf.startswith("shipped"):
+        shipped = ShippedBroker(tmp_path / "broker", swaps=ON_A_TIMER if "timer" in conf else None, devices=8)
+        broker: Mosquitto = shipped.start()
+        prefix, login = "rkmqtt", shipped.bridge_flags()
+        creds = [{"username": f"dev{i}", "password": device_password(i)} for i in range(8)]
+    else:
+        broker = Mosquitto(workdir=tmp_path / "broker", persistence=True).start()  # as `rkmqtt run` starts it
+        login, creds = ("--broker", broker.url), [{} for _ in range(8)]
+    args = (*login, "--engine", "tests.fake_engine:FakeEngine", "--node-name", "durable")
+    bridge = BridgeProcess(broker.url, prefix, tmp_path / "bridge.log", *args)
+    devices: list[Probe] = []
+    try:
+        bridge.start()
+        watcher = Probe(broker.url, [f"{prefix}/node/+/status"], **creds[0])
+        wait_online(watcher, prefix)
+        watcher.close()
+        bridge.stop()  # alone: its session keeps the subscription, and requests wait there
+        devices = [Probe(broker.url, [f"{prefix}/reply/dev{i}/#"], client_id=f"dev{i}", persistent=True, **creds[i])
+                   for i in range(8)]  # fmt: skip
+        for i, dev in enumerate(devices):
+            dev.publish(f"{prefix}/request/dev{i}", {"id": "acked", "prompt": f"while down {i}"})  # waits for PUBACK
+        time.sleep(2.0)
+        broker.kill()
+        broker.start()
+        bridge.start()
+        if "timer" in conf:
+            time.sleep(10.0)
+            assert not [m for d in devices for m in d.messages], "the control: lost with the old setting"
+            return
+        for i, dev in enumerate(devices):
+            assert dev.final(f"{prefix}/reply/dev{i}/acked", timeout=60)["status"] == "ok"
+    finally:
+        bridge.stop()
+        for p in devices:
+            p.close()
+        broker.close()
 
 
 def test_a_retried_id_gets_its_recorded_reply_after_a_restart(

@@ -1,10 +1,12 @@
 """Several bridges, one broker: three `rkmqtt run` processes (default settings apart from their node
 names, the RKLLM stand-in with its timing model sped up) share the requests, each has its own status,
-and a node killed with SIGKILL takes up its requests when it comes back."""
+and a node killed with SIGKILL takes up its requests when it comes back; a node killed for good has
+its queued requests taken over by the survivor (on the shipped broker files)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from rkmqtt.mqtt.broker import Mosquitto
 from tests.bridge_process import REPO, BridgeProcess
 from tests.mqtt_probe import Probe, Received
 from tests.rkllm_fixtures import Standin, standin_fixture  # noqa: F401
+from tests.shipped_broker import USERS, P, ShippedBroker, device_password
 
 STANDIN_ENV = {"RKLLM_STANDIN_DECODE_MS": "20", "RKLLM_STANDIN_PREFILL_MS_PER_TOKEN": "0.5"}
 NODES = ("north", "south", "east")
@@ -160,3 +163,74 @@ def test_forget_node_ends_the_session_of_a_node_gone_for_good(
     finally:
         gone.stop()
         probe.close()
+
+
+def test_a_node_killed_for_good_is_drained_and_the_survivor_answers_everything(tmp_path: Path) -> None:
+    """On the shipped broker files: two nodes share; south is killed with SIGKILL and not restarted.
+    Its Last Will says offline; north takes over what the broker queued in south's session and ends
+    it, so every request sent afterwards is answered, by north, once. South started again serves."""
+    broker = ShippedBroker(tmp_path / "broker", devices=4).start()
+    assert isinstance(broker, ShippedBroker)
+    args = (*broker.bridge_flags(), "--engine", "tests.fake_engine:FakeEngine", "--rate-limit", "0")
+    nodes = {
+        n: BridgeProcess(broker.url, P, tmp_path / f"{n}.log", *args, "--node-name", n) for n in ("north", "south")
+    }
+    admin = Probe(broker.url, [f"{P}/node/+/info", f"{P}/node/+/status"], username="admin", password=USERS["admin"])
+    devices = [Probe(broker.url, [f"{P}/reply/dev{i}/#"], username=f"dev{i}", password=device_password(i))
+               for i in range(4)]  # fmt: skip
+
+    def send(tag: str, count: int) -> set[str]:
+        for n in range(count):
+            devices[n % 4].publish(
+                f"{P}/request/dev{n % 4}", {"id": f"{tag}{n}", "prompt": "tokens:5", "stream": False}
+            )
+        return {f"{P}/reply/dev{n % 4}/{tag}{n}" for n in range(count)}
+
+    def answered(want: set[str], timeout: float) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [m for d in devices for m in d.finals_under(f"{P}/reply/") if m.topic in want]
+            if {m.topic for m in got} == want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+    def shared(name: str) -> bool:
+        infos = [m.json() for m in admin.messages if m.topic == f"{P}/node/{name}/info" and m.payload]
+        return bool(infos) and infos[-1]["share"] == "shared"
+
+    try:
+        for bridge in nodes.values():
+            bridge.start()
+        deadline = time.monotonic() + 60
+        while not (shared("north") and shared("south")):
+            assert time.monotonic() < deadline, "the two nodes did not share"
+            time.sleep(0.1)
+        first = answered(send("a", 20), 60)
+        assert {m.json()["node"] for m in first} == {"north", "south"}, "both serve"
+
+        nodes["south"].kill9()
+        want = send("b", 40)  # half of them go to south's session until north has drained it
+        online(admin, P, "south", b"offline")
+        second = answered(want, 60)
+        counts = Counter(m.topic for m in second)
+        assert set(counts) == want, sorted(want - set(counts))[:5]
+        assert max(counts.values()) == 1 and {m.json()["node"] for m in second} == {"north"}
+        assert all(m.json()["status"] == "ok" for m in second)
+        out = nodes["north"].output()
+        assert "node south is offline: taking over the requests queued in its session" in out, out[-2000:]
+        taken = re.search(r"node south: (\d+) requests taken over; its session ended", out)
+        assert taken and int(taken.group(1)) >= 1, out[-2000:]
+
+        back = time.monotonic()
+        nodes["south"].start()  # back: a new session, and it serves again
+        admin.wait_for(
+            lambda m: m.topic == f"{P}/node/south/info" and m.at > back and m.json()["share"] == "shared", 60
+        )
+        third = answered(send("c", 40), 60)
+        assert len(third) == 40 and {m.json()["node"] for m in third} == {"north", "south"}
+    finally:
+        for bridge in nodes.values():
+            bridge.stop()
+        for p in [admin, *devices]:
+            p.close()
+        broker.close()

@@ -3,14 +3,22 @@ Mosquitto processes and, for shutdown, `rkmqtt run` as a real process."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from rkmqtt.mqtt.broker import Mosquitto, free_port, port_answers
 from rkmqtt.service import Service
@@ -98,28 +106,74 @@ def _run_bridge_process(url: str, prefix: str, *extra: str) -> subprocess.Popen[
     )  # fmt: skip
 
 
-def test_sigterm_finishes_running_answers_queued_and_goes_offline(mosquitto: Mosquitto, prefix: str) -> None:
+def test_sigterm_alone_keeps_the_queue_for_the_restart(mosquitto: Mosquitto, prefix: str) -> None:
+    """32 requests accepted (4 running, 28 waiting), SIGTERM, 4 more sent while it stops: the running
+    ones finish within the grace period; the waiting ones stay in the journal and the late ones with
+    the broker; after the restart all 36 are answered ok, each once."""
     probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/node/+/status"])
-    proc = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20")
+    args = ("--grace-period", "20", "--node-name", "solo")
+    proc = _run_bridge_process(mosquitto.url, prefix, *args)
+    again = None
     try:
         probe.wait_for(lambda m: m.is_node("status") and m.payload == b"online", timeout=30)
-        # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), four wait.
-        for n in range(8):
-            probe.publish(f"{prefix}/request/dev{n}", {"id": "x", "prompt": "tokens:150", "stream": False})
+        # FakeEngine(): 4 slots, 10 ms a step. Four run (1.5 s each), 28 wait.
+        for n in range(32):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"x{n}", "prompt": "tokens:150", "stream": False})
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
+        for n in range(32, 36):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"x{n}", "prompt": "tokens:5", "stream": False})
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        finals = {m.topic.split("/")[2]: m.json() for m in probe.wait_for(lambda m: "/reply/" in m.topic, count=8)}
-        ok = sorted(k for k, v in finals.items() if v["status"] == "ok")
-        down = sorted(k for k, v in finals.items() if v["status"] == "error")
-        assert len(ok) == 4 and all(finals[k]["finish_reason"] == "stop" for k in ok), finals
-        assert len(down) == 4 and all(finals[k]["error"]["code"] == "shutting_down" for k in down)
-        assert probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
-        assert "SIGTERM received" in out
+        shutdown = re.search(r"(\d+) running get up to 20 s; 0 waiting answered, (\d+) kept for the next start", out)
+        assert shutdown is not None and int(shutdown[2]) >= 20, out[-2000:]
+        probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
+        first = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
+        assert len(first) == 32 - int(shutdown[2]) and all(v["status"] == "ok" for v in first.values()), first
+        again = _run_bridge_process(mosquitto.url, prefix, *args)
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=36, timeout=60)
+        time.sleep(0.5)  # a second answer would be here by now
+        finals = probe.finals_under(f"{prefix}/reply/")
+        assert Counter(m.topic for m in finals) == Counter(f"{prefix}/reply/dev{n % 8}/x{n}" for n in range(36))
+        assert all(m.json()["status"] == "ok" for m in finals), [m.json() for m in finals if m.json()["status"] != "ok"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, again):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=30)
+        probe.close()
+
+
+def test_sigterm_with_another_node_online_answers_the_waiting_for_it_to_take(mosquitto: Mosquitto, prefix: str) -> None:
+    """Two nodes share; one stops: its waiting requests are answered shutting_down at once (its
+    journal is on its own disk), and their retries are served by the other node."""
+    probe = Probe(mosquitto.url, [f"{prefix}/reply/+/+", f"{prefix}/node/+/info"])
+    a = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20", "--node-name", "a")
+    b = _run_bridge_process(mosquitto.url, prefix, "--grace-period", "20", "--node-name", "b")
+    try:
+        for node in ("a", "b"):
+            probe.wait_for(lambda m, n=node: m.topic == f"{prefix}/node/{n}/info" and m.json()["share"] == "shared", 60)  # type: ignore[misc]
+        for n in range(24):
+            probe.publish(f"{prefix}/request/dev{n % 8}", {"id": f"y{n}", "prompt": "tokens:150", "stream": False})
+        time.sleep(0.5)
+        a.send_signal(signal.SIGTERM)
+        out, _ = a.communicate(timeout=60)
+        assert a.returncode == 0 and ", 0 kept for the next start" in out, out[-2000:]
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=24, timeout=60)
+        finals = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
+        down = [t for t, v in finals.items() if v["status"] == "error"]
+        assert down and all(finals[t]["error"]["code"] == "shutting_down" for t in down), finals
+        for t in down:  # the devices send them again: the other node answers
+            dev, rid = t.split("/")[-2:]
+            probe.publish(f"{prefix}/request/{dev}", {"id": rid, "prompt": "tokens:5", "stream": False})
+        probe.wait_for(lambda m: "/reply/" in m.topic, count=24 + len(down), timeout=60)
+        retried = [m.json() for m in probe.finals_under(f"{prefix}/reply/")][24:]
+        assert all(r["status"] == "ok" and r["node"] == "b" for r in retried), retried
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=30)
         probe.close()
 
 
@@ -251,3 +305,45 @@ def test_the_embedded_broker_does_not_outlive_a_killed_rkmqtt(tmp_path: Path) ->
     while port_answers("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not port_answers("127.0.0.1", port)
+
+
+def test_online_follows_the_brokers_grant_of_the_request_subscription(mosquitto: Mosquitto) -> None:
+    """A fresh session each time: a request published the moment `wait_connected` returns, and one
+    published the moment a device sees the status `online`, both reach the bridge (each would be
+    lost if it reached the broker before the bridge's subscription)."""
+    got: list[str] = []
+    cond = threading.Condition()
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5)
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        prefix = msg.topic.split("/")[0]
+        if msg.topic.endswith("/status") and msg.payload == b"online" and not msg.retain:
+            c.publish(f"{prefix}/request/dev", json.dumps({"id": "on-status", "prompt": "x", "stream": False}), 1)
+        elif "/reply/" in msg.topic:
+            with cond:
+                got.append(msg.topic)
+                cond.notify_all()
+
+    device.on_message = on_message
+    device.connect("127.0.0.1", mosquitto.port)
+    device.subscribe([("+/node/+/status", 1), ("+/reply/dev/+", 1)])
+    device.loop_start()
+    try:
+        for i in range(12):
+            prefix = f"sub{i}{uuid.uuid4().hex[:6]}"  # a new node, so a new session, every time
+            svc = Service(bridge_settings(mosquitto.url, prefix), engine=FakeEngine())
+            svc.start()
+            try:
+                assert svc.bridge is not None and svc.bridge.wait_connected(15)
+                device.publish(
+                    f"{prefix}/request/dev", json.dumps({"id": "on-wait", "prompt": "x", "stream": False}), 1
+                )
+                want = {f"{prefix}/reply/dev/on-wait", f"{prefix}/reply/dev/on-status"}
+                with cond:
+                    cond.wait_for(lambda w=want: w <= set(got), 10)  # type: ignore[misc]
+                assert want <= set(got), f"round {i}: {sorted(want - set(got))} never answered"
+            finally:
+                svc.stop(grace_s=0)
+    finally:
+        device.disconnect()
+        device.loop_stop()

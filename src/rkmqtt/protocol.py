@@ -271,6 +271,9 @@ class Info(BaseModel):
     host: str = Field(default="", description="the machine it runs on")
     started: float = Field(default=0.0, description="when this run of the bridge started, Unix seconds")
     instance: str = Field(default="", description="this run's random id: two runs of one node tell each other apart")
+    client_id: str = Field(
+        default="", description="its MQTT session's client id: another node takes over what is queued there"
+    )
     share: str = Field(
         default="", description="how it takes requests: alone, joining, shared (with other nodes), off or left"
     )

@@ -26,7 +26,7 @@ from rkmqtt.mqtt.journal import Journal, journal_path, legacy_journal_path
 from rkmqtt.mqtt.link import Link
 from rkmqtt.mqtt.outbox import Outbox
 from rkmqtt.mqtt.reach import reach_broker
-from rkmqtt.mqtt.replies import Replies
+from rkmqtt.mqtt.replies import Replies, in_journal
 from rkmqtt.mqtt.sink import MqttSink
 from rkmqtt.protocol import Info, Limits, PullStatus
 from rkmqtt.sched.admission import Admission
@@ -34,6 +34,7 @@ from rkmqtt.sched.finals import Finals
 from rkmqtt.sched.lineup import Lineup
 from rkmqtt.sched.loop import ModelsState, Scheduler, SchedulerConfig
 from rkmqtt.sched.policy import CoreConfig
+from rkmqtt.sched.request import Request
 from rkmqtt.sched.residency import ResidencyConfig
 from rkmqtt.settings import Settings, with_model_defaults
 from rkmqtt.topics import Topics
@@ -421,7 +422,10 @@ class Service:
         if http is not None:
             steps.append(("stop taking HTTP requests", http.stop_accepting))
         if scheduler is not None:
-            steps.append(("answer or finish requests", lambda: _drain(scheduler, grace)))
+            # Alone, the waiting MQTT requests stay in the journal for the next start; with other
+            # nodes online they are answered `shutting_down`, and their devices' retries go there.
+            # (Asked once the bridge has stopped taking requests: it knows then whether it was alone.)
+            steps.append(("answer or finish requests", lambda: _drain(scheduler, grace, self._kept())))
         if http is not None:
             steps.append(("finish HTTP responses", http.stop))
         if bridge is not None:
@@ -448,6 +452,9 @@ class Service:
             self._health_thread.join(5)
             self._write_health({**self.health(), "connected": False, "stopped": True})
         _LOGGER.info("stopped")
+
+    def _kept(self) -> Callable[[Request], bool] | None:
+        return in_journal if self.bridge is not None and self.bridge.keeps_waiting else None
 
     def run_forever(self, on_ready: Callable[[Service], None] | None = None) -> int:
         """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit status (0).
@@ -484,6 +491,6 @@ class Service:
         return status
 
 
-def _drain(scheduler: Scheduler, grace_s: float) -> None:
-    scheduler.shutdown(grace_s)
+def _drain(scheduler: Scheduler, grace_s: float, keep: Callable[[Request], bool] | None) -> None:
+    scheduler.shutdown(grace_s, keep)
     scheduler.join(grace_s + 10)

@@ -26,6 +26,7 @@ from rkmqtt.bench.httpcost import http_cost, print_http_cost
 from rkmqtt.bench.httpcost import markdown_lines as http_markdown_lines
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, percentile
 from rkmqtt.bench.runner import Point
+from rkmqtt.bench.writes import print_writes, writes_markdown_lines
 
 
 def machine() -> dict[str, Any]:
@@ -291,6 +292,7 @@ def print_table(points: Sequence[Point], console: Console, cpus: int | None = No
         console.print(c)
     print_batching_gain(points, console)
     print_http_cost(points, console)
+    print_writes(points, console)
     ts = [x for x in targets(points) if x.met is not None]
     if ts:
         tt = Table(title="targets (issue 6)")
@@ -474,6 +476,7 @@ def markdown(points: Sequence[Point], load: LoadVerdict | None = None) -> str:
             )
     lines += gain_markdown_lines(points)
     lines += http_markdown_lines(points)
+    lines += writes_markdown_lines(points)
     rows = cpu_rows(points)
     if rows:
         lines += [

@@ -115,6 +115,10 @@ class Runner:
         """What the report says about where the figures come from (broker, bridge, settings)."""
         return {}
 
+    def take_extra(self) -> dict[str, Any]:
+        """Figures of the run just measured that go into its `extra` (e.g. "writes"); {} by default."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -140,6 +144,7 @@ class Runner:
                     self.progress.end()
                 m = summarize(records)
                 m.cpu = cpu
+                m.extra.update(self.take_extra())
                 p.runs.append(m)
                 start = min((r.sent for r in records), default=0.0)
                 p.requests += [{"repeat": rep + 1, **r.row(start)} for r in records]

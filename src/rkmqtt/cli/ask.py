@@ -97,8 +97,12 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
     def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
         events.put((msg.topic, bytes(msg.payload)))
 
+    def on_publish(c: mqtt.Client, u: Any, mid: int, reason: Any, p: Any) -> None:
+        if getattr(reason, "is_failure", False):  # MQTT 5's PUBACK says why (3.1.1's cannot)
+            events.put(("publish-refused", str(reason).encode()))
+
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    client.on_disconnect = on_disconnect
+    client.on_disconnect, client.on_publish = on_disconnect, on_publish
     try:
         client.connect(addr.host, addr.port, keepalive=30)
     except (OSError, ValueError) as e:
@@ -167,6 +171,8 @@ def _converse(
         if topic == "connect-failed":
             print(f"rkmqtt: {payload.decode()}", file=sys.stderr)
             return 1
+        if topic == "publish-refused" and progress.sent:
+            return _refused(payload.decode(), topics.request(args.client), args.client, client.username)
         if topic == "subscribed" and status_deadline is None:
             status_deadline = time.monotonic() + STATUS_WAIT_S
         elif is_status_topic(topics, topic):
@@ -225,6 +231,19 @@ def _cancel(
         return EXIT_INTERRUPTED
     print(f"rkmqtt: no final reply within {CANCEL_WAIT_S:.0f} s of the cancel", file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def _refused(reason: str, topic: str, name: str, user: str | None) -> int:
+    """The broker did not take the request (its ACL, on the shipped broker files: a login publishes
+    only as the client of its own name)."""
+    hint = (
+        f" (deploy/mosquitto/rkmqtt.acl lets a device's login ask only as itself, on the devices' listener: "
+        f"--client {user})"
+        if user and user != name
+        else ""
+    )
+    print(f"rkmqtt: the broker refused the request on {topic}: {reason}{hint}", file=sys.stderr)
+    return 1
 
 
 def _no_bridge(online: bool | None, topics: Topics) -> int:

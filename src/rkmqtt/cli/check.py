@@ -62,12 +62,18 @@ class _Client:
         self.failure: str | None = None
         self.messages: list[tuple[float, bytes]] = []
         self.got = threading.Condition()
+        self.lost = threading.Event()  # the broker closed the connection (not our close)
+        self._closing = False
+        self.refused: str | None = None  # a PUBACK's failure reason (MQTT 5: e.g. the ACL's "Not authorized")
 
     def open(self, persistent: bool, timeout: float = 5.0) -> bool:
+        self._closing = False
         c = make_client(self.settings, self.client_id, persistent=persistent)
         c.on_socket_open = set_nodelay
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
         self.client = c
         addr = self.settings.broker_url
         try:
@@ -79,6 +85,7 @@ class _Client:
         return self.connected.wait(timeout) and self.failure is None
 
     def close(self) -> None:
+        self._closing = True
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
@@ -91,6 +98,14 @@ class _Client:
             if self.subscribe:
                 c.subscribe(self.subscribe, 1)
         self.connected.set()
+
+    def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, p: Any) -> None:
+        if not self._closing:
+            self.lost.set()
+
+    def _on_publish(self, c: mqtt.Client, u: Any, mid: int, reason: Any, p: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self.refused = str(reason)
 
     def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.got:
@@ -116,8 +131,9 @@ def check_broker_settings(settings: Settings) -> list[tuple[bool | None, str, st
         (
             None,
             "broker settings",
-            "not visible from a client: the broker needs `persistence true` for requests to survive its restart "
-            "and `set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
+            "not visible from a client: the broker needs `persistence true`, saved on changes (`autosave_on_changes "
+            "true`, `autosave_interval 1`), for what it acknowledged to survive its crash or restart, and "
+            "`set_tcp_nodelay true` for stream chunks to go out at once (deploy/mosquitto/rkmqtt.conf)",
         )
     )
     return out
@@ -144,6 +160,8 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
         away.close()
         if resumed and queued:
             return True, "broker sessions", "kept while a client is away, with its QoS 1 messages queued"
+        if sender.refused or _ids_bound(settings, tag):
+            return None, "broker sessions", _not_checked(settings, topic, sender.refused)
         return (
             False,
             "broker sessions",
@@ -158,6 +176,35 @@ def _check_sessions(settings: Settings) -> tuple[bool | None, str, str]:
             cleanup = _Client(settings, f"rkmqtt-check-{tag}")
             if cleanup.open(persistent=False):
                 cleanup.close()
+
+
+def _ids_bound(settings: Settings, tag: str) -> bool:
+    """Whether the broker gives every connection of this login one client id: a second connection,
+    with another client id, then closes the first one."""
+    first, second = _Client(settings, f"rkmqtt-check-{tag}-a"), _Client(settings, f"rkmqtt-check-{tag}-b")
+    try:
+        if not first.open(persistent=False) or not second.open(persistent=False):
+            return False
+        return first.lost.wait(2.0)
+    finally:
+        for c in (first, second):
+            with contextlib.suppress(OSError, RuntimeError, ValueError, AttributeError):  # never opened
+                c.close()
+
+
+def _not_checked(settings: Settings, topic: str, refused: str | None) -> str:
+    """Why this login cannot run the session check: the broker gives all its connections one client id
+    (so the check's second client ends the first one's session), or its ACL refuses the check's topic."""
+    user = settings.broker_url.username or "(anonymous)"
+    why = (
+        f"the broker did not let user {user} publish on {topic} ({refused}: its ACL)"
+        if refused
+        else f"the broker gives every connection of user {user} one client id (use_username_as_clientid)"
+    )
+    return (
+        f"not checked with this login: {why}. With deploy/mosquitto/rkmqtt.conf run the check with the bridges' "
+        "login and listener (the bridge's config file: docs/board-install.md)"
+    )
 
 
 def run_checks(settings: Settings, load_model: bool = False, config_file: Path | None = None) -> int:

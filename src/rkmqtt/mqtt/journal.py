@@ -1,8 +1,8 @@
 """The request journal: accepted requests kept in SQLite until their final reply is delivered, and the
-recorded finals that answer a retried id; one file per session (client id, prefix, broker), locked
-against a second process. `admit` and `delivered` run on paho's network thread, `drop` on the
-scheduler thread, `pending` and `close` on the main thread. How a row ends: docs/architecture.md,
-"The request journal"."""
+recorded finals that answer a retried id; one file per bridge (its client id, prefix and broker; it also
+holds what the bridge drained from an offline node's session), locked against a second process. `admit`
+and `delivered` run on paho's network thread, `drop` on the scheduler thread, `pending` and `close` on
+the main thread. How a row ends: docs/architecture.md, "The request journal"."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ class Journal:
             if self._deliveries % _PRUNE_EVERY == 0:
                 self._prune(now)
 
+    def has(self, key: RequestKey, now: float | None = None) -> bool:
+        """Whether a request with this key is in flight here, or was answered within the dedup
+        window (a failover drain's copy of a request this node has already)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM requests WHERE client = ? AND id = ? AND (delivered IS NULL OR delivered >= ?) LIMIT 1",
+                (key.client, key.id, now - self.dedup_window_s),
+            ).fetchone()
+        return row is not None
+
     # -- scheduler thread -------------------------------------------------------------------------
     def drop(self, seq: int) -> None:
         """Row `seq` was a duplicate of a request in flight (or a retry answered from memory)."""
@@ -175,10 +186,11 @@ class Journal:
 
 
 def journal_path(state_dir: Path, client_id: str, topic_prefix: str, broker: str) -> Path:
-    """One journal per MQTT session: the requests in it are the ones that session acknowledged. A
-    session is a client id on one broker (`host:port`), serving one prefix: two bridges of one node
-    name on one machine against two brokers keep two journals. The name is readable; a short hash
-    of the three keeps names that read the same apart."""
+    """One journal per bridge: a client id on one broker (`host:port`), serving one prefix. The
+    requests in it are the ones this bridge acknowledged: on its own session, and on an offline
+    node's session that it drained (those are its own to answer from then on). Two bridges of one
+    node name on one machine against two brokers keep two journals. The name is readable; a short
+    hash of the three keeps names that read the same apart."""
     digest = hashlib.sha256(f"{client_id}\n{topic_prefix}\n{broker}".encode()).hexdigest()[:8]
     return state_dir / f"journal-{_safe(client_id)[:64]}-{_safe(broker)[:64]}-{digest}.sqlite3"
 

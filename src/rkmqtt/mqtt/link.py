@@ -76,7 +76,6 @@ class Link:
         self.broker = broker
         self._down_since: float | None = None
         self._cause: str | None = None
-        self.taken_over = False
         self.outages = 0
 
     @property
@@ -87,11 +86,9 @@ class Link:
     def up(self, session_present: bool) -> None:
         now = time.monotonic()
         if self._down_since is not None:
+            gone = " (it had no session for us: what was queued there went to another node, or was lost)"
             _LOGGER.warning(
-                "broker %s is back after %.1f s%s",
-                self.broker,
-                now - self._down_since,
-                "" if session_present else " (it had lost our session: requests sent meanwhile may be lost)",
+                "broker %s is back after %.1f s%s", self.broker, now - self._down_since, "" if session_present else gone
             )
         self._down_since = None
         self._cause = None
@@ -109,11 +106,11 @@ class Link:
             _LOGGER.debug("broker %s: %s; retrying", self.broker, cause)
 
     def lost(self, code: int | None, stopping: bool) -> None:
-        """The connection dropped (`code`: the DISCONNECT reason, when the broker sent one)."""
-        if code == TAKEN_OVER:
-            self.taken_over = True
-            return
+        """The connection dropped (`code`: the DISCONNECT reason, when the broker sent one; 142
+        when it gave the session to another client, which the bridge looks into)."""
         if stopping:
             return
-        cause = "connection lost" if code is None or code == 0 else f"disconnected: {describe_reason(code)}"
+        # 128 is also what paho reports when the socket closed without a DISCONNECT (Mosquitto 2.0
+        # closes a session taken over so): not a refusal.
+        cause = "connection lost" if code in (None, 0, 128) else f"disconnected: {describe_reason(code)}"
         self.failed(cause)

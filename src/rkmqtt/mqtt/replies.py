@@ -39,6 +39,11 @@ def route_of(req: Request) -> MqttRoute:
     return route
 
 
+def in_journal(req: Request) -> bool:
+    """Whether `req` came over MQTT and has its row in the journal (it can wait there for a restart)."""
+    return isinstance(req.route, MqttRoute) and req.route.journal_seq is not None
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A request refused before it became a `Request` (bad payload, limits, rate)."""

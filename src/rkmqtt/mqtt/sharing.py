@@ -1,6 +1,7 @@
 """How a node takes requests: alone, joining, shared with the other nodes of its broker and prefix,
-off or left (paho network thread; pure: it returns actions, the bridge carries them out). Why not
-always shared: docs/architecture.md, "Several nodes on one broker"."""
+off or left; and which node takes over the session of one that went offline (paho network thread
+and the bridge's timers, under the bridge's lock; pure: it returns actions, the bridge carries them
+out). Why: docs/architecture.md, "Several nodes on one broker" and "Failover"."""
 
 from __future__ import annotations
 
@@ -32,7 +33,18 @@ class Warn:
     message: str
 
 
-Action = Subscribe | Unsubscribe | Announce | Warn
+@dataclass(frozen=True)
+class Drain:
+    """A node is offline: in a moment (`Sharing.drains` says whether it is still ours to do), take
+    over the requests queued in its session."""
+
+    node: str
+
+
+Action = Subscribe | Unsubscribe | Announce | Warn | Drain
+
+# The modes of a node that takes requests: the ones that may take over an offline node's session.
+SERVING = ("alone", "shared")
 
 
 @dataclass
@@ -44,6 +56,7 @@ class Peer:
 @dataclass
 class Sharing:
     setting: Setting
+    me: str = ""  # this node's name
     mode: Mode | None = None  # None until `decide()`
     peers: dict[str, Peer] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
@@ -65,25 +78,21 @@ class Sharing:
         """Once, at start, after the retained statuses and infos of the other nodes came in."""
         if self.setting == "off":
             return [Unsubscribe("shared"), *self._enter("off"), *self._warn_off()]
+        # An offline node's session may hold its share of the requests, or (it was alone) a
+        # subscription to every request: what is queued there is taken over, and the session ends.
+        offline: list[Action] = [Drain(n) for n, p in sorted(self.peers.items()) if not p.online and p.mode]
         ever_shared = any(p.mode == "shared" for p in self.peers.values())
         if self.setting == "on" or ever_shared or self.online_peers:
-            return [Unsubscribe("plain"), *self._join()]
-        out: list[Action] = [Unsubscribe("shared"), *self._enter("alone")]
-        for node, p in sorted(self.peers.items()):
-            if not p.online and p.mode in ("alone", "off"):
-                out.append(
-                    Warn(
-                        f"node {node} is offline but its session may hold a subscription to every request: when it "
-                        f"comes back it answers what was sent meanwhile, again. If it is gone for good, run "
-                        f"`rkmqtt forget-node {node}`"
-                    )
-                )
-        return out
+            return [Unsubscribe("plain"), *self._join(), *offline]
+        return [Unsubscribe("shared"), *self._enter("alone"), *offline]
 
     def peer_status(self, node: str, online: bool) -> list[Action]:
         peer = self.peers.setdefault(node, Peer())
         came = online and not peer.online
+        went = peer.online and not online
         peer.online = online
+        if went and self.mode in SERVING:
+            return [Drain(node)]
         if self.mode == "off":
             return self._warn_off()
         if self.mode == "alone" and came:
@@ -98,6 +107,15 @@ class Sharing:
     def peer_info(self, node: str, mode: str | None) -> list[Action]:
         self.peers.setdefault(node, Peer()).mode = mode
         return self._join() if self.mode == "joining" else []
+
+    def drains(self, node: str) -> bool:
+        """Whether this node takes over offline `node`'s session now: it is still offline, this node
+        serves, and among the serving nodes online this one has the lowest name (one node does it)."""
+        peer = self.peers.get(node)
+        if peer is None or peer.online or self.mode not in SERVING:
+            return False
+        serving = [n for n in self.online_peers if self.peers[n].mode in SERVING]
+        return all(self.me < n for n in serving)
 
     def stopping(self) -> list[Action]:
         """A clean stop: with other nodes online, leave the shared subscription so that the broker

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from rkmqtt.engines.base import Engine
 from rkmqtt.errors import RequestRejected
+from rkmqtt.logbudget import limited
 from rkmqtt.protocol import ErrorCode, Stats
 from rkmqtt.sched.admission import no_tools_message, warn_tools_left_out
 from rkmqtt.sched.lineup import Lineup
@@ -62,6 +63,7 @@ class _Repeated:
 @dataclass(frozen=True)
 class _Shutdown:
     grace_s: float
+    keep: Callable[[Request], bool] | None
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,10 @@ class Scheduler:
         """Release every engine (main thread, after `join`)."""
         self.lineup.close()
 
-    def shutdown(self, grace_s: float) -> None:
-        """Answer waiting requests `shutting_down`, give running ones `grace_s` to finish."""
-        self._inbox.put(_Shutdown(grace_s))
+    def shutdown(self, grace_s: float, keep: Callable[[Request], bool] | None = None) -> None:
+        """Answer waiting requests `shutting_down` (but those `keep` says their door keeps for the
+        next start), give running ones `grace_s` to finish."""
+        self._inbox.put(_Shutdown(grace_s, keep))
 
     def join(self, timeout: float | None = None) -> bool:
         if self._thread.ident is None:  # never started (start-up failed before it)
@@ -334,8 +337,15 @@ class Scheduler:
                 if self.lineup.can_load():
                     self._carry_moves(self.lineup.residency.preload(cmd.name, now))
             else:
-                _LOGGER.info("shutting down: %d running get up to %.0f s", self.core.running, cmd.grace_s)
-                self._carry_out(self.core.shutdown(cmd.grace_s, now))
+                step = self.core.shutdown(cmd.grace_s, now, cmd.keep)
+                _LOGGER.info(
+                    "shutting down: %d running get up to %.0f s; %d waiting answered, %d kept for the next start",
+                    self.core.running,
+                    cmd.grace_s,
+                    len(step.outcomes),
+                    len(step.kept),
+                )
+                self._carry_out(step)
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
@@ -425,7 +435,8 @@ class Scheduler:
             residency.keep(req.model, req.keep_alive.seconds)
         if outcome.error is not None:
             code, message = outcome.error
-            _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
+            if limited(_LOGGER, logging.WARNING, f"{code.value} replies", req.client):
+                _LOGGER.warning("request %s: %s: %s", req.key, code.value, message)
             return
         # The one INFO line of a request (queued/started are DEBUG): nothing per chunk.
         _LOGGER.info(

@@ -9,10 +9,11 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from rkmqtt.engines.base import EngineEvent, ErrorEvent, FinishEvent, Prepared, TokenEvent
+from rkmqtt.logbudget import limited
 from rkmqtt.protocol import ErrorCode
 from rkmqtt.sched.fairqueue import FairQueue
 from rkmqtt.sched.request import Chunk, Outcome, Request, RequestKey, RequestState
@@ -41,9 +42,12 @@ class Step:
     outcomes: list[Outcome] = field(default_factory=list)  # one final reply each
     repeats: list[tuple[Outcome, Request]] = field(default_factory=list)  # a finished id retried: reply again
     ignored: list[Request] = field(default_factory=list)  # a retry of an id in flight: nothing to answer
+    kept: list[Request] = field(default_factory=list)  # left unanswered at shutdown: their door keeps them
 
     def __bool__(self) -> bool:
-        return any((self.prepare, self.start, self.cancel, self.chunks, self.outcomes, self.repeats, self.ignored))
+        return any(
+            (self.prepare, self.start, self.cancel, self.chunks, self.outcomes, self.repeats, self.ignored, self.kept)
+        )
 
     def merge(self, other: Step) -> Step:
         self.prepare += other.prepare
@@ -53,6 +57,7 @@ class Step:
         self.outcomes += other.outcomes
         self.repeats += other.repeats
         self.ignored += other.ignored
+        self.kept += other.kept
         return self
 
 
@@ -112,6 +117,7 @@ class SchedulingCore:
         self._pushed = 0
         self._log = OutcomeLog(config.dedup_window_s, config.dedup_max)
         self._shutdown_at: float | None = None
+        self._keep: Callable[[Request], bool] | None = None  # at shutdown: which waiting ones stay unanswered
 
     # -- what the loop reads ----------------------------------------------------------------
     @property
@@ -179,7 +185,8 @@ class SchedulingCore:
         live = self._live.get(req.key)
         if live is not None:
             if live.route == req.route:
-                _LOGGER.info("request %s: retried while in flight; not run again", req.key)
+                if limited(_LOGGER, logging.INFO, "retries of requests in flight", req.client):
+                    _LOGGER.info("request %s: retried while in flight; not run again", req.key)
                 step.ignored.append(req)
                 return step
             self.counters.received += 1
@@ -188,12 +195,16 @@ class SchedulingCore:
             )
         done = self._log.get(req.key, now)
         if done is not None:
-            _LOGGER.info("request %s: retried after it ran; its final reply is sent again", req.key)
+            if limited(_LOGGER, logging.INFO, "retries of finished requests", req.client):
+                _LOGGER.info("request %s: retried after it ran; its final reply is sent again", req.key)
             self.counters.repeated += 1
             step.repeats.append((done, req))
             return step
         self.counters.received += 1
         if self._shutdown_at is not None:
+            if self._keep is not None and self._keep(req):
+                step.kept.append(req)
+                return step
             return self._finish(
                 step, req, RequestState.FINISHED_ERROR, now, (ErrorCode.SHUTTING_DOWN, "the bridge is shutting down")
             )
@@ -232,7 +243,8 @@ class SchedulingCore:
         step = Step()
         req = self._live.get(key)
         if req is None:
-            _LOGGER.info("cancel %s: no such request waiting or running", key)
+            if limited(_LOGGER, logging.INFO, "cancels of unknown ids", key.client):
+                _LOGGER.info("cancel %s: no such request waiting or running", key)
         elif req.state == RequestState.WAITING:
             self._finish(
                 step, req, RequestState.FINISHED_ERROR, now, (ErrorCode.CANCELLED, "cancelled before it started")
@@ -241,12 +253,21 @@ class SchedulingCore:
             self._finish(step, req, RequestState.FINISHED_CANCELLED, now)
         return step
 
-    def shutdown(self, grace_s: float, now: float) -> Step:
-        """Answer every waiting request `shutting_down`; running ones get `grace_s` to finish."""
+    def shutdown(self, grace_s: float, now: float, keep: Callable[[Request], bool] | None = None) -> Step:
+        """Answer every waiting request `shutting_down`, but those `keep` says their door keeps for
+        the next start (MQTT's journal): they leave unanswered, in `step.kept`, as do such ones that
+        arrive from now on. Running ones get `grace_s` to finish."""
         step = Step()
         end = now + grace_s  # asked again, the sooner end wins
         self._shutdown_at = end if self._shutdown_at is None else min(self._shutdown_at, end)
+        self._keep = keep if self._keep is None else self._keep
         for req in list(self._waiting):
+            if self._keep is not None and self._keep(req):
+                self._waiting.remove(req.key)
+                del self._live[req.key]
+                req.prepared = None
+                step.kept.append(req)
+                continue
             self._finish(
                 step,
                 req,
