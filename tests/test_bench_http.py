@@ -14,13 +14,13 @@ from benchmarks.cli import main
 def test_http_beside_mqtt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     args = ["--engines", "rkllm-zero", "--n-batch", "1,2", "--http", "2", "--devices", "3"]
-    args += ["--requests", "12", "--tokens", "16", "--repeat", "2", "--out", str(out), "--no-plot", "--no-progress"]
+    args += ["--requests", "30", "--tokens", "16", "--repeat", "2", "--out", str(out), "--no-plot", "--no-progress"]
     assert main(args) == 0
     data = json.loads((out / "bench.json").read_text())
     points = {(p["n_batch"], p["mode"]): p for p in data["points"]}
     assert set(points) == {(1, "mqtt"), (2, "mqtt"), (2, "http")}
     mqtt, http = points[(2, "mqtt")]["median"], points[(2, "http")]["median"]
-    assert http["requests"] == http["ok"] == 24 and http["errors"] == 0  # counts are summed over repeats
+    assert http["requests"] == http["ok"] == 60 and http["errors"] == 0  # counts are summed over repeats
     assert http["completion_tokens"] > 0 and mqtt["completion_tokens"] > 0
     assert 0 < http["ttft_ms_p50"] <= http["latency_ms_p50"] and http["stream_messages"] > 0
     assert set(http["cpu"]) == {"bench", "bridge", "broker"}
@@ -40,7 +40,7 @@ def test_http_beside_mqtt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for r in every:
         tokens.setdefault(r["prompt_index"], set()).add(r["completion_tokens"])
     assert all(len(t) == 1 for t in tokens.values()), tokens
-    assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"} and {r["repeat"] for r in rows} == {"1", "2"}
+    assert len(rows) == 60 and {r["status"] for r in rows} == {"ok"} and {r["repeat"] for r in rows} == {"1", "2"}
     assert all(0 < float(r["ttft_ms"]) <= float(r["latency_ms"]) for r in rows)
     assert "| HTTP vs MQTT | n_batch | MQTT tok/s | HTTP tok/s |" in (out / "bench.md").read_text()
     assert "HTTP (Ollama /api/chat, streamed) against MQTT" in capsys.readouterr().out

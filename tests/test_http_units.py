@@ -15,7 +15,9 @@ from rkmqtt.engines.chat.template import ChatTemplate
 from rkmqtt.engines.chat.toolcalls import ToolCall, ToolCallScanner, parse_call, split_tool_calls
 from rkmqtt.errors import ConfigError
 from rkmqtt.http.auth import Auth
+from rkmqtt.http.common import ModelCard
 from rkmqtt.http.textscan import StopScanner, cut_at_stop
+from rkmqtt.protocol import Info, Limits
 from rkmqtt.settings import load_settings
 
 # A Qwen2.5-like template: tool definitions in the system turn, calls and results in Hermes tags.
@@ -185,3 +187,19 @@ def test_templates_without_tools_say_so() -> None:
         "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     assert not ChatTemplate(smollm2).takes_tools
+
+
+@pytest.mark.parametrize(("model", "name"), [("SmolLM2-135M", "SmolLM2-135M:latest"), ("qwen2.5:1.5b", "qwen2.5:1.5b")])
+def test_a_model_card_names_its_model_in_ollamas_name_tag_form(model: str, name: str) -> None:
+    """An upstream's model that already has a tag (another rkmqtt: "m:latest") keeps it, not "m:latest:latest"."""
+    info = Info(
+        version="0",
+        node="n",
+        engine="openai",
+        model=model,
+        n_batch=1,
+        batching="continuous",
+        limits=Limits(**load_settings({}).limits()),
+    )
+    card = ModelCard.from_info(info, tools=False)
+    assert card.name == name and card.matches(name) and card.matches(model)

@@ -86,7 +86,7 @@ class ModelCard:
         modified = st.st_mtime if st else 0.0
         ident = f"{path}:{size}:{modified}:{info.model}".encode()
         return cls(
-            name=f"{info.model}:latest",
+            name=info.model if ":" in info.model else f"{info.model}:latest",
             engine=info.engine,
             family=str(e.get("architecture") or info.engine),
             parameter_size=_size_label(e.get("parameters")),
