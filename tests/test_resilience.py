@@ -128,8 +128,10 @@ def test_sigterm_alone_keeps_the_queue_for_the_restart(mosquitto: Mosquitto, pre
         shutdown = re.search(r"(\d+) running get up to 20 s; 0 waiting answered, (\d+) kept for the next start", out)
         assert shutdown is not None and int(shutdown[2]) >= 20, out[-2000:]
         probe.wait_for(lambda m: m.is_node("status") and m.payload == b"offline", timeout=10)
+        # Only the running ones are answered before the restart; the late four may reach the queue
+        # before the signal does (a loaded machine), and are then kept with the waiting ones.
         first = {m.topic: m.json() for m in probe.finals_under(f"{prefix}/reply/")}
-        assert len(first) == 32 - int(shutdown[2]) and all(v["status"] == "ok" for v in first.values()), first
+        assert len(first) == int(shutdown[1]) and all(v["status"] == "ok" for v in first.values()), first
         again = _run_bridge_process(mosquitto.url, prefix, *args)
         probe.wait_for(lambda m: "/reply/" in m.topic, count=36, timeout=60)
         time.sleep(0.5)  # a second answer would be here by now
