@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from benchmarks.bridgeproc import BridgeProcess  # noqa: E402
 from rkmqtt.bench.cpuusage import CpuMeter  # noqa: E402
+from rkmqtt.bench.httpload import send_measured, warm_up  # noqa: E402
 from rkmqtt.bench.load import LoadGenerator  # noqa: E402
 from rkmqtt.bench.metrics import RequestRecord, RunMetrics, summarize  # noqa: E402
 from rkmqtt.bench.prompts import BUILTIN_PROMPTS  # noqa: E402
@@ -73,18 +75,10 @@ class DirectLoad:
         w = self.workload
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=w.timeout_s)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-            for _ in range(w.warmup):
-                await asyncio.gather(*(self._one(session, d, measured=False) for d in range(w.devices)))
-            self._seq = [0] * w.devices
-            issued = 0
-
-            async def device(d: int) -> None:
-                nonlocal issued
-                while issued < w.total:
-                    issued += 1
-                    await self._one(session, d, measured=True)
-
-            await asyncio.gather(*(device(d) for d in range(min(w.devices, w.total))))
+            one = functools.partial(self._one, session)
+            await warm_up(w, one)
+            self._seq = [0] * w.devices  # the warm-up does not shift the measured prompts
+            await send_measured(w, one)
         return sorted(self._records, key=lambda r: r.sent)
 
     async def _one(self, session: aiohttp.ClientSession, device: int, measured: bool) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from rkmqtt.mqtt.broker import free_port
+from tests.threaded_site import ThreadedSite
 
 # Files at least this large are served as Git LFS files (the Hub's own rule is about 10 MB; small
 # ones are enough here to cover both kinds).
@@ -65,9 +64,9 @@ class HubLog:
         return [rng for method, path, rng in self.requests if method == "GET" and path.endswith(path_end)]
 
 
-class HfEndpoint:
+class HfEndpoint(ThreadedSite):
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__("hf-endpoint")
         self.repos: dict[str, dict[str, bytes | Path]] = {}
         self.cards: dict[str, dict[str, Any]] = {}  # repo id -> cardData (e.g. base_model)
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before the first GET is cut
@@ -76,27 +75,10 @@ class HfEndpoint:
         self.claimed_size: dict[str, int] = {}  # path -> the size the model info gives instead of the real one
         self.log = HubLog()
         self._described: dict[tuple[str, str], _File] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="hf-endpoint", daemon=True)
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> HfEndpoint:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10)
-        return self
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._runner = None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
     def file(self, repo: str, path: str) -> _File:
         key = (repo, path)
@@ -104,14 +86,12 @@ class HfEndpoint:
             self._described[key] = _describe(self.repos[repo][path])
         return self._described[key]
 
-    async def _open(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/models/{owner}/{repo}", self._info)
         app.router.add_get("/api/models/{owner}/{repo}/revision/{rev}", self._info)
         app.router.add_get("/{owner}/{repo}/resolve/{rev}/{path:.+}", self._resolve)  # and HEAD
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return app
 
     def _repo(self, request: web.Request) -> str:
         repo = f"{request.match_info['owner']}/{request.match_info['repo']}"

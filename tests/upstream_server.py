@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import urllib.request
 import uuid
@@ -22,6 +21,7 @@ from rkmqtt.service import Service
 from tests.bridge_process import BridgeProcess
 from tests.conftest import bridge_settings
 from tests.mqtt_probe import Probe
+from tests.threaded_site import ThreadedSite
 
 
 class UpstreamRkmqtt:
@@ -83,45 +83,29 @@ class UpstreamRkmqtt:
 Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 
-class ScriptedServer:
+class ScriptedServer(ThreadedSite):
     """An aiohttp server on its own thread: /v1/models lists `model`, /v1/chat/completions runs
     `handler(request, body)` (set by the test) and keeps each body in `bodies`."""
 
+    handler_cancellation = True
+
     def __init__(self, model: str = "scripted-model") -> None:
+        super().__init__("scripted-server")
         self.model = model
-        self.port = free_port()
         self.bodies: list[dict[str, Any]] = []
         self.models_status = 200
         self.handler: Handler = self.answer_text
         self.cancelled = 0  # handlers that ended because the client left
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="scripted-server", daemon=True)
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> ScriptedServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10)
-        return self
-
-    def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _open(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, handler_cancellation=True)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return app
 
     async def _models(self, request: web.Request) -> web.Response:
         if self.models_status != 200:

@@ -6,10 +6,11 @@ token counts (docs/benchmarks.md, "HTTP against MQTT")."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,41 @@ from rkmqtt.errors import RkmqttError
 from rkmqtt.mqtt.broker import port_answers
 
 Progress = Callable[[int], None]
+# One request of a device: `one(device, measured)`.
+SendOne = Callable[[int, bool], Coroutine[Any, Any, None]]
+
+
+async def warm_up(w: Workload, one: SendOne) -> None:
+    """`w.warmup` rounds in which every device sends one request at once (not measured)."""
+    for _ in range(w.warmup):
+        await asyncio.gather(*(one(d, False) for d in range(w.devices)))
+
+
+async def send_measured(w: Workload, one: SendOne) -> None:
+    """The measured requests in `w`'s shape: a closed loop (each device sends again when answered,
+    `w.total` in all), bursts of one request per device, or open arrivals at their times."""
+    if w.shape == "closed":
+        issued = 0
+
+        async def device(d: int) -> None:
+            nonlocal issued
+            while issued < w.total:
+                issued += 1
+                await one(d, True)
+
+        await asyncio.gather(*(device(d) for d in range(min(w.devices, w.total))))
+    elif w.shape == "burst":
+        for _ in range(w.rounds):
+            await asyncio.gather(*(one(d, True) for d in range(w.devices)))
+    else:
+        start = time.monotonic()
+        tasks = []
+        for t, d in w.open_arrivals():
+            delay = start + t - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(d, True)))
+        await asyncio.gather(*tasks)
 
 
 class HttpLoadGenerator:
@@ -62,33 +98,12 @@ class HttpLoadGenerator:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
             async with session.get(f"{self.url}/api/tags", headers=self._auth(0)) as resp:
                 self._model = (await resp.json())["models"][0]["model"]
-            for _ in range(w.warmup):
-                await asyncio.gather(*(self._one(session, d, measured=False) for d in range(w.devices)))
+            one = functools.partial(self._one, session)
+            await warm_up(w, one)
             self._seq = [0] * w.devices  # the warm-up does not shift the measured prompts
             if self.meter is not None:
                 self.meter.start()
-            if w.shape == "closed":
-                issued = 0
-
-                async def device(d: int) -> None:
-                    nonlocal issued
-                    while issued < w.total:
-                        issued += 1
-                        await self._one(session, d, measured=True)
-
-                await asyncio.gather(*(device(d) for d in range(min(w.devices, w.total))))
-            elif w.shape == "burst":
-                for _ in range(w.rounds):
-                    await asyncio.gather(*(self._one(session, d, measured=True) for d in range(w.devices)))
-            else:
-                start = time.monotonic()
-                tasks = []
-                for t, d in w.open_arrivals():
-                    delay = start + t - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(self._one(session, d, measured=True)))
-                await asyncio.gather(*tasks)
+            await send_measured(w, one)
             if self.meter is not None:
                 self.cpu = self.meter.stop()
         return sorted(self._records, key=lambda r: r.sent)
