@@ -1,10 +1,11 @@
-"""Shared fixtures: private Mosquitto brokers on free ports and in-process bridges."""
+"""Shared fixtures: private Mosquitto brokers on free ports, in-process bridges, the local Hugging Face
+endpoint and the openai fronts' devices."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,6 +14,10 @@ from rkmqtt.mqtt.broker import Mosquitto
 from rkmqtt.service import Service
 from rkmqtt.settings import Settings, load_settings
 from tests.mqtt_probe import Probe
+
+if TYPE_CHECKING:
+    from tests.hf_endpoint import HfEndpoint
+    from tests.upstream_server import Device
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +94,32 @@ def probe_factory(mosquitto: Mosquitto) -> Iterator[Callable[..., Probe]]:
     yield make
     for p in probes:
         p.close()
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HfEndpoint]:
+    """A local Hugging Face endpoint (HF_ENDPOINT) whose repository holds the packaged SmolLM2 GGUF."""
+    from tests.hf_endpoint import serve_smollm2
+
+    endpoint = serve_smollm2()
+    monkeypatch.setenv("HF_ENDPOINT", endpoint.url)
+    yield endpoint
+    endpoint.close()
+
+
+@pytest.fixture
+def start_front(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
+    """start_front(upstream_url, **settings) -> a running bridge with engine openai (tests/upstream_server.py)."""
+    from tests.upstream_server import Fronts  # it imports this module's bridge_settings
+
+    fronts = Fronts(mosquitto.url, prefix)
+    yield fronts.start
+    fronts.close()
+
+
+@pytest.fixture
+def device(probe_factory: Callable[..., Probe], prefix: str) -> Device:
+    """An MQTT device that asks a front and reads its node's stats (tests/upstream_server.py)."""
+    from tests.upstream_server import Device
+
+    return Device(probe_factory([f"{prefix}/reply/#", f"{prefix}/node/+/stats"]), prefix)

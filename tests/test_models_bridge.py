@@ -22,7 +22,7 @@ from rkmqtt.engines.numpy.gguf_file import DEFAULT_MODEL_FILE, default_model_pat
 from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
 from tests.conftest import bridge_settings
-from tests.hf_endpoint import SMOLLM_REPO, HfEndpoint, serve_smollm2
+from tests.hf_endpoint import SMOLLM_REPO, HfEndpoint
 from tests.mqtt_probe import Probe
 from tests.rkllm_fixtures import (  # noqa: F401
     Standin,
@@ -49,14 +49,6 @@ def start_bridge(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Se
     yield start
     for svc in services:
         svc.stop(grace_s=1)
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HfEndpoint]:
-    endpoint = serve_smollm2()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint.url)
-    yield endpoint
-    endpoint.close()
 
 
 def stats(probe: Probe, svc: Service, pred: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,10 @@ from rkmqtt.models.pull import Puller, PullProgress
 from rkmqtt.models.reference import parse_reference
 from rkmqtt.models.store import ModelStore
 from rkmqtt.mqtt.broker import free_port
-from tests.hf_endpoint import SMOLLM_REPO, HfEndpoint, serve_smollm2
+from tests.hf_endpoint import SMOLLM_REPO, HfEndpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOLLM_REF = f"hf://{SMOLLM_REPO}/{DEFAULT_MODEL_FILE}"
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HfEndpoint]:
-    endpoint = serve_smollm2()
-    monkeypatch.setenv("HF_ENDPOINT", endpoint.url)
-    yield endpoint
-    endpoint.close()
 
 
 def puller(root: Path, engine: str = "numpy", soc: str | None = None, runtime: str | None = None) -> Puller:

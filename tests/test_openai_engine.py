@@ -31,8 +31,7 @@ from rkmqtt.service import Service
 from rkmqtt.settings import load_settings
 from tests.conftest import bridge_settings
 from tests.fake_engine import FakeEngine
-from tests.mqtt_probe import Probe
-from tests.upstream_server import Device, Fronts, ScriptedServer, wait_online
+from tests.upstream_server import Device, ScriptedServer, wait_online
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -51,18 +50,6 @@ def scripted() -> Iterator[ScriptedServer]:
     server = ScriptedServer().start()
     yield server
     server.close()
-
-
-@pytest.fixture
-def start_front(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
-    fronts = Fronts(mosquitto.url, prefix)
-    yield fronts.start
-    fronts.close()
-
-
-@pytest.fixture
-def device(probe_factory: Callable[..., Probe], prefix: str) -> Device:
-    return Device(probe_factory([f"{prefix}/reply/#", f"{prefix}/node/+/stats"]), prefix)
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

@@ -18,8 +18,7 @@ import pytest
 
 from rkmqtt.mqtt.broker import Mosquitto, free_port
 from rkmqtt.service import Service
-from tests.mqtt_probe import Probe
-from tests.upstream_server import Device, Fronts, UpstreamRkmqtt
+from tests.upstream_server import Device, UpstreamRkmqtt
 
 QUESTION = "What is the capital of France?"
 # Greedy SmolLM2-135M goes on counting far beyond what the tests wait for.
@@ -38,18 +37,6 @@ def upstream_factory(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Callable[
     yield make
     for up in made:
         up.stop()
-
-
-@pytest.fixture
-def start_front(mosquitto: Mosquitto, prefix: str) -> Iterator[Callable[..., Service]]:
-    fronts = Fronts(mosquitto.url, prefix)
-    yield fronts.start
-    fronts.close()
-
-
-@pytest.fixture
-def device(probe_factory: Callable[..., Probe], prefix: str) -> Device:
-    return Device(probe_factory([f"{prefix}/reply/#", f"{prefix}/node/+/stats"]), prefix)
 
 
 def test_six_mqtt_requests_at_once_are_answered_by_the_upstream(
