@@ -49,6 +49,11 @@ def rfc3339(t: float | None = None) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def shown_name(model: str) -> str:
+    """A model's name as Ollama shows it: name:tag (`:latest` when it has none)."""
+    return model if ":" in model else f"{model}:latest"
+
+
 def _size_label(n: Any) -> str:
     if not isinstance(n, int) or n <= 0:
         return ""
@@ -86,7 +91,7 @@ class ModelCard:
         modified = st.st_mtime if st else 0.0
         ident = f"{path}:{size}:{modified}:{info.model}".encode()
         return cls(
-            name=info.model if ":" in info.model else f"{info.model}:latest",
+            name=shown_name(info.model),
             engine=info.engine,
             family=str(e.get("architecture") or info.engine),
             parameter_size=_size_label(e.get("parameters")),
@@ -125,7 +130,7 @@ class ModelCard:
         ident = local.sha256 if local is not None and local.sha256 else f"{served.reference}:{size}:{modified}"
         file_name = local.path.name if local is not None else served.reference
         return cls(
-            name=served.name if ":" in served.name else f"{served.name}:latest",
+            name=shown_name(served.name),
             engine=engine,
             family=engine,
             parameter_size=parameter_size(served.name) or parameter_size(file_name),

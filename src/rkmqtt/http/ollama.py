@@ -16,7 +16,7 @@ from rkmqtt import __version__
 from rkmqtt.engines.base import ChatMessage
 from rkmqtt.protocol import ErrorCode, OkReply, parse_duration
 
-from .common import Cards, ModelCard, ToolSpec, check_model, read_body, rfc3339
+from .common import Cards, ModelCard, ToolSpec, check_model, read_body, rfc3339, shown_name
 from .exchange import ApiError, Call, Exchange, Gateway
 from .pulls import ModelsApi
 from .textscan import ToolCall, reply_calls
@@ -228,7 +228,7 @@ class OllamaApi:
 
     def _loaded(self, kind: _Kind, model: str) -> web.Response:
         """Ollama's answer to a request with nothing to generate: the model is loaded."""
-        out: dict[str, Any] = {"model": _shown(model), "created_at": rfc3339(), "done": True, "done_reason": "load"}
+        out: dict[str, Any] = {"model": shown_name(model), "created_at": rfc3339(), "done": True, "done_reason": "load"}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": ""}
         else:
@@ -321,7 +321,7 @@ class OllamaApi:
             ex.close()
 
     def _head(self, model: str) -> dict[str, Any]:
-        return {"model": _shown(model), "created_at": rfc3339()}
+        return {"model": shown_name(model), "created_at": rfc3339()}
 
     def _piece(self, kind: _Kind, text: str, model: str) -> dict[str, Any]:
         out = self._head(model)
@@ -359,11 +359,6 @@ class OllamaApi:
             await resp.write(_line(last))
         await resp.write_eof()
         return resp
-
-
-def _shown(model: str) -> str:
-    """A model's name as Ollama shows it: name:tag."""
-    return model if ":" in model else f"{model}:latest"
 
 
 def error_text(e: ApiError) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rkmqtt.engines.base import ChatMessage
 from rkmqtt.protocol import ErrorCode, OkReply
 
-from .common import Cards, ModelCard, ToolSpec, check_model, read_body
+from .common import Cards, ModelCard, ToolSpec, check_model, read_body, shown_name
 from .exchange import ApiError, Call, Exchange, Gateway, Result
 from .textscan import ToolCall, reply_calls
 
@@ -211,9 +211,7 @@ class OpenAiApi:
             ex.close()
 
     def _head(self, ex: Exchange) -> dict[str, Any]:
-        model = ex.call.model or ""
-        shown = model if ":" in model else f"{model}:latest"
-        return {"id": f"chatcmpl-{ex.key.id}", "created": int(ex.created), "model": shown}
+        return {"id": f"chatcmpl-{ex.key.id}", "created": int(ex.created), "model": shown_name(ex.call.model or "")}
 
     def _chunk(self, ex: Exchange, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
